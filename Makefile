@@ -1,0 +1,60 @@
+# ferry: `make run` starts the platform, `make test` runs the suite. Both install what is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+FERRY_HOME ?= .ferry
+export FERRY_HOME
+INSTALLED := $(VENV)/.installed
+GEN := build/gen
+DESCRIPTOR := build/ferry.pb
+PROTOS := $(shell find protos -name '*.proto')
+MODEL_FILE := $(FERRY_HOME)/models/gemma-3-270m-q4_k_m.gguf
+
+.PHONY: install proto setup run test test-unit lint bench clean
+
+install: $(INSTALLED)
+
+# uv resolves the pinned set in seconds (pip's resolver backtracks for minutes on it).
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check uv==0.13.9
+	$(UV) pip install -q --python $(PY) -r pyproject.toml --extra dev
+	$(PY) -c "import site, pathlib; p = pathlib.Path(site.getsitepackages()[0]) / 'ferry-src.pth'; \
+	  p.write_text('$(CURDIR)\n$(CURDIR)/$(GEN)\n')"
+	touch $@
+
+proto: $(GEN)/.stamp
+
+$(GEN)/.stamp: $(INSTALLED) $(PROTOS)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -Iprotos -I$$($(PY) -c "import google.api.annotations_pb2 as a, pathlib; print(pathlib.Path(a.__file__).parents[2])") \
+	  --python_out=$(GEN) --mypy_out=$(GEN) --grpc_python_out=$(GEN) --mypy_grpc_out=$(GEN) \
+	  --include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) $(PROTOS)
+	find $(GEN)/ferry -type d -exec touch {}/__init__.py \;
+	touch $@
+
+# Runtime assets that are built, not committed: the model file and Triton's backend directory.
+setup: proto
+	$(PY) -m launcher.setup
+
+run: setup
+	exec $(PY) -m launcher
+
+test: setup
+	$(PY) -m pytest
+
+test-unit: proto
+	$(PY) -m pytest -m "not stack"
+
+lint: proto
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services gateway launcher tests
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf build $(VENV)
