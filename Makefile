@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
-FERRY_HOME ?= .ferry
+FERRY_HOME ?= $(CURDIR)/.ferry
 export FERRY_HOME
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 INSTALLED := $(VENV)/.installed
 GEN := build/gen
 DESCRIPTOR := build/ferry.pb

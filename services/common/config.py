@@ -1,0 +1,132 @@
+"""Layered configuration: defaults, then a YAML file, then `FERRY_*` environment variables.
+
+The YAML file is `$FERRY_CONFIG` when set, else `ferry.yaml` in the working directory when it exists.
+Nested keys use `__` in the environment: `FERRY_INFERENCE__PORT=6000` sets `inference.port`.
+`DATABASE_URL` (or `FERRY_DATABASE_URL`) selects an external PostgreSQL instead of the embedded one.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServiceSettings(BaseModel):
+    """Where one gRPC service listens."""
+
+    host: str = "127.0.0.1"
+    port: int
+    metrics_port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class TritonSettings(BaseModel):
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    repository: Path = REPO_ROOT / "triton_models"
+    default_model: str = "gemma-3-270m"
+    # Models loaded at start-up (explicit model control).
+    load_models: list[str] = Field(default_factory=lambda: ["gemma-3-270m"])
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
+class EnvoySettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_port: int = 9901
+
+
+class TelemetrySettings(BaseModel):
+    # `none` keeps tracing in-process only; `console` prints spans; `otlp` exports over gRPC.
+    exporter: Literal["none", "console", "otlp"] = "none"
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    service_namespace: str = "ferry"
+
+
+class InferenceSettings(ServiceSettings):
+    port: int = 50051
+    metrics_port: int = 9101
+    # In-flight generations admitted at once; 0 means the engine's slot count.
+    max_in_flight: int = 0
+    # Requests allowed to wait for a slot; beyond it the service answers RESOURCE_EXHAUSTED.
+    max_queued: int = -1  # -1: 8 x in-flight
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FERRY_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = REPO_ROOT / ".ferry"
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    # Seconds a stopping service waits for in-flight RPCs before it cancels them.
+    drain_grace_seconds: float = 10.0
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("FERRY_DATABASE_URL", "DATABASE_URL")
+    )
+
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    models: ServiceSettings = Field(default_factory=lambda: ServiceSettings(port=50052, metrics_port=9102))
+    transactions: ServiceSettings = Field(
+        default_factory=lambda: ServiceSettings(port=50053, metrics_port=9103)
+    )
+    audit: ServiceSettings = Field(default_factory=lambda: ServiceSettings(port=50054, metrics_port=9104))
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+    envoy: EnvoySettings = Field(default_factory=EnvoySettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win: explicit arguments, then the environment, then YAML, then defaults.
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=config_file()))
+
+    @property
+    def model_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+
+def config_file() -> Path | None:
+    explicit = os.environ.get("FERRY_CONFIG")
+    if explicit:
+        return Path(explicit)
+    local = Path("ferry.yaml")
+    return local if local.exists() else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

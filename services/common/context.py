@@ -1,0 +1,32 @@
+"""Per-request context (request id, principal) carried through contextvars to logs and records."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from contextvars import ContextVar
+
+REQUEST_ID_HEADER = "x-request-id"
+_WELL_FORMED = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+request_id_var: ContextVar[str] = ContextVar("request_id", default="")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def accept_request_id(value: str | None) -> str:
+    """Keep a client's request id when it is well formed; otherwise assign a fresh one."""
+    if value and _WELL_FORMED.match(value):
+        return value
+    return new_request_id()
+
+
+def metadata_value(metadata: object, key: str) -> str | None:
+    """First value of `key` in gRPC invocation metadata (a sequence of (key, value) pairs)."""
+    for item in metadata or ():  # type: ignore[attr-defined]
+        k, v = item[0], item[1]
+        if k == key:
+            return v.decode() if isinstance(v, bytes) else str(v)
+    return None

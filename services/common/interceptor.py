@@ -1,0 +1,207 @@
+"""The one server interceptor every service runs: request ids, drain, metrics, rich errors, observers.
+
+Observers (audit, authentication) plug in here so that every RPC of every service passes the same
+checks whether it arrives through Envoy or directly on a service port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+
+from services.common.context import REQUEST_ID_HEADER, accept_request_id, metadata_value, request_id_var
+from services.common.errors import RpcError
+from services.common.metrics import RPC_HANDLED, RPC_IN_FLIGHT, RPC_LATENCY
+
+log = logging.getLogger(__name__)
+
+# Infrastructure services answer during drain and are not counted as in-flight work.
+UNOBSERVED_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+
+
+@dataclass
+class Call:
+    """What observers learn about one RPC."""
+
+    service: str
+    method: str
+    request_id: str
+    peer: str
+    metadata: dict[str, str]
+    started: float = field(default_factory=time.monotonic)
+    principal: str = "anonymous"
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+
+    @property
+    def full_method(self) -> str:
+        return f"/{self.service}/{self.method}"
+
+
+class CallObserver(Protocol):
+    async def on_start(self, call: Call, request: Any) -> None:
+        """May raise RpcError to refuse the call before the servicer runs."""
+
+    async def on_end(self, call: Call) -> None: ...
+
+
+class Lifecycle:
+    """Tracks in-flight RPCs so that a drain can wait for them, and refuses new work while draining."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+class ServingInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, lifecycle: Lifecycle, observers: list[CallObserver] | None = None) -> None:
+        self.lifecycle = lifecycle
+        self.observers = observers or []
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        service, _, method = details.method.lstrip("/").partition("/")  # type: ignore[attr-defined]
+        if handler is None or service in UNOBSERVED_SERVICES:
+            return handler
+        return _wrap(handler, service, method, self)
+
+    def _start(self, service: str, method: str, context: grpc.aio.ServicerContext) -> Call:
+        metadata = {
+            k: (v if isinstance(v, str) else "<binary>") for k, v in context.invocation_metadata() or ()
+        }
+        rid = accept_request_id(metadata_value(context.invocation_metadata(), REQUEST_ID_HEADER))
+        request_id_var.set(rid)
+        return Call(service=service, method=method, request_id=rid, peer=context.peer(), metadata=metadata)
+
+    async def run(
+        self, call: Call, request: Any, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """Runs one RPC body with the shared bookkeeping around it."""
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
+        self.lifecycle.enter()
+        RPC_IN_FLIGHT.labels(call.service).inc()
+        try:
+            if self.lifecycle.draining:
+                raise RpcError(grpc.StatusCode.UNAVAILABLE, "server is shutting down", "DRAINING")
+            for observer in self.observers:
+                await observer.on_start(call, request)
+            result = await body()
+            code = context.code()
+            call.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+            return result
+        except RpcError as err:
+            call.code, call.message = err.code, err.message
+            await context.abort_with_status(err.to_status())
+        except grpc.aio.AbortError:
+            code = context.code()
+            call.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            raise
+        except asyncio.CancelledError:
+            call.code, call.message = grpc.StatusCode.CANCELLED, "cancelled by the client"
+            raise
+        except Exception as exc:
+            log.exception("unhandled error in %s", call.full_method)
+            call.code, call.message = grpc.StatusCode.INTERNAL, "internal error"
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        finally:
+            elapsed = time.monotonic() - call.started
+            labels = (call.service, call.method, call.code.name)
+            RPC_HANDLED.labels(*labels).inc()
+            RPC_LATENCY.labels(*labels).observe(elapsed)
+            RPC_IN_FLIGHT.labels(call.service).dec()
+            self.lifecycle.leave()
+            for observer in self.observers:
+                try:
+                    await observer.on_end(call)
+                except Exception:
+                    log.exception("call observer failed")
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler, service: str, method: str, interceptor: ServingInterceptor
+) -> grpc.RpcMethodHandler:
+    behavior: Any
+    if handler.unary_unary:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = interceptor._start(service, method, context)
+            return await interceptor.run(call, request, context, lambda: inner_uu(request, context))
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        inner_us = handler.unary_stream
+
+        # A coroutine writing with context.write, so that errors raised mid-stream pass through run().
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+            call = interceptor._start(service, method, context)
+
+            async def relay() -> None:
+                async for item in inner_us(request, context):
+                    await context.write(item)
+
+            await interceptor.run(call, request, context, relay)
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        behavior = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = interceptor._start(service, method, context)
+            return await interceptor.run(call, None, context, lambda: behavior(requests, context))
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, handler.request_deserializer, handler.response_serializer
+        )
+    behavior = handler.stream_stream
+
+    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        call = interceptor._start(service, method, context)
+
+        async def relay() -> None:
+            async for item in behavior(requests, context):
+                await context.write(item)
+
+        await interceptor.run(call, None, context, relay)
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream_stream, handler.request_deserializer, handler.response_serializer
+    )

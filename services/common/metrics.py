@@ -1,0 +1,27 @@
+"""Prometheus metrics shared by every service: RPCs handled by method and code, and their latency."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# Named after go-grpc-prometheus so existing dashboards and habits carry over.
+RPC_HANDLED = Counter(
+    "ferry_grpc_server_handled",
+    "RPCs completed on the server, by method and status code.",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+RPC_LATENCY = Histogram(
+    "ferry_grpc_server_handling_seconds",
+    "Time from receiving an RPC to finishing it, by method and status code.",
+    ["grpc_service", "grpc_method", "grpc_code"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+RPC_IN_FLIGHT = Gauge(
+    "ferry_grpc_server_in_flight",
+    "RPCs being handled now.",
+    ["grpc_service"],
+)
+
+
+def start_metrics_server(host: str, port: int) -> None:
+    start_http_server(port, addr=host)
