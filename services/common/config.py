@@ -72,6 +72,21 @@ class InferenceSettings(ServiceSettings):
     max_queued: int = -1  # -1: 8 x in-flight
 
 
+class ModelsServiceSettings(ServiceSettings):
+    port: int = 50052
+    metrics_port: int = 9102
+
+
+class TransactionsServiceSettings(ServiceSettings):
+    port: int = 50053
+    metrics_port: int = 9103
+
+
+class AuditServiceSettings(ServiceSettings):
+    port: int = 50054
+    metrics_port: int = 9104
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FERRY_", env_nested_delimiter="__", extra="ignore")
 
@@ -85,11 +100,9 @@ class Settings(BaseSettings):
     )
 
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
-    models: ServiceSettings = Field(default_factory=lambda: ServiceSettings(port=50052, metrics_port=9102))
-    transactions: ServiceSettings = Field(
-        default_factory=lambda: ServiceSettings(port=50053, metrics_port=9103)
-    )
-    audit: ServiceSettings = Field(default_factory=lambda: ServiceSettings(port=50054, metrics_port=9104))
+    models: ModelsServiceSettings = Field(default_factory=ModelsServiceSettings)
+    transactions: TransactionsServiceSettings = Field(default_factory=TransactionsServiceSettings)
+    audit: AuditServiceSettings = Field(default_factory=AuditServiceSettings)
     triton: TritonSettings = Field(default_factory=TritonSettings)
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)

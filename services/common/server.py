@@ -46,7 +46,8 @@ class Runtime:
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool, service_name: str | None = None) -> None:
-        status = SERVING if serving else NOT_SERVING
+        # A draining process stays NOT_SERVING whatever its dependency watchers conclude.
+        status = SERVING if serving and not self.lifecycle.draining else NOT_SERVING
         for name in [service_name] if service_name else ["", *self.service_names]:
             await self.health.set(name, status)
 

@@ -1,0 +1,76 @@
+"""Triton access shared by the services: one client per process and the model metadata we read.
+
+Model metadata (context length, max tokens, owner, chat template, engine slots) lives in the model's
+config.pbtxt `parameters`, so services read it through Triton's API and work with a remote Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from tritonclient.grpc import aio as triton_aio
+from tritonclient.utils import InferenceServerException
+
+from services.common.config import TritonSettings
+from services.common.errors import RpcError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    backend: str
+    context_length: int
+    max_tokens: int
+    owned_by: str
+    chat_template: str
+    engine_slots: int
+
+
+def connect(settings: TritonSettings) -> triton_aio.InferenceServerClient:
+    return triton_aio.InferenceServerClient(url=settings.grpc_address)
+
+
+def unavailable(err: InferenceServerException) -> RpcError:
+    return RpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"Triton is not answering: {err.message()}",
+        "TRITON_UNAVAILABLE",
+        retry_after_seconds=1.0,
+    )
+
+
+async def repository_index(client: triton_aio.InferenceServerClient) -> list[dict[str, str]]:
+    """Triton's repository index: name, version, state and reason of every model it knows."""
+    try:
+        index: dict[str, Any] = await client.get_model_repository_index(as_json=True)
+    except InferenceServerException as err:
+        raise unavailable(err) from err
+    return list(index.get("models", []))
+
+
+async def model_info(client: triton_aio.InferenceServerClient, name: str) -> ModelInfo | None:
+    """Metadata of a loaded model; None when Triton has no configuration for it (not loaded)."""
+    try:
+        response: dict[str, Any] = await client.get_model_config(name, as_json=True)
+    except InferenceServerException:
+        return None
+    config = response.get("config", {})
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    return ModelInfo(
+        name=name,
+        backend=config.get("backend", ""),
+        context_length=_int(params.get("context_length")),
+        max_tokens=_int(params.get("max_tokens")),
+        owned_by=params.get("owned_by", "ferry"),
+        chat_template=params.get("chat_template", ""),
+        engine_slots=_int(params.get("n_parallel"), default=1),
+    )
+
+
+def _int(value: str | None, default: int = 0) -> int:
+    try:
+        return int(value) if value else default
+    except ValueError:
+        return default

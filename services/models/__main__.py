@@ -1,0 +1,56 @@
+"""Models service process: `python -m services.models`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from ferry.models.v1 import models_pb2, models_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from services.common import triton
+from services.common.server import Runtime, serve
+from services.models.servicer import ModelsServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = models_pb2.DESCRIPTOR.services_by_name["ModelsService"].full_name
+WATCH_INTERVAL_SECONDS = 1.0
+
+
+async def watch_triton(runtime: Runtime, servicer: ModelsServicer) -> None:
+    """The registry is only useful while Triton answers: health follows Triton's liveness."""
+    serving: bool | None = None
+    while True:
+        try:
+            live = bool(await servicer.client.is_server_live(client_timeout=2.0))
+        except InferenceServerException:
+            live = False
+        if live != serving:
+            log.info("Triton is %s", "live" if live else "not answering")
+            await runtime.set_serving(live)
+            serving = live
+        await asyncio.sleep(WATCH_INTERVAL_SECONDS)
+
+
+async def setup(runtime: Runtime) -> None:
+    servicer = ModelsServicer(triton.connect(runtime.settings.triton))
+    models_pb2_grpc.add_ModelsServiceServicer_to_server(servicer, runtime.server)
+    await runtime.set_serving(False)
+    watcher = asyncio.create_task(watch_triton(runtime, servicer))
+
+    async def stop() -> None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await servicer.client.close()
+
+    runtime.on_stop.append(stop)
+
+
+def main() -> None:
+    asyncio.run(serve("models", lambda s: s.models, setup, service_names=[SERVICE_NAME]))
+
+
+if __name__ == "__main__":
+    main()
