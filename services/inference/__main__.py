@@ -1,13 +1,70 @@
-"""Inference service process (placeholder until the inference issue: health only)."""
+"""Inference service process: the native InferenceService and the OpenAI-compatible OpenAIService.
+
+Both report NOT_SERVING (grpc.health.v1) until the default model is READY in Triton, so probes and
+Envoy's readiness cover the model; the process itself ("" service) stays SERVING while it runs.
+"""
+
+from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 
+from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
+from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
+
+from services.common import triton
 from services.common.server import Runtime, serve
+from services.common.triton import ModelInfo
+from services.inference.catalog import Catalog
+from services.inference.native import InferenceServicer
+from services.inference.openai_api import OpenAIServicer
+from services.inference.pipeline import Pipeline, Recorder
+from services.inference.templates import ChatTemplates
+from services.inference.triton import TritonStreamer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [
+    inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+    openai_pb2.DESCRIPTOR.services_by_name["OpenAIService"].full_name,
+]
 
 
-async def _setup(runtime: Runtime) -> None:
+def make_recorder(runtime: Runtime) -> Recorder | None:
+    """RECORDING INTEGRATION POINT: the transaction recorder the pipeline calls (None: not recorded)."""
     return None
 
 
+async def setup(runtime: Runtime) -> None:
+    settings = runtime.settings
+    client = triton.connect(settings.triton)
+    catalog = Catalog(client)
+    pipeline = Pipeline(
+        catalog, TritonStreamer(client), ChatTemplates(), settings.inference, make_recorder(runtime)
+    )
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(pipeline), runtime.server)
+    openai_pb2_grpc.add_OpenAIServiceServicer_to_server(OpenAIServicer(pipeline), runtime.server)
+
+    for name in SERVICE_NAMES:
+        await runtime.set_serving(False, name)
+
+    async def on_change(ready: bool, info: ModelInfo | None) -> None:
+        if info is not None:
+            pipeline.admission(info)  # creates the gate (and its gauges) or applies a new slot count
+        for name in SERVICE_NAMES:
+            await runtime.set_serving(ready, name)
+
+    watcher = asyncio.create_task(catalog.watch(settings.triton.default_model, on_change))
+
+    async def stop() -> None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await client.close()
+
+    runtime.on_stop.append(stop)
+
+
 if __name__ == "__main__":
-    asyncio.run(serve("inference", lambda s: s.inference, _setup, service_names=[]))
+    asyncio.run(serve("inference", lambda s: s.inference, setup, service_names=SERVICE_NAMES))

@@ -1,0 +1,121 @@
+"""Bounded admission: at most N generations in flight, at most M waiting, and a fast refusal beyond.
+
+Letting every request through to the engine only moves the queue somewhere nobody can see it and
+latency grows without bound; refusing past a bound lets clients retry elsewhere or later
+(TGI answers 429 past --max-concurrent-requests, Triton rejects past max_queue_size).
+Waiters are served first come, first served. A refusal carries a retry delay estimated from how
+long requests have recently held a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+
+from services.common.errors import RpcError
+
+# Bounds of the Retry-After estimate, in seconds.
+MIN_RETRY_AFTER = 1.0
+MAX_RETRY_AFTER = 30.0
+
+
+class Admission:
+    def __init__(self, name: str, max_in_flight: int, max_queued: int) -> None:
+        self.name = name
+        self.max_in_flight = max(1, max_in_flight)
+        self.max_queued = max(0, max_queued)
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Moving average of how long a request holds a slot; seeds the Retry-After estimate.
+        self._hold_seconds = 2.0
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def resize(self, max_in_flight: int, max_queued: int) -> None:
+        """New limits (the model was reloaded with another slot count); wakes waiters that now fit."""
+        self.max_in_flight = max(1, max_in_flight)
+        self.max_queued = max(0, max_queued)
+        while self._waiters and self.in_flight < self.max_in_flight:
+            self.in_flight += 1
+            self._wake_next()
+
+    def retry_after(self) -> float:
+        waves = (self.queued + 1) / self.max_in_flight
+        return min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER, math.ceil(waves * self._hold_seconds)))
+
+    async def acquire(self, timeout: float | None = None) -> None:
+        if self.in_flight < self.max_in_flight and not self._waiters:
+            self.in_flight += 1
+            return
+        if len(self._waiters) >= self.max_queued:
+            raise RpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"model '{self.name}' is overloaded: {self.in_flight} requests running and "
+                f"{self.queued} waiting; retry later",
+                "OVERLOADED",
+                metadata={
+                    "model": self.name,
+                    "max_in_flight": str(self.max_in_flight),
+                    "max_queued": str(self.max_queued),
+                },
+                retry_after_seconds=self.retry_after(),
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            if waiter.done() and not waiter.cancelled():
+                # The slot was handed over just as we gave up: pass it on.
+                self.release()
+            else:
+                waiter.cancel()
+                self._discard(waiter)
+            if isinstance(exc, TimeoutError):
+                raise RpcError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"deadline exceeded while waiting for a free slot of model '{self.name}'",
+                    "QUEUE_TIMEOUT",
+                    metadata={"model": self.name},
+                ) from exc
+            raise
+
+    def release(self) -> None:
+        if self.in_flight <= self.max_in_flight and self._wake_next():
+            return  # the slot passes straight to the next waiter
+        self.in_flight -= 1
+
+    def _wake_next(self) -> bool:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return True
+        return False
+
+    def _discard(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    @asynccontextmanager
+    async def slot(self, timeout: float | None = None) -> AsyncIterator[float]:
+        """Holds a slot for the body; yields the seconds spent waiting for it."""
+        asked = time.monotonic()
+        await self.acquire(timeout)
+        admitted = time.monotonic()
+        try:
+            yield admitted - asked
+        finally:
+            held = time.monotonic() - admitted
+            self._hold_seconds = 0.8 * self._hold_seconds + 0.2 * held
+            self.release()

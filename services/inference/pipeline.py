@@ -1,0 +1,233 @@
+"""The generation path every API shares: model lookup, prompt, admission, Triton stream, metrics, record.
+
+Both the OpenAI and the native servicers hand a validated `GenerationRequest` to `Pipeline.stream`
+and translate the pieces it yields. Consumers must close the stream (`contextlib.aclosing`) so that a
+caller going away cancels the Triton request at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from asyncio import CancelledError
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+
+from services.common.config import InferenceSettings
+from services.common.errors import RpcError, invalid_argument
+from services.common.triton import ModelInfo
+from services.inference import metrics
+from services.inference.admission import Admission
+from services.inference.catalog import Catalog
+from services.inference.generation import Api, GenerationRequest, Outcome, Piece
+from services.inference.templates import ChatTemplates
+from services.inference.triton import EngineError, EngineRejected, PromptTooLong, TritonStreamer
+from services.inference.validation import check_against_model
+
+log = logging.getLogger(__name__)
+
+# Triton's deadline is the caller's minus this much, so the failure reaches us (and we can tell the
+# caller what happened, e.g. as an SSE error event) before the caller's own deadline fires.
+DEADLINE_MARGIN_SECONDS = 0.25
+
+
+class Deadline(Protocol):
+    def time_remaining(self) -> float | None: ...
+
+
+@dataclass
+class Generation:
+    """One request in progress: its identity and what it has produced so far."""
+
+    request_id: str
+    request: GenerationRequest
+    prompt: str = ""
+    outcome: Outcome | None = None
+
+
+class Recorder(Protocol):
+    """Where the transaction record of every admitted request goes (start before, finish after).
+
+    INTEGRATION POINT for the recording component (transactions/audit spool): `__main__` passes the
+    real recorder; `NullRecorder` is used until then and in tests of the pipeline alone.
+    """
+
+    async def started(self, generation: Generation) -> None: ...
+
+    async def finished(self, generation: Generation) -> None: ...
+
+
+class NullRecorder:
+    async def started(self, generation: Generation) -> None:
+        return None
+
+    async def finished(self, generation: Generation) -> None:
+        return None
+
+
+def _input_field(request: GenerationRequest) -> str:
+    if request.messages is not None:
+        return "messages.messages" if request.api is Api.GENERATE else "messages"
+    return "prompt"
+
+
+def _engine_error(err: EngineError, request: GenerationRequest) -> RpcError:
+    if isinstance(err, PromptTooLong):
+        rpc = invalid_argument(_input_field(request), err.message, reason="PROMPT_TOO_LONG")
+        rpc.metadata.update(prompt_tokens=str(err.prompt_tokens), context_length=str(err.context_length))
+        return rpc
+    if isinstance(err, EngineRejected):
+        prefix = "sampling." if request.api is Api.GENERATE else ""
+        return invalid_argument(f"{prefix}{err.field}", err.message)
+    if err.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return RpcError(
+            err.code, "generation did not finish before the request deadline", "DEADLINE_EXCEEDED"
+        )
+    if err.code == grpc.StatusCode.UNAVAILABLE:
+        return RpcError(err.code, err.message, "ENGINE_UNAVAILABLE", retry_after_seconds=1.0)
+    return RpcError(err.code, err.message, "ENGINE_ERROR")
+
+
+class Pipeline:
+    def __init__(
+        self,
+        catalog: Catalog,
+        streamer: TritonStreamer,
+        templates: ChatTemplates,
+        settings: InferenceSettings,
+        recorder: Recorder | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.streamer = streamer
+        self.templates = templates
+        self.settings = settings
+        self.recorder: Recorder = recorder or NullRecorder()
+        self._admission: dict[str, Admission] = {}
+
+    def limits(self, model: ModelInfo) -> tuple[int, int]:
+        """(in flight, queued): configured values, else the engine's slot count and 8 x that."""
+        in_flight = self.settings.max_in_flight or model.engine_slots or 1
+        queued = self.settings.max_queued if self.settings.max_queued >= 0 else 8 * in_flight
+        return in_flight, queued
+
+    def admission(self, model: ModelInfo) -> Admission:
+        in_flight, queued = self.limits(model)
+        gate = self._admission.get(model.name)
+        if gate is None:
+            gate = self._admission[model.name] = Admission(model.name, in_flight, queued)
+            metrics.IN_FLIGHT.labels(model.name).set_function(lambda: gate.in_flight)
+            metrics.QUEUED.labels(model.name).set_function(lambda: gate.queued)
+        elif (gate.max_in_flight, gate.max_queued) != (in_flight, queued):
+            gate.resize(in_flight, queued)
+        metrics.ADMISSION_LIMIT.labels(model.name, "in_flight").set(gate.max_in_flight)
+        metrics.ADMISSION_LIMIT.labels(model.name, "queued").set(gate.max_queued)
+        return gate
+
+    def render(self, request: GenerationRequest, model: ModelInfo) -> str:
+        if request.prompt is not None:
+            return request.prompt
+        assert request.messages is not None
+        return self.templates.render(
+            model.name, model.chat_template, request.messages, field=_input_field(request)
+        )
+
+    async def stream(
+        self, request: GenerationRequest, request_id: str, deadline: Deadline
+    ) -> AsyncGenerator[tuple[Piece, Generation], None]:
+        """Runs one generation; yields each piece with the generation (whose outcome grows).
+
+        Raises RpcError for everything the caller should see as a status; nothing is yielded before
+        the first piece, so a request refused early still gets a plain error status (HTTP 4xx/5xx).
+        Only admitted requests are recorded (refusals are the audit trail's business).
+        """
+        started = time.monotonic()
+        generation = Generation(request_id=request_id, request=request)
+        outcome = generation.outcome = Outcome()
+        model = request.model
+        code = "internal"
+        recording = False
+        try:
+            info = await self.catalog.resolve(model)
+            check_against_model(request, info)
+            generation.prompt = self.render(request, info)
+            async with self.admission(info).slot(deadline.time_remaining()) as waited:
+                metrics.QUEUE_DURATION.labels(model).observe(waited)
+                recording = True
+                await self._record(self.recorder.started, generation)
+                remaining = deadline.time_remaining()
+                if remaining is not None and remaining <= DEADLINE_MARGIN_SECONDS:
+                    raise RpcError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        "the request deadline left no time to generate",
+                        "DEADLINE_EXCEEDED",
+                    )
+                pieces = self.streamer.stream(
+                    info.name,
+                    generation.prompt,
+                    request.sampling.to_json(),
+                    request_id=request_id,
+                    timeout=None if remaining is None else remaining - DEADLINE_MARGIN_SECONDS,
+                )
+                last = started
+                async with aclosing(pieces):
+                    try:
+                        async for piece in pieces:
+                            now = time.monotonic()
+                            if outcome.time_to_first_token is None:
+                                outcome.time_to_first_token = now - started
+                                metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(now - started)
+                            elif piece.tokens:
+                                # A piece of k tokens after a gap g counts as k gaps of g / k.
+                                gap = (now - last) / piece.tokens
+                                for _ in range(piece.tokens):
+                                    metrics.INTER_TOKEN_LATENCY.labels(model).observe(gap)
+                            last = now
+                            outcome.add(piece)
+                            yield piece, generation
+                    except EngineError as err:
+                        raise _engine_error(err, request) from err
+            code = "ok"
+            metrics.E2E_LATENCY.labels(model).observe(time.monotonic() - started)
+            metrics.FINISHED.labels(model, outcome.finish_reason or "unknown").inc()
+        except RpcError as err:
+            code = err.code.name.lower()
+            outcome.error_code, outcome.error_message = err.code.name, err.message
+            raise
+        except (GeneratorExit, CancelledError):
+            # The caller went away; leaving the `async with` blocks above cancelled the Triton stream.
+            code = "cancelled"
+            outcome.error_code, outcome.error_message = "CANCELLED", "the caller went away"
+            raise
+        except Exception as err:
+            outcome.error_code, outcome.error_message = "INTERNAL", repr(err)
+            raise
+        finally:
+            outcome.latency = time.monotonic() - started
+            metrics.REQUESTS.labels(model, request.api.value, code).inc()
+            if outcome.prompt_tokens:
+                metrics.PROMPT_TOKENS.labels(model).inc(outcome.prompt_tokens)
+            if outcome.completion_tokens:
+                metrics.COMPLETION_TOKENS.labels(model).inc(outcome.completion_tokens)
+            if recording:
+                await self._record(self.recorder.finished, generation)
+
+    async def _record(self, hook: Callable[[Generation], Awaitable[None]], generation: Generation) -> None:
+        try:
+            await hook(generation)
+        except Exception:
+            # Recording must never turn a served answer into an error (the recorder spools durably).
+            log.exception("recording request %s failed", generation.request_id)
+
+    async def collect(self, request: GenerationRequest, request_id: str, deadline: Deadline) -> Generation:
+        """Runs a generation to its end (unary APIs)."""
+        generation: Generation | None = None
+        async with aclosing(self.stream(request, request_id, deadline)) as pieces:
+            async for _piece, current in pieces:
+                generation = current
+        if generation is None:
+            raise RpcError(grpc.StatusCode.INTERNAL, "the engine produced no response", "ENGINE_ERROR")
+        return generation
