@@ -1,0 +1,74 @@
+"""`make run`: start the platform, wait until it is ready, print the endpoints, stop it on Ctrl-C.
+
+supervisord's own lines (spawned / exited / restarted) are shown as they happen; every process
+logs to `<home>/logs/<name>.log`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from types import FrameType
+
+from launcher.stack import Stack, StackError
+from services.common.config import get_settings
+
+WATCH_SECONDS = 0.5
+
+
+def _say(message: str) -> None:
+    print(f"ferry: {message}", flush=True)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM behaves like Ctrl-C: unwind to the `finally` that stops everything.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher", description=__doc__)
+    parser.add_argument(
+        "--ready-timeout", type=float, default=60.0, help="seconds to wait for /readyz (default 60)"
+    )
+    args = parser.parse_args(argv)
+
+    settings = get_settings()
+    signal.signal(signal.SIGTERM, _interrupt)
+    stack = Stack(settings)
+    status = 0
+    _say(f"starting from {settings.home} (logs in {settings.log_dir})")
+    try:
+        stack.start()
+        if stack.database_url and settings.database_url is None:
+            _say(f"PostgreSQL (embedded) running: {stack.database_url}")
+        seconds = stack.wait_ready(args.ready_timeout, progress=_say)
+        _say(f"ready in {seconds:.1f} s")
+        for line in stack.endpoints.lines():
+            print(f"  {line}", flush=True)
+        print(f"  {'Processes':<25} supervisorctl -c {stack.supervisor_config} status", flush=True)
+        _say("press Ctrl-C to stop")
+        while stack.running:
+            time.sleep(WATCH_SECONDS)
+        _say(f"supervisord exited unexpectedly; see {settings.log_dir / 'supervisord.log'}")
+        status = 1
+    except StackError as err:
+        _say(f"error: {err}")
+        status = 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # A second Ctrl-C must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if stack.running:
+            _say("stopping (services drain, then Triton, PostgreSQL) ...")
+        started = time.monotonic()
+        stack.stop()
+        _say(f"stopped in {time.monotonic() - started:.1f} s")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
