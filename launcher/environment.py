@@ -49,4 +49,3 @@ def settings_env(settings: Settings) -> dict[str, str]:
         env["DATABASE_URL"] = settings.database_url
         env["FERRY_DATABASE_URL"] = settings.database_url
     return env
-

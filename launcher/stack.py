@@ -154,9 +154,7 @@ class Stack:
             self.stop()
             raise
 
-    def wait_ready(
-        self, timeout: float = 60.0, progress: Callable[[str], None] | None = None
-    ) -> float:
+    def wait_ready(self, timeout: float = 60.0, progress: Callable[[str], None] | None = None) -> float:
         """Blocks until Envoy's /readyz is 200; returns seconds since `start`. Raises StackError."""
         deadline = time.monotonic() + timeout
         url = f"{self.endpoints.rest}/readyz"
@@ -333,7 +331,9 @@ class Stack:
             processes = self.supervisor().processes()
         except (OSError, xmlrpc.client.Error):
             return "supervisord"
-        pending += [f"{n} ({i['statename'].lower()})" for n, i in processes.items() if i["statename"] != "RUNNING"]
+        pending += [
+            f"{n} ({i['statename'].lower()})" for n, i in processes.items() if i["statename"] != "RUNNING"
+        ]
         try:
             text = client.get(f"{self.endpoints.envoy_admin}/clusters").text
         except httpx.HTTPError:

@@ -97,7 +97,7 @@ def render_supervisor_config(settings: Settings, programs: Sequence[Program]) ->
                 f"identifier=ferry:{settings.home}",
             ]
         ),
-        "\n".join([f"[unix_http_server]", f"file={sock}", "chmod=0700"]),
+        "\n".join(["[unix_http_server]", f"file={sock}", "chmod=0700"]),
         "\n".join(
             [
                 "[rpcinterface:supervisor]",
