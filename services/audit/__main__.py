@@ -1,13 +1,45 @@
-"""Audit service process (placeholder until the records issue: health only)."""
+"""Audit service process: the append-only, hash-chained audit log, in PostgreSQL."""
 
 import asyncio
 
+from ferry.audit.v1 import audit_pb2, audit_pb2_grpc
+
+from services.audit.schema import MIGRATIONS
+from services.audit.servicer import AuditServicer
+from services.common.audit_observer import AuditObserver
+from services.common.config import get_settings
+from services.common.database import Database
 from services.common.server import Runtime, serve
+from services.recording import Recorder
+
+SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
+
+# This process audits its own RPCs too: its spool delivers them to itself through AppendEvents,
+# which the observer leaves out, so auditing never recurses. No flush at stop: a draining service
+# cannot take deliveries, so its last events wait in the spool for the next start.
+recorder = Recorder(get_settings(), "audit", stop_flush_seconds=0.0)
 
 
 async def _setup(runtime: Runtime) -> None:
-    return None
+    await recorder.start(runtime)
+
+    async def on_health(healthy: bool) -> None:
+        await runtime.set_serving(healthy and not runtime.lifecycle.draining)
+
+    db = Database(runtime.settings, MIGRATIONS, on_health)
+    await runtime.set_serving(False)
+    await db.start()
+    runtime.on_stop.insert(0, db.stop)
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(db), runtime.server)
 
 
 if __name__ == "__main__":
-    asyncio.run(serve("audit", lambda s: s.audit, _setup, service_names=[]))
+    asyncio.run(
+        serve(
+            "audit",
+            lambda s: s.audit,
+            _setup,
+            service_names=[SERVICE],
+            observers=[AuditObserver(recorder)],
+        )
+    )

@@ -87,6 +87,30 @@ class AuditServiceSettings(ServiceSettings):
     metrics_port: int = 9104
 
 
+class DatabaseSettings(BaseModel):
+    # `create_if_not_exists` keeps data; `drop_recreate` (development) deletes the owned tables at start.
+    migration_mode: Literal["create_if_not_exists", "drop_recreate"] = "create_if_not_exists"
+    pool_min_size: int = 1
+    pool_max_size: int = 8
+    connect_timeout_seconds: float = 5.0
+
+
+class RecordingSettings(BaseModel):
+    """The local spool through which every process delivers transaction records and audit events."""
+
+    # Default: <home>/spool.
+    spool_dir: Path | None = None
+    # SQLite `synchronous`: NORMAL survives a killed process; FULL also a power cut (an fsync per record).
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    batch_size: int = 200
+    # Health `ferry.recording` turns NOT_SERVING (the process stays SERVING) beyond either threshold.
+    degraded_depth: int = 1000
+    degraded_lag_seconds: float = 30.0
+    max_backoff_seconds: float = 10.0
+    # Sent as `authorization: Bearer <key>` on delivery calls when authentication is on.
+    api_key: str | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FERRY_", env_nested_delimiter="__", extra="ignore")
 
@@ -106,6 +130,8 @@ class Settings(BaseSettings):
     triton: TritonSettings = Field(default_factory=TritonSettings)
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    recording: RecordingSettings = Field(default_factory=RecordingSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -130,6 +156,10 @@ class Settings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.home / "logs"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.recording.spool_dir or self.home / "spool"
 
 
 def config_file() -> Path | None:

@@ -1,0 +1,87 @@
+"""A CallObserver that audits every RPC: one `KIND_RPC` event per call, through the process's spool.
+
+Plug it into `serve(..., observers=[auth_observer, AuditObserver(recorder)])`. Put it after the
+authentication observer, so `call.principal` is known; a call that authentication refuses is still
+audited (`on_end` runs for it) with its refusal code.
+
+Left out (`INTERNAL_METHODS`): the recording deliveries themselves, `AuditService/AppendEvents` and
+`TransactionsService/CreateTransaction|CompleteTransaction`. Auditing AppendEvents would recurse (each
+delivered event would produce another), and the transaction writes are records, not actions. None of
+them is mapped to REST; Envoy should not route them from outside.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from ferry.audit.v1 import audit_pb2
+from google.rpc import code_pb2
+from opentelemetry import trace
+
+from services.common.interceptor import Call
+from services.common.timestamps import seconds_to_duration, to_timestamp
+from services.recording import Recorder
+
+INTERNAL_METHODS = frozenset(
+    {
+        "/ferry.audit.v1.AuditService/AppendEvents",
+        "/ferry.transactions.v1.TransactionsService/CreateTransaction",
+        "/ferry.transactions.v1.TransactionsService/CompleteTransaction",
+    }
+)
+# Request fields that name the resource a call acts on, in order of preference.
+RESOURCE_FIELDS = ("name", "model", "parent")
+
+
+class AuditObserver:
+    def __init__(self, recorder: Recorder, exclude: frozenset[str] = INTERNAL_METHODS) -> None:
+        self.recorder = recorder
+        self.exclude = exclude
+        # What on_start learns (resource, trace id, wall-clock start), keyed by the Call object's id.
+        self._calls: dict[int, tuple[str, str, float]] = {}
+
+    async def on_start(self, call: Call, request: Any) -> None:
+        if call.full_method in self.exclude:
+            return
+        self._calls[id(call)] = (_resource(request), _trace_id(), time.time())
+
+    async def on_end(self, call: Call) -> None:
+        if call.full_method in self.exclude:
+            return
+        elapsed = time.monotonic() - call.started
+        resource, trace_id, wall_start = self._calls.pop(id(call), ("", _trace_id(), time.time() - elapsed))
+        event = audit_pb2.AuditEvent(
+            kind=audit_pb2.AuditEvent.Kind.KIND_RPC,
+            event_time=to_timestamp(datetime.fromtimestamp(wall_start, UTC)),
+            principal=call.principal,
+            service=call.service,
+            method=call.method,
+            resource=resource,
+            action="rpc",
+            code=getattr(code_pb2, call.code.name, code_pb2.UNKNOWN),
+            message=call.message,
+            latency=seconds_to_duration(elapsed),
+            request_id=call.request_id,
+            trace_id=trace_id,
+            peer=call.peer,
+        )
+        self.recorder.audit(event)
+
+
+def _resource(request: Any) -> str:
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    if descriptor is None:
+        return ""
+    for field in RESOURCE_FIELDS:
+        if field in descriptor.fields_by_name:
+            value = getattr(request, field)
+            if isinstance(value, str) and value:
+                return value if "/" in value or field != "model" else f"models/{value}"
+    return ""
+
+
+def _trace_id() -> str:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""

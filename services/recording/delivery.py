@@ -1,0 +1,219 @@
+"""Background delivery from the spool to the Transactions and Audit services, at least once.
+
+Each kind has its own loop, so an Audit outage never holds transactions back (and the reverse).
+A record leaves the spool only after its service acknowledged it; a failed call is retried with
+exponential backoff (tenacity) for as long as it takes. The services' writes are idempotent (request
+id, event id), which turns at-least-once delivery into exactly-once effect.
+
+Refusals that retrying cannot fix (INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION) move the
+record to the spool's `dead` table instead of blocking everything behind it; all other errors
+(UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED while keys are being set up, ...) are retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+from ferry.audit.v1 import audit_pb2, audit_pb2_grpc
+from ferry.transactions.v1 import transactions_pb2, transactions_pb2_grpc
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+
+from services.recording.metrics import DEAD_LETTERS, DELIVERED, DELIVERY_FAILURES
+from services.recording.spool import Spool, TxnRow
+
+log = logging.getLogger(__name__)
+
+Transaction = transactions_pb2.Transaction
+CALL_TIMEOUT_SECONDS = 10.0
+PERMANENT = frozenset(
+    {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.FAILED_PRECONDITION}
+)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in PERMANENT
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError | OSError) and not is_permanent(exc)
+
+
+def merge(
+    started: bytes | None, request_id: str, finished: transactions_pb2.CompleteTransactionRequest
+) -> Transaction:
+    """The whole record from its start and its outcome, for a single CreateTransaction call."""
+    t = Transaction.FromString(started) if started else Transaction(request_id=request_id)
+    t.status = finished.status
+    t.output = finished.output
+    t.finish_reason = finished.finish_reason
+    t.usage.CopyFrom(finished.usage)
+    for field in ("time_to_first_token", "latency", "complete_time"):
+        if finished.HasField(field):
+            getattr(t, field).CopyFrom(getattr(finished, field))
+    t.error_code = finished.error_code
+    t.error_message = finished.error_message
+    return t
+
+
+class Delivery:
+    def __init__(
+        self,
+        spool: Spool,
+        transactions_address: str,
+        audit_address: str,
+        *,
+        batch_size: int,
+        max_backoff: float,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self.spool = spool
+        self.batch_size = batch_size
+        self.max_backoff = max_backoff
+        self.metadata = metadata
+        self.wakeup = {"transaction": asyncio.Event(), "audit": asyncio.Event()}
+        self._channels = [
+            grpc.aio.insecure_channel(transactions_address),
+            grpc.aio.insecure_channel(audit_address),
+        ]
+        self.transactions = transactions_pb2_grpc.TransactionsServiceStub(self._channels[0])
+        self.audit = audit_pb2_grpc.AuditServiceStub(self._channels[1])
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+    async def run(self, kind: str) -> None:
+        """Delivers `kind` records until cancelled."""
+        step: Callable[[], Awaitable[int]] = (
+            self._transactions_step if kind == "transaction" else self._audit_step
+        )
+        wakeup = self.wakeup[kind]
+
+        def failed(state: RetryCallState) -> None:
+            DELIVERY_FAILURES.labels(kind).inc()
+            exc = state.outcome.exception() if state.outcome else None
+            detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else repr(exc)
+            level = (
+                logging.WARNING
+                if state.attempt_number in (1, 10) or state.attempt_number % 100 == 0
+                else logging.DEBUG
+            )
+            log.log(
+                level, "%s delivery failed (%s), attempt %d; retrying", kind, detail, state.attempt_number
+            )
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_retryable),
+            wait=wait_exponential_jitter(initial=0.1, max=self.max_backoff),
+            before_sleep=failed,
+            reraise=True,
+        )
+        while True:
+            wakeup.clear()
+            try:
+                delivered: int = await retrying(step)
+            except Exception:
+                # Not a gRPC failure: a bug or a corrupt record. Keep the loop alive; say so loudly.
+                log.exception("%s delivery step failed unexpectedly", kind)
+                DELIVERY_FAILURES.labels(kind).inc()
+                await asyncio.sleep(self.max_backoff)
+                continue
+            if not delivered:
+                try:
+                    await asyncio.wait_for(wakeup.wait(), 1.0)
+                except TimeoutError:
+                    pass
+
+    async def _transactions_step(self) -> int:
+        rows = self.spool.pending_txn(self.batch_size)
+        for row in rows:
+            try:
+                await self._deliver_txn(row)
+            except grpc.aio.AioRpcError as exc:
+                if not is_permanent(exc):
+                    raise
+                log.error("transaction %s refused as invalid, kept aside: %s", row.request_id, exc.details())
+                DEAD_LETTERS.labels("transaction").inc()
+                self.spool.bury(
+                    "transaction", row.seq, (row.finished or row.started or b""), str(exc.details())
+                )
+            else:
+                DELIVERED.labels("transaction").inc()
+        return len(rows)
+
+    async def _deliver_txn(self, row: TxnRow) -> None:
+        kw = {"timeout": CALL_TIMEOUT_SECONDS, "metadata": self.metadata}
+        if row.finished is None:
+            assert row.started is not None
+            await self.transactions.CreateTransaction(
+                transactions_pb2.CreateTransactionRequest(transaction=Transaction.FromString(row.started)),
+                **kw,
+            )
+            self.spool.start_delivered(row.seq)
+            return
+        finished = transactions_pb2.CompleteTransactionRequest.FromString(row.finished)
+        if row.start_sent:
+            try:
+                await self.transactions.CompleteTransaction(finished, **kw)
+            except grpc.aio.AioRpcError as exc:
+                # NOT_FOUND: the start is gone from the database (recreated); send it all again below.
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+            else:
+                self.spool.txn_delivered(row.seq)
+                return
+        # One call for start and outcome together; if a start sent earlier got in first (its reply was
+        # lost), the record comes back in progress and the outcome goes as a completion.
+        record = await self.transactions.CreateTransaction(
+            transactions_pb2.CreateTransactionRequest(
+                transaction=merge(row.started, row.request_id, finished)
+            ),
+            **kw,
+        )
+        if record.status == Transaction.Status.STATUS_IN_PROGRESS:
+            await self.transactions.CompleteTransaction(finished, **kw)
+        self.spool.txn_delivered(row.seq)
+
+    async def _audit_step(self) -> int:
+        batch = self.spool.pending_audit(self.batch_size)
+        if not batch:
+            return 0
+        events = [audit_pb2.AuditEvent.FromString(payload) for _, payload in batch]
+        try:
+            await self.audit.AppendEvents(
+                audit_pb2.AppendEventsRequest(events=events),
+                timeout=CALL_TIMEOUT_SECONDS,
+                metadata=self.metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if not is_permanent(exc):
+                raise
+            await self._audit_one_by_one(batch, events)
+            return len(batch)
+        self.spool.audit_delivered(batch[-1][0])
+        DELIVERED.labels("audit").inc(len(batch))
+        return len(batch)
+
+    async def _audit_one_by_one(
+        self, batch: list[tuple[int, bytes]], events: list[audit_pb2.AuditEvent]
+    ) -> None:
+        """A batch was refused: find the invalid events, set them aside, deliver the rest."""
+        for (seq, payload), event in zip(batch, events, strict=True):
+            try:
+                await self.audit.AppendEvents(
+                    audit_pb2.AppendEventsRequest(events=[event]),
+                    timeout=CALL_TIMEOUT_SECONDS,
+                    metadata=self.metadata,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if not is_permanent(exc):
+                    raise
+                log.error("audit event %s refused as invalid, kept aside: %s", event.event_id, exc.details())
+                DEAD_LETTERS.labels("audit").inc()
+                self.spool.bury("audit", seq, payload, str(exc.details()))
+                continue
+            self.spool.audit_delivered(seq, [seq])
+            DELIVERED.labels("audit").inc()

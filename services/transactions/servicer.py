@@ -1,0 +1,298 @@
+"""TransactionsService over PostgreSQL: idempotent create/complete, get, and keyset-paginated list."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import datetime
+from typing import Any
+
+import grpc
+from ferry.transactions.v1 import transactions_pb2, transactions_pb2_grpc
+from google.protobuf import json_format, struct_pb2
+from psycopg.rows import dict_row
+
+from services.common import listing
+from services.common.database import Database
+from services.common.errors import invalid_argument, not_found
+from services.common.timestamps import iso, now, to_datetime, to_duration, to_micros, to_timestamp
+
+Transaction = transactions_pb2.Transaction
+_Status = Transaction.Status
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+FINAL = {
+    _Status.STATUS_SUCCEEDED,
+    _Status.STATUS_FAILED,
+    _Status.STATUS_CANCELLED,
+    _Status.STATUS_INCOMPLETE,
+}
+
+
+def _status_name(value: int) -> str:
+    return _Status.Name(value).removeprefix("STATUS_")  # type: ignore[arg-type]
+
+
+FILTER_FIELDS = {
+    "model": listing.Field("model"),
+    "principal": listing.Field("principal"),
+    "operation": listing.Field("operation"),
+    "request_id": listing.Field("request_id"),
+    "trace_id": listing.Field("trace_id"),
+    "finish_reason": listing.Field("finish_reason"),
+    "status": listing.Field(
+        "status",
+        "enum",
+        listing.enum_values(list(_Status.keys()), "STATUS_", lambda n: n.removeprefix("STATUS_")),
+    ),
+    "create_time": listing.Field("create_time", "time"),
+    "complete_time": listing.Field("complete_time", "time"),
+}
+
+COLUMNS = (
+    "request_id, principal, model, operation, prompt, messages, parameters, output, finish_reason, "
+    "prompt_tokens, completion_tokens, total_tokens, ttft_us, latency_us, status, error_code, "
+    "error_message, trace_id, create_time, complete_time"
+)
+
+
+class TransactionsServicer(transactions_pb2_grpc.TransactionsServiceServicer):
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def CreateTransaction(
+        self, request: transactions_pb2.CreateTransactionRequest, context: grpc.aio.ServicerContext
+    ) -> Transaction:
+        if not request.HasField("transaction"):
+            raise invalid_argument("transaction", "is required")
+        row = _row_from_proto(request.transaction)
+        placeholders = ", ".join(["%s"] * len(row))
+        async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                f"INSERT INTO transactions ({COLUMNS}) VALUES ({placeholders}) "
+                f"ON CONFLICT (request_id) DO NOTHING RETURNING *",
+                list(row.values()),
+            )
+            created = await cur.fetchone()
+            if created is None:  # a retry, or the same id used twice: the first record wins
+                await cur.execute("SELECT * FROM transactions WHERE request_id = %s", (row["request_id"],))
+                created = await cur.fetchone()
+        assert created is not None
+        return _proto_from_row(created)
+
+    async def CompleteTransaction(
+        self, request: transactions_pb2.CompleteTransactionRequest, context: grpc.aio.ServicerContext
+    ) -> Transaction:
+        request_id = _parse_name(request.name)
+        if request.status not in FINAL:
+            raise invalid_argument("status", "must be a final status (not UNSPECIFIED or IN_PROGRESS)")
+        usage = request.usage
+        _check_usage(usage, "usage")
+        values = {
+            "status": _status_name(request.status),
+            "output": _clean(request.output),
+            "finish_reason": _clean(request.finish_reason),
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens or usage.prompt_tokens + usage.completion_tokens,
+            "ttft_us": _micros_or_none(request, "time_to_first_token"),
+            "latency_us": _micros_or_none(request, "latency"),
+            "error_code": _clean(request.error_code),
+            "error_message": _clean(request.error_message),
+            "complete_time": (
+                to_datetime(request.complete_time, "complete_time")
+                if request.HasField("complete_time")
+                else now()
+            ),
+        }
+        assignments = ", ".join(f"{k} = %s" for k in values)
+        async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                f"UPDATE transactions SET {assignments}, update_time = now() "
+                f"WHERE request_id = %s AND status = 'IN_PROGRESS' RETURNING *",
+                [*values.values(), request_id],
+            )
+            row = await cur.fetchone()
+            if row is None:  # already final (first completion wins) or unknown
+                await cur.execute("SELECT * FROM transactions WHERE request_id = %s", (request_id,))
+                row = await cur.fetchone()
+        if row is None:
+            raise not_found("transaction", request.name)
+        return _proto_from_row(row)
+
+    async def GetTransaction(
+        self, request: transactions_pb2.GetTransactionRequest, context: grpc.aio.ServicerContext
+    ) -> Transaction:
+        request_id = _parse_name(request.name)
+        async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute("SELECT * FROM transactions WHERE request_id = %s", (request_id,))
+            row = await cur.fetchone()
+        if row is None:
+            raise not_found("transaction", request.name)
+        return _proto_from_row(row)
+
+    async def ListTransactions(
+        self, request: transactions_pb2.ListTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> transactions_pb2.ListTransactionsResponse:
+        size = listing.page_size(request.page_size)
+        where, params = listing.compile_filter(request.filter, FILTER_FIELDS)
+        order = listing.parse_order_by(request.order_by, "create_time")
+        fingerprint = listing.query_fingerprint("transactions", request.filter, order.sql_dir)
+        after = listing.decode_page_token(request.page_token, fingerprint, 2)
+        if after is not None:
+            after_time, after_id = _token_key(after)
+            where += f" AND (create_time, request_id) {order.cmp} (%s, %s)"
+            params += [after_time, after_id]
+        sql = (
+            f"SELECT * FROM transactions WHERE {where} "
+            f"ORDER BY create_time {order.sql_dir}, request_id {order.sql_dir} LIMIT %s"
+        )
+        async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(sql, [*params, size + 1])  # type: ignore[arg-type]
+            rows = await cur.fetchall()
+        response = transactions_pb2.ListTransactionsResponse(
+            transactions=[_proto_from_row(r) for r in rows[:size]]
+        )
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = listing.encode_page_token(
+                fingerprint, [iso(last["create_time"]), last["request_id"]]
+            )
+        return response
+
+
+def _token_key(key: list[Any]) -> tuple[datetime, str]:
+    time_text, request_id = key
+    if not isinstance(time_text, str) or not isinstance(request_id, str):
+        raise listing.bad_token()
+    try:
+        return datetime.fromisoformat(time_text), request_id
+    except ValueError:
+        raise listing.bad_token() from None
+
+
+def _parse_name(name: str) -> str:
+    prefix, _, request_id = name.partition("/")
+    if not name:
+        raise invalid_argument("name", "is required")
+    if prefix != "transactions" or not REQUEST_ID.match(request_id):
+        raise invalid_argument("name", "must look like transactions/{request_id}")
+    return request_id
+
+
+def _clean(value: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold NUL characters: store U+FFFD in their place."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    return value
+
+
+def _check_usage(usage: Transaction.Usage, field: str) -> None:
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        if getattr(usage, name) < 0:
+            raise invalid_argument(f"{field}.{name}", "must not be negative")
+
+
+def _micros_or_none(message: Any, field: str, prefix: str = "") -> int | None:
+    if not message.HasField(field):
+        return None
+    return to_micros(getattr(message, field), prefix + field)
+
+
+def _row_from_proto(t: Transaction) -> dict[str, Any]:
+    if not t.request_id:
+        raise invalid_argument("transaction.request_id", "is required")
+    if not REQUEST_ID.match(t.request_id):
+        raise invalid_argument("transaction.request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+    if t.status == _Status.STATUS_UNSPECIFIED:
+        raise invalid_argument("transaction.status", "is required")
+    _check_usage(t.usage, "transaction.usage")
+    parameters = json_format.MessageToDict(t.parameters) if t.HasField("parameters") else {}
+    try:
+        parameters_json = json.dumps(_clean(parameters), allow_nan=False)
+    except ValueError:
+        raise invalid_argument("transaction.parameters", "numbers must be finite") from None
+    create_time = (
+        to_datetime(t.create_time, "transaction.create_time") if t.HasField("create_time") else now()
+    )
+    complete_time = None
+    if t.HasField("complete_time"):
+        complete_time = to_datetime(t.complete_time, "transaction.complete_time")
+    elif t.status in FINAL:
+        complete_time = now()
+    usage = t.usage
+    return {
+        "request_id": t.request_id,
+        "principal": _clean(t.principal),
+        "model": _clean(t.model),
+        "operation": _clean(t.operation),
+        "prompt": _clean(t.prompt),
+        "messages": json.dumps([_clean({"role": m.role, "content": m.content}) for m in t.messages]),
+        "parameters": parameters_json,
+        "output": _clean(t.output),
+        "finish_reason": _clean(t.finish_reason),
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens or usage.prompt_tokens + usage.completion_tokens,
+        "ttft_us": _micros_or_none(t, "time_to_first_token", "transaction."),
+        "latency_us": _micros_or_none(t, "latency", "transaction."),
+        "status": _status_name(t.status),
+        "error_code": _clean(t.error_code),
+        "error_message": _clean(t.error_message),
+        "trace_id": _clean(t.trace_id),
+        "create_time": create_time,
+        "complete_time": complete_time,
+    }
+
+
+def _proto_from_row(row: dict[str, Any]) -> Transaction:
+    t = Transaction(
+        name=f"transactions/{row['request_id']}",
+        request_id=row["request_id"],
+        principal=row["principal"],
+        model=row["model"],
+        operation=row["operation"],
+        prompt=row["prompt"],
+        messages=[Transaction.Message(role=m["role"], content=m["content"]) for m in row["messages"]],
+        output=row["output"],
+        finish_reason=row["finish_reason"],
+        usage=Transaction.Usage(
+            prompt_tokens=row["prompt_tokens"],
+            completion_tokens=row["completion_tokens"],
+            total_tokens=row["total_tokens"],
+        ),
+        status=_Status.Value(f"STATUS_{row['status']}"),  # type: ignore[arg-type]
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        trace_id=row["trace_id"],
+        create_time=to_timestamp(row["create_time"]),
+        update_time=to_timestamp(row["update_time"]),
+    )
+    if row["parameters"]:
+        params = struct_pb2.Struct()
+        params.update(_finite(row["parameters"]))
+        t.parameters.CopyFrom(params)
+    if row["ttft_us"] is not None:
+        t.time_to_first_token.CopyFrom(to_duration(row["ttft_us"]))
+    if row["latency_us"] is not None:
+        t.latency.CopyFrom(to_duration(row["latency_us"]))
+    if row["complete_time"] is not None:
+        t.complete_time.CopyFrom(to_timestamp(row["complete_time"]))
+    return t
+
+
+def _finite(value: Any) -> Any:
+    # jsonb numbers come back as Decimal for non-integers; Struct wants floats.
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    number = float(value)
+    return number if math.isfinite(number) else None
