@@ -28,11 +28,16 @@ $(INSTALLED): pyproject.toml
 
 proto: $(GEN)/.stamp
 
+GOOGLEAPIS = $$($(PY) -c "import google.api.annotations_pb2 as a, pathlib; print(pathlib.Path(a.__file__).parents[2])")
+
 $(GEN)/.stamp: $(INSTALLED) $(PROTOS)
 	rm -rf $(GEN) && mkdir -p $(GEN)
-	$(PY) -m grpc_tools.protoc -Iprotos -I$$($(PY) -c "import google.api.annotations_pb2 as a, pathlib; print(pathlib.Path(a.__file__).parents[2])") \
-	  --python_out=$(GEN) --mypy_out=$(GEN) --grpc_python_out=$(GEN) --mypy_grpc_out=$(GEN) \
-	  --include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) $(PROTOS)
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS) \
+	  --python_out=$(GEN) --mypy_out=$(GEN) --grpc_python_out=$(GEN) --mypy_grpc_out=$(GEN) $(PROTOS)
+	# Envoy's transcoder renders error details (ErrorInfo, BadRequest, RetryInfo) as JSON only when
+	# their types are in its descriptor set; without them it passes the raw gRPC error through.
+	$(PY) -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS) --include_imports --include_source_info \
+	  --descriptor_set_out=$(DESCRIPTOR) $(PROTOS) google/rpc/error_details.proto google/rpc/status.proto
 	find $(GEN)/ferry -type d -exec touch {}/__init__.py \;
 	touch $@
 
