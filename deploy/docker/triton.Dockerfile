@@ -41,6 +41,13 @@ ENV FERRY_HOME=/opt/ferry
 COPY --from=model /out/gemma-3-270m-q4_k_m.gguf /opt/ferry/models/gemma-3-270m-q4_k_m.gguf
 # The repository as shipped; Kubernetes copies it onto a volume (see deploy/k8s/base/triton.yaml).
 COPY triton_models/ /opt/ferry/model-repository/
+# A CUDA engine offloads every layer (-1); the shipped config keeps them on the CPU (0).
+RUN if [ "${ENGINE}" != "cpu" ]; then \
+      sed -i -E 's/(key: "n_gpu_layers" value: \{ string_value: )"0"/\1"-1"/' \
+        /opt/ferry/model-repository/gemma-3-270m/config.pbtxt \
+      && grep -q 'key: "n_gpu_layers" value: { string_value: "-1" }' \
+        /opt/ferry/model-repository/gemma-3-270m/config.pbtxt; \
+    fi
 # 1000 is triton-server, the unprivileged user of NVIDIA's image (numeric for runAsNonRoot).
 USER 1000:1000
 EXPOSE 8000 8001 8002
