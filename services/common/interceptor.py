@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,6 +50,10 @@ class Call:
     @property
     def full_method(self) -> str:
         return f"/{self.service}/{self.method}"
+
+
+# The RPC being handled, for servicers that record who called what (principal, full method).
+current_call: ContextVar[Call | None] = ContextVar("current_call", default=None)
 
 
 class CallObserver(Protocol):
@@ -105,12 +111,15 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         }
         rid = accept_request_id(metadata_value(context.invocation_metadata(), REQUEST_ID_HEADER))
         request_id_var.set(rid)
-        return Call(service=service, method=method, request_id=rid, peer=context.peer(), metadata=metadata)
+        call = Call(service=service, method=method, request_id=rid, peer=context.peer(), metadata=metadata)
+        current_call.set(call)
+        return call
 
-    async def run(
-        self, call: Call, request: Any, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[Any]]
-    ) -> Any:
-        """Runs one RPC body with the shared bookkeeping around it."""
+    @asynccontextmanager
+    async def observed(
+        self, call: Call, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """The shared bookkeeping around one RPC body (unary or streaming)."""
         context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
         self.lifecycle.enter()
         RPC_IN_FLIGHT.labels(call.service).inc()
@@ -119,10 +128,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 raise RpcError(grpc.StatusCode.UNAVAILABLE, "server is shutting down", "DRAINING")
             for observer in self.observers:
                 await observer.on_start(call, request)
-            result = await body()
+            yield
             code = context.code()
             call.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
-            return result
         except RpcError as err:
             call.code, call.message = err.code, err.message
             await context.abort_with_status(err.to_status())
@@ -130,7 +138,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             code = context.code()
             call.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             call.code, call.message = grpc.StatusCode.CANCELLED, "cancelled by the client"
             raise
         except Exception as exc:
@@ -150,6 +158,26 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                 except Exception:
                     log.exception("call observer failed")
 
+    async def run(
+        self, call: Call, request: Any, context: grpc.aio.ServicerContext, body: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """Runs one unary-response RPC body with the shared bookkeeping around it."""
+        async with self.observed(call, request, context):
+            return await body()
+
+    async def relay(
+        self, call: Call, request: Any, context: grpc.aio.ServicerContext, items: AsyncIterator[Any]
+    ) -> AsyncIterator[Any]:
+        """Relays a streaming-response RPC body with the same bookkeeping.
+
+        An async generator (not a coroutine using context.write) because other interceptors, such as
+        OpenTelemetry's, iterate streaming handlers with `async for`; errors raised mid-stream still
+        pass through `observed` and end the stream with their rich status.
+        """
+        async with self.observed(call, request, context):
+            async for item in items:
+                yield item
+
 
 def _wrap(
     handler: grpc.RpcMethodHandler, service: str, method: str, interceptor: ServingInterceptor
@@ -168,15 +196,10 @@ def _wrap(
     if handler.unary_stream:
         inner_us = handler.unary_stream
 
-        # A coroutine writing with context.write, so that errors raised mid-stream pass through run().
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = interceptor._start(service, method, context)
-
-            async def relay() -> None:
-                async for item in inner_us(request, context):
-                    await context.write(item)
-
-            await interceptor.run(call, request, context, relay)
+            async for item in interceptor.relay(call, request, context, inner_us(request, context)):
+                yield item
 
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer
@@ -193,14 +216,10 @@ def _wrap(
         )
     behavior = handler.stream_stream
 
-    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> None:
+    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = interceptor._start(service, method, context)
-
-        async def relay() -> None:
-            async for item in behavior(requests, context):
-                await context.write(item)
-
-        await interceptor.run(call, None, context, relay)
+        async for item in interceptor.relay(call, None, context, behavior(requests, context)):
+            yield item
 
     return grpc.stream_stream_rpc_method_handler(
         stream_stream, handler.request_deserializer, handler.response_serializer
