@@ -17,10 +17,13 @@ COPY deploy/docker/requirements.py deploy/docker/render_envoy.py deploy/docker/
 RUN python deploy/docker/requirements.py envoy-config > /tmp/config.txt \
     && pip install --no-cache-dir -r /tmp/config.txt
 COPY protos/ protos/
+# The descriptor-set command of `make proto` (Makefile): ferry's protos plus google.rpc's error details,
+# which the transcoder needs to render errors as JSON. (tests/deploy checks the two stay the same.)
 RUN mkdir -p build \
     && find protos -name '*.proto' -print0 | xargs -0 python -m grpc_tools.protoc -Iprotos \
        -I"$(python -c 'import google.api.annotations_pb2 as a, pathlib; print(pathlib.Path(a.__file__).parents[2])')" \
-       --include_imports --include_source_info --descriptor_set_out=build/ferry.pb
+       --include_imports --include_source_info --descriptor_set_out=build/ferry.pb \
+       google/rpc/error_details.proto google/rpc/status.proto
 COPY services/__init__.py services/
 COPY services/common/ services/common/
 COPY launcher/ launcher/

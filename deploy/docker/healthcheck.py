@@ -41,7 +41,9 @@ def check(address: str, service_name: str = "") -> bool:
             return False
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
     if not serving:
-        print(f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}", file=sys.stderr)
+        print(
+            f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}", file=sys.stderr
+        )
     return serving
 
 

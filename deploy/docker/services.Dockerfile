@@ -22,12 +22,12 @@ RUN python deploy/docker/requirements.py services > /tmp/runtime.txt \
     && python -m venv /opt/protoc \
     && uv pip install --python /opt/protoc/bin/python --no-cache -r /tmp/protoc.txt
 COPY protos/ protos/
-# The command of `make proto` (Makefile), less the mypy stubs: typing is not needed at run time.
+# The stubs command of `make proto` (Makefile), less the mypy stubs: typing is not needed at run time.
+# (tests/deploy checks the two stay the same command.)
 RUN mkdir -p build/gen \
     && find protos -name '*.proto' -print0 | xargs -0 /opt/protoc/bin/python -m grpc_tools.protoc -Iprotos \
        -I"$(/opt/protoc/bin/python -c 'import google.api.annotations_pb2 as a, pathlib; print(pathlib.Path(a.__file__).parents[2])')" \
        --python_out=build/gen --grpc_python_out=build/gen \
-       --include_imports --include_source_info --descriptor_set_out=build/ferry.pb \
     && find build/gen/ferry -type d -exec touch {}/__init__.py \;
 
 # --- runtime: the interpreter, the venv, the code; nothing to compile, no build tools -------------
@@ -39,7 +39,6 @@ RUN groupadd --system --gid 10001 ferry \
     && install -d -o ferry -g ferry /var/lib/ferry/spool
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /src/build/gen /app/build/gen
-COPY --from=build /src/build/ferry.pb /app/build/ferry.pb
 COPY services/ /app/services/
 COPY gateway/ /app/gateway/
 COPY deploy/docker/healthcheck.py /app/healthcheck.py

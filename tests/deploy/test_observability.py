@@ -1,0 +1,137 @@
+"""The observability bundle: promtool accepts the scrape config and the alert rules, the dashboard's
+queries are valid PromQL, and every ferry_* metric they name is one the code exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.common.config import REPO_ROOT, Settings
+from tests.deploy.tools import COMPOSE, OBSERVABILITY, SERVICES, load_yaml, promtool, run
+
+ALERTS = OBSERVABILITY / "alerts.yml"
+SCRAPE = OBSERVABILITY / "prometheus.yml"
+DASHBOARD = OBSERVABILITY / "grafana" / "dashboards" / "ferry-inference.json"
+
+
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return loaded
+
+
+def dashboard_queries() -> list[str]:
+    return [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
+
+
+def test_alert_rules_pass_promtool() -> None:
+    result = run([promtool(), "check", "rules", str(ALERTS)])
+    assert result.returncode == 0, result.output
+    assert "SUCCESS" in result.output
+
+
+def test_scrape_config_passes_promtool() -> None:
+    result = run([promtool(), "check", "config", str(SCRAPE)])
+    assert result.returncode == 0, result.output
+
+
+def test_broken_rules_fail_promtool(tmp_path: Path) -> None:
+    rules = yaml.safe_load(ALERTS.read_text())
+    rules["groups"][0]["rules"][0]["expr"] = "sum(rate(ferry_grpc_server_handled_total[5m]"  # unclosed
+    rules["groups"][1]["rules"][0]["for"] = "five minutes"
+    broken = tmp_path / "alerts.yml"
+    broken.write_text(yaml.safe_dump(rules))
+    result = run([promtool(), "check", "rules", str(broken)])
+    assert result.returncode != 0
+    assert "FAILED" in result.output
+
+
+def test_alerts_cover_the_golden_signals() -> None:
+    exprs = " ".join(
+        rule["expr"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
+    )
+    for signal in (
+        "ferry_grpc_server_handled_total",  # error rate
+        "ferry_inference_time_to_first_token_seconds_bucket",  # TTFT p99
+        "ferry_inference_requests_queued",  # queue depth
+        "ferry_recording_spool_depth",  # spool backlog
+    ):
+        assert signal in exprs, signal
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    board = dashboard()
+    assert board["uid"] == "ferry-inference"
+    queries = dashboard_queries()
+    assert len(queries) >= 10
+    # promtool parses PromQL in rule files: each query becomes a recording rule. Grafana's variables
+    # are replaced by what Grafana would substitute.
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {
+                        "record": f"dashboard:query_{i}",
+                        "expr": q.replace("$__rate_interval", "1m").replace("$model", ".*"),
+                    }
+                    for i, q in enumerate(queries)
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = run([promtool(), "check", "rules", str(path)])
+    assert result.returncode == 0, result.output
+    titles = {p["title"] for p in board["panels"]}
+    for needed in ("Time to first token", "Tokens per second", "Recording lag", "Server errors by service"):
+        assert needed in titles
+
+
+def ferry_metrics_named(text: str) -> set[str]:
+    names = set(re.findall(r"\bferry_[a-z0-9_]+", text))
+    # Prometheus adds these suffixes to what the code declares.
+    return {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in names}
+
+
+def exported_metric_names() -> set[str]:
+    code = " ".join(p.read_text() for p in (REPO_ROOT / "services").rglob("*.py"))
+    return set(re.findall(r'"(ferry_[a-z0-9_]+)"', code))
+
+
+def test_every_ferry_metric_named_is_exported_by_the_code() -> None:
+    named = ferry_metrics_named(ALERTS.read_text()) | ferry_metrics_named(DASHBOARD.read_text())
+    exported = exported_metric_names()
+    assert {"ferry_grpc_server_handled", "ferry_inference_time_to_first_token_seconds"} <= named
+    assert named - exported == set(), "named by alerts or dashboard, exported by no code in services/"
+
+
+def test_scrape_targets_are_the_settings_metrics_ports() -> None:
+    s = Settings()
+    config = yaml.safe_load(SCRAPE.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    ferry = {c["names"][0]: c["port"] for c in jobs["ferry"]["dns_sd_configs"]}
+    assert ferry == {name: getattr(s, name).metrics_port for name in SERVICES}
+    assert jobs["envoy"]["dns_sd_configs"][0]["port"] == s.envoy.admin_port
+    assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
+    assert jobs["triton"]["dns_sd_configs"][0]["port"] == s.triton.metrics_port
+    assert config["rule_files"] == ["alerts.yml"]
+
+
+def test_compose_observability_profile_mounts_the_bundle() -> None:
+    compose: dict[str, Any] = load_yaml(COMPOSE)
+    services = compose["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["observability"]
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (REPO_ROOT / source).exists(), source
+    # Envoy is scraped under this name in both Compose and Kubernetes.
+    assert "envoy-admin" in services["envoy"]["networks"]["default"]["aliases"]
+    provider = load_yaml(OBSERVABILITY / "grafana/provisioning/dashboards/ferry.yaml")
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
