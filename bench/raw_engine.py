@@ -1,0 +1,108 @@
+"""The raw-engine peer: llama.cpp's own OpenAI-compatible server (xllamacpp) for ferry's GGUF file.
+
+`python -m bench.raw_engine --model FILE --port N` serves /v1/completions on 127.0.0.1:N with the
+slots, context and threads of ferry's model config, prints `ready` and serves until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+import xllamacpp
+
+from bench.engine_params import MODEL_NAME, engine_params
+
+
+def build_params(model: Path, port: int) -> xllamacpp.CommonParams:
+    engine = engine_params()
+    params = xllamacpp.CommonParams()
+    params.model.path = str(model)
+    params.n_parallel = engine.n_parallel
+    params.n_ctx = engine.n_ctx
+    # As the model does: each slot gets an equal share of the context, batched continuously.
+    params.kv_unified = False
+    params.cont_batching = True
+    params.cpuparams.n_threads = engine.n_threads
+    params.cpuparams_batch.n_threads = engine.n_threads
+    if engine.n_batch:
+        params.n_batch = engine.n_batch
+    if engine.n_ubatch:
+        params.n_ubatch = engine.n_ubatch
+    params.hostnames = ["127.0.0.1"]
+    params.port = port
+    # A set: a plain string would become a set of its characters.
+    params.model_alias = {MODEL_NAME}
+    return params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server = xllamacpp.Server(build_params(args.model, args.port))
+    print(json.dumps({"ready": True, "engine": engine_params().as_dict()}), flush=True)
+    stop.wait()
+    del server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serving(model: Path, log: Path, timeout_s: float = 120) -> Iterator[str]:
+    """Runs the peer in its own process (as a real server would be); yields its base URL."""
+    port = free_port()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.raw_engine", "--model", str(model), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"raw engine exited with {proc.returncode}; see {log}")
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"raw engine not ready after {timeout_s} s; see {log}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    main()
