@@ -1,14 +1,17 @@
 -- Edge behaviour the gRPC-JSON transcoder cannot express on its own.
 --
--- Requests: OpenAI clients use one path for unary and streamed completions and choose with the
--- body's top-level "stream": true. The transcoder maps a path to one RPC, so streamed bodies are
--- sent to the path of the server-streaming RPC (`<path>:stream`) before the transcoder runs.
+-- Requests:
+-- * A malformed client x-request-id is dropped, so the route puts a fresh one in its place; a
+--   well-formed one is kept end to end.
+-- * OpenAI clients use one path for unary and streamed completions and choose with the body's
+--   top-level "stream": true. The transcoder maps a path to one RPC, so streamed bodies are sent
+--   to the path of the server-streaming RPC (`<path>:stream`) before the transcoder runs.
 --
 -- Responses: a 429 always carries Retry-After (and a 503 does when the service said when): the
 -- service's own `retry-after` metadata wins, then its google.rpc.RetryInfo, then one second.
 --
--- Not done here: OpenAI's closing `data: [DONE]` event. Envoy's Lua filter cannot add bytes after a
--- body it has streamed, and buffering would defeat streaming; OpenAI SDKs end cleanly without it.
+-- Not done here: OpenAI's closing `data: [DONE]` event. Envoy's Lua filter cannot add bytes after
+-- a body it has streamed, and buffering would defeat streaming; OpenAI SDKs end cleanly without it.
 
 local OPENAI_STREAMING = {
   ["/v1/chat/completions"] = "/v1/chat/completions:stream",
@@ -78,8 +81,18 @@ local function retry_delay(body)
   return tostring(math.max(1, math.ceil(value)))
 end
 
+-- The request ids ferry accepts (services/common/context.py): 1-128 of [A-Za-z0-9._:-].
+local function well_formed_request_id(id)
+  return #id <= 128 and string.find(id, "^[%w%._:%-]+$") ~= nil
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
+  local request_id = headers:get("x-request-id")
+  if request_id ~= nil and not well_formed_request_id(request_id) then
+    -- The route adds a fresh one when none is present (request_headers_to_add: %UNIQUE_ID%).
+    headers:remove("x-request-id")
+  end
   if headers:get(":method") ~= "POST" then
     return
   end

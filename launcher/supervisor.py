@@ -76,6 +76,18 @@ def _program_section(program: Program, settings: Settings) -> str:
     return "\n".join(lines)
 
 
+def _group_sections(programs: Sequence[Program]) -> list[str]:
+    groups: dict[str, list[Program]] = {}
+    for program in programs:
+        if program.group:
+            groups.setdefault(program.group, []).append(program)
+    return [
+        f"[group:{name}]\nprograms={','.join(p.name for p in members)}\n"
+        f"priority={min(p.priority for p in members)}"
+        for name, members in groups.items()
+    ]
+
+
 def render_supervisor_config(settings: Settings, programs: Sequence[Program]) -> Path:
     """Writes supervisord.conf into the run directory; the environment comes from supervisord's own."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -106,6 +118,7 @@ def render_supervisor_config(settings: Settings, programs: Sequence[Program]) ->
         ),
         "\n".join(["[supervisorctl]", f"serverurl=unix://{sock}"]),
         *(_program_section(p, settings) for p in programs),
+        *_group_sections(programs),
     ]
     path = settings.run_dir / CONFIG_NAME
     path.write_text("\n\n".join(sections) + "\n")
@@ -129,16 +142,27 @@ class SupervisorClient:
         return cast(str, self._supervisor.getState()["statename"])
 
     def processes(self) -> dict[str, dict[str, Any]]:
+        """Process info by program name (without its group prefix)."""
         return {info["name"]: info for info in self._supervisor.getAllProcessInfo()}
 
     def process(self, name: str) -> dict[str, Any]:
-        return cast(dict[str, Any], self._supervisor.getProcessInfo(name))
+        return cast(dict[str, Any], self._supervisor.getProcessInfo(self._qualified(name)))
+
+    def pid(self, name: str) -> int:
+        return int(self.process(name)["pid"])
 
     def stop(self, name: str, wait: bool = True) -> None:
-        self._supervisor.stopProcess(name, wait)
+        self._supervisor.stopProcess(self._qualified(name), wait)
 
     def start(self, name: str, wait: bool = True) -> None:
-        self._supervisor.startProcess(name, wait)
+        self._supervisor.startProcess(self._qualified(name), wait)
 
     def signal(self, name: str, signal: str) -> None:
-        self._supervisor.signalProcess(name, signal)
+        self._supervisor.signalProcess(self._qualified(name), signal)
+
+    def _qualified(self, name: str) -> str:
+        # supervisord names a grouped process `group:name`.
+        info = self.processes().get(name)
+        if info is None or info["group"] == name:
+            return name
+        return f"{info['group']}:{name}"
