@@ -13,6 +13,7 @@ record to the spool's `dead` table instead of blocking everything behind it; all
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -122,10 +123,11 @@ class Delivery:
                 await asyncio.sleep(self.max_backoff)
                 continue
             if not delivered:
-                try:
-                    await asyncio.wait_for(wakeup.wait(), 1.0)
-                except TimeoutError:
-                    pass
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+                # arrives as the event is set (stop() writes `service.stop`, then cancels us).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await wakeup.wait()
 
     async def _transactions_step(self) -> int:
         rows = self.spool.pending_txn(self.batch_size)
