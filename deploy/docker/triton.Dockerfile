@@ -51,7 +51,9 @@ RUN if [ "${ENGINE}" != "cpu" ]; then \
 # 1000 is triton-server, the unprivileged user of NVIDIA's image (numeric for runAsNonRoot).
 USER 1000:1000
 EXPOSE 8000 8001 8002
-HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+# Probed every 2 s while starting (Docker 25+) so `depends_on: service_healthy` moves on quickly;
+# failures count only after 180 s, time for the model to come up.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --start-interval=2s --retries=3 \
     CMD ["python3", "-c", "import sys, urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4).status == 200 else 1)"]
 # Same flags as `make run` (launcher/triton.py), minus the paths the official image already has right.
 CMD ["tritonserver", "--model-repository=/opt/ferry/model-repository", "--model-control-mode=explicit", \
