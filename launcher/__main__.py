@@ -23,7 +23,7 @@ def _say(message: str) -> None:
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM behaves like Ctrl-C: unwind to the `finally` that stops everything.
+    # Ctrl-C and SIGTERM alike unwind to the `finally` that stops everything.
     raise KeyboardInterrupt
 
 
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = get_settings()
+    # Installed explicitly: a shell starting us in the background would leave SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     stack = Stack(settings)
     status = 0
@@ -63,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if stack.running:
-            _say("stopping (services drain, then Triton, PostgreSQL) ...")
-        started = time.monotonic()
-        stack.stop()
-        _say(f"stopped in {time.monotonic() - started:.1f} s")
+            _say("stopping: Envoy, the services (they drain), Triton, PostgreSQL ...")
+            started = time.monotonic()
+            stack.stop()
+            _say(f"stopped in {time.monotonic() - started:.1f} s; nothing left running")
+        else:
+            stack.stop()
     return status
 
 
