@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import grpc
@@ -50,7 +51,13 @@ class RpcError(Exception):
             delay = duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
         status = status_pb2.Status(code=_CODE_VALUE[self.code], message=self.message, details=details)
-        return rpc_status.to_status(status)
+        converted = rpc_status.to_status(status)
+        if self.retry_after_seconds is None:
+            return converted
+        # Also as plain `retry-after` metadata (whole seconds, like HTTP's header), for gRPC clients
+        # that do not decode RetryInfo; Envoy passes it on as the REST answer's Retry-After header.
+        retry_after = ("retry-after", str(max(1, math.ceil(self.retry_after_seconds))))
+        return converted._replace(trailing_metadata=(*converted.trailing_metadata, retry_after))  # type: ignore[attr-defined, no-any-return]
 
 
 def invalid_argument(field: str, description: str, reason: str = "INVALID_ARGUMENT") -> RpcError:
