@@ -14,14 +14,18 @@ from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
 
 from services.common import triton
+from services.common.audit_observer import AuditObserver
+from services.common.config import get_settings
 from services.common.server import Runtime, serve
 from services.common.triton import ModelInfo
 from services.inference.catalog import Catalog
 from services.inference.native import InferenceServicer
 from services.inference.openai_api import OpenAIServicer
-from services.inference.pipeline import Pipeline, Recorder
+from services.inference.pipeline import Pipeline
+from services.inference.recording import TransactionRecording
 from services.inference.templates import ChatTemplates
 from services.inference.triton import TritonStreamer
+from services.recording import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +35,17 @@ SERVICE_NAMES = [
 ]
 
 
-def make_recorder(runtime: Runtime) -> Recorder | None:
-    """RECORDING INTEGRATION POINT: the transaction recorder the pipeline calls (None: not recorded)."""
-    return None
+# Module level: the audit observer needs it when the server is built; `setup` starts it.
+recorder = Recorder(get_settings(), "inference")
 
 
 async def setup(runtime: Runtime) -> None:
     settings = runtime.settings
+    await recorder.start(runtime)
     client = triton.connect(settings.triton)
     catalog = Catalog(client)
     pipeline = Pipeline(
-        catalog, TritonStreamer(client), ChatTemplates(), settings.inference, make_recorder(runtime)
+        catalog, TritonStreamer(client), ChatTemplates(), settings.inference, TransactionRecording(recorder)
     )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(pipeline), runtime.server)
     openai_pb2_grpc.add_OpenAIServiceServicer_to_server(OpenAIServicer(pipeline), runtime.server)
@@ -67,4 +71,12 @@ async def setup(runtime: Runtime) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve("inference", lambda s: s.inference, setup, service_names=SERVICE_NAMES))
+    asyncio.run(
+        serve(
+            "inference",
+            lambda s: s.inference,
+            setup,
+            service_names=SERVICE_NAMES,
+            observers=[AuditObserver(recorder)],
+        )
+    )

@@ -50,10 +50,9 @@ class Generation:
 
 
 class Recorder(Protocol):
-    """Where the transaction record of every admitted request goes (start before, finish after).
-
-    INTEGRATION POINT for the recording component (transactions/audit spool): `__main__` passes the
-    real recorder; `NullRecorder` is used until then and in tests of the pipeline alone.
+    """Where the transaction record of every admitted request goes: `started` once admitted,
+    `finished` before the caller receives the last piece (or when the request fails or is cancelled).
+    The service uses `recording.TransactionRecording`; `NullRecorder` records nothing.
     """
 
     async def started(self, generation: Generation) -> None: ...
@@ -149,14 +148,15 @@ class Pipeline:
         outcome = generation.outcome = Outcome()
         model = request.model
         code = "internal"
-        recording = False
+        # Recorded: "" (not admitted, not recorded), "started", or "finished".
+        recorded = ""
         try:
             info = await self.catalog.resolve(model)
             check_against_model(request, info)
             generation.prompt = self.render(request, info)
             async with self.admission(info).slot(deadline.time_remaining()) as waited:
                 metrics.QUEUE_DURATION.labels(model).observe(waited)
-                recording = True
+                recorded = "started"
                 await self._record(self.recorder.started, generation)
                 remaining = deadline.time_remaining()
                 if remaining is not None and remaining <= DEADLINE_MARGIN_SECONDS:
@@ -187,6 +187,11 @@ class Pipeline:
                                     metrics.INTER_TOKEN_LATENCY.labels(model).observe(gap)
                             last = now
                             outcome.add(piece)
+                            if piece.finish_reason:
+                                # Recorded before the caller gets the last piece: answered means recorded.
+                                outcome.latency = now - started
+                                recorded = "finished"
+                                await self._record(self.recorder.finished, generation)
                             yield piece, generation
                     except EngineError as err:
                         raise _engine_error(err, request) from err
@@ -206,13 +211,14 @@ class Pipeline:
             outcome.error_code, outcome.error_message = "INTERNAL", repr(err)
             raise
         finally:
-            outcome.latency = time.monotonic() - started
+            if outcome.latency is None:
+                outcome.latency = time.monotonic() - started
             metrics.REQUESTS.labels(model, request.api.value, code).inc()
             if outcome.prompt_tokens:
                 metrics.PROMPT_TOKENS.labels(model).inc(outcome.prompt_tokens)
             if outcome.completion_tokens:
                 metrics.COMPLETION_TOKENS.labels(model).inc(outcome.completion_tokens)
-            if recording:
+            if recorded == "started":
                 await self._record(self.recorder.finished, generation)
 
     async def _record(self, hook: Callable[[Generation], Awaitable[None]], generation: Generation) -> None:
