@@ -22,6 +22,9 @@ from services.common.telemetry import configure_tracing, server_interceptor
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# Answers SERVING while the process runs, whatever its dependencies do: Kubernetes liveness probes
+# ask for it so that an outage of Triton or PostgreSQL does not restart every pod.
+LIVENESS_SERVICE = "liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # Prompts and completions can be long; the 4 MiB gRPC default is too small for big contexts.
@@ -82,6 +85,7 @@ async def serve(
         server,
     )
     runtime = Runtime(name, settings, where, server, health, lifecycle, list(service_names))
+    await health.set(LIVENESS_SERVICE, SERVING)
     await runtime.set_serving(True)
     await setup(runtime)
     server.add_insecure_port(where.address)
