@@ -24,6 +24,8 @@ $(INSTALLED): pyproject.toml
 	$(UV) pip install -q --python $(PY) -r pyproject.toml --extra dev
 	$(PY) -c "import site, pathlib; p = pathlib.Path(site.getsitepackages()[0]) / 'ferry-src.pth'; \
 	  p.write_text('$(CURDIR)\n$(CURDIR)/$(GEN)\n')"
+	# promtool (Debian's prometheus package) checks the alerting rules; only the binary is kept.
+	deploy/install-tools.sh $(CURDIR)/$(VENV)/bin
 	touch $@
 
 proto: $(GEN)/.stamp
