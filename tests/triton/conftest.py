@@ -1,0 +1,101 @@
+"""A real tritonserver with the real Gemma model, started once per session for the tests in this folder.
+
+It is launched exactly as `make run` launches it (`launcher.triton.triton_program`), on free ports.
+Set FERRY_TEST_TRITON_GRPC=host:port to test a Triton that is already running instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from launcher.ports import free_ports
+from launcher.setup import ensure_backend, ensure_model
+from launcher.triton import cleanup_shm, triton_program
+from services.common.config import Settings, TritonSettings
+
+MODEL = "gemma-3-270m"
+READY_TIMEOUT_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class TritonServer:
+    grpc_target: str
+    # Model parameters as Triton's model-config API reports them (what the services read).
+    parameters: dict[str, str]
+
+    @property
+    def n_parallel(self) -> int:
+        return int(self.parameters["n_parallel"])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.parameters["context_length"])
+
+
+def _wait_ready(target: str, process: subprocess.Popen[bytes] | None, log: Path | None) -> dict[str, str]:
+    client = grpcclient.InferenceServerClient(target)
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    try:
+        while True:
+            if process is not None and process.poll() is not None:
+                tail = log.read_text()[-4000:] if log else ""
+                raise RuntimeError(f"tritonserver exited with {process.returncode}:\n{tail}")
+            try:
+                if client.is_model_ready(MODEL):
+                    config = client.get_model_config(MODEL, as_json=True)["config"]
+                    return {key: value["string_value"] for key, value in config["parameters"].items()}
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{MODEL} not ready on {target} after {READY_TIMEOUT_SECONDS:.0f} s")
+            time.sleep(0.25)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session")
+def triton() -> Iterator[TritonServer]:
+    external = os.environ.get("FERRY_TEST_TRITON_GRPC")
+    if external:
+        yield TritonServer(external, _wait_ready(external, None, None))
+        return
+
+    home = Settings()  # the repository's FERRY_HOME, where `make setup` assembled the model
+    ensure_model(home)
+    ensure_backend()
+    grpc_port, http_port, metrics_port = free_ports(3)
+    settings = Settings(
+        home=home.home,
+        triton=TritonSettings(grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port),
+    )
+    program = triton_program(settings)
+    log = Path(tempfile.mkstemp(prefix="ferry-triton-", suffix=".log")[1])
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            program.argv,
+            env={**os.environ, **program.env},
+            cwd=program.cwd,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        parameters = _wait_ready(settings.triton.grpc_address, process, log)
+        yield TritonServer(settings.triton.grpc_address, parameters)
+    finally:
+        process.terminate()
+        try:
+            process.wait(program.stop_wait_seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        cleanup_shm(settings)
+    log.unlink(missing_ok=True)
