@@ -108,7 +108,7 @@ class Delivery:
 
         retrying = AsyncRetrying(
             retry=retry_if_exception(_retryable),
-            wait=wait_exponential_jitter(initial=0.1, max=self.max_backoff),
+            wait=wait_exponential_jitter(multiplier=0.1, max=self.max_backoff, jitter=0.2),
             before_sleep=failed,
             reraise=True,
         )

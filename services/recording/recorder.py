@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from ferry.audit.v1 import audit_pb2
 from ferry.transactions.v1 import transactions_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2
 
 from services.common.config import Settings
-from services.common.timestamps import now, seconds_to_duration, to_timestamp
+from services.common.timestamps import seconds_to_duration, to_timestamp
 from services.recording.delivery import Delivery
 from services.recording.metrics import DEGRADED, DELIVERY_LAG, SPOOL_DEPTH, SPOOL_WRITE
 from services.recording.spool import Spool
@@ -65,6 +65,9 @@ class Recorder:
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        # Event ids: a random prefix per Recorder and a counter (cheaper than a uuid4 per event).
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._events = 0
         self._runtime: Runtime | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -172,7 +175,7 @@ class Recorder:
             messages=[_message(m) for m in messages],
             status=Transaction.Status.STATUS_IN_PROGRESS,
             trace_id=trace_id,
-            create_time=to_timestamp(create_time or now()),
+            create_time=to_timestamp(create_time) if create_time else _now(),
         )
         if parameters:
             params = struct_pb2.Struct()
@@ -211,7 +214,7 @@ class Recorder:
             ),
             error_code=error_code,
             error_message=error_message,
-            complete_time=to_timestamp(complete_time or now()),
+            complete_time=to_timestamp(complete_time) if complete_time else _now(),
         )
         if ttft is not None:
             finished.time_to_first_token.CopyFrom(seconds_to_duration(ttft))
@@ -226,9 +229,10 @@ class Recorder:
     def audit(self, event: AuditEvent) -> str:
         """Spools one audit event; fills event_id, event_time and source when empty. Returns the id."""
         if not event.event_id:
-            event.event_id = uuid.uuid4().hex
+            self._events += 1
+            event.event_id = f"{self._id_prefix}-{self._events:x}"
         if not event.HasField("event_time"):
-            event.event_time.CopyFrom(to_timestamp(now()))
+            event.event_time.CopyFrom(_now())
         if not event.source:
             event.source = self.process
         started = time.perf_counter()
@@ -313,6 +317,11 @@ class Recorder:
                 await asyncio.to_thread(spool.checkpoint)
                 last_checkpoint = time.monotonic()
             await asyncio.sleep(1.0)
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    ns = time.time_ns()
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
 def _message(m: Any) -> Transaction.Message:

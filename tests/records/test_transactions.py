@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 from ferry.transactions.v1 import transactions_pb2 as tx
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from services.common.errors import error_details
 
@@ -78,8 +78,8 @@ async def test_complete_once_first_completion_wins(transactions: Any) -> None:
             output="Hello there",
             finish_reason="stop",
             usage=tx.Transaction.Usage(prompt_tokens=5, completion_tokens=3),
-            time_to_first_token={"nanos": 250_000_000},
-            latency={"seconds": 1, "nanos": 500_000_000},
+            time_to_first_token=duration_pb2.Duration(nanos=250_000_000),
+            latency=duration_pb2.Duration(seconds=1, nanos=500_000_000),
         )
     )
     assert done.status == Status.STATUS_SUCCEEDED
@@ -172,7 +172,9 @@ async def test_invalid_create_changes_nothing(transactions: Any) -> None:
     await _fails(
         transactions.CompleteTransaction(
             tx.CompleteTransactionRequest(
-                name=created.name, status=Status.STATUS_SUCCEEDED, complete_time={"nanos": -5}
+                name=created.name,
+                status=Status.STATUS_SUCCEEDED,
+                complete_time=timestamp_pb2.Timestamp(nanos=-5),
             )
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
