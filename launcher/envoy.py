@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,15 @@ class Upstream:
     @property
     def health_service(self) -> str:
         return self.services[0]
+
+    @property
+    def discovery(self) -> str:
+        """STATIC for an IP address (`make run`); STRICT_DNS for a name (Compose, Kubernetes)."""
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return "STRICT_DNS"
+        return "STATIC"
 
 
 def upstreams(settings: Settings) -> list[Upstream]:
