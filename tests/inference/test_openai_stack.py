@@ -256,3 +256,24 @@ def test_mid_stream_failure_raises_in_the_sdk(client: openai.OpenAI, model: str)
     assert received, "the failure must come after the stream started"
     assert "deadline" in err.value.message
     assert isinstance(err.value.body, dict) and err.value.body["code"] == "deadline_exceeded"
+
+
+def test_each_answered_request_is_recorded_as_a_transaction(rest: httpx.Client, model: str) -> None:
+    request_id = f"inference-record-{time.time_ns()}"
+    body = {"model": model, "messages": HI, "max_tokens": 3, "seed": 9, "user": "u-7"}
+    reply = rest.post("/v1/chat/completions", json=body, headers={"x-request-id": request_id})
+    assert reply.status_code == 200 and reply.json()["id"] == f"chatcmpl-{request_id}"
+    deadline = time.monotonic() + 15
+    record: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        found = rest.get(f"/api/v1/transactions/{request_id}")
+        if found.status_code == 200 and found.json()["status"] == "STATUS_SUCCEEDED":
+            record = found.json()
+            break
+        time.sleep(0.2)
+    assert record, "the transaction record did not arrive"
+    assert record["model"] == model and record["operation"].endswith("/CreateChatCompletion")
+    assert record["output"] == reply.json()["choices"][0]["message"]["content"]
+    assert record["usage"]["completion_tokens"] == reply.json()["usage"]["completion_tokens"]
+    assert record["messages"][0]["content"] == "Name three rivers."
+    assert record["parameters"]["seed"] == 9 and record["parameters"]["user"] == "u-7"
