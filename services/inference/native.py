@@ -16,6 +16,7 @@ from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.context import accept_request_id, request_id_var
 from services.common.errors import invalid_argument
 from services.inference import validation
+from services.inference.deadline import RequestDeadline
 from services.inference.generation import Outcome, TokenLogprob
 from services.inference.pipeline import Pipeline
 
@@ -66,7 +67,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> inference_pb2.GenerateResponse:
         gen = validation.generate_request(request, stream=False)
         rid = request_id(request)
-        done = await self.pipeline.collect(gen, rid, context)
+        done = await self.pipeline.collect(gen, rid, RequestDeadline(context))
         outcome = done.outcome or Outcome()
         return inference_pb2.GenerateResponse(
             request_id=rid,
@@ -83,7 +84,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     ) -> AsyncGenerator[inference_pb2.GenerateStreamResponse, None]:
         gen = validation.generate_request(request, stream=True)
         rid = request_id(request)
-        async with aclosing(self.pipeline.stream(gen, rid, context)) as pieces:
+        async with aclosing(self.pipeline.stream(gen, rid, RequestDeadline(context))) as pieces:
             async for piece, generation in pieces:
                 message = inference_pb2.GenerateStreamResponse(
                     request_id=rid,

@@ -20,6 +20,7 @@ from services.common.context import request_id_var
 from services.common.errors import RpcError
 from services.inference import validation
 from services.inference.catalog import Catalog
+from services.inference.deadline import RequestDeadline
 from services.inference.generation import Outcome, TokenLogprob
 from services.inference.pipeline import Generation, Pipeline
 
@@ -113,7 +114,7 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     ) -> openai_pb2.ChatCompletion:
         gen = validation.chat_request(request, stream=False)
         rid = request_id_var.get()
-        done: Generation = await self.pipeline.collect(gen, rid, context)
+        done: Generation = await self.pipeline.collect(gen, rid, RequestDeadline(context))
         outcome = done.outcome or Outcome()
         choice = openai_pb2.ChatCompletionChoice(
             index=0,
@@ -150,7 +151,7 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         started = False
         outcome = Outcome()
         try:
-            async with aclosing(self.pipeline.stream(gen, rid, context)) as pieces:
+            async with aclosing(self.pipeline.stream(gen, rid, RequestDeadline(context))) as pieces:
                 async for piece, generation in pieces:
                     outcome = generation.outcome or outcome
                     if not started:
@@ -190,7 +191,7 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     ) -> openai_pb2.Completion:
         gen = validation.completion_request(request, stream=False)
         rid = request_id_var.get()
-        done = await self.pipeline.collect(gen, rid, context)
+        done = await self.pipeline.collect(gen, rid, RequestDeadline(context))
         outcome = done.outcome or Outcome()
         prefix = gen.prompt if gen.echo and gen.prompt else ""
         choice = openai_pb2.CompletionChoice(
@@ -227,7 +228,7 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         offset = 0
         outcome = Outcome()
         try:
-            async with aclosing(self.pipeline.stream(gen, rid, context)) as pieces:
+            async with aclosing(self.pipeline.stream(gen, rid, RequestDeadline(context))) as pieces:
                 async for piece, generation in pieces:
                     outcome = generation.outcome or outcome
                     if not started:

@@ -1,0 +1,109 @@
+"""Error paths of streaming with a scripted engine (the real engine cannot be made to fail at will):
+a failure after the first piece reaches the client as an SSE error event and as the stream's status;
+a failure before it is a plain status (so REST callers get a 4xx/5xx, not a 200 stream)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import grpc
+import pytest
+from ferry.inference.v1 import inference_pb2
+from ferry.openai.v1 import openai_pb2
+from google.protobuf import json_format
+
+from services.common.config import InferenceSettings
+from services.common.errors import RpcError
+from services.common.triton import ModelInfo
+from services.inference.generation import Piece
+from services.inference.native import InferenceServicer
+from services.inference.openai_api import OpenAIServicer
+from services.inference.pipeline import Pipeline
+from services.inference.templates import ChatTemplates
+from services.inference.triton import EngineError, PromptTooLong
+
+MODEL = ModelInfo("m", "python", 4096, 4096, "ferry", "{{ messages[0].content }}", 2)
+
+
+class Catalog:
+    async def resolve(self, name: str) -> ModelInfo:
+        return MODEL
+
+
+class ScriptedEngine:
+    def __init__(self, pieces: int, error: EngineError) -> None:
+        self.pieces, self.error = pieces, error
+
+    async def stream(self, *args: Any, **kwargs: Any) -> AsyncGenerator[Piece, None]:
+        for i in range(self.pieces):
+            yield Piece(text=f"t{i}", tokens=1, prompt_tokens=3)
+        raise self.error
+
+
+class Context:
+    def time_remaining(self) -> float | None:
+        return None
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+
+def servicers(pieces: int, error: EngineError) -> tuple[OpenAIServicer, InferenceServicer]:
+    engine: Any = ScriptedEngine(pieces, error)
+    catalog: Any = Catalog()
+    pipeline = Pipeline(catalog, engine, ChatTemplates(), InferenceSettings())
+    return OpenAIServicer(pipeline), InferenceServicer(pipeline)
+
+
+CHAT = json_format.ParseDict(
+    {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    openai_pb2.CreateChatCompletionRequest(),
+)
+COMPLETION = json_format.ParseDict(
+    {"model": "m", "prompt": "hi", "stream": True}, openai_pb2.CreateCompletionRequest()
+)
+
+
+async def drain(stream: Any) -> tuple[list[Any], RpcError]:
+    received = []
+    with pytest.raises(RpcError) as err:
+        async for item in stream:
+            received.append(item)
+    return received, err.value
+
+
+async def test_chat_stream_failing_midway_ends_with_an_error_event_and_status() -> None:
+    openai_api, _ = servicers(2, EngineError(grpc.StatusCode.INTERNAL, "engine error: llama_decode failed"))
+    context: Any = Context()
+    chunks, err = await drain(openai_api.CreateChatCompletionStream(CHAT, context))
+    assert [c.choices[0].delta.content for c in chunks[:3]] == ["", "t0", "t1"]
+    last = chunks[-1]
+    assert last.HasField("error") and not last.choices
+    assert (last.error.type, last.error.code) == ("server_error", "engine_error")
+    assert "llama_decode failed" in last.error.message
+    assert err.code == grpc.StatusCode.INTERNAL
+
+
+async def test_completion_stream_failing_midway_ends_with_an_error_event() -> None:
+    openai_api, _ = servicers(1, EngineError(grpc.StatusCode.UNAVAILABLE, "Triton is not reachable"))
+    context: Any = Context()
+    chunks, err = await drain(openai_api.CreateCompletionStream(COMPLETION, context))
+    assert chunks[0].choices[0].text == "t0" and chunks[-1].error.message == "Triton is not reachable"
+    assert err.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_failure_before_the_first_piece_is_a_plain_status() -> None:
+    openai_api, _ = servicers(0, PromptTooLong(5000, 4096))
+    context: Any = Context()
+    chunks, err = await drain(openai_api.CreateChatCompletionStream(CHAT, context))
+    assert chunks == [] and err.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_native_stream_failing_midway_ends_with_the_status() -> None:
+    _, native = servicers(2, EngineError(grpc.StatusCode.INTERNAL, "engine error: boom"))
+    request = inference_pb2.GenerateRequest(model="models/m", prompt="hi")
+    context: Any = Context()
+    pieces, err = await drain(native.GenerateStream(request, context))
+    assert [p.text for p in pieces] == ["t0", "t1"]
+    assert err.code == grpc.StatusCode.INTERNAL and err.reason == "ENGINE_ERROR"
