@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.metrics import Record
 
@@ -24,7 +28,7 @@ from bench.metrics import Record
 @dataclass(frozen=True)
 class AiperfResult:
     records: list[Record]
-    summary: dict[str, object]  # aiperf's own summary of the measured phase (for cross-checks)
+    summary: dict[str, Any]  # aiperf's own summary of the measured phase (for cross-checks)
     prompt_cache_read_tokens: float
     wall_s: float
 
@@ -115,7 +119,6 @@ def run(
     timeout_s: float = 900,
 ) -> AiperfResult:
     """One aiperf run; `prompts` holds the warm-up prompts first, then the measured ones."""
-    import time
 
     dataset = work_dir / "dataset.jsonl"
     write_dataset(dataset, prompts, max_tokens)
@@ -123,15 +126,20 @@ def run(
     argv = command(
         aiperf, url, model, tokenizer, dataset, concurrency, len(prompts) - warmup, warmup, seed, out_dir
     )
-    tmp = work_dir / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    # aiperf leaves mmap files in TMPDIR; keep them in the run's scratch folder.
+    # aiperf leaves mmap files in TMPDIR, and puts its ZeroMQ socket files there (paths must stay
+    # under 107 characters): a short scratch folder, removed afterwards.
+    tmp = Path(tempfile.mkdtemp(prefix="aiperf-"))
     env = {**os.environ, "TMPDIR": str(tmp)}
     env.pop("HF_HUB_OFFLINE", None)  # with it set, aiperf refuses a local tokenizer path
     started = time.monotonic()
     log = work_dir / "aiperf.log"
-    with log.open("w") as out:
-        proc = subprocess.run(argv, cwd=work_dir, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s)
+    try:
+        with log.open("w") as out:
+            proc = subprocess.run(
+                argv, cwd=work_dir, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     wall = time.monotonic() - started
     summary_file = out_dir / "profile_export_aiperf.json"
     if proc.returncode != 0 or not summary_file.exists():

@@ -18,11 +18,11 @@ from typing import Any, Protocol
 import grpc
 import httpx
 import numpy as np
+from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from tritonclient.grpc import InferInput
 from tritonclient.grpc import aio as triton_aio
 
 from bench.metrics import Record
-from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 
 Call = Callable[[str, int], Awaitable[Record]]
 
@@ -104,7 +104,9 @@ class SseClient:
                         break
                     event = json.loads(data)
                     if event.get("error"):
-                        return Record(start, time.perf_counter(), ttft, chunks, f"stream error: {event['error']}")
+                        return Record(
+                            start, time.perf_counter(), ttft, chunks, f"stream error: {event['error']}"
+                        )
                     choices = event.get("choices") or []
                     if choices and choices[0].get("text"):
                         chunks += 1
@@ -139,7 +141,9 @@ class TritonClient:
             "model_name": self.model,
             "inputs": [
                 _string_input("text_input", prompt),
-                _string_input("sampling_parameters", json.dumps({"max_tokens": max_tokens, "ignore_eos": True})),
+                _string_input(
+                    "sampling_parameters", json.dumps({"max_tokens": max_tokens, "ignore_eos": True})
+                ),
             ],
         }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 STATS = ("avg", "p50", "p90", "p99")
 LATENCIES = ("ttft_ms", "itl_ms", "e2e_ms")
@@ -59,7 +60,7 @@ def describe(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def summarize(records: Sequence[Record]) -> dict[str, object]:
+def summarize(records: Sequence[Record]) -> dict[str, Any]:
     """Metrics of one run (one system at one concurrency)."""
     ok = [r for r in records if r.error is None]
     span = (max(r.end for r in ok) - min(r.start for r in ok)) if ok else math.nan
@@ -77,7 +78,7 @@ def summarize(records: Sequence[Record]) -> dict[str, object]:
     }
 
 
-def combine(runs: Iterable[tuple[Sequence[Record], dict[str, object]]]) -> dict[str, object]:
+def combine(runs: Iterable[tuple[Sequence[Record], dict[str, Any]]]) -> dict[str, Any]:
     """Repeated runs of one cell: latency percentiles over all their requests, rates averaged."""
     runs = list(runs)
     pooled = [r for records, _ in runs for r in records]

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-
 import xllamacpp
 
 from bench.engine_params import MODEL_NAME, engine_params

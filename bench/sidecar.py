@@ -36,12 +36,25 @@ def _venv(name: str, requirements: Path, use_pip: bool) -> Path:
         # CPU-only torch build); uv would fetch the far larger default torch wheel.
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
         subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(requirements)],
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "-r",
+                str(requirements),
+            ],
             check=True,
         )
     else:
-        subprocess.run([str(UV), "venv", "-q", "--allow-existing", "--python", sys.executable, str(venv)], check=True)
-        subprocess.run([str(UV), "pip", "install", "-q", "--python", str(python), "-r", str(requirements)], check=True)
+        subprocess.run(
+            [str(UV), "venv", "-q", "--allow-existing", "--python", sys.executable, str(venv)], check=True
+        )
+        subprocess.run(
+            [str(UV), "pip", "install", "-q", "--python", str(python), "-r", str(requirements)], check=True
+        )
     stamp.write_text(_fingerprint(requirements))
     return venv
 

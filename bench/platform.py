@@ -1,0 +1,75 @@
+"""ferry under test: the whole platform started through the launcher's own `Stack`, as `make run` does.
+
+Each stack gets its own FERRY_HOME (a scratch folder; the model file is shared by a symlink) and free
+ports, so the benchmark runs beside anyone's `make run` or test session.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from launcher.ports import free_ports
+from launcher.stack import SERVICES, Stack
+from services.common.config import REPO_ROOT, Settings
+
+BENCH_MODELS = REPO_ROOT / "bench" / "models"
+READY_TIMEOUT_S = 180.0
+
+
+def _settings(home: Path, **overrides: Any) -> Settings:
+    ports = iter(free_ports(15))
+    values: dict[str, Any] = {
+        "home": home,
+        "log_level": "WARNING",
+        "envoy": {"port": next(ports), "admin_port": next(ports)},
+        "triton": {"grpc_port": next(ports), "http_port": next(ports), "metrics_port": next(ports)},
+    }
+    for name in SERVICES:
+        values[name] = {"port": next(ports), "metrics_port": next(ports)}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return Settings(**values)
+
+
+@contextmanager
+def running(model_dir: Path, keep_logs: Path | None = None, **overrides: Any) -> Iterator[Stack]:
+    """A ready stack; stopped (and its scratch home removed) on exit. Logs go to `keep_logs` if set."""
+    # Not under a 0700 pytest-style folder: embedded PostgreSQL runs as its own user when we are root.
+    scratch = Path(tempfile.mkdtemp(prefix="ferry-bench-"))
+    home = scratch / "home"
+    home.mkdir()
+    (home / "models").symlink_to(model_dir, target_is_directory=True)
+    settings = _settings(home, **overrides)
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with (settings.log_dir / "supervisord.out").open("w") as output:
+            stack = Stack(settings, supervisor_output=output)
+            stack.start()
+            try:
+                stack.wait_ready(READY_TIMEOUT_S)
+                yield stack
+            finally:
+                stack.stop()
+    finally:
+        if keep_logs is not None and settings.log_dir.exists():
+            shutil.copytree(settings.log_dir, keep_logs, dirs_exist_ok=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def bench_model_overrides() -> dict[str, Any]:
+    """Settings that point a stack's Triton and Inference service at the trivial streaming model."""
+    return {
+        "triton": {
+            "repository": BENCH_MODELS,
+            "default_model": "bench-stream",
+            "load_models": ["bench-stream"],
+        }
+    }
