@@ -41,6 +41,10 @@ class Catalog:
         # OpenAI's `created`: Triton keeps no load time, so we use the first time we saw the model ready.
         self._first_seen: dict[str, int] = {}
 
+    def is_known(self, name: str) -> bool:
+        """Whether the model was ready at the last look (no Triton call)."""
+        return name in self._ready
+
     def created(self, name: str) -> int:
         return self._first_seen.setdefault(name, int(time.time()))
 

@@ -17,7 +17,7 @@ from services.common.context import accept_request_id, request_id_var
 from services.common.errors import invalid_argument
 from services.inference import validation
 from services.inference.deadline import RequestDeadline
-from services.inference.generation import Outcome, TokenLogprob
+from services.inference.generation import Api, Outcome, TokenLogprob
 from services.inference.pipeline import Pipeline
 
 _FINISH = {
@@ -65,7 +65,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GenerateResponse:
-        gen = validation.generate_request(request, stream=False)
+        gen = self.pipeline.validate(
+            Api.GENERATE, request.model, lambda: validation.generate_request(request, stream=False)
+        )
         rid = request_id(request)
         done = await self.pipeline.collect(gen, rid, RequestDeadline(context))
         outcome = done.outcome or Outcome()
@@ -82,7 +84,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[inference_pb2.GenerateStreamResponse, None]:
-        gen = validation.generate_request(request, stream=True)
+        gen = self.pipeline.validate(
+            Api.GENERATE, request.model, lambda: validation.generate_request(request, stream=True)
+        )
         rid = request_id(request)
         async with aclosing(self.pipeline.stream(gen, rid, RequestDeadline(context))) as pieces:
             async for piece, generation in pieces:

@@ -21,7 +21,7 @@ from services.common.errors import RpcError
 from services.inference import validation
 from services.inference.catalog import Catalog
 from services.inference.deadline import RequestDeadline
-from services.inference.generation import Outcome, TokenLogprob
+from services.inference.generation import Api, Outcome, TokenLogprob
 from services.inference.pipeline import Generation, Pipeline
 
 CHAT_OBJECT = "chat.completion"
@@ -112,7 +112,9 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     async def CreateChatCompletion(
         self, request: openai_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> openai_pb2.ChatCompletion:
-        gen = validation.chat_request(request, stream=False)
+        gen = self.pipeline.validate(
+            Api.CHAT, request.model, lambda: validation.chat_request(request, stream=False)
+        )
         rid = request_id_var.get()
         done: Generation = await self.pipeline.collect(gen, rid, RequestDeadline(context))
         outcome = done.outcome or Outcome()
@@ -135,7 +137,9 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     async def CreateChatCompletionStream(
         self, request: openai_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[openai_pb2.ChatCompletionChunk, None]:
-        gen = validation.chat_request(request, stream=True)
+        gen = self.pipeline.validate(
+            Api.CHAT, request.model, lambda: validation.chat_request(request, stream=True)
+        )
         rid = request_id_var.get()
         created = int(time.time())
 
@@ -189,7 +193,9 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     async def CreateCompletion(
         self, request: openai_pb2.CreateCompletionRequest, context: grpc.aio.ServicerContext
     ) -> openai_pb2.Completion:
-        gen = validation.completion_request(request, stream=False)
+        gen = self.pipeline.validate(
+            Api.COMPLETION, request.model, lambda: validation.completion_request(request, stream=False)
+        )
         rid = request_id_var.get()
         done = await self.pipeline.collect(gen, rid, RequestDeadline(context))
         outcome = done.outcome or Outcome()
@@ -211,7 +217,9 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     async def CreateCompletionStream(
         self, request: openai_pb2.CreateCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[openai_pb2.Completion, None]:
-        gen = validation.completion_request(request, stream=True)
+        gen = self.pipeline.validate(
+            Api.COMPLETION, request.model, lambda: validation.completion_request(request, stream=True)
+        )
         rid = request_id_var.get()
         created = int(time.time())
 

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 DEADLINE_MARGIN_SECONDS = 0.25
 
 
+UNKNOWN_MODEL_LABEL = "_unknown"
+
+
 class Deadline(Protocol):
     def time_remaining(self) -> float | None: ...
 
@@ -107,6 +110,16 @@ class Pipeline:
         self.recorder: Recorder = recorder or NullRecorder()
         self._admission: dict[str, Admission] = {}
 
+    def validate(self, api: Api, model: str, build: Callable[[], GenerationRequest]) -> GenerationRequest:
+        """Runs a request's validation, counting a refusal in the requests metric like any outcome."""
+        try:
+            return build()
+        except RpcError as err:
+            name = model.removeprefix("models/")
+            label = name if self.catalog.is_known(name) else UNKNOWN_MODEL_LABEL
+            metrics.REQUESTS.labels(label, api.value, err.code.name.lower()).inc()
+            raise
+
     def limits(self, model: ModelInfo) -> tuple[int, int]:
         """(in flight, queued): configured values, else the engine's slot count and 8 x that."""
         in_flight = self.settings.max_in_flight or model.engine_slots or 1
@@ -146,12 +159,15 @@ class Pipeline:
         started = time.monotonic()
         generation = Generation(request_id=request_id, request=request)
         outcome = generation.outcome = Outcome()
-        model = request.model
+        # A metrics label only once the model is known to exist: caller-chosen names would let
+        # anyone create unbounded series.
+        model = UNKNOWN_MODEL_LABEL
         code = "internal"
         # Recorded: "" (not admitted, not recorded), "started", or "finished".
         recorded = ""
         try:
-            info = await self.catalog.resolve(model)
+            info = await self.catalog.resolve(request.model)
+            model = info.name
             check_against_model(request, info)
             generation.prompt = self.render(request, info)
             async with self.admission(info).slot(deadline.time_remaining()) as waited:

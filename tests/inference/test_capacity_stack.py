@@ -197,8 +197,15 @@ def test_metrics_count_requests_tokens_and_latencies(
         client.completions.create(model=model, prompt="Hello", temperature=5)
     assert grew("ferry_inference_requests_total", model=model, api="completion", outcome="ok") == 1
     assert (
-        grew("ferry_inference_requests_total", model=model, api="completion", outcome="invalid_argument") == 0
+        grew("ferry_inference_requests_total", model=model, api="completion", outcome="invalid_argument") == 1
     )
+    # Unknown names are not labels: anyone could otherwise create unbounded series.
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model-xyz", prompt="Hello")
+    assert (
+        grew("ferry_inference_requests_total", model="_unknown", api="completion", outcome="not_found") == 1
+    )
+    assert not [key for key in metrics.samples() if ("model", "no-such-model-xyz") in key[1]]
     assert grew("ferry_inference_completion_tokens_total", model=model) == 4
     assert grew("ferry_inference_prompt_tokens_total", model=model) >= 1
     assert grew("ferry_inference_time_to_first_token_seconds_count", model=model) == 1

@@ -95,7 +95,7 @@ def test_mid_stream_failure_ends_the_stream_with_its_status(stack: RunningStack,
     stub = inference_pb2_grpc.InferenceServiceStub(stack.channel(stack.service_targets["inference"]))
     pieces = []
     with pytest.raises(grpc.RpcError) as err:
-        for piece in stub.GenerateStream(request(model, max_tokens=2000, ignore_eos=True), timeout=1.5):
+        for piece in stub.GenerateStream(request(model, max_tokens=2000, ignore_eos=True), timeout=3.0):
             pieces.append(piece)
     assert pieces, "the failure must come after the stream started"
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

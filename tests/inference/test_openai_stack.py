@@ -249,7 +249,7 @@ def test_mid_stream_failure_raises_in_the_sdk(client: openai.OpenAI, model: str)
             max_tokens=2000,
             stream=True,
             extra_body={"ignore_eos": True},
-            extra_headers={"grpc-timeout": "1500m"},
+            extra_headers={"grpc-timeout": "3S"},
         ):
             if chunk.choices and chunk.choices[0].delta.content:
                 received.append(chunk.choices[0].delta.content)

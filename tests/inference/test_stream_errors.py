@@ -27,6 +27,9 @@ MODEL = ModelInfo("m", "python", 4096, 4096, "ferry", "{{ messages[0].content }}
 
 
 class Catalog:
+    def is_known(self, name: str) -> bool:
+        return name == MODEL.name
+
     async def resolve(self, name: str) -> ModelInfo:
         return MODEL
 
