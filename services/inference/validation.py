@@ -200,9 +200,10 @@ def _sampling(
 def _stream_options(request: Any, stream: bool) -> bool:
     if not request.HasField("stream_options"):
         return False
-    if not stream:
+    # A gRPC caller may send `stream: true` to the unary RPC; the options are then merely unused.
+    if not stream and not request.stream:
         raise invalid_argument("stream_options", "is only allowed when stream is true")
-    return bool(request.stream_options.include_usage)
+    return stream and bool(request.stream_options.include_usage)
 
 
 def _max_tokens(request: Any) -> tuple[int | None, str]:
