@@ -1,0 +1,161 @@
+"""Where the Inference service spends its time under load: py-spy on the running service.
+
+`python -m bench.profile [--model bench-stream|gemma-3-270m] [--path grpc|rest] [-c N] [--seconds S]`
+starts a stack (the trivial model by default, so only the serving path shows), keeps `c` requests in
+flight through Envoy while py-spy samples the Inference service, and prints the functions with the
+most samples (inclusive and own time). The folded stacks are kept for a flame graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from bench import platform, prompts
+from bench.clients import Client, GrpcClient, SseClient, TritonClient
+from bench.engine_params import MODEL_NAME
+from bench.metrics import Record, summarize
+from launcher.setup import ensure_backend, ensure_model, model_path
+from launcher.stack import Stack
+from services.common.config import REPO_ROOT, get_settings
+
+PY_SPY = Path(sys.executable).with_name("py-spy")
+
+
+async def _load(make: Callable[[], Client], concurrency: int, seconds: float, tokens: int) -> list[Record]:
+    client = make()
+    records: list[Record] = []
+    stop = time.monotonic() + seconds
+    rng = random.Random()
+
+    async def worker() -> None:
+        while time.monotonic() < stop:
+            records.append(await client(prompts.unique(1, rng, "short")[0], tokens))
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        await client.close()
+    return records
+
+
+def cpu_seconds(stack: Stack) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each of the stack's programs, children included,
+    by its PostgreSQL, and by this process (the load client)."""
+    out: dict[str, float] = {}
+
+    def total(proc: psutil.Process) -> float:
+        seconds = 0.0
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                times = p.cpu_times()
+                seconds += times.user + times.system
+            except psutil.Error:
+                pass
+        return seconds
+
+    for name, info in stack.supervisor().processes().items():
+        if info["pid"]:
+            out[name] = total(psutil.Process(info["pid"]))
+    home = str(stack.settings.home)
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if proc.info["name"] == "postgres" and any(home in part for part in proc.info["cmdline"] or ()):
+                out["postgres"] = out.get("postgres", 0.0) + total(proc)
+                break  # the postmaster; its backends are its children
+        except psutil.Error:
+            pass
+    me = psutil.Process()
+    out["load client"] = me.cpu_times().user + me.cpu_times().system
+    return out
+
+
+def top(folded: Path, limit: int = 25) -> str:
+    """Inclusive and own sample counts per function from py-spy's folded ('raw') output."""
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        count = int(count_text)
+        frames = stack.split(";")
+        # Skip the process/thread header frames py-spy puts first.
+        frames = [f for f in frames if not f.startswith(("process ", "thread "))]
+        total += count
+        for frame in set(frames):
+            inclusive[frame] += count
+        if frames:
+            own[frames[-1]] += count
+    lines = [f"{total} samples"]
+    lines.append("-- inclusive --")
+    lines += [f"{100 * n / total:5.1f}%  {frame}" for frame, n in inclusive.most_common(limit)]
+    lines.append("-- own --")
+    lines += [f"{100 * n / total:5.1f}%  {frame}" for frame, n in own.most_common(limit)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    p.add_argument("--model", default="bench-stream", choices=("bench-stream", MODEL_NAME))
+    p.add_argument("--path", default="grpc", choices=("grpc", "rest", "triton"))
+    p.add_argument("-c", "--concurrency", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=20)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    p.add_argument(
+        "--stop", default="", help="programs to stop first, e.g. transactions,audit (what they cost)"
+    )
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench" / "profile")
+    args = p.parse_args()
+    settings = get_settings()
+    ensure_model(settings)
+    ensure_backend()
+    overrides = platform.bench_model_overrides() if args.model == "bench-stream" else {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    folded = args.out / f"inference-{args.model}-{args.path}-c{args.concurrency}.folded"
+    with platform.running(model_path(settings).parent, **overrides) as stack:
+        e = stack.endpoints
+        make: Callable[[], Client] = (
+            (lambda: GrpcClient(e.grpc, args.model)) if args.path == "grpc"
+            else (lambda: SseClient(e.rest, args.model)) if args.path == "rest"
+            else (lambda: TritonClient(e.triton_grpc, args.model))
+        )  # fmt: skip
+        for name in filter(None, args.stop.split(",")):
+            stack.supervisor().stop(name)
+        asyncio.run(_load(make, args.concurrency, 2, args.tokens))  # warm-up
+        pid = stack.supervisor().pid("inference")
+        spy = subprocess.Popen(
+            [str(PY_SPY), "record", "--pid", str(pid), "--rate", str(args.rate), "--duration",
+             str(int(args.seconds)), "--format", "raw", "--output", str(folded), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        cpu_before = cpu_seconds(stack)
+        records = asyncio.run(_load(make, args.concurrency, args.seconds, args.tokens))
+        cpu_after = cpu_seconds(stack)
+        spy.wait(60)
+    s = summarize(records)
+    print(
+        f"{args.path} c={args.concurrency}: {s['requests']} requests, TTFT p50 {s['ttft_ms']['p50']:.2f} ms, "
+        f"ITL p50 {s['itl_ms']['p50']:.3f} ms, e2e p50 {s['e2e_ms']['p50']:.2f} ms, {s['req_s']:.1f} req/s"
+    )
+    ok = max(int(s["requests"]), 1)
+    print("CPU per request (ms) by process; py-spy's own sampling is charged to nobody here:")
+    for name in sorted(cpu_after, key=lambda n: cpu_before.get(n, 0.0) - cpu_after[n]):
+        used = cpu_after[name] - cpu_before.get(name, 0.0)
+        print(f"  {name:<14} {1000 * used / ok:7.3f}")
+    if folded.exists():
+        print(top(folded))
+        print(f"folded stacks: {folded}")
+
+
+if __name__ == "__main__":
+    main()
