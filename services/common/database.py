@@ -79,6 +79,9 @@ def create_pool(url: str, config: DatabaseSettings, name: str) -> AsyncConnectio
         timeout=config.connect_timeout_seconds,
         # A connection broken by a database restart is replaced instead of failing one RPC.
         check=AsyncConnectionPool.check_connection,
+        # The pool's reconnect backoff doubles without bound until it gives up; giving up early lets
+        # the next request start a fresh attempt, so recovery after an outage takes seconds, not minutes.
+        reconnect_timeout=5.0,
         # Autocommit: single statements commit alone; multi-statement work opens `conn.transaction()`.
         kwargs={"connect_timeout": max(1, int(config.connect_timeout_seconds)), "autocommit": True},
     )
@@ -145,7 +148,7 @@ class Database:
         migrations: Migrations,
         on_health: Callable[[bool], Awaitable[None]] | None = None,
         *,
-        check_interval: float = 5.0,
+        check_interval: float = 2.0,
     ) -> None:
         self.settings = settings
         self.migrations = migrations
@@ -195,7 +198,8 @@ class Database:
         delay = 0.2
         while True:
             try:
-                async with self.pool.connection() as conn:
+                # A short wait: a database that cannot hand out a connection in 2 s counts as down.
+                async with self.pool.connection(timeout=2.0) as conn:
                     if not self.migrated:
                         await migrate(conn, self.migrations, self.settings.database.migration_mode)
                         self.migrated = True
@@ -219,5 +223,10 @@ class Database:
     async def _set_health(self, healthy: bool) -> None:
         if healthy != self.healthy:
             self.healthy = healthy
+            log.warning(
+                "database %s %s",
+                self.migrations.component,
+                "reachable" if healthy else "unreachable: NOT_SERVING",
+            )
             if self.on_health:
                 await self.on_health(healthy)

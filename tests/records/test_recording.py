@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +21,7 @@ from ferry.audit.v1 import audit_pb2
 from ferry.transactions.v1 import transactions_pb2 as tx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from prometheus_client import REGISTRY
 
 from services.common.config import REPO_ROOT, ServiceSettings
 from services.common.interceptor import Lifecycle
@@ -158,6 +163,12 @@ async def test_outage_spools_then_delivers_exactly_once(
         txn_depth, audit_depth = recorder.depth()
         assert txn_depth == n and audit_depth >= n
         assert recorder.degraded
+        assert REGISTRY.get_sample_value("ferry_recording_spool_depth", {"kind": "transaction"}) == n
+        assert (REGISTRY.get_sample_value("ferry_recording_delivery_lag_seconds", {"kind": "audit"}) or 0) > 1
+        assert (
+            REGISTRY.get_sample_value("ferry_recording_delivery_failures_total", {"kind": "transaction"}) or 0
+        ) > 0
+        assert REGISTRY.get_sample_value("ferry_recording_degraded") == 1
         assert await _health(f"127.0.0.1:{port}", HEALTH_NAME) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert await _health(f"127.0.0.1:{port}", "") == health_pb2.HealthCheckResponse.SERVING
     finally:
@@ -172,6 +183,7 @@ async def test_outage_spools_then_delivers_exactly_once(
         assert sorted(e.request_id for e in events) == sorted(f"{principal}-{i}" for i in range(n))
         await asyncio.sleep(1.5)
         assert not recorder.degraded
+        assert REGISTRY.get_sample_value("ferry_recording_spool_depth", {"kind": "transaction"}) == 0
         assert await _health(f"127.0.0.1:{port}", HEALTH_NAME) == health_pb2.HealthCheckResponse.SERVING
     finally:
         await recorder.stop()
@@ -325,3 +337,88 @@ def test_service_without_database_is_not_serving_and_answers_unavailable(service
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+class PrivatePostgres:
+    """An embedded PostgreSQL of one test's own, which the test may stop and start again."""
+
+    def __init__(self) -> None:
+        self.top = Path(tempfile.mkdtemp(prefix="ferry-records-pg-outage-"))
+        self.top.chmod(0o755)  # the `pgserver` user must reach its data directory
+        self.server = self._start()
+        self.url = str(self.server.get_uri())
+
+    def _start(self) -> Any:
+        import pgserver
+
+        for attempt in range(3):
+            try:
+                return pgserver.get_server(self.top / "data", cleanup_mode="stop")
+            except subprocess.SubprocessError:
+                # pg_ctl can refuse a start right after a stop (lock files still going away).
+                if attempt == 2:
+                    raise
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
+
+    def start(self) -> None:
+        self.server = self._start()
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    pg = PrivatePostgres()
+    try:
+        yield pg
+    finally:
+        pg.stop()
+        shutil.rmtree(pg.top, ignore_errors=True)
+
+
+async def test_postgres_outage(private_postgres: PrivatePostgres, tmp_path: Path) -> None:
+    """PostgreSQL itself stops: the services turn NOT_SERVING and answer UNAVAILABLE, the producer keeps
+    spooling; when PostgreSQL is back, the services recover by themselves and every record arrives."""
+    from ferry.transactions.v1 import transactions_pb2_grpc
+
+    url = private_postgres.url
+    ports = {n: (free_port(), free_port()) for n in ("transactions", "audit")}
+    own = Services(tmp_path, Database("embedded", url, url), ports)
+    recorder = Recorder(own.settings(recording={"max_backoff_seconds": 0.5}), "pg-outage")
+    address = own.address("transactions")
+    try:
+        own.start("transactions")  # the Audit service is not needed here
+        await recorder.start()
+        private_postgres.stop()
+        stopped = time.monotonic()
+        deadline = stopped + 20
+        while await _health(address, "") != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "transactions stayed SERVING without its database"
+            await asyncio.sleep(0.2)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = transactions_pb2_grpc.TransactionsServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GetTransaction(tx.GetTransactionRequest(name="transactions/x"))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            for i in range(10):
+                recorder.transaction_started(f"pg-{i}", model="m", principal="pg-outage")
+                recorder.transaction_finished(f"pg-{i}", status="succeeded", output=str(i))
+            await asyncio.sleep(1.0)
+            assert recorder.depth()[0] == 10
+            print(f"NOT_SERVING {time.monotonic() - stopped:.1f} s after PostgreSQL stopped")
+            private_postgres.start()
+            back = time.monotonic()
+            deadline = back + 30
+            while await _health(address, "") != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "transactions did not recover with its database"
+                await asyncio.sleep(0.2)
+            print(f"SERVING again {time.monotonic() - back:.1f} s after PostgreSQL came back")
+            assert await recorder.flush(30), recorder.depth()
+            records = await _list(stub, "principal = pg-outage")
+            assert sorted(r.output for r in records) == sorted(str(i) for i in range(10))
+    finally:
+        await recorder.stop()
+        recorder.close()
+        own.stop()
