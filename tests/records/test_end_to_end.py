@@ -170,6 +170,36 @@ def test_n_generations_through_envoy_are_recorded_once_and_audited(
     assert verdict.status_code == 200 and verdict.json()["valid"] is True, verdict.text
 
 
+def test_every_service_audits_its_calls(stack: RunningStack, rest: httpx.Client) -> None:
+    since = _now()
+    rid = f"e2e-models-{uuid.uuid4().hex[:10]}"
+    assert rest.get("/api/v1/models", headers={"x-request-id": rid}).status_code == 200
+    missing = rest.get("/api/v1/transactions/nope", headers={"x-request-id": rid + "-t"})
+    assert missing.status_code == 404
+    events = _wait_for(
+        "the calls to be audited",
+        lambda: (
+            (e := {x["request_id"]: x for x in _audit(rest, f'event_time >= "{since}"')})
+            and {rid, rid + "-t"} <= set(e)
+            and e
+        ),
+    )
+    assert (events[rid]["source"], events[rid]["method"], events[rid]["code"]) == (
+        "models",
+        "ListModels",
+        "OK",
+    )
+    listed = events[rid + "-t"]
+    assert (listed["source"], listed["method"], listed["code"]) == (
+        "transactions",
+        "GetTransaction",
+        "NOT_FOUND",
+    )
+    assert listed["resource"] == "transactions/nope"
+    starts = {e["source"] for e in _audit(rest, 'action = "service.start"')}
+    assert {"inference", "models", "transactions", "audit"} <= starts
+
+
 def test_rest_errors_on_bad_input(rest: httpx.Client) -> None:
     missing = rest.get("/api/v1/transactions/no-such-request")
     assert missing.status_code == 404 and missing.json()["code"] == 5
