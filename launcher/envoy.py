@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
+from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
 from launcher.programs import Program
@@ -35,6 +36,8 @@ class Upstream:
     # The first one is the service name the active gRPC health check asks about.
     services: tuple[str, ...]
     streaming_methods: dict[str, list[str]] = field(default_factory=dict)
+    # Methods without a REST mapping are service-to-service only (record delivery): refused at the edge.
+    internal_methods: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def host(self) -> str:
@@ -82,6 +85,19 @@ def described_services(descriptor: Path) -> dict[str, list[str]]:
     return found
 
 
+def internal_methods(descriptor: Path) -> dict[str, list[str]]:
+    """Methods without a google.api.http annotation: only other ferry processes call them."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor.read_bytes())
+    found: dict[str, list[str]] = {}
+    for file in files.file:
+        for service in file.service:
+            name = f"{file.package}.{service.name}" if file.package else service.name
+            hidden = [m.name for m in service.method if not m.options.HasExtension(annotations_pb2.http)]
+            if hidden:
+                found[name] = hidden
+    return found
+
+
 def render_envoy_config(settings: Settings, descriptor: Path = DESCRIPTOR) -> Path:
     """Writes envoy.yaml into the run directory and returns its path.
 
@@ -89,12 +105,14 @@ def render_envoy_config(settings: Settings, descriptor: Path = DESCRIPTOR) -> Pa
     `make proto` built are transcoded; native gRPC routes exist for all of them regardless.
     """
     described = described_services(descriptor)
+    internal = internal_methods(descriptor)
     clusters = [
         Upstream(
             u.cluster,
             u.endpoint,
             u.services,
             {s: described[s] for s in u.services if described.get(s)},
+            {s: internal[s] for s in u.services if internal.get(s)},
         )
         for u in upstreams(settings)
     ]

@@ -332,3 +332,20 @@ def test_native_grpc_passes_through_the_same_listener(edge: Edge) -> None:
     assert [m.name for m in models.models] == ["models/scripted"]
     assert edge.upstream.metadata[-2]["x-request-id"] == "native-1"
     assert [c.id for c in chunks] == ["chunk-0", "chunk-1", "chunk-2"]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "/ferry.audit.v1.AuditService/AppendEvents",
+        "/ferry.transactions.v1.TransactionsService/CreateTransaction",
+        "/ferry.transactions.v1.TransactionsService/CompleteTransaction",
+    ],
+)
+def test_internal_record_methods_are_refused_at_the_edge(edge: Edge, method: str) -> None:
+    """Only ferry's own processes deliver records (directly to the service port): no forging via Envoy."""
+    with grpc.insecure_channel(edge.grpc_target) as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as err:
+            call(b"", timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
