@@ -345,27 +345,39 @@ class PrivatePostgres:
     def __init__(self) -> None:
         self.top = Path(tempfile.mkdtemp(prefix="ferry-records-pg-outage-"))
         self.top.chmod(0o755)  # the `pgserver` user must reach its data directory
-        self.server = self._start()
-        self.url = str(self.server.get_uri())
+        self.url = self._pgserver("start")
 
-    def _start(self) -> Any:
-        import pgserver
-
-        for attempt in range(3):
-            try:
-                return pgserver.get_server(self.top / "data", cleanup_mode="stop")
-            except subprocess.SubprocessError:
-                # pg_ctl can refuse a start right after a stop (lock files still going away).
-                if attempt == 2:
-                    raise
-                time.sleep(1.0)
-        raise AssertionError("unreachable")
+    def _pgserver(self, action: str) -> str:
+        """Runs pgserver in a child interpreter: pg_ctl forked from this process (which has gRPC
+        threads) was seen dying with SIGSEGV before exec."""
+        script = (
+            "import os, sys, pgserver\n"
+            "from pgserver._commands import pg_ctl\n"
+            "if sys.argv[2] == 'stop':\n"
+            "    user = 'pgserver' if os.geteuid() == 0 else None  # pgserver's own rule\n"
+            "    pg_ctl(['-w', '-m', 'fast', 'stop'], pgdata=sys.argv[1], user=user)\n"
+            "    print('stopped')\n"
+            "else:\n"
+            "    print(pgserver.get_server(sys.argv[1], cleanup_mode=None).get_uri())\n"
+        )
+        for _attempt in range(3):
+            done = subprocess.run(
+                [sys.executable, "-c", script, str(self.top / "data"), action],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            if done.returncode == 0:
+                return done.stdout.strip().splitlines()[-1]
+            # pg_ctl can refuse a start right after a stop (lock files still going away).
+            time.sleep(1.0)
+        raise AssertionError(f"pgserver {action} failed: {done.stderr[-2000:]}")
 
     def start(self) -> None:
-        self.server = self._start()
+        self._pgserver("start")
 
     def stop(self) -> None:
-        self.server.cleanup()
+        self._pgserver("stop")
 
 
 @pytest.fixture
