@@ -21,7 +21,12 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def test_defaults_match_documented_ports() -> None:
     s = Settings()
-    assert (s.inference.port, s.models.port, s.transactions.port, s.audit.port) == (50051, 50052, 50053, 50054)
+    assert (s.inference.port, s.models.port, s.transactions.port, s.audit.port) == (
+        50051,
+        50052,
+        50053,
+        50054,
+    )
     assert (s.inference.metrics_port, s.audit.metrics_port) == (9101, 9104)
     assert s.envoy.port == 8080
     assert s.database_url is None
