@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import random
@@ -273,10 +274,16 @@ def main(argv: list[str] | None = None) -> int:
                     "e2e_p50_ms": cell["e2e_ms"]["p50"] - raw[level]["e2e_ms"]["p50"],
                 }
         isl_avg = comparison["isl_avg"]
+        # Kept at once: a failure in the tier phase must not lose a long comparison.
+        (run_dir / "engine.json").write_text(json.dumps(report.finite(results), indent=1, default=str))
     else:
         isl_avg = math.nan
     if not args.skip_tier:
-        results["tier"] = tier_overhead(args, model, run_dir, loads)
+        try:
+            results["tier"] = tier_overhead(args, model, run_dir, loads)
+        except Exception as err:  # report what was measured; say why the rest is missing
+            say(f"tier overhead failed: {err!r}")
+            results["tier_error"] = repr(err)
     results["targets"] = targets(results)
     results["meta"] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),

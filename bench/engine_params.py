@@ -6,6 +6,7 @@ comparison read the same file. Keys follow llama.cpp's names; each may be absent
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,8 +27,11 @@ class EngineParams:
     n_threads: int
     n_batch: int | None = None
     n_ubatch: int | None = None
+    # How llama.cpp's OpenMP threads wait (the model sets PASSIVE: spinning collapses decoding on a
+    # shared CPU). Read by OpenMP when xllamacpp loads, so it goes into the peer's environment.
+    omp_wait_policy: str = "PASSIVE"
 
-    def as_dict(self) -> dict[str, int | None]:
+    def as_dict(self) -> dict[str, int | str | None]:
         return asdict(self)
 
 
@@ -55,4 +59,5 @@ def engine_params(path: Path = CONFIG_PATH) -> EngineParams:
         n_threads=threads if threads and threads > 0 else 2,
         n_batch=_first_int(params, "n_batch"),
         n_ubatch=_first_int(params, "n_ubatch"),
+        omp_wait_policy=params.get("omp_wait_policy", os.environ.get("OMP_WAIT_POLICY", "PASSIVE")),
     )

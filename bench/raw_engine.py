@@ -18,14 +18,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
-import xllamacpp
 
 from bench.engine_params import MODEL_NAME, engine_params
 
 
-def build_params(model: Path, port: int) -> xllamacpp.CommonParams:
+def build_params(model: Path, port: int) -> Any:
+    import xllamacpp  # after OMP_WAIT_POLICY is set (see main)
+
     engine = engine_params()
     params = xllamacpp.CommonParams()
     params.model.path = str(model)
@@ -55,6 +57,10 @@ def main() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # OpenMP reads its wait policy when the library loads: set it before xllamacpp is imported.
+    os.environ["OMP_WAIT_POLICY"] = engine_params().omp_wait_policy
+    import xllamacpp
+
     server = xllamacpp.Server(build_params(args.model, args.port))
     print(json.dumps({"ready": True, "engine": engine_params().as_dict()}), flush=True)
     stop.wait()
@@ -77,7 +83,7 @@ def serving(model: Path, log: Path, timeout_s: float = 120) -> Iterator[str]:
             [sys.executable, "-m", "bench.raw_engine", "--model", str(model), "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ},
+            env={**os.environ, "OMP_WAIT_POLICY": engine_params().omp_wait_policy},
         )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -175,6 +175,9 @@ def markdown(results: dict[str, Any]) -> str:
                     f"{_f(cell['output_tok_s'], 0)} | {_f(cell['req_s'], 1)} | {extra} |"
                 )
         lines.append("")
+    if results.get("tier_error"):
+        lines.append(f"Tier overhead: not measured in this run ({results['tier_error']}).")
+        lines.append("")
     targets = results.get("targets")
     if targets:
         lines.append("## Targets (goals, not test assertions)")
@@ -244,7 +247,7 @@ def write(results: dict[str, Any], results_dir: Path = RESULTS_DIR) -> dict[str,
         "md": results_dir / f"{stem}.md",
         "png": results_dir / f"{stem}.png",
     }
-    paths["json"].write_text(json.dumps(_finite(results), indent=1, default=str) + "\n")
+    paths["json"].write_text(json.dumps(finite(results), indent=1, default=str) + "\n")
     text = markdown(results)
     paths["md"].write_text(text)
     chart(results, paths["png"])
@@ -253,12 +256,12 @@ def write(results: dict[str, Any], results_dir: Path = RESULTS_DIR) -> dict[str,
     return paths
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """NaN (a metric with no data) becomes null: the JSON file stays valid JSON."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
+        return {str(k): finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
