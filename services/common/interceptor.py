@@ -133,7 +133,13 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             call.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
         except RpcError as err:
             call.code, call.message = err.code, err.message
-            await context.abort_with_status(err.to_status())
+            status = err.to_status()
+            # abort replaces the trailing metadata set above: the request id goes with the status.
+            await context.abort_with_status(
+                status._replace(  # type: ignore[attr-defined]
+                    trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_HEADER, call.request_id))
+                )
+            )
         except grpc.aio.AbortError:
             code = context.code()
             call.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
@@ -144,7 +150,11 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         except Exception as exc:
             log.exception("unhandled error in %s", call.full_method)
             call.code, call.message = grpc.StatusCode.INTERNAL, "internal error"
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error: {type(exc).__name__}",
+                trailing_metadata=((REQUEST_ID_HEADER, call.request_id),),
+            )
         finally:
             elapsed = time.monotonic() - call.started
             labels = (call.service, call.method, call.code.name)

@@ -1,0 +1,69 @@
+"""The shared serving interceptor: request ids and rich errors reach the caller (in-process server)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from services.common.errors import RpcError, error_details, invalid_argument
+from services.common.interceptor import Lifecycle, ServingInterceptor
+
+METHOD = "/test.Echo/Call"
+
+
+async def _behaviour(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    if request == b"bad":
+        raise invalid_argument("prompt", "must not be empty")
+    if request == b"crash":
+        raise RuntimeError("boom")
+    return request
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[str]:
+    server = grpc.aio.server(interceptors=[ServingInterceptor(Lifecycle())])
+    handler = grpc.method_handlers_generic_handler(
+        "test.Echo", {"Call": grpc.unary_unary_rpc_method_handler(_behaviour)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
+async def _call(target: str, body: bytes, request_id: str) -> Any:
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(METHOD)(body, metadata=[("x-request-id", request_id)])
+        try:
+            await call
+        except grpc.aio.AioRpcError as err:
+            return err, dict(err.trailing_metadata() or ())
+        return None, dict(await call.trailing_metadata() or ())
+
+
+@pytest.mark.parametrize("body", [b"ok", b"bad", b"crash"])
+async def test_request_id_is_returned_on_success_and_on_errors(target: str, body: bytes) -> None:
+    _, trailers = await _call(target, body, "client-id-1")
+    assert trailers.get("x-request-id") == "client-id-1"
+
+
+async def test_validation_error_carries_field_violation(target: str) -> None:
+    err, _ = await _call(target, b"bad", "client-id-2")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error_details(err)
+    assert details["BadRequest"].field_violations[0].field == "prompt"  # type: ignore[attr-defined]
+    assert details["ErrorInfo"].domain == "ferry.dev"  # type: ignore[attr-defined]
+
+
+async def test_unexpected_exception_is_internal_without_leaking_the_message(target: str) -> None:
+    err, _ = await _call(target, b"crash", "client-id-3")
+    assert err.code() == grpc.StatusCode.INTERNAL
+    assert "boom" not in err.details()
+
+
+def test_rpc_error_is_an_exception_with_its_code() -> None:
+    assert RpcError(grpc.StatusCode.NOT_FOUND, "x", "X").code == grpc.StatusCode.NOT_FOUND
