@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,28 +75,28 @@ def upstreams(settings: Settings) -> list[Upstream]:
     ]
 
 
+def _methods(
+    descriptor: Path, keep: Callable[[descriptor_pb2.MethodDescriptorProto], bool]
+) -> dict[str, list[str]]:
+    """Every service in the descriptor set, with the names of its methods that `keep` selects."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor.read_bytes())
+    return {
+        f"{file.package}.{service.name}" if file.package else service.name: [
+            m.name for m in service.method if keep(m)
+        ]
+        for file in files.file
+        for service in file.service
+    }
+
+
 def described_services(descriptor: Path) -> dict[str, list[str]]:
     """Services in the descriptor set, each with its server-streaming methods."""
-    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor.read_bytes())
-    found: dict[str, list[str]] = {}
-    for file in files.file:
-        for service in file.service:
-            name = f"{file.package}.{service.name}" if file.package else service.name
-            found[name] = [m.name for m in service.method if m.server_streaming]
-    return found
+    return _methods(descriptor, lambda m: m.server_streaming)
 
 
 def internal_methods(descriptor: Path) -> dict[str, list[str]]:
     """Methods without a google.api.http annotation: only other ferry processes call them."""
-    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor.read_bytes())
-    found: dict[str, list[str]] = {}
-    for file in files.file:
-        for service in file.service:
-            name = f"{file.package}.{service.name}" if file.package else service.name
-            hidden = [m.name for m in service.method if not m.options.HasExtension(annotations_pb2.http)]
-            if hidden:
-                found[name] = hidden
-    return found
+    return _methods(descriptor, lambda m: not m.options.HasExtension(annotations_pb2.http))
 
 
 def render_envoy_config(settings: Settings, descriptor: Path = DESCRIPTOR) -> Path:

@@ -8,7 +8,7 @@ from services.audit.schema import MIGRATIONS
 from services.audit.servicer import AuditServicer
 from services.common.audit_observer import AuditObserver
 from services.common.config import get_settings
-from services.common.database import Database
+from services.common.database import serve_from_database
 from services.common.server import Runtime, serve
 from services.recording import Recorder
 
@@ -22,14 +22,7 @@ recorder = Recorder(get_settings(), "audit", stop_flush_seconds=0.0)
 
 async def _setup(runtime: Runtime) -> None:
     await recorder.start(runtime)
-
-    async def on_health(healthy: bool) -> None:
-        await runtime.set_serving(healthy and not runtime.lifecycle.draining)
-
-    db = Database(runtime.settings, MIGRATIONS, on_health)
-    await runtime.set_serving(False)
-    await db.start()
-    runtime.on_stop.insert(0, db.stop)
+    db = await serve_from_database(runtime, MIGRATIONS)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(db), runtime.server)
 
 

@@ -12,7 +12,7 @@ from google.rpc import code_pb2
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from services.audit.chain import GENESIS, event_hash
+from services.audit.chain import GENESIS, HASHED, event_hash
 from services.common import listing
 from services.common.database import Database
 from services.common.errors import invalid_argument
@@ -50,28 +50,8 @@ FILTER_FIELDS = {
 }
 
 INSERT = sql.SQL("INSERT INTO audit_events ({}) VALUES ({})")
-ROW_KEYS = (
-    "sequence",
-    "event_id",
-    "kind",
-    "event_time",
-    "record_time",
-    "source",
-    "principal",
-    "service",
-    "method",
-    "resource",
-    "action",
-    "code",
-    "message",
-    "latency_us",
-    "request_id",
-    "trace_id",
-    "peer",
-    "attributes",
-    "previous_hash",
-    "hash",
-)
+# Columns written per row: what the hash covers, then the hash itself.
+ROW_KEYS = (*HASHED, "hash")
 
 
 class AuditServicer(audit_pb2_grpc.AuditServiceServicer):

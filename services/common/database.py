@@ -28,6 +28,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from services.common.config import DatabaseSettings, Settings
 from services.common.errors import RpcError
+from services.common.server import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -230,3 +231,20 @@ class Database:
             )
             if self.on_health:
                 await self.on_health(healthy)
+
+
+async def serve_from_database(runtime: Runtime, migrations: Migrations) -> Database:
+    """Set-up shared by the services that own tables: migrate, then follow the database's health.
+
+    The database is such a service's dependency: without it nothing there can answer, so health is
+    NOT_SERVING until it is reachable and whenever it stops answering.
+    """
+
+    async def on_health(healthy: bool) -> None:
+        await runtime.set_serving(healthy)
+
+    db = Database(runtime.settings, migrations, on_health)
+    await runtime.set_serving(False)
+    await db.start()
+    runtime.on_stop.insert(0, db.stop)
+    return db

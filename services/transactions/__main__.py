@@ -6,7 +6,7 @@ from ferry.transactions.v1 import transactions_pb2, transactions_pb2_grpc
 
 from services.common.audit_observer import AuditObserver
 from services.common.config import get_settings
-from services.common.database import Database
+from services.common.database import serve_from_database
 from services.common.server import Runtime, serve
 from services.recording import Recorder
 from services.transactions.schema import MIGRATIONS
@@ -19,15 +19,7 @@ recorder = Recorder(get_settings(), "transactions")
 
 async def _setup(runtime: Runtime) -> None:
     await recorder.start(runtime)
-
-    async def on_health(healthy: bool) -> None:
-        # The database is this service's dependency: without it nothing here can answer.
-        await runtime.set_serving(healthy and not runtime.lifecycle.draining)
-
-    db = Database(runtime.settings, MIGRATIONS, on_health)
-    await runtime.set_serving(False)
-    await db.start()
-    runtime.on_stop.insert(0, db.stop)
+    db = await serve_from_database(runtime, MIGRATIONS)
     transactions_pb2_grpc.add_TransactionsServiceServicer_to_server(TransactionsServicer(db), runtime.server)
 
 
