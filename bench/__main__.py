@@ -109,7 +109,11 @@ def run_client(
 def engine_comparison(args: argparse.Namespace, model: Path, run_dir: Path, loads: Loads) -> dict[str, Any]:
     aiperf = sidecar.aiperf_binary()
     tokenizer = sidecar.tokenizer_dir(get_settings().home, model)
-    systems = [*ENGINE_SYSTEMS, *(["raw-httpx"] if args.cross_check else [])]
+    systems = [
+        *ENGINE_SYSTEMS,
+        *(["raw-httpx"] if args.cross_check else []),
+        *(["triton"] if args.with_triton else []),
+    ]
     runs: list[dict[str, Any]] = []
     records: dict[tuple[str, int], list[tuple[list[Record], dict[str, Any]]]] = {}
     isl: list[float] = []

@@ -18,7 +18,7 @@ from services.common.config import REPO_ROOT
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 RAW = "raw"
-FERRY_SYSTEMS = ("ferry-rest", "ferry-grpc")
+FERRY_SYSTEMS = ("ferry-rest", "ferry-grpc", "triton")
 LABELS = {
     "raw": "raw llama.cpp server (HTTP)",
     "ferry-rest": "ferry via Envoy REST",
