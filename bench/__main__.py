@@ -72,6 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--cross-check", action="store_true", help="also measure the raw engine with the httpx client"
     )
+    p.add_argument(
+        "--with-triton",
+        action="store_true",
+        help="also call ferry's Triton directly (splits engine from tiers)",
+    )
     p.add_argument("--tier-levels", default="1,16")
     p.add_argument("--tier-tokens", type=int, default=32)
     p.add_argument("--tier-requests", default="1:200,16:640")
