@@ -59,7 +59,7 @@ test-unit: proto
 lint: proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services gateway launcher tests
+	$(VENV)/bin/mypy services gateway launcher tests bench
 
 bench: setup
 	$(PY) -m bench
