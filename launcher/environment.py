@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from services.common.config import Settings
 
@@ -21,6 +21,8 @@ DELIMITER = "__"
 def _encode(value: Any) -> str:
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str | int | float):

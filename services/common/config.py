@@ -12,9 +12,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -54,6 +56,10 @@ class EnvoySettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
     admin_port: int = 9901
+    # Largest request body accepted at the edge (413 beyond it).
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Browser origins allowed by CORS (`*` for any); empty turns CORS off.
+    cors_allow_origins: list[str] = Field(default_factory=list)
 
 
 class TelemetrySettings(BaseModel):
@@ -70,6 +76,9 @@ class InferenceSettings(ServiceSettings):
     max_in_flight: int = 0
     # Requests allowed to wait for a slot; beyond it the service answers RESOURCE_EXHAUSTED.
     max_queued: int = -1  # -1: 8 x in-flight
+    # Global input limits (0: only the model's own); a key's limits may be lower, never higher.
+    max_prompt_tokens: int = 0
+    max_tokens: int = 0
 
 
 class ModelsServiceSettings(ServiceSettings):
@@ -85,6 +94,61 @@ class TransactionsServiceSettings(ServiceSettings):
 class AuditServiceSettings(ServiceSettings):
     port: int = 50054
     metrics_port: int = 9104
+
+
+class GatewaySettings(ServiceSettings):
+    """The gateway process: API keys, authorization decisions, rate limits, Envoy's ext_authz."""
+
+    port: int = 50055
+    metrics_port: int = 9105
+
+
+_SWITCH = {
+    "on": True,
+    "true": True,
+    "1": True,
+    "yes": True,
+    "off": False,
+    "false": False,
+    "0": False,
+    "no": False,
+}
+
+
+class RateLimitSettings(BaseModel):
+    """Defaults for keys without their own limits, and per client address; 0 means unlimited."""
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    per_address_requests_per_minute: int = 0
+    per_address_tokens_per_minute: int = 0
+    # Where counters live (the `limits` library's storage URI). `memory://` counts in the gateway
+    # process: shared by every Envoy worker and service replica that uses that gateway. Several
+    # machines share limits only through a shared store, e.g. `redis://host:6379`.
+    storage: str = "memory://"
+
+
+class AuthSettings(BaseModel):
+    """API-key authentication. On unless turned off explicitly (`FERRY_AUTH=off`)."""
+
+    enabled: bool = True
+    # Secret shared by ferry's own processes (record delivery, authorization calls, Envoy's
+    # forwarded client address). `make run` makes a fresh one per start when unset.
+    service_token: SecretStr | None = None
+    # How long the gateway trusts a key it looked up: the bound on how late a revocation made
+    # through another gateway replica (or straight in the database) takes effect.
+    cache_seconds: float = 2.0
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, value: object) -> object:
+        # `auth: off` in YAML (PyYAML reads it as False) or FERRY_AUTH=off.
+        if isinstance(value, bool):
+            return {"enabled": value}
+        if isinstance(value, str) and value.strip().lower() in _SWITCH:
+            return {"enabled": _SWITCH[value.strip().lower()]}
+        return value
 
 
 class DatabaseSettings(BaseModel):
@@ -107,8 +171,6 @@ class RecordingSettings(BaseModel):
     degraded_depth: int = 1000
     degraded_lag_seconds: float = 30.0
     max_backoff_seconds: float = 10.0
-    # Sent as `authorization: Bearer <key>` on delivery calls when authentication is on.
-    api_key: str | None = None
 
 
 class Settings(BaseSettings):
@@ -122,11 +184,19 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, validation_alias=AliasChoices("FERRY_DATABASE_URL", "DATABASE_URL")
     )
+    # An admin key to create at start if it does not exist (`make run` otherwise makes one on first
+    # start and writes it to <home>/admin.key).
+    bootstrap_admin_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("FERRY_BOOTSTRAP_ADMIN_KEY", "bootstrap_admin_key"),
+    )
 
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     models: ModelsServiceSettings = Field(default_factory=ModelsServiceSettings)
     transactions: TransactionsServiceSettings = Field(default_factory=TransactionsServiceSettings)
     audit: AuditServiceSettings = Field(default_factory=AuditServiceSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     triton: TritonSettings = Field(default_factory=TritonSettings)
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
@@ -143,7 +213,11 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Earlier sources win: explicit arguments, then the environment, then YAML, then defaults.
-        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=config_file()))
+        return (
+            init_settings,
+            _EnvSource(settings_cls),
+            YamlConfigSettingsSource(settings_cls, yaml_file=config_file()),
+        )
 
     @property
     def model_dir(self) -> Path:
@@ -160,6 +234,18 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.recording.spool_dir or self.home / "spool"
+
+
+class _EnvSource(EnvSettingsSource):
+    """FERRY_* variables, where `FERRY_AUTH=off` (a switch, not JSON) turns authentication off."""
+
+    def prepare_field_value(
+        self, field_name: str, field: FieldInfo, value: object, value_is_complex: bool
+    ) -> object:
+        if field_name == "auth" and isinstance(value, str) and value.strip().lower() in _SWITCH:
+            nested = self.explode_env_vars(field_name, field, self.env_vars)
+            return {"enabled": _SWITCH[value.strip().lower()], **nested}
+        return super().prepare_field_value(field_name, field, value, value_is_complex)
 
 
 def config_file() -> Path | None:

@@ -7,6 +7,11 @@ import uuid
 from contextvars import ContextVar
 
 REQUEST_ID_HEADER = "x-request-id"
+AUTHORIZATION_HEADER = "authorization"
+# Envoy sets these on every request it forwards: the service token (as `Bearer <token>`) proves that
+# the client address beside it was written by Envoy, not by a caller on a service port.
+EDGE_HEADER = "x-ferry-edge"
+CLIENT_ADDRESS_HEADER = "x-ferry-client-address"
 _WELL_FORMED = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
@@ -30,3 +35,11 @@ def metadata_value(metadata: object, key: str) -> str | None:
         if k == key:
             return v.decode() if isinstance(v, bytes) else str(v)
     return None
+
+
+def bearer_token(header: str | None) -> str:
+    """The key in `authorization: Bearer <key>`; empty when absent or another scheme."""
+    if not header:
+        return ""
+    scheme, _, token = header.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""

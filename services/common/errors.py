@@ -102,3 +102,24 @@ def error_details(err: grpc.aio.AioRpcError | grpc.RpcError) -> dict[str, object
                 detail.Unpack(msg)
                 out[kind.DESCRIPTOR.name] = msg
     return out
+
+
+def relay_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> RpcError:
+    """A received rich error, re-raised unchanged to this service's own caller (code, message,
+    ErrorInfo reason and metadata, field violations, retry delay)."""
+    details = error_details(err)
+    info = details.get("ErrorInfo")
+    bad = details.get("BadRequest")
+    retry = details.get("RetryInfo")
+    return RpcError(
+        err.code(),  # type: ignore[attr-defined]
+        err.details() or "",  # type: ignore[attr-defined]
+        info.reason if isinstance(info, error_details_pb2.ErrorInfo) else err.code().name,  # type: ignore[attr-defined]
+        metadata=dict(info.metadata) if isinstance(info, error_details_pb2.ErrorInfo) else None,
+        field_violations=[(v.field, v.description) for v in bad.field_violations]
+        if isinstance(bad, error_details_pb2.BadRequest)
+        else (),
+        retry_after_seconds=retry.retry_delay.ToTimedelta().total_seconds()
+        if isinstance(retry, error_details_pb2.RetryInfo)
+        else None,
+    )

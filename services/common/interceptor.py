@@ -17,7 +17,15 @@ from typing import Any, Protocol
 
 import grpc
 
-from services.common.context import REQUEST_ID_HEADER, accept_request_id, metadata_value, request_id_var
+from services.common.context import (
+    AUTHORIZATION_HEADER,
+    CLIENT_ADDRESS_HEADER,
+    EDGE_HEADER,
+    REQUEST_ID_HEADER,
+    accept_request_id,
+    bearer_token,
+    request_id_var,
+)
 from services.common.errors import RpcError
 from services.common.metrics import RPC_HANDLED, RPC_IN_FLIGHT, RPC_LATENCY
 
@@ -46,6 +54,13 @@ class Call:
     principal: str = "anonymous"
     code: grpc.StatusCode = grpc.StatusCode.OK
     message: str = ""
+    # The presented key and Envoy's forwarded-client headers: kept out of `metadata` (and repr),
+    # so that nothing that logs or records a call can leak them.
+    credential: str = field(default="", repr=False)
+    edge_token: str = field(default="", repr=False)
+    edge_client_address: str = ""
+    # The client's IP address as authentication established it.
+    client_address: str = ""
 
     @property
     def full_method(self) -> str:
@@ -109,9 +124,18 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         metadata = {
             k: (v if isinstance(v, str) else "<binary>") for k, v in context.invocation_metadata() or ()
         }
-        rid = accept_request_id(metadata_value(context.invocation_metadata(), REQUEST_ID_HEADER))
+        rid = accept_request_id(metadata.get(REQUEST_ID_HEADER))
         request_id_var.set(rid)
-        call = Call(service=service, method=method, request_id=rid, peer=context.peer(), metadata=metadata)
+        call = Call(
+            service=service,
+            method=method,
+            request_id=rid,
+            peer=context.peer(),
+            metadata=metadata,
+            credential=bearer_token(metadata.pop(AUTHORIZATION_HEADER, None)),
+            edge_token=bearer_token(metadata.pop(EDGE_HEADER, None)),
+            edge_client_address=metadata.pop(CLIENT_ADDRESS_HEADER, ""),
+        )
         current_call.set(call)
         return call
 

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import AuthObserver, Authorizer
 from services.common.config import ServiceSettings, Settings, get_settings
 from services.common.interceptor import CallObserver, Lifecycle, ServingInterceptor
 from services.common.logging import configure_logging
@@ -46,6 +47,8 @@ class Runtime:
     health: HealthServicer
     lifecycle: Lifecycle
     service_names: list[str] = field(default_factory=list)
+    # The process's authentication (inference reports generated tokens through it).
+    auth: AuthObserver | None = None
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool, service_name: str | None = None) -> None:
@@ -65,17 +68,25 @@ async def serve(
     *,
     service_names: list[str],
     observers: list[CallObserver] | None = None,
+    authorizer: Authorizer | None = None,
 ) -> None:
-    """Runs one service until SIGTERM/SIGINT, then drains: NOT_SERVING, finish in-flight RPCs, exit."""
+    """Runs one service until SIGTERM/SIGINT, then drains: NOT_SERVING, finish in-flight RPCs, exit.
+
+    Every call is authenticated first (AuthObserver, asking the gateway unless `authorizer` answers
+    in-process), then passes the other observers.
+    """
     settings = get_settings()
     where = endpoint(settings)
     configure_logging(name, settings.log_level, settings.log_format)
+    if not settings.auth.enabled:
+        log.warning("AUTHENTICATION IS OFF (FERRY_AUTH=off): %s accepts every call without a key", name)
     configure_tracing(name, settings.telemetry)
     start_metrics_server(where.host, where.metrics_port)
 
     lifecycle = Lifecycle()
+    auth = AuthObserver(settings, authorizer)
     server = grpc.aio.server(
-        interceptors=[server_interceptor(), ServingInterceptor(lifecycle, observers)],
+        interceptors=[server_interceptor(), ServingInterceptor(lifecycle, [auth, *(observers or [])])],
         options=SERVER_OPTIONS,
     )
     health = HealthServicer()
@@ -84,7 +95,7 @@ async def serve(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    runtime = Runtime(name, settings, where, server, health, lifecycle, list(service_names))
+    runtime = Runtime(name, settings, where, server, health, lifecycle, list(service_names), auth)
     await health.set(LIVENESS_SERVICE, SERVING)
     await runtime.set_serving(True)
     await setup(runtime)

@@ -19,6 +19,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2
 
+from services.common.auth import service_credentials
 from services.common.config import Settings
 from services.common.timestamps import seconds_to_duration, to_timestamp
 from services.recording.delivery import Delivery
@@ -89,9 +90,7 @@ class Recorder:
                 len(orphans),
                 self.process,
             )
-        metadata: tuple[tuple[str, str], ...] = ()
-        if config.api_key:
-            metadata = (("authorization", f"Bearer {config.api_key}"),)
+        metadata = service_credentials(self.settings.auth)
         self._delivery = Delivery(
             self.spool,
             self.transactions_address,
