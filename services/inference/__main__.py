@@ -45,7 +45,12 @@ async def setup(runtime: Runtime) -> None:
     client = triton.connect(settings.triton)
     catalog = Catalog(client)
     pipeline = Pipeline(
-        catalog, TritonStreamer(client), ChatTemplates(), settings.inference, TransactionRecording(recorder)
+        catalog,
+        TritonStreamer(client),
+        ChatTemplates(),
+        settings.inference,
+        TransactionRecording(recorder),
+        auth=runtime.auth,
     )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(pipeline), runtime.server)
     openai_pb2_grpc.add_OpenAIServiceServicer_to_server(OpenAIServicer(pipeline), runtime.server)

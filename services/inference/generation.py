@@ -43,6 +43,8 @@ class Sampling:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    # The caller's prompt-length limit (not sampling, but travels with it to the model).
+    max_prompt_tokens: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The fields that are set, as the Triton model's `sampling_parameters` JSON expects them."""
@@ -57,6 +59,7 @@ class Sampling:
             "frequency_penalty",
             "presence_penalty",
             "repetition_penalty",
+            "max_prompt_tokens",
         ):
             value = getattr(self, name)
             if value is not None:

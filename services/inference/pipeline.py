@@ -17,8 +17,10 @@ from typing import Protocol
 
 import grpc
 
+from services.common.auth import AuthObserver, principal_var
 from services.common.config import InferenceSettings
 from services.common.errors import RpcError, invalid_argument
+from services.common.interceptor import current_call
 from services.common.triton import ModelInfo
 from services.inference import metrics
 from services.inference.admission import Admission
@@ -26,7 +28,7 @@ from services.inference.catalog import Catalog
 from services.inference.generation import Api, GenerationRequest, Outcome, Piece
 from services.inference.templates import ChatTemplates
 from services.inference.triton import EngineError, EngineRejected, PromptTooLong, TritonStreamer
-from services.inference.validation import check_against_model
+from services.inference.validation import apply_caller_limits, check_against_model
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,13 @@ def _input_field(request: GenerationRequest) -> str:
 
 def _engine_error(err: EngineError, request: GenerationRequest) -> RpcError:
     if isinstance(err, PromptTooLong):
-        rpc = invalid_argument(_input_field(request), err.message, reason="PROMPT_TOO_LONG")
+        message = err.message
+        if err.context_length == request.sampling.max_prompt_tokens:
+            message = (
+                f"the prompt is {err.prompt_tokens} tokens, more than the {err.context_length} "
+                "allowed for this API key (max_prompt_tokens)"
+            )
+        rpc = invalid_argument(_input_field(request), message, reason="PROMPT_TOO_LONG")
         rpc.metadata.update(prompt_tokens=str(err.prompt_tokens), context_length=str(err.context_length))
         return rpc
     if isinstance(err, EngineRejected):
@@ -102,7 +110,9 @@ class Pipeline:
         templates: ChatTemplates,
         settings: InferenceSettings,
         recorder: Recorder | None = None,
+        auth: AuthObserver | None = None,
     ) -> None:
+        self.auth = auth
         self.catalog = catalog
         self.streamer = streamer
         self.templates = templates
@@ -169,6 +179,7 @@ class Pipeline:
             info = await self.catalog.resolve(request.model)
             model = info.name
             check_against_model(request, info)
+            request = generation.request = apply_caller_limits(request, self.settings, principal_var.get())
             generation.prompt = self.render(request, info)
             async with self.admission(info).slot(deadline.time_remaining()) as waited:
                 metrics.QUEUE_DURATION.labels(model).observe(waited)
@@ -234,8 +245,15 @@ class Pipeline:
                 metrics.PROMPT_TOKENS.labels(model).inc(outcome.prompt_tokens)
             if outcome.completion_tokens:
                 metrics.COMPLETION_TOKENS.labels(model).inc(outcome.completion_tokens)
+                self._count_usage(outcome.completion_tokens)
             if recorded == "started":
                 await self._record(self.recorder.finished, generation)
+
+    def _count_usage(self, completion_tokens: int) -> None:
+        """Generated tokens count against the caller's tokens-per-minute limits (at the gateway)."""
+        principal, call = principal_var.get(), current_call.get()
+        if self.auth is not None and principal is not None:
+            self.auth.record_usage(principal, call.client_address if call else "", completion_tokens)
 
     async def _record(self, hook: Callable[[Generation], Awaitable[None]], generation: Generation) -> None:
         try:

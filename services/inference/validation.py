@@ -11,12 +11,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
+from ferry.auth.v1.auth_pb2 import Principal
 from ferry.inference.v1 import inference_pb2
 from ferry.openai.v1 import openai_pb2
 from google.protobuf import struct_pb2
 
+from services.common.config import InferenceSettings
 from services.common.errors import invalid_argument
 from services.common.triton import ModelInfo
 from services.inference.generation import Api, GenerationRequest, Message, Sampling
@@ -358,6 +361,35 @@ def generate_request(request: inference_pb2.GenerateRequest, stream: bool) -> Ge
     return GenerationRequest(
         api=Api.GENERATE, model=model, sampling=sampling, prompt=prompt, messages=messages, stream=stream
     )
+
+
+def apply_caller_limits(
+    request: GenerationRequest, settings: InferenceSettings, principal: Principal | None
+) -> GenerationRequest:
+    """The tighter of the global limits (settings) and the caller's key limits: a larger `max_tokens`
+    is refused naming the field; an omitted one becomes the limit; the prompt limit goes to the model
+    (only it can count tokens)."""
+    key = principal.limits if principal is not None else None
+    max_tokens = _tightest(settings.max_tokens, key.max_tokens if key else 0)
+    max_prompt = _tightest(settings.max_prompt_tokens, key.max_prompt_tokens if key else 0)
+    sampling = request.sampling
+    asked = sampling.max_tokens
+    if max_tokens and asked is not None and asked > max_tokens:
+        field = "sampling.max_tokens" if request.api is Api.GENERATE else "max_tokens"
+        raise invalid_argument(field, f"must be at most {max_tokens} for this API key, got {asked}")
+    changes: dict[str, int] = {}
+    if max_tokens and asked is None:
+        changes["max_tokens"] = max_tokens
+    if max_prompt:
+        changes["max_prompt_tokens"] = max_prompt
+    if not changes:
+        return request
+    return replace(request, sampling=replace(sampling, **changes))  # type: ignore[arg-type]
+
+
+def _tightest(*limits: int) -> int:
+    """The smallest positive limit; 0 when none is set."""
+    return min((limit for limit in limits if limit > 0), default=0)
 
 
 def check_against_model(request: GenerationRequest, model: ModelInfo) -> None:

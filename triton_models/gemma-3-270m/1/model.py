@@ -41,6 +41,8 @@ SAMPLING_FIELDS = {
     "logprobs",
     "top_logprobs",
     "ignore_eos",
+    # Not sampling: a caller's prompt-length limit (an API key's), refused like a too-long prompt.
+    "max_prompt_tokens",
 }
 
 
@@ -195,6 +197,7 @@ class Generation:
         self.usage: dict[str, Any] = {}
         self.error: dict[str, Any] | None = None
         self.cancelled = False
+        self.max_prompt_tokens: int | None = None
 
     def run(self) -> None:
         try:
@@ -227,6 +230,7 @@ class Generation:
                     raise invalid("sampling_parameters", f"is not valid JSON: {exc}") from None
                 if not isinstance(params, dict):
                     raise invalid("sampling_parameters", "must be a JSON object")
+        self.max_prompt_tokens = _integer(params, "max_prompt_tokens", 1, 1 << 30)
         request, self.n_top = engine_request(prompt, params, self.model.max_tokens)
         return request
 
@@ -238,6 +242,14 @@ class Generation:
         choice = chunk["choices"][0]
         verbose = chunk.get("__verbose", {})
         self.prompt_tokens = verbose.get("tokens_evaluated", self.prompt_tokens)
+        if self.max_prompt_tokens is not None and self.prompt_tokens > self.max_prompt_tokens:
+            # llama.cpp has no tokenize call here: the count is known once the prompt is evaluated.
+            self.error = {
+                "type": "exceed_context_size_error",
+                "n_prompt_tokens": self.prompt_tokens,
+                "n_ctx": self.max_prompt_tokens,
+            }
+            return True
         decoded = verbose.get("tokens_predicted", self.decoded)
         self.pending_tokens += max(decoded - self.decoded, 0)
         self.decoded = max(decoded, self.decoded)
