@@ -4,10 +4,11 @@ Plug it into `serve(..., observers=[auth_observer, AuditObserver(recorder)])`. P
 authentication observer, so `call.principal` is known; a call that authentication refuses is still
 audited (`on_end` runs for it) with its refusal code.
 
-Left out (`INTERNAL_METHODS`): the recording deliveries themselves, `AuditService/AppendEvents` and
-`TransactionsService/CreateTransaction|CompleteTransaction`. Auditing AppendEvents would recurse (each
-delivered event would produce another), and the transaction writes are records, not actions. None of
-them is mapped to REST; Envoy should not route them from outside.
+Left out: service-to-service methods (scope `internal`): the recording deliveries
+(`AuditService/AppendEvents`, `TransactionsService/CreateTransaction|CompleteTransaction`) and the
+gateway's per-request `AuthService` calls. Auditing AppendEvents would recurse (each delivered event
+would produce another), the transaction writes are records, not actions, and an authorization is
+part of the call it authorizes (audited there, with its outcome).
 """
 
 from __future__ import annotations
@@ -20,35 +21,28 @@ from ferry.audit.v1 import audit_pb2
 from google.rpc import code_pb2
 from opentelemetry import trace
 
+from services.common.auth import INTERNAL, required_scopes
 from services.common.interceptor import Call
 from services.common.timestamps import seconds_to_duration, to_timestamp
 from services.recording import Recorder
 
-INTERNAL_METHODS = frozenset(
-    {
-        "/ferry.audit.v1.AuditService/AppendEvents",
-        "/ferry.transactions.v1.TransactionsService/CreateTransaction",
-        "/ferry.transactions.v1.TransactionsService/CompleteTransaction",
-    }
-)
 # Request fields that name the resource a call acts on, in order of preference.
 RESOURCE_FIELDS = ("name", "model", "parent")
 
 
 class AuditObserver:
-    def __init__(self, recorder: Recorder, exclude: frozenset[str] = INTERNAL_METHODS) -> None:
+    def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
-        self.exclude = exclude
         # What on_start learns (resource, trace id, wall-clock start), keyed by the Call object's id.
         self._calls: dict[int, tuple[str, str, float]] = {}
 
     async def on_start(self, call: Call, request: Any) -> None:
-        if call.full_method in self.exclude:
+        if _internal(call):
             return
         self._calls[id(call)] = (_resource(request), _trace_id(), time.time())
 
     async def on_end(self, call: Call) -> None:
-        if call.full_method in self.exclude:
+        if _internal(call):
             return
         elapsed = time.monotonic() - call.started
         resource, trace_id, wall_start = self._calls.pop(id(call), ("", _trace_id(), time.time() - elapsed))
@@ -68,6 +62,10 @@ class AuditObserver:
             peer=call.peer,
         )
         self.recorder.audit(event)
+
+
+def _internal(call: Call) -> bool:
+    return INTERNAL in (required_scopes(call.full_method) or ())
 
 
 def _resource(request: Any) -> str:

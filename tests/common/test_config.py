@@ -64,3 +64,33 @@ def test_invalid_value_is_refused_naming_the_key(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("FERRY_MODELS__PORT", "not-a-port")
     with pytest.raises(ValueError, match="port"):
         Settings()
+
+
+def test_authentication_is_on_by_default() -> None:
+    s = Settings()
+    assert s.auth.enabled is True
+    assert s.bootstrap_admin_key is None
+
+
+@pytest.mark.parametrize("value", ["off", "OFF", "false", "0"])
+def test_ferry_auth_off_turns_authentication_off(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("FERRY_AUTH", value)
+    monkeypatch.setenv("FERRY_AUTH__CACHE_SECONDS", "5")
+    s = Settings()
+    assert s.auth.enabled is False
+    assert s.auth.cache_seconds == 5.0
+
+
+def test_auth_off_in_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "ferry.yaml"
+    config.write_text("auth: off\n")
+    monkeypatch.setenv("FERRY_CONFIG", str(config))
+    assert Settings().auth.enabled is False
+
+
+def test_bootstrap_admin_key_is_read_and_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FERRY_BOOTSTRAP_ADMIN_KEY", "fry_not-a-real-key-but-long-enough")
+    s = Settings()
+    assert s.bootstrap_admin_key is not None
+    assert s.bootstrap_admin_key.get_secret_value() == "fry_not-a-real-key-but-long-enough"
+    assert "fry_not-a-real" not in repr(s)
