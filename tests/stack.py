@@ -8,31 +8,41 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import psutil
+from ferry.auth.v1 import auth_pb2
+from ferry.keys.v1 import keys_pb2, keys_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from launcher.ports import free_ports, is_free, needed_ports
 from launcher.stack import SERVICES, Stack
 from launcher.supervisor import SupervisorClient
 from launcher.triton import SHM_DIR, shm_prefix
+from services.common.auth import new_key_secret
 from services.common.config import Settings
+
+# Every process with a port of its own: the launcher's services plus the gateway (keys, ext_authz).
+PROCESSES = tuple(dict.fromkeys((*SERVICES, "gateway")))
 
 
 def stack_settings(home: Path, **overrides: Any) -> Settings:
     """Settings for a stack under `home` on ports nobody uses. FERRY_* variables still apply to the
     fields not set here (the children receive the result as their environment)."""
-    ports = iter(free_ports(15))
+    ports = iter(free_ports(5 + 2 * len(PROCESSES)))
     values: dict[str, Any] = {
         "home": home,
         "envoy": {"port": next(ports), "admin_port": next(ports)},
         "triton": {"grpc_port": next(ports), "http_port": next(ports), "metrics_port": next(ports)},
+        # Authentication stays on (the default); the tests hold the admin key from the start.
+        "bootstrap_admin_key": new_key_secret(),
     }
-    for name in SERVICES:
+    for name in PROCESSES:
         values[name] = {"port": next(ports), "metrics_port": next(ports)}
     values.update(overrides)
     return Settings(**values)
@@ -46,14 +56,90 @@ def share_model_files(home: Path, source: Path) -> None:
         link.symlink_to(source, target_is_directory=True)
 
 
+def bearer(key: str) -> dict[str, str]:
+    """The header every ferry API takes a key in (what the OpenAI SDK sends for `api_key`)."""
+    return {"authorization": f"Bearer {key}"}
+
+
+class _Bearer(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Adds `authorization: Bearer <key>` to every call of a channel (unless the call sends its own)."""
+
+    def __init__(self, key: str) -> None:
+        self.header = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details: Any) -> Any:
+        metadata = list(details.metadata or ())
+        if not any(name == "authorization" for name, _ in metadata):
+            metadata.append(self.header)
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return continuation(self._with_key(details), requests)
+
+    def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return continuation(self._with_key(details), requests)
+
+
+class _AioBearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """The same for grpc.aio channels (unary requests: every ferry RPC)."""
+
+    def __init__(self, key: str) -> None:
+        self.header = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details: Any) -> Any:
+        metadata = list(details.metadata or ())
+        if not any(name == "authorization" for name, _ in metadata):
+            metadata.append(self.header)
+        return details._replace(metadata=grpc.aio.Metadata(*metadata))
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._with_key(details), request)
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._with_key(details), request)
+
+
+def keyed_aio_channel(target: str, key: str) -> grpc.aio.Channel:
+    """A grpc.aio channel whose calls carry `key` (use it as an async context manager)."""
+    return grpc.aio.insecure_channel(target, interceptors=[_AioBearer(key)])
+
+
+def keyed_channel(target: str, key: str) -> grpc.Channel:
+    """An insecure channel whose calls carry `key` (close it when done)."""
+    return grpc.intercept_channel(grpc.insecure_channel(target), _Bearer(key))
+
+
 @dataclass
 class RunningStack:
-    """What tests get from the `stack` fixture: addresses, and control over the processes."""
+    """What tests get from the `stack` fixture: addresses, credentials, and control over the processes.
+
+    Authentication is on, as users run ferry: `channel()` and `http()` carry the bootstrap admin key;
+    `raw_channel()` carries none; `create_key()` makes keys with other scopes and limits.
+    """
 
     stack: Stack
     settings: Settings
     ready_seconds: float
     channels: dict[str, grpc.Channel] = field(default_factory=dict)
+    raw_channels: dict[str, grpc.Channel] = field(default_factory=dict)
+    # Every secret handed to tests, so that tests can look for them where they must not be.
+    issued_secrets: list[str] = field(default_factory=list)
+    _admin_principal: str = ""
 
     @property
     def rest(self) -> str:
@@ -67,8 +153,8 @@ class RunningStack:
 
     @property
     def service_targets(self) -> dict[str, str]:
-        """Each service's own gRPC address, by name (inference, models, transactions, audit)."""
-        return self.stack.endpoints.services
+        """Each process's own gRPC address, by name (inference, models, transactions, audit, gateway)."""
+        return {**self.stack.endpoints.services, "gateway": self.settings.gateway.address}
 
     @property
     def metrics_urls(self) -> dict[str, str]:
@@ -87,12 +173,79 @@ class RunningStack:
         assert self.stack.database_url is not None
         return self.stack.database_url
 
+    # -- credentials -----------------------------------------------------------------------------
+
+    @property
+    def admin_key(self) -> str:
+        """The bootstrap admin key the stack was started with (FERRY_BOOTSTRAP_ADMIN_KEY)."""
+        assert self.settings.bootstrap_admin_key is not None
+        return self.settings.bootstrap_admin_key.get_secret_value()
+
+    @property
+    def admin_principal(self) -> str:
+        """`keys/{id}` of the admin key, as transactions and audit events name it."""
+        if not self._admin_principal:
+            # A key's creator is the principal that created it: ours.
+            self._admin_principal = self.new_key(["read"], display_name="whoami").creator
+        return self._admin_principal
+
     def channel(self, target: str | None = None) -> grpc.Channel:
-        """A cached insecure channel to `target` (default: Envoy)."""
+        """A cached channel to `target` (default: Envoy) whose calls carry the admin key."""
         target = target or self.grpc_target
         if target not in self.channels:
-            self.channels[target] = grpc.insecure_channel(target)
+            self.channels[target] = keyed_channel(target, self.admin_key)
         return self.channels[target]
+
+    def raw_channel(self, target: str | None = None) -> grpc.Channel:
+        """A cached channel to `target` (default: Envoy) without any credentials."""
+        target = target or self.grpc_target
+        if target not in self.raw_channels:
+            self.raw_channels[target] = grpc.insecure_channel(target)
+        return self.raw_channels[target]
+
+    def http(self, key: str | None = None, **options: Any) -> httpx.Client:
+        """An httpx client on Envoy's REST base URL sending `key` (default: the admin key)."""
+        options.setdefault("timeout", 60)
+        return httpx.Client(base_url=self.rest, headers=bearer(key or self.admin_key), **options)
+
+    def async_http(self, key: str | None = None, **options: Any) -> httpx.AsyncClient:
+        options.setdefault("timeout", 60)
+        return httpx.AsyncClient(base_url=self.rest, headers=bearer(key or self.admin_key), **options)
+
+    def aio_channel(self, target: str | None = None, key: str | None = None) -> grpc.aio.Channel:
+        """A new grpc.aio channel to `target` (default: Envoy) carrying `key` (default: admin)."""
+        return keyed_aio_channel(target or self.grpc_target, key or self.admin_key)
+
+    def keys(self) -> keys_pb2_grpc.KeysServiceStub:
+        """KeysService on the gateway's own port, as the admin."""
+        return keys_pb2_grpc.KeysServiceStub(self.channel(self.service_targets["gateway"]))
+
+    def new_key(
+        self,
+        scopes: list[str],
+        *,
+        display_name: str = "test",
+        ttl_seconds: float | None = None,
+        **limits: int,
+    ) -> keys_pb2.Key:
+        """Creates a key (through KeysService, as the admin) and returns it, secret included."""
+        key = keys_pb2.Key(display_name=display_name, scopes=scopes, limits=auth_pb2.Limits(**limits))
+        if ttl_seconds is not None:
+            key.ttl.FromNanoseconds(int(ttl_seconds * 1e9))
+        created: keys_pb2.Key = self.keys().CreateKey(keys_pb2.CreateKeyRequest(key=key), timeout=10)
+        assert created.secret, "CreateKey must return the secret"
+        self.issued_secrets.append(created.secret)
+        return created
+
+    def create_key(self, scopes: list[str], **limits: Any) -> str:
+        """A new key's secret; `limits`: requests_per_minute, tokens_per_minute, max_tokens, ..."""
+        return self.new_key(scopes, **limits).secret
+
+    def revoke_key(self, name: str) -> keys_pb2.Key:
+        revoked: keys_pb2.Key = self.keys().RevokeKey(keys_pb2.RevokeKeyRequest(name=name), timeout=10)
+        return revoked
+
+    # -- processes -------------------------------------------------------------------------------
 
     def supervisor(self) -> SupervisorClient:
         return self.stack.supervisor()
@@ -106,6 +259,7 @@ class RunningStack:
         After a restart Envoy may not have noticed yet, so /readyz alone can still be the old 200.
         """
         deadline = time.monotonic() + timeout
+        # A fresh channel: a cached one may sit in reconnect backoff after the restart.
         with grpc.insecure_channel(self.service_targets[name]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
@@ -121,9 +275,10 @@ class RunningStack:
         self.wait_ready(max(1.0, deadline - time.monotonic()))
 
     def close_channels(self) -> None:
-        for channel in self.channels.values():
+        for channel in [*self.channels.values(), *self.raw_channels.values()]:
             channel.close()
         self.channels.clear()
+        self.raw_channels.clear()
 
 
 @dataclass

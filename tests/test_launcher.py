@@ -118,7 +118,8 @@ def test_ready_within_a_minute_of_the_start(stack: RunningStack) -> None:
 
 @pytest.mark.stack
 def test_rest_lists_the_default_model_as_ready(stack: RunningStack) -> None:
-    response = httpx.get(f"{stack.rest}/api/v1/models", headers={"x-request-id": "rest-list-1"}, timeout=10)
+    with stack.http() as http:
+        response = http.get("/api/v1/models", headers={"x-request-id": "rest-list-1"}, timeout=10)
     assert response.status_code == 200, response.text
     models = {m["name"]: m for m in response.json()["models"]}
     assert models[DEFAULT_MODEL]["state"] == "STATE_READY"
@@ -141,9 +142,8 @@ def test_native_grpc_through_envoy_reaches_the_models_service(stack: RunningStac
 
 @pytest.mark.stack
 def test_rest_errors_carry_the_mapped_status_and_details(stack: RunningStack) -> None:
-    response = httpx.get(
-        f"{stack.rest}/api/v1/models/no-such-model", headers={"x-request-id": "rest-missing-1"}, timeout=10
-    )
+    with stack.http() as http:
+        response = http.get("/api/v1/models/no-such-model", headers={"x-request-id": "rest-missing-1"})
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/json"
     assert response.headers.get_list("x-request-id") == ["rest-missing-1"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -21,34 +20,37 @@ def model(stack: RunningStack) -> str:
 
 @pytest.fixture(scope="session")
 def client(stack: RunningStack) -> Iterator[openai.OpenAI]:
-    """The official SDK, unmodified, pointed at Envoy. No retries: the tests look at each answer."""
-    with openai.OpenAI(base_url=f"{stack.rest}/v1", api_key="unused", max_retries=0, timeout=60) as sdk:
+    """The official SDK, unmodified, pointed at Envoy with the admin key. No retries: the tests look
+    at each answer."""
+    with openai.OpenAI(
+        base_url=f"{stack.rest}/v1", api_key=stack.admin_key, max_retries=0, timeout=60
+    ) as sdk:
         yield sdk
 
 
 @pytest.fixture(scope="session")
 def rest(stack: RunningStack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.rest, timeout=60) as http:
+    with stack.http() as http:
         yield http
 
 
 @pytest.fixture
 async def arest(stack: RunningStack) -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
-    async with httpx.AsyncClient(base_url=stack.rest, timeout=60, limits=limits) as http:
+    async with stack.async_http(limits=limits) as http:
         yield http
 
 
 @pytest.fixture(scope="session", params=["envoy", "service"])
 def native(request: pytest.FixtureRequest, stack: RunningStack) -> inference_pb2_grpc.InferenceServiceStub:
-    """The native stub through Envoy's listener and on the service's own port."""
+    """The native stub through Envoy's listener and on the service's own port (admin key)."""
     target = stack.grpc_target if request.param == "envoy" else stack.service_targets["inference"]
     return inference_pb2_grpc.InferenceServiceStub(stack.channel(target))
 
 
 @pytest.fixture
 async def anative(stack: RunningStack) -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
-    async with grpc.aio.insecure_channel(stack.service_targets["inference"]) as channel:
+    async with stack.aio_channel(stack.service_targets["inference"]) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
 
 

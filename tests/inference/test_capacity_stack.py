@@ -152,7 +152,9 @@ async def test_overload_is_refused_at_once_with_a_retry_delay(
         info = next(d for d in refused.json()["details"] if d["@type"].endswith("ErrorInfo"))
         assert info["reason"] == "OVERLOADED"
 
-        async with openai.AsyncOpenAI(base_url=f"{stack.rest}/v1", api_key="unused", max_retries=0) as sdk:
+        async with openai.AsyncOpenAI(
+            base_url=f"{stack.rest}/v1", api_key=stack.admin_key, max_retries=0
+        ) as sdk:
             with pytest.raises(openai.RateLimitError):
                 await sdk.completions.create(model=model, prompt="x", max_tokens=1)
             with pytest.raises(openai.RateLimitError):

@@ -109,6 +109,10 @@ class Services:
             DATABASE_URL=self.database.url,
             FERRY_LOG_FORMAT="text",
             FERRY_DRAIN_GRACE_SECONDS="2",
+            # These component tests run Transactions and Audit without a gateway, so nothing could
+            # answer their Authorize calls. Authentication is tested against the full stack
+            # (tests/auth); here it is off, and deliveries need no service token.
+            FERRY_AUTH="off",
         )
         for name, (port, metrics) in self.ports.items():
             env[f"FERRY_{name.upper()}__PORT"] = str(port)

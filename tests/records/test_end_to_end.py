@@ -23,13 +23,15 @@ OPENAI = "ferry.openai.v1.OpenAIService"
 
 @pytest.fixture(scope="module")
 def rest(stack: RunningStack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.rest, timeout=60) as http:
+    with stack.http() as http:
         yield http
 
 
 @pytest.fixture(scope="module")
 def sdk(stack: RunningStack) -> Iterator[openai.OpenAI]:
-    with openai.OpenAI(base_url=f"{stack.rest}/v1", api_key="unused", max_retries=0, timeout=60) as client:
+    with openai.OpenAI(
+        base_url=f"{stack.rest}/v1", api_key=stack.admin_key, max_retries=0, timeout=60
+    ) as client:
         yield client
 
 
@@ -138,7 +140,7 @@ def test_n_generations_through_envoy_are_recorded_once_and_audited(
     for rid, client_saw in seen.items():
         record = by_id[rid]
         assert record["name"] == f"transactions/{rid}"
-        assert record["model"] == model and record["principal"] == "anonymous"
+        assert record["model"] == model and record["principal"] == stack.admin_principal
         assert record["output"] == client_saw["text"]
         usage = record["usage"]
         assert usage["completion_tokens"] == int(client_saw["usage"]["completion_tokens"]) > 0
@@ -163,7 +165,7 @@ def test_n_generations_through_envoy_are_recorded_once_and_audited(
 
     events = _wait_for("every call to be audited", lambda: (a := audited()) and len(a) == len(seen) and a)
     for rid, event in events.items():
-        assert event["principal"] == "anonymous" and event["code"] == "OK"
+        assert event["principal"] == stack.admin_principal and event["code"] == "OK"
         assert event["service"] == seen[rid]["rpc"][0] and event["source"] == "inference"
         assert event["peer"] and event["latency"].endswith("s")
     verdict = rest.post("/api/v1/audit:verify", json={})
