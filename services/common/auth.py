@@ -53,6 +53,10 @@ PROTO_FILES = (
     transactions_pb2,
 )
 
+# Services that carry no access option because their protos are not ferry's: Envoy's ext_authz
+# check is asked only by Envoy, which sends the service token (`grpc_service.initial_metadata`).
+FOREIGN_SERVICE_SCOPES = {"envoy.service.auth.v3.Authorization": frozenset({INTERNAL})}
+
 # The caller of the RPC being handled, for servicers that apply per-key limits (inference).
 principal_var: ContextVar[auth_pb2.Principal | None] = ContextVar("principal", default=None)
 
@@ -64,6 +68,8 @@ def required_scopes(full_method: str) -> frozenset[str] | None:
     service, _, method = full_method.lstrip("/").partition("/")
     if service in UNOBSERVED_SERVICES:
         return None
+    if service in FOREIGN_SERVICE_SCOPES:
+        return FOREIGN_SERVICE_SCOPES[service]
     try:
         descriptor = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(method)
     except KeyError:

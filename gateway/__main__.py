@@ -1,0 +1,64 @@
+"""Gateway process: API keys (KeysService), authorization decisions (AuthService) and Envoy's ext_authz."""
+
+import asyncio
+
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from ferry.auth.v1 import auth_pb2, auth_pb2_grpc
+from ferry.keys.v1 import keys_pb2, keys_pb2_grpc
+
+from gateway import ext_authz
+from gateway.auth_service import AuthServicer
+from gateway.authorizer import LocalAuthorizer
+from gateway.bootstrap import ensure_bootstrap_key
+from gateway.keys import KeysServicer
+from gateway.schema import MIGRATIONS
+from gateway.store import KeyStore
+from services.common.audit_observer import AuditObserver
+from services.common.config import get_settings
+from services.common.database import Database
+from services.common.server import Runtime, serve
+from services.recording import Recorder
+
+KEYS_SERVICE = keys_pb2.DESCRIPTOR.services_by_name["KeysService"].full_name
+AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+
+settings = get_settings()
+recorder = Recorder(settings, "gateway")
+authorizer = LocalAuthorizer(settings)
+
+
+async def _setup(runtime: Runtime) -> None:
+    await recorder.start(runtime)
+    store = KeyStore(
+        Database(runtime.settings, MIGRATIONS, lambda healthy: _on_database_health(runtime, store, healthy))
+    )
+    await runtime.set_serving(False)
+    await store.db.start()
+    runtime.on_stop.insert(0, store.db.stop)
+    authorizer.attach(store)
+    keys_pb2_grpc.add_KeysServiceServicer_to_server(KeysServicer(store, authorizer, recorder), runtime.server)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(authorizer), runtime.server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        ext_authz.EnvoyAuthorizationServicer(authorizer), runtime.server
+    )
+
+
+async def _on_database_health(runtime: Runtime, store: KeyStore, healthy: bool) -> None:
+    # NOT_SERVING until the database answers and the bootstrap key is in place (a failure here
+    # leaves the gateway NOT_SERVING; the database watcher tries again).
+    if healthy:
+        await ensure_bootstrap_key(runtime.settings, store, authorizer, recorder)
+    await runtime.set_serving(healthy)
+
+
+if __name__ == "__main__":
+    asyncio.run(
+        serve(
+            "gateway",
+            lambda s: s.gateway,
+            _setup,
+            service_names=[KEYS_SERVICE, AUTH_SERVICE, ext_authz.SERVICE],
+            observers=[AuditObserver(recorder)],
+            authorizer=authorizer,
+        )
+    )

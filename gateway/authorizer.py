@@ -1,0 +1,231 @@
+"""The gateway's own authorization decision: authenticate a key, check its scope, apply rate limits.
+
+Every service's interceptor asks for it over `AuthService/Authorize`; the gateway's own interceptor
+and Envoy's edge check (ext_authz) call it in-process. Keys are looked up by the hash of the secret and
+kept for `auth.cache_seconds` (misses too, so a flood of wrong keys does not reach PostgreSQL); a
+revocation made through this gateway drops its entry at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Generic, TypeVar
+
+import grpc
+from ferry.auth.v1 import auth_pb2
+
+from gateway.limiter import Limiter, Window
+from gateway.store import KeyRecord, KeyStore
+from services.common.auth import (
+    INFERENCE,
+    INTERNAL,
+    hash_key,
+    is_service_token,
+    permission_denied,
+    rate_limited,
+    required_scopes,
+    service_principal,
+    unauthenticated,
+)
+from services.common.config import Settings
+from services.common.errors import RpcError
+from services.common.timestamps import now
+
+log = logging.getLogger(__name__)
+
+Key = TypeVar("Key")
+Value = TypeVar("Value")
+PUBLIC_PRINCIPAL = "anonymous"
+
+
+class TtlCache(Generic[Key, Value]):
+    """Entries that expire after `seconds`; the oldest go first beyond `max_entries`."""
+
+    def __init__(self, seconds: float, max_entries: int = 100_000) -> None:
+        self.seconds = seconds
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Key, tuple[float, Value]] = OrderedDict()
+
+    def get(self, key: Key) -> tuple[bool, Value | None]:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= time.monotonic():
+            self._entries.pop(key, None)
+            return False, None
+        return True, entry[1]
+
+    def put(self, key: Key, value: Value) -> None:
+        if self.seconds <= 0:
+            return
+        self._entries[key] = (time.monotonic() + self.seconds, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def drop(self, key: Key) -> None:
+        self._entries.pop(key, None)
+
+
+class LocalAuthorizer:
+    """`services.common.auth.Authorizer` answered from the key store (the gateway process)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.auth = settings.auth
+        self.limits = settings.auth.rate_limits
+        self.store: KeyStore | None = None
+        self.limiter = Limiter(self.limits)
+        self.by_hash: TtlCache[str, KeyRecord | None] = TtlCache(self.auth.cache_seconds)
+        self.by_id: TtlCache[str, KeyRecord | None] = TtlCache(self.auth.cache_seconds)
+
+    def attach(self, store: KeyStore) -> None:
+        self.store = store
+
+    # -- the key store, through the cache --------------------------------------------------------
+
+    def _store(self) -> KeyStore:
+        if self.store is None:
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                "the key store is not ready yet",
+                "AUTH_UNAVAILABLE",
+                retry_after_seconds=1.0,
+            )
+        return self.store
+
+    async def key_by_hash(self, key_hash: str) -> KeyRecord | None:
+        found, record = self.by_hash.get(key_hash)
+        if not found:
+            record = await self._store().by_hash(key_hash)
+            self.by_hash.put(key_hash, record)
+            if record is not None:
+                self.by_id.put(record.id, record)
+        return record
+
+    async def key_by_id(self, key_id: str) -> KeyRecord | None:
+        found, record = self.by_id.get(key_id)
+        if not found:
+            record = await self._store().by_id(key_id)
+            self.by_id.put(key_id, record)
+        return record
+
+    def forget(self, record: KeyRecord) -> None:
+        """Drops what the cache knows of a key that changed here (revoked, created)."""
+        self.by_hash.drop(record.key_hash)
+        self.by_id.drop(record.id)
+
+    # -- Authorizer ------------------------------------------------------------------------------
+
+    async def authorize(self, request: auth_pb2.AuthorizeRequest) -> auth_pb2.Principal:
+        scopes = required_scopes(request.method)
+        if scopes is None:
+            return auth_pb2.Principal(name=PUBLIC_PRINCIPAL)
+        if is_service_token(self.auth, request.api_key):
+            # ferry's own processes: the internal scope only, never rate limited.
+            if INTERNAL not in scopes:
+                raise permission_denied(request.method, scopes)
+            return service_principal()
+        if not request.api_key:
+            raise unauthenticated("no API key was presented (send Authorization: Bearer <key>)")
+        record = await self.key_by_hash(hash_key(request.api_key))
+        if record is None:
+            raise unauthenticated("the API key is not valid")
+        if record.revoke_time is not None:
+            raise unauthenticated(f"the API key {record.name} was revoked")
+        if record.expire_time is not None and record.expire_time <= now():
+            raise unauthenticated(f"the API key {record.name} has expired")
+        if not scopes.intersection(record.scopes):
+            raise permission_denied(request.method, scopes)
+        principal = self.principal(record)
+        if not request.check_only:
+            await self._count(principal, request.client_address, generates=scopes == {INFERENCE})
+        return principal
+
+    async def record_usage(self, request: auth_pb2.RecordUsageRequest) -> None:
+        tokens = request.completion_tokens
+        prefix, _, key_id = request.principal.partition("/")
+        if tokens <= 0 or prefix != "keys" or not key_id:
+            return
+        record = await self.key_by_id(key_id)
+        if record is None:
+            return
+        for window in self._token_windows(self.principal(record), request.client_address):
+            # A window takes what still fits; the next inference call is refused until it frees.
+            cost = min(tokens, await self.limiter.remaining(window))
+            if cost > 0:
+                await self.limiter.hit(window, cost)
+
+    # -- limits ----------------------------------------------------------------------------------
+
+    def principal(self, record: KeyRecord) -> auth_pb2.Principal:
+        """The caller as services see it, with the limits in force: the key's own, else the defaults."""
+        own = record.limits
+        inference = self.settings.inference
+        return auth_pb2.Principal(
+            name=record.name,
+            display_name=record.display_name,
+            scopes=list(record.scopes),
+            limits=auth_pb2.Limits(
+                requests_per_minute=own.requests_per_minute or self.limits.requests_per_minute,
+                tokens_per_minute=own.tokens_per_minute or self.limits.tokens_per_minute,
+                max_prompt_tokens=own.max_prompt_tokens or inference.max_prompt_tokens,
+                max_tokens=own.max_tokens or inference.max_tokens,
+            ),
+        )
+
+    def _request_windows(self, principal: auth_pb2.Principal, address: str) -> list[Window]:
+        windows = []
+        if principal.limits.requests_per_minute > 0:
+            windows.append(
+                Window(
+                    "requests per minute for this key",
+                    "requests-key",
+                    principal.name,
+                    principal.limits.requests_per_minute,
+                )
+            )
+        if self.limits.per_address_requests_per_minute > 0 and address:
+            windows.append(
+                Window(
+                    "requests per minute from this address",
+                    "requests-address",
+                    address,
+                    self.limits.per_address_requests_per_minute,
+                )
+            )
+        return windows
+
+    def _token_windows(self, principal: auth_pb2.Principal, address: str) -> list[Window]:
+        windows = []
+        if principal.limits.tokens_per_minute > 0:
+            windows.append(
+                Window(
+                    "generated tokens per minute for this key",
+                    "tokens-key",
+                    principal.name,
+                    principal.limits.tokens_per_minute,
+                )
+            )
+        if self.limits.per_address_tokens_per_minute > 0 and address:
+            windows.append(
+                Window(
+                    "generated tokens per minute from this address",
+                    "tokens-address",
+                    address,
+                    self.limits.per_address_tokens_per_minute,
+                )
+            )
+        return windows
+
+    async def _count(self, principal: auth_pb2.Principal, address: str, *, generates: bool) -> None:
+        """Refuses when a window is spent; otherwise counts the call in every request window."""
+        requests = self._request_windows(principal, address)
+        checked = requests + (self._token_windows(principal, address) if generates else [])
+        for window in checked:
+            wait = await self.limiter.seconds_until_free(window)
+            if wait > 0:
+                raise rate_limited(window.what, wait)
+        for window in requests:
+            if not await self.limiter.hit(window):  # another call took the last place meanwhile
+                raise rate_limited(window.what, await self.limiter.seconds_until_free(window))

@@ -1,0 +1,83 @@
+"""Envoy's edge check (`envoy.service.auth.v3.Authorization/Check`, the ext_authz filter).
+
+Envoy asks after its transcoder, so the request path is the gRPC method for REST and gRPC alike. The
+check authenticates and checks scope only (`check_only`): the service behind Envoy counts the call.
+A refusal carries an HTTP status and an OpenAI-shaped JSON body; for gRPC requests Envoy turns the
+status into grpc-status (401 -> UNAUTHENTICATED, 403 -> PERMISSION_DENIED).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from ferry.auth.v1 import auth_pb2
+from google.rpc import code_pb2, status_pb2
+
+from gateway.authorizer import LocalAuthorizer
+from services.common.context import AUTHORIZATION_HEADER, bearer_token
+from services.common.errors import RpcError
+
+log = logging.getLogger(__name__)
+
+SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+
+# gRPC refusal -> (HTTP status, OpenAI error type).
+HTTP_REFUSALS = {
+    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+}
+
+
+class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
+    def __init__(self, authorizer: LocalAuthorizer) -> None:
+        self.authorizer = authorizer
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        http = request.attributes.request.http
+        try:
+            await self.authorizer.authorize(
+                auth_pb2.AuthorizeRequest(
+                    api_key=bearer_token(http.headers.get(AUTHORIZATION_HEADER)),
+                    method=http.path.partition("?")[0],
+                    client_address=request.attributes.source.address.socket_address.address,
+                    check_only=True,
+                )
+            )
+        except RpcError as err:
+            return denied(err)
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK), ok_response=external_auth_pb2.OkHttpResponse()
+        )
+
+
+def denied(err: RpcError) -> external_auth_pb2.CheckResponse:
+    http_status, error_type = HTTP_REFUSALS.get(err.code, (500, "server_error"))
+    if http_status == 500:
+        log.warning("edge check failed: %s %s", err.code.name, err.message)
+    body = {"error": {"message": err.message, "type": error_type, "code": err.reason.lower()}}
+    headers = [("content-type", "application/json")]
+    if http_status == 401:
+        headers.append(("www-authenticate", 'Bearer realm="ferry"'))
+    if err.retry_after_seconds is not None:
+        headers.append(("retry-after", str(max(1, math.ceil(err.retry_after_seconds)))))
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=getattr(code_pb2, err.code.name), message=err.message),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=http_status),  # type: ignore[arg-type]
+            headers=[
+                base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v)) for k, v in headers
+            ],
+            body=json.dumps(body),
+        ),
+    )

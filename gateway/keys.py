@@ -1,0 +1,166 @@
+"""KeysService: create, list, get and revoke API keys (admin). Every change is an audit event."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+
+import grpc
+from ferry.keys.v1 import keys_pb2, keys_pb2_grpc
+
+from gateway.authorizer import LocalAuthorizer
+from gateway.store import LIMIT_FIELDS, KeyStore
+from services.common import listing
+from services.common.auth import KEY_SCOPES, hash_key, new_key_secret
+from services.common.errors import RpcError, invalid_argument, not_found
+from services.common.interceptor import current_call
+from services.common.timestamps import iso, now, to_datetime, to_micros
+from services.recording import Recorder
+
+KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_DISPLAY_NAME = 200
+
+
+class KeysServicer(keys_pb2_grpc.KeysServiceServicer):
+    def __init__(self, store: KeyStore, authorizer: LocalAuthorizer, recorder: Recorder) -> None:
+        self.store = store
+        self.authorizer = authorizer
+        self.recorder = recorder
+
+    async def CreateKey(
+        self, request: keys_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext
+    ) -> keys_pb2.Key:
+        if not request.HasField("key"):
+            raise invalid_argument("key", "is required")
+        key = request.key
+        display_name = key.display_name.strip()
+        if not display_name:
+            raise invalid_argument("key.display_name", "is required")
+        if len(display_name) > MAX_DISPLAY_NAME:
+            raise invalid_argument("key.display_name", f"is longer than {MAX_DISPLAY_NAME} characters")
+        scopes = _scopes(list(key.scopes))
+        for name in LIMIT_FIELDS:
+            if getattr(key.limits, name) < 0:
+                raise invalid_argument(f"key.limits.{name}", "must not be negative (0: the default)")
+        expire_time = _expire_time(key)
+        secret = new_key_secret()
+        caller = _caller()
+        record = await self.store.insert(
+            display_name=display_name,
+            key_hash=hash_key(secret),
+            scopes=scopes,
+            limits=key.limits,
+            expire_time=expire_time,
+            creator=caller[0],
+        )
+        if record is None:  # a 256-bit collision: never in practice
+            raise RpcError(grpc.StatusCode.ABORTED, "key collision; try again", "KEY_COLLISION")
+        self.authorizer.forget(record)
+        self.recorder.operational(
+            "key.create",
+            principal=caller[0],
+            resource=record.name,
+            request_id=caller[1],
+            attributes={"display_name": display_name, "scopes": ",".join(scopes)},
+        )
+        created = record.to_proto()
+        created.secret = secret
+        return created
+
+    async def ListKeys(
+        self, request: keys_pb2.ListKeysRequest, context: grpc.aio.ServicerContext
+    ) -> keys_pb2.ListKeysResponse:
+        size = listing.page_size(request.page_size)
+        fingerprint = listing.query_fingerprint("keys", str(request.show_inactive))
+        after = listing.decode_page_token(request.page_token, fingerprint, 2)
+        records = await self.store.page(
+            show_inactive=request.show_inactive, after=_token_key(after), size=size + 1
+        )
+        response = keys_pb2.ListKeysResponse(keys=[r.to_proto() for r in records[:size]])
+        if len(records) > size:
+            last = records[size - 1]
+            response.next_page_token = listing.encode_page_token(
+                fingerprint, [iso(last.create_time), last.id]
+            )
+        return response
+
+    async def GetKey(
+        self, request: keys_pb2.GetKeyRequest, context: grpc.aio.ServicerContext
+    ) -> keys_pb2.Key:
+        record = await self.store.by_id(_parse_name(request.name))
+        if record is None:
+            raise not_found("key", request.name)
+        return record.to_proto()
+
+    async def RevokeKey(
+        self, request: keys_pb2.RevokeKeyRequest, context: grpc.aio.ServicerContext
+    ) -> keys_pb2.Key:
+        key_id = _parse_name(request.name)
+        before = await self.store.by_id(key_id)
+        record = await self.store.revoke(key_id)
+        if record is None:
+            raise not_found("key", request.name)
+        # Calls through this gateway are refused from now on; other replicas within cache_seconds.
+        self.authorizer.forget(record)
+        if before is not None and before.revoke_time is None:
+            principal, request_id = _caller()
+            self.recorder.operational(
+                "key.revoke", principal=principal, resource=record.name, request_id=request_id
+            )
+        return record.to_proto()
+
+
+def _caller() -> tuple[str, str]:
+    """(principal, request id) of the RPC being handled."""
+    call = current_call.get()
+    return (call.principal, call.request_id) if call else ("system", "")
+
+
+def _scopes(scopes: list[str]) -> list[str]:
+    if not scopes:
+        raise invalid_argument("key.scopes", f"needs at least one of {', '.join(KEY_SCOPES)}")
+    unknown = [s for s in scopes if s not in KEY_SCOPES]
+    if unknown:
+        raise invalid_argument(
+            "key.scopes", f"unknown scope {unknown[0]!r} (a key may hold {', '.join(KEY_SCOPES)})"
+        )
+    return sorted(set(scopes), key=KEY_SCOPES.index)
+
+
+def _expire_time(key: keys_pb2.Key) -> datetime | None:
+    which = key.WhichOneof("expiration")
+    if which == "ttl":
+        micros = to_micros(key.ttl, "key.ttl")
+        if micros <= 0:
+            raise invalid_argument("key.ttl", "must be positive")
+        try:
+            return now() + timedelta(microseconds=micros)
+        except OverflowError:
+            raise invalid_argument("key.ttl", "is too long") from None
+    if which == "expire_time":
+        expire_time = to_datetime(key.expire_time, "key.expire_time")
+        if expire_time <= now():
+            raise invalid_argument("key.expire_time", "must be in the future")
+        return expire_time
+    return None
+
+
+def _parse_name(name: str) -> str:
+    if not name:
+        raise invalid_argument("name", "is required")
+    prefix, _, key_id = name.partition("/")
+    if prefix != "keys" or not KEY_ID.match(key_id):
+        raise invalid_argument("name", "must look like keys/{key_id}")
+    return key_id
+
+
+def _token_key(key: list[object] | None) -> tuple[datetime, str] | None:
+    if key is None:
+        return None
+    time_text, key_id = key
+    if not isinstance(time_text, str) or not isinstance(key_id, str):
+        raise listing.bad_token()
+    try:
+        return datetime.fromisoformat(time_text), key_id
+    except ValueError:
+        raise listing.bad_token() from None
