@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import re
+import struct
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
@@ -79,17 +80,60 @@ def classify_rpc_error(err: grpc.aio.AioRpcError) -> EngineError:
     return classify_model_error(err.details() or code.name)
 
 
-def _string(result: InferResult, name: str) -> str:
+# Fixed-size integer tensors as Triton puts them in `raw_output_contents` (little-endian).
+_INTEGERS = {
+    name: struct.Struct(fmt)
+    for name, fmt in (
+        ("INT8", "<b"),
+        ("INT16", "<h"),
+        ("INT32", "<i"),
+        ("INT64", "<q"),
+        ("UINT8", "<B"),
+        ("UINT16", "<H"),
+        ("UINT32", "<I"),
+        ("UINT64", "<Q"),
+    )
+}
+
+
+def _first_values(result: InferResult) -> dict[str, str | int]:
+    """The first element of every output, read straight from the response's raw contents.
+
+    One pass over the outputs: `InferResult.as_numpy` scans them and builds a numpy array on every
+    call, which on the token path (five outputs per streamed piece) was ~10 % of the service's CPU.
+    """
+    response = result.get_response()
+    raw = response.raw_output_contents
+    values: dict[str, str | int] = {}
+    for index, output in enumerate(response.outputs):
+        if index >= len(raw):
+            values[output.name] = _first_from_numpy(result, output.name, output.datatype)
+            continue
+        data = raw[index]
+        if output.datatype == "BYTES":
+            # Each element: a 4-byte little-endian length, then that many bytes.
+            if len(data) < 4:
+                values[output.name] = ""
+                continue
+            size = int.from_bytes(data[:4], "little")
+            values[output.name] = data[4 : 4 + size].decode("utf-8", errors="replace")
+        elif output.datatype in _INTEGERS:
+            integer = _INTEGERS[output.datatype]
+            values[output.name] = integer.unpack_from(data)[0] if len(data) >= integer.size else 0
+        else:
+            values[output.name] = _first_from_numpy(result, output.name, output.datatype)
+    return values
+
+
+def _first_from_numpy(result: InferResult, name: str, datatype: str) -> str | int:
+    """The general (slow) path, for outputs not sent as raw contents or of unexpected types."""
     array = result.as_numpy(name)
     if array is None or array.size == 0:
-        return ""
+        return "" if datatype == "BYTES" else 0
     value = array.reshape(-1)[0]
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _int(result: InferResult, name: str) -> int:
-    array = result.as_numpy(name)
-    return int(array.reshape(-1)[0]) if array is not None and array.size else 0
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value) if datatype == "BYTES" else int(value)
 
 
 def _logprobs(raw: str) -> tuple[TokenLogprob, ...]:
@@ -110,12 +154,13 @@ def _logprobs(raw: str) -> tuple[TokenLogprob, ...]:
 
 
 def decode(result: InferResult) -> Piece:
+    values = _first_values(result)
     return Piece(
-        text=_string(result, "text_output"),
-        tokens=_int(result, "num_output_tokens"),
-        prompt_tokens=_int(result, "num_input_tokens"),
-        finish_reason=_string(result, "finish_reason"),
-        logprobs=_logprobs(_string(result, "logprobs")),
+        text=str(values.get("text_output", "")),
+        tokens=int(values.get("num_output_tokens", 0)),
+        prompt_tokens=int(values.get("num_input_tokens", 0)),
+        finish_reason=str(values.get("finish_reason", "")),
+        logprobs=_logprobs(str(values.get("logprobs", ""))),
     )
 
 
