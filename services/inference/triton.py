@@ -26,6 +26,9 @@ from services.inference.generation import Piece, TokenLogprob, TopLogprob
 
 log = logging.getLogger(__name__)
 
+# How long Triton gets to close its stream after the final response before we cancel it.
+END_OF_STREAM_SECONDS = 5.0
+
 _PROMPT_TOO_LONG = re.compile(r"\[PROMPT_TOO_LONG prompt_tokens=(\d+) context_length=(\d+)\]")
 _INVALID_ARGUMENT = re.compile(r"\[INVALID_ARGUMENT field=([A-Za-z0-9_.\[\]]+)\]\s*(.*)", re.S)
 
@@ -208,6 +211,7 @@ class TritonStreamer:
             await finished.wait()
 
         responses = self.client.stream_infer(requests(), stream_timeout=timeout, headers=carrier)
+        completed = False
         try:
             async for result, error in responses:
                 if error is not None:
@@ -215,12 +219,34 @@ class TritonStreamer:
                         error.message() if isinstance(error, InferenceServerException) else str(error)
                     )
                 piece = decode(result)
+                completed = bool(piece.finish_reason)
                 yield piece
-                if piece.finish_reason:
+                if completed:
                     return
             raise EngineError(grpc.StatusCode.INTERNAL, "Triton ended the stream without a final response")
         except grpc.aio.AioRpcError as err:
             raise classify_rpc_error(err) from err
         finally:
             finished.set()
-            responses.cancel()
+            if completed:
+                await _end_normally(responses)
+            else:
+                responses.cancel()
+
+
+async def _end_normally(responses: Any) -> None:
+    """After the final piece: our request iterator has ended (the stream is half-closed) and Triton
+    closes the stream with OK; reading that end finishes the call without cancelling it.
+
+    A cancelled call costs more than it looks: grpc.aio cancels its request-iterator task and formats
+    a traceback for it (~5 % of the service's CPU when every request ended that way).
+    """
+    try:
+        async with asyncio.timeout(END_OF_STREAM_SECONDS):
+            async for _result, error in responses:
+                if error is not None:
+                    log.debug("Triton reported an error after the final response: %s", error)
+    except (TimeoutError, grpc.aio.AioRpcError) as err:
+        # Nothing the caller needs: the generation is complete. Make sure the stream is gone.
+        log.debug("Triton's stream did not end cleanly after the final response: %r", err)
+        responses.cancel()

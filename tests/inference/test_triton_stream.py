@@ -1,15 +1,24 @@
-"""Decoding Triton's streamed responses into pieces."""
+"""The Triton stream as Triton sees it: a finished generation ends the stream normally (half-close,
+then OK), an abandoned one cancels it (that is how the model learns to free its engine slot).
+
+Triton is stood in for by an in-process gRPC server speaking its `ModelStreamInfer` protocol, since
+the real one cannot tell a test whether a stream was cancelled or closed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 
+import grpc
 import numpy as np
-from tritonclient.grpc import InferResult, service_pb2
+import pytest
+from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
+from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import serialize_byte_tensor
 
 from services.inference.generation import Piece, TokenLogprob, TopLogprob
-from services.inference.triton import decode
+from services.inference.triton import TritonStreamer, decode
 
 LOGPROBS = [{"token": " é", "logprob": -0.5, "top_logprobs": [{"token": " é", "logprob": -0.5}]}]
 
@@ -36,6 +45,48 @@ def _piece(i: int, last: bool) -> Piece:
     return Piece(f" é{i}", 1, 7, "length" if last else "", logprobs)
 
 
+class DecoupledModel(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Streams `pieces` responses per request, then waits for the client to half-close, as Triton does."""
+
+    def __init__(self, pieces: int) -> None:
+        self.pieces = pieces
+        # Per stream: True if the client cancelled it, False if it ended normally.
+        self.cancelled: asyncio.Queue[bool] = asyncio.Queue()
+
+    async def ModelStreamInfer(
+        self,
+        request_iterator: AsyncIterator[service_pb2.ModelInferRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        ended = False
+        try:
+            async for _request in request_iterator:
+                for i in range(self.pieces):
+                    last = i == self.pieces - 1
+                    yield service_pb2.ModelStreamInferResponse(infer_response=_response(i, last))
+            # The request stream also ends when the client cancels; a cancellation then still
+            # reaches the handler as CancelledError while it takes its time to close the stream.
+            await asyncio.sleep(0.1)
+            ended = True
+        finally:
+            self.cancelled.put_nowait(not ended)
+
+
+@pytest.fixture
+async def triton() -> AsyncIterator[tuple[DecoupledModel, TritonStreamer]]:
+    model = DecoupledModel(pieces=4)
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(model, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = triton_aio.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        yield model, TritonStreamer(client)
+    finally:
+        await client.close()
+        await server.stop(None)
+
+
 def test_decode_reads_every_output_of_a_piece() -> None:
     assert decode(InferResult(_response(3, last=True))) == _piece(3, last=True)
     assert decode(InferResult(_response(0, last=False))) == _piece(0, last=False)
@@ -46,3 +97,24 @@ def test_decode_of_text_sent_as_typed_contents() -> None:
     text = response.outputs.add(name="text_output", datatype="BYTES", shape=[1])
     text.contents.bytes_contents.append(b" hi")
     assert decode(InferResult(response)) == Piece(" hi", 0, 0, "", ())
+
+
+async def test_finished_generation_ends_the_stream_without_cancelling_it(
+    triton: tuple[DecoupledModel, TritonStreamer],
+) -> None:
+    model, streamer = triton
+    pieces = [piece async for piece in streamer.stream("m", "prompt", "{}", request_id="r")]
+    assert pieces == [_piece(i, last=i == 3) for i in range(4)]
+    assert await asyncio.wait_for(model.cancelled.get(), 5) is False
+
+
+async def test_abandoned_generation_cancels_the_stream(
+    triton: tuple[DecoupledModel, TritonStreamer],
+) -> None:
+    model, streamer = triton
+    model.pieces = 1_000_000  # more than flow control lets through
+    stream = streamer.stream("m", "prompt", "{}", request_id="r")
+    first = await anext(stream)
+    assert first == _piece(0, last=False)
+    await stream.aclose()  # the caller went away
+    assert await asyncio.wait_for(model.cancelled.get(), 5) is True
