@@ -1,0 +1,42 @@
+"""Keys with one scope each, and the existing things the authorization tests act on."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from services.common.auth import KEY_SCOPES
+from tests.auth.rpcs import Subjects
+from tests.stack import RunningStack
+
+
+@pytest.fixture(scope="session")
+def scoped_keys(stack: RunningStack) -> dict[str, str]:
+    """A secret per key scope (`inference`, `read`, `admin`), each key holding that scope alone."""
+    return {scope: stack.create_key([scope], display_name=f"only-{scope}") for scope in KEY_SCOPES}
+
+
+@pytest.fixture(scope="session")
+def model(stack: RunningStack) -> str:
+    return stack.settings.triton.default_model
+
+
+@pytest.fixture(scope="session")
+def subjects(stack: RunningStack, model: str) -> Subjects:
+    """A recorded generation (for GetTransaction) and a key to revoke (for RevokeKey)."""
+    request_id = f"auth-subject-{uuid.uuid4().hex[:10]}"
+    with stack.http() as http:
+        reply = http.post(
+            "/v1/completions",
+            json={"model": model, "prompt": "Hi", "max_tokens": 1},
+            headers={"x-request-id": request_id},
+        )
+        assert reply.status_code == 200, reply.text
+        deadline = time.monotonic() + 20
+        while http.get(f"/api/v1/transactions/{request_id}").status_code != 200:
+            assert time.monotonic() < deadline, "the subject generation was not recorded"
+            time.sleep(0.2)
+    victim = stack.new_key(["read"], display_name="to-revoke")
+    return Subjects(model=model, transaction=f"transactions/{request_id}", victim_key=victim.name)
