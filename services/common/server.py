@@ -18,7 +18,7 @@ from services.common.config import ServiceSettings, Settings, get_settings
 from services.common.interceptor import CallObserver, Lifecycle, ServingInterceptor
 from services.common.logging import configure_logging
 from services.common.metrics import start_metrics_server
-from services.common.telemetry import configure_tracing, server_interceptor
+from services.common.telemetry import configure_tracing, server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,10 @@ async def serve(
     lifecycle = Lifecycle()
     auth = AuthObserver(settings, authorizer)
     server = grpc.aio.server(
-        interceptors=[server_interceptor(), ServingInterceptor(lifecycle, [auth, *(observers or [])])],
+        interceptors=[
+            *server_interceptors(settings.telemetry),
+            ServingInterceptor(lifecycle, [auth, *(observers or [])]),
+        ],
         options=SERVER_OPTIONS,
     )
     health = HealthServicer()
