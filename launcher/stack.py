@@ -30,6 +30,7 @@ from typing import IO, Any
 
 import httpx
 
+from launcher.credentials import AdminKey, with_credentials
 from launcher.environment import settings_env
 from launcher.envoy import envoy_program
 from launcher.ports import taken_ports
@@ -41,7 +42,11 @@ from services.common.config import REPO_ROOT, Settings
 
 LOCK_NAME = "ferry.lock"
 # Start order (supervisord priority): Triton, then the services that call it, then the edge.
-SERVICES = ("models", "inference", "transactions", "audit")
+SERVICES = ("models", "inference", "transactions", "audit", "gateway")
+# The Python module each one runs as (`python -m ...`).
+MODULES = {name: f"services.{name}" for name in SERVICES} | {"gateway": "gateway"}
+# Only the gateway needs the bootstrap admin key; the other children do not get it.
+ADMIN_KEY_ENV = "FERRY_BOOTSTRAP_ADMIN_KEY"
 SERVICES_PRIORITY = 500
 READY_POLL_SECONDS = 0.25
 # supervisord stops programs one after another; beyond their summed waits something is stuck.
@@ -97,10 +102,14 @@ def endpoints(settings: Settings) -> Endpoints:
 
 
 def service_program(name: str, settings: Settings) -> Program:
+    env = {"PYTHONUNBUFFERED": "1"}
+    if name == "gateway" and settings.bootstrap_admin_key is not None:
+        # It inserts the key when absent (a revoked one stays revoked).
+        env[ADMIN_KEY_ENV] = settings.bootstrap_admin_key.get_secret_value()
     return Program(
         name=name,
-        argv=[sys.executable, "-m", f"services.{name}"],
-        env={"PYTHONUNBUFFERED": "1"},
+        argv=[sys.executable, "-m", MODULES[name]],
+        env=env,
         cwd=REPO_ROOT,
         # After Triton, before Envoy. They find each other through retries and health, so they start
         # and drain together (one supervisord group), which keeps `make run` and Ctrl-C quick.
@@ -112,7 +121,7 @@ def service_program(name: str, settings: Settings) -> Program:
 
 
 def default_programs(settings: Settings) -> list[Program]:
-    """Triton, the four services, Envoy: started in this order, stopped in the reverse one."""
+    """Triton, the services and the gateway, Envoy: started in this order, stopped in reverse."""
     services = [service_program(name, settings) for name in SERVICES]
     return [triton_program(settings), *services, envoy_program(settings)]
 
@@ -142,6 +151,8 @@ class Stack:
         self._started_at = 0.0
         self.database_url: str | None = settings.database_url
         self.endpoints = endpoints(settings)
+        # The admin key this start bootstraps (None with auth off); set by `start`.
+        self.admin_key: AdminKey | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -151,6 +162,9 @@ class Stack:
         self._acquire_lock()
         try:
             self._check_ports()
+            # A fresh service token per start (unless configured) and the admin key, after the lock:
+            # a second launcher refused by it must not touch <home>/admin.key.
+            self.settings, self.admin_key = with_credentials(self.settings)
             if self.settings.database_url is None:
                 self._postgres = start_embedded(self.settings)
                 self.database_url = self._postgres.uri
@@ -268,6 +282,8 @@ class Stack:
         if self.database_url is not None:
             settings = settings.model_copy(update={"database_url": self.database_url})
         env.update(settings_env(settings))
+        # The gateway gets it through its own program environment (service_program).
+        env.pop(ADMIN_KEY_ENV, None)
         return env
 
     def _start_supervisord(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 from supervisor.xmlrpc import SupervisorTransport
 
+from launcher.files import write_private
 from launcher.programs import Program
 from services.common.config import Settings
 
@@ -121,7 +122,8 @@ def render_supervisor_config(settings: Settings, programs: Sequence[Program]) ->
         *_group_sections(programs),
     ]
     path = settings.run_dir / CONFIG_NAME
-    path.write_text("\n\n".join(sections) + "\n")
+    # Owner-only: a program's environment may hold a secret (the gateway's bootstrap admin key).
+    write_private(path, "\n\n".join(sections) + "\n")
     return path
 
 

@@ -1,9 +1,11 @@
 """Envoy's edge configuration (envoy/envoy.yaml.j2 + envoy/ferry.lua) on a real Envoy.
 
 The configuration is validated by Envoy itself. Its error paths and request handling (Retry-After,
-mid-stream errors, the OpenAI stream switch, request ids, readiness) are driven here against a
-small in-process gRPC upstream that answers on demand, since the real services cannot be made to
-fail at will; the real stack's paths are covered by tests/test_launcher.py.
+mid-stream errors, the OpenAI stream switch, request ids, readiness, CORS, the body limit, how key
+refusals reach REST and gRPC clients) are driven here against a small in-process gRPC upstream that
+answers on demand, since the real services cannot be made to fail at will. It also stands in for the
+gateway's ext_authz check, refusing with the gateway's own refusal (gateway.ext_authz.denied); the
+real gateway's decisions are covered by tests/gateway and, through the real stack, tests/auth.
 """
 
 from __future__ import annotations
@@ -20,32 +22,87 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from ferry.models.v1 import models_pb2, models_pb2_grpc
 from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
 from google.protobuf import descriptor_pb2
+from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from gateway.ext_authz import denied
 from launcher.envoy import (
     DESCRIPTOR,
     described_services,
     envoy_program,
+    internal_methods,
     render_envoy_config,
     upstreams,
     validate_command,
 )
+from services.common.config import Settings
 from services.common.errors import RpcError
 from tests.stack import stack_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-HEALTH_NAMES = [u.health_service for u in upstreams(stack_settings(Path("/nonexistent")))]
+HEALTH_NAMES = [
+    u.health_service
+    for u in upstreams(stack_settings(Path("/nonexistent"), auth={"service_token": "unused"}))
+]
+SERVICE_TOKEN = "edge-test-service-token"
+KEY = "fry_edge-test-key"
+READ_ONLY_KEY = "fry_edge-test-read-only"
+ORIGIN = "https://app.example"
+MAX_REQUEST_BYTES = 64 * 1024
 
 
-def test_rendered_config_is_valid(tmp_path: Path) -> None:
-    config = render_envoy_config(stack_settings(tmp_path))
+def edge_settings(home: Path, **envoy: Any) -> Settings:
+    settings = stack_settings(home, auth={"service_token": SERVICE_TOKEN})
+    return settings.model_copy(update={"envoy": settings.envoy.model_copy(update=envoy)})
+
+
+def _validate(config: Path) -> None:
     result = subprocess.run(validate_command(config), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout
+
+
+def test_rendered_config_is_valid_and_private(tmp_path: Path) -> None:
+    config = render_envoy_config(edge_settings(tmp_path, cors_allow_origins=[ORIGIN, "*"]))
+    _validate(config)
+    text = config.read_text()
+    assert "envoy.filters.http.ext_authz" in text
+    assert "envoy.filters.http.cors" in text
+    # It holds the service token: readable by its owner only.
+    assert f"Bearer {SERVICE_TOKEN}" in text
+    assert config.stat().st_mode & 0o777 == 0o600
+
+
+def test_without_auth_envoy_asks_for_no_key(tmp_path: Path) -> None:
+    settings = stack_settings(tmp_path, auth={"enabled": False})
+    config = render_envoy_config(settings)
+    _validate(config)
+    text = config.read_text()
+    assert "envoy.filters.http.ext_authz" not in text
+    assert "envoy.filters.http.cors" not in text  # off unless origins are configured
+    # Nobody can claim to be the edge: a client's x-ferry-edge is dropped.
+    assert "request_headers_to_remove: [x-ferry-edge]" in text
+
+
+def test_auth_without_a_service_token_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="service_token"):
+        render_envoy_config(stack_settings(tmp_path))
+
+
+def test_internal_methods_come_from_the_access_option() -> None:
+    internal = {f"{s}/{m}" for s, methods in internal_methods(DESCRIPTOR).items() for m in methods}
+    assert internal == {
+        "ferry.auth.v1.AuthService/Authorize",
+        "ferry.auth.v1.AuthService/RecordUsage",
+        "ferry.audit.v1.AuditService/AppendEvents",
+        "ferry.transactions.v1.TransactionsService/CreateTransaction",
+        "ferry.transactions.v1.TransactionsService/CompleteTransaction",
+    }
 
 
 def test_services_missing_from_the_descriptor_are_not_transcoded(tmp_path: Path) -> None:
@@ -59,7 +116,7 @@ def test_services_missing_from_the_descriptor_are_not_transcoded(tmp_path: Path)
     descriptor.write_bytes(partial.SerializeToString())
     assert "ferry.transactions.v1.TransactionsService" not in described_services(descriptor)
 
-    config = render_envoy_config(stack_settings(tmp_path), descriptor)
+    config = render_envoy_config(edge_settings(tmp_path), descriptor)
     text = config.read_text()
     result = subprocess.run(validate_command(config), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -116,14 +173,52 @@ class Scripted(openai_pb2_grpc.OpenAIServiceServicer, models_pb2_grpc.ModelsServ
         return models_pb2.ListModelsResponse(models=[models_pb2.Model(name="models/scripted")])
 
 
+class ScriptedCheck(external_auth_pb2_grpc.AuthorizationServicer):
+    """The gateway's ext_authz Check with a fixed decision: KEY may do anything, READ_ONLY_KEY
+    nothing here, no other key is known. Refusals are the gateway's own (gateway.ext_authz.denied)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, str], str, dict[str, str]]] = []
+
+    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
+        http = request.attributes.request.http
+        headers = dict(http.headers)
+        self.seen.append(({k: v for k, v in context.invocation_metadata()}, http.path, headers))
+        presented = headers.get("authorization", "")
+        if presented == f"Bearer {KEY}":
+            return external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=code_pb2.OK), ok_response=external_auth_pb2.OkHttpResponse()
+            )
+        if presented == f"Bearer {READ_ONLY_KEY}":
+            refusal = RpcError(grpc.StatusCode.PERMISSION_DENIED, "this key lacks the admin scope", "SCOPE")
+        else:
+            refusal = RpcError(grpc.StatusCode.UNAUTHENTICATED, "no valid API key", "MISSING_KEY")
+        return denied(refusal)
+
+
+AUTHORIZED = {"authorization": f"Bearer {KEY}"}
+GRPC_AUTHORIZED = (("authorization", f"Bearer {KEY}"),)
+
+
 class Edge:
     def __init__(
-        self, base: str, upstream: Scripted, health: health.HealthServicer, grpc_target: str
+        self,
+        settings: Settings,
+        upstream: Scripted,
+        check: ScriptedCheck,
+        health: health.HealthServicer,
     ) -> None:
-        self.base = base
+        self.settings = settings
+        self.base = f"http://{settings.envoy.host}:{settings.envoy.port}"
+        self.grpc_target = f"{settings.envoy.host}:{settings.envoy.port}"
         self.upstream = upstream
+        self.check = check
         self.health = health
-        self.grpc_target = grpc_target
+
+    def get(self, path: str, **options: Any) -> httpx.Response:
+        """GET with the accepted key (unless the headers say otherwise)."""
+        headers = {**AUTHORIZED, **options.pop("headers", {})}
+        return httpx.get(f"{self.base}{path}", headers=headers, **options)
 
 
 def _wait_ready(base: str, timeout: float = 20.0) -> None:
@@ -140,26 +235,29 @@ def _wait_ready(base: str, timeout: float = 20.0) -> None:
 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    settings = stack_settings(tmp_path_factory.mktemp("edge"))
+    settings = edge_settings(
+        tmp_path_factory.mktemp("edge"), cors_allow_origins=[ORIGIN], max_request_bytes=MAX_REQUEST_BYTES
+    )
     upstream = Scripted()  # type: ignore[abstract]  # the RPCs it does not script answer UNIMPLEMENTED
+    check = ScriptedCheck()
     health_servicer = health.HealthServicer()
     for name in HEALTH_NAMES:
         health_servicer.set(name, SERVING)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     openai_pb2_grpc.add_OpenAIServiceServicer_to_server(upstream, server)
     models_pb2_grpc.add_ModelsServiceServicer_to_server(upstream, server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(check, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    # One process stands in for all four services.
+    # One process stands in for all the services and the gateway.
     for u in upstreams(settings):
         server.add_insecure_port(u.endpoint.address)
     server.start()
     program = envoy_program(settings)
     log = (settings.log_dir / "envoy.log").open("w")
     envoy = subprocess.Popen(program.argv, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://{settings.envoy.host}:{settings.envoy.port}"
     try:
-        _wait_ready(base)
-        yield Edge(base, upstream, health_servicer, f"{settings.envoy.host}:{settings.envoy.port}")
+        _wait_ready(f"http://{settings.envoy.host}:{settings.envoy.port}")
+        yield Edge(settings, upstream, check, health_servicer)
     finally:
         envoy.terminate()
         envoy.wait(10)
@@ -170,7 +268,9 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
 def _post(edge: Edge, path: str, body: dict[str, Any] | str, **headers: str) -> httpx.Response:
     content = body if isinstance(body, str) else json.dumps(body)
     return httpx.post(
-        f"{edge.base}{path}", content=content, headers={"content-type": "application/json", **headers}
+        f"{edge.base}{path}",
+        content=content,
+        headers={"content-type": "application/json", **AUTHORIZED, **headers},
     )
 
 
@@ -246,6 +346,7 @@ def test_mid_stream_error_reaches_http1_clients_as_trailers(edge: Edge) -> None:
     body = json.dumps({"model": "m", "prompt": "fail-midway", "stream": True}).encode()
     request = (
         f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEY}\r\n"
         f"TE: trailers\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     with socket.create_connection((host, int(port)), timeout=10) as sock:
@@ -289,23 +390,23 @@ def test_error_details_are_rendered_as_json(edge: Edge) -> None:
 
 
 def test_request_id_is_kept_when_well_formed_and_made_otherwise(edge: Edge) -> None:
-    kept = httpx.get(f"{edge.base}/api/v1/models", headers={"x-request-id": "client-id.1:2"})
+    kept = edge.get("/api/v1/models", headers={"x-request-id": "client-id.1:2"})
     assert kept.headers["x-request-id"] == "client-id.1:2"
     assert edge.upstream.metadata[-1]["x-request-id"] == "client-id.1:2"
 
     for bad in ["has spaces", "x" * 200, "semi;colon"]:
-        replaced = httpx.get(f"{edge.base}/api/v1/models", headers={"x-request-id": bad})
+        replaced = edge.get("/api/v1/models", headers={"x-request-id": bad})
         assert replaced.headers["x-request-id"] != bad
         assert len(replaced.headers["x-request-id"]) == 36  # a UUID
         assert edge.upstream.metadata[-1]["x-request-id"] == replaced.headers["x-request-id"]
 
-    made = httpx.get(f"{edge.base}/api/v1/models")
+    made = edge.get("/api/v1/models")
     assert len(made.headers["x-request-id"]) == 36
     assert edge.upstream.metadata[-1]["x-request-id"] == made.headers["x-request-id"]
 
 
 def test_field_names_and_defaults_are_printed(edge: Edge) -> None:
-    model = httpx.get(f"{edge.base}/api/v1/models").json()["models"][0]
+    model = edge.get("/api/v1/models").json()["models"][0]
     # preserve_proto_field_names and always_print_primitive_fields
     assert model["name"] == "models/scripted"
     assert model["state_reason"] == ""
@@ -313,8 +414,8 @@ def test_field_names_and_defaults_are_printed(edge: Edge) -> None:
 
 
 def test_unknown_paths_and_query_parameters(edge: Edge) -> None:
-    assert httpx.get(f"{edge.base}/api/v1/nothing-here").status_code == 404
-    bad_query = httpx.get(f"{edge.base}/api/v1/models", params={"bogus": "1"})
+    assert edge.get("/api/v1/nothing-here").status_code == 404
+    bad_query = edge.get("/api/v1/models", params={"bogus": "1"})
     assert bad_query.status_code == 400
     assert "bogus" in bad_query.text
 
@@ -322,11 +423,13 @@ def test_unknown_paths_and_query_parameters(edge: Edge) -> None:
 def test_native_grpc_passes_through_the_same_listener(edge: Edge) -> None:
     with grpc.insecure_channel(edge.grpc_target) as channel:
         models = models_pb2_grpc.ModelsServiceStub(channel).ListModels(
-            models_pb2.ListModelsRequest(), metadata=[("x-request-id", "native-1")], timeout=5
+            models_pb2.ListModelsRequest(),
+            metadata=[("x-request-id", "native-1"), *GRPC_AUTHORIZED],
+            timeout=5,
         )
         chunks = list(
             openai_pb2_grpc.OpenAIServiceStub(channel).CreateCompletionStream(
-                openai_pb2.CreateCompletionRequest(model="m"), timeout=5
+                openai_pb2.CreateCompletionRequest(model="m"), metadata=GRPC_AUTHORIZED, timeout=5
             )
         )
     assert [m.name for m in models.models] == ["models/scripted"]
@@ -340,12 +443,149 @@ def test_native_grpc_passes_through_the_same_listener(edge: Edge) -> None:
         "/ferry.audit.v1.AuditService/AppendEvents",
         "/ferry.transactions.v1.TransactionsService/CreateTransaction",
         "/ferry.transactions.v1.TransactionsService/CompleteTransaction",
+        "/ferry.auth.v1.AuthService/Authorize",
+        "/ferry.auth.v1.AuthService/RecordUsage",
     ],
 )
 def test_internal_record_methods_are_refused_at_the_edge(edge: Edge, method: str) -> None:
-    """Only ferry's own processes deliver records (directly to the service port): no forging via Envoy."""
+    """Only ferry's own processes deliver records (directly to the service port): no forging via Envoy,
+    not even with a key the gateway accepts."""
     with grpc.insecure_channel(edge.grpc_target) as channel:
         call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
         with pytest.raises(grpc.RpcError) as err:
-            call(b"", timeout=5)
+            call(b"", metadata=GRPC_AUTHORIZED, timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+# -- API keys at the edge (the gateway's ext_authz check) --------------------------------------------
+
+
+def test_rest_without_a_valid_key_is_refused_with_openai_error_json(edge: Edge) -> None:
+    for headers in ({}, {"authorization": "Bearer fry_unknown"}):
+        response = httpx.get(f"{edge.base}/api/v1/models", headers=headers)
+        assert response.status_code == 401
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["www-authenticate"].startswith("Bearer")
+        assert "grpc-status" not in response.headers
+        assert response.json()["error"]["message"] == "no valid API key"
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_rest_with_a_key_lacking_the_scope_is_forbidden(edge: Edge) -> None:
+    response = edge.get("/api/v1/models", headers={"authorization": f"Bearer {READ_ONLY_KEY}"})
+    assert response.status_code == 403
+    assert response.json()["error"] == {
+        "message": "this key lacks the admin scope",
+        "type": "permission_error",
+        "code": "scope",
+    }
+
+
+@pytest.mark.parametrize(
+    ("metadata", "code", "message"),
+    [
+        ((), grpc.StatusCode.UNAUTHENTICATED, "no valid API key"),
+        (
+            (("authorization", f"Bearer {READ_ONLY_KEY}"),),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "this key lacks the admin scope",
+        ),
+    ],
+)
+def test_grpc_refusals_carry_the_status_code_and_a_plain_message(
+    edge: Edge, metadata: tuple[tuple[str, str], ...], code: grpc.StatusCode, message: str
+) -> None:
+    with grpc.insecure_channel(edge.grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            models_pb2_grpc.ModelsServiceStub(channel).ListModels(
+                models_pb2.ListModelsRequest(), metadata=metadata, timeout=5
+            )
+    assert err.value.code() == code
+    # The gateway's JSON body becomes grpc-message; ferry.lua gives gRPC callers its message alone.
+    assert err.value.details() == message
+
+
+def test_envoy_asks_with_the_service_token_about_the_grpc_method(edge: Edge) -> None:
+    """ext_authz sits after the transcoder: a REST call is checked as the gRPC method it becomes."""
+    assert edge.get("/api/v1/models").status_code == 200
+    metadata, path, headers = edge.check.seen[-1]
+    assert metadata["authorization"] == f"Bearer {SERVICE_TOKEN}"
+    assert path == "/ferry.models.v1.ModelsService/ListModels"
+    assert headers["authorization"] == f"Bearer {KEY}"
+
+
+def test_edge_headers_replace_what_the_client_sent(edge: Edge) -> None:
+    spoofed = {"x-ferry-edge": "Bearer forged", "x-ferry-client-address": "203.0.113.9"}
+    assert edge.get("/api/v1/models", headers=spoofed).status_code == 200
+    seen = edge.upstream.metadata[-1]
+    assert seen["x-ferry-edge"] == f"Bearer {SERVICE_TOKEN}"
+    assert seen["x-ferry-client-address"] == "127.0.0.1"
+    # The key travels on: every service checks it again.
+    assert seen["authorization"] == f"Bearer {KEY}"
+
+
+def test_health_endpoints_need_no_key(edge: Edge) -> None:
+    for path in ("/healthz", "/readyz"):
+        assert httpx.get(f"{edge.base}{path}").status_code == 200
+
+
+def test_the_access_log_holds_no_key_or_token(edge: Edge) -> None:
+    edge.get("/api/v1/models")
+    httpx.get(f"{edge.base}/api/v1/models", headers={"authorization": "Bearer fry_logged-nowhere"})
+    log = edge.settings.log_dir / "envoy-access.log"
+    deadline = time.monotonic() + 5
+    while "/api/v1/models" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)  # Envoy flushes its access log about once a second
+    text = log.read_text()
+    assert "/api/v1/models" in text
+    for secret in (KEY, "fry_logged-nowhere", SERVICE_TOKEN):
+        assert secret not in text
+
+
+# -- CORS and the body limit --------------------------------------------------------------------------
+
+
+def test_cors_preflight_is_answered_without_a_key(edge: Edge) -> None:
+    response = httpx.options(
+        f"{edge.base}/v1/chat/completions",
+        headers={
+            "origin": ORIGIN,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization, content-type",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in response.headers["access-control-allow-headers"]
+    assert "POST" in response.headers["access-control-allow-methods"]
+    assert "retry-after" in response.headers["access-control-expose-headers"]
+
+
+def test_cors_lets_the_browser_read_refusals_but_only_for_allowed_origins(edge: Edge) -> None:
+    refused = httpx.get(f"{edge.base}/api/v1/models", headers={"origin": ORIGIN})
+    assert refused.status_code == 401
+    assert refused.headers["access-control-allow-origin"] == ORIGIN
+    other = edge.get("/api/v1/models", headers={"origin": "https://elsewhere.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_rest_body_beyond_the_limit_is_413_with_a_clear_message(edge: Edge) -> None:
+    response = _post(edge, "/v1/completions", {"model": "m", "prompt": "x" * MAX_REQUEST_BYTES})
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large"
+    assert f"larger than {MAX_REQUEST_BYTES} bytes" in error["message"]
+    # Just under the limit passes.
+    assert _post(edge, "/v1/completions", {"model": "m", "prompt": "x" * 1000}).status_code == 200
+
+
+def test_a_grpc_message_beyond_the_limit_is_resource_exhausted(edge: Edge) -> None:
+    with grpc.insecure_channel(edge.grpc_target) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            models_pb2_grpc.ModelsServiceStub(channel).ListModels(
+                models_pb2.ListModelsRequest(page_token="x" * MAX_REQUEST_BYTES),
+                metadata=GRPC_AUTHORIZED,
+                timeout=5,
+            )
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"larger than {MAX_REQUEST_BYTES} bytes" in (err.value.details() or "")
