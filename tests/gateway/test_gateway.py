@@ -138,6 +138,8 @@ async def test_audit_events_never_hold_the_secret(
     assert created.name.encode() in spooled
     assert created.secret.encode() not in spooled
     assert ADMIN_KEY.encode() not in spooled
+    logged = (gateway.home / "gateway.log").read_text()
+    assert created.secret not in logged and ADMIN_KEY not in logged
 
 
 @pytest.mark.parametrize(
@@ -295,6 +297,9 @@ async def test_per_address_limits(postgres_url: str, tmp_path: Path) -> None:
         FERRY_AUTH__RATE_LIMITS__PER_ADDRESS_TOKENS_PER_MINUTE="50",
     )
     try:
+        with psycopg.connect(postgres_url) as conn:  # the replica found the bootstrap key in place
+            row = conn.execute("SELECT count(*) FROM api_keys WHERE creator = 'bootstrap'").fetchone()
+        assert row == (1,)
         async with grpc.aio.insecure_channel(limited.address) as channel:
             keys = keys_pb2_grpc.KeysServiceStub(channel)
             auth = auth_pb2_grpc.AuthServiceStub(channel)
@@ -417,3 +422,32 @@ def test_cli_create_list_revoke(gateway: Gateway) -> None:
     refused = ferry_keys(gateway, "list", api_key="fry_wrong")
     assert refused.returncode == 1
     assert "UNAUTHENTICATED" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_not_serving_without_database(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from launcher.ports import free_ports
+    from tests.gateway.conftest import gateway_env
+
+    port, metrics_port, nowhere = free_ports(3)
+    env = gateway_env(tmp_path, f"postgresql://postgres@127.0.0.1:{nowhere}/none", port, metrics_port)
+    with open(tmp_path / "gateway.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway"], env=env, cwd=REPO_ROOT, stdout=log, stderr=log
+        )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            grpc.channel_ready_future(channel).result(timeout=20)
+            live = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=2)
+            assert live.status == health_pb2.HealthCheckResponse.SERVING
+            ready = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            assert ready.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            keys = keys_pb2_grpc.KeysServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                keys.ListKeys(keys_pb2.ListKeysRequest(), metadata=ADMIN, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    finally:
+        process.terminate()
+        process.wait(15)
