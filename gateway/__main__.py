@@ -39,7 +39,7 @@ async def _setup(runtime: Runtime) -> None:
     keys_pb2_grpc.add_KeysServiceServicer_to_server(KeysServicer(store, authorizer, recorder), runtime.server)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(authorizer), runtime.server)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        ext_authz.EnvoyAuthorizationServicer(authorizer), runtime.server
+        ext_authz.EnvoyAuthorizationServicer(authorizer, recorder), runtime.server
     )
 
 

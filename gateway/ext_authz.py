@@ -22,6 +22,7 @@ from google.rpc import code_pb2, status_pb2
 from gateway.authorizer import LocalAuthorizer
 from services.common.context import AUTHORIZATION_HEADER, bearer_token
 from services.common.errors import RpcError
+from services.recording import Recorder
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +39,36 @@ HTTP_REFUSALS = {
 
 
 class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    def __init__(self, authorizer: LocalAuthorizer) -> None:
+    def __init__(self, authorizer: LocalAuthorizer, recorder: Recorder) -> None:
         self.authorizer = authorizer
+        self.recorder = recorder
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
+        method = http.path.partition("?")[0]
         try:
             await self.authorizer.authorize(
                 auth_pb2.AuthorizeRequest(
                     api_key=bearer_token(http.headers.get(AUTHORIZATION_HEADER)),
-                    method=http.path.partition("?")[0],
+                    method=method,
                     client_address=request.attributes.source.address.socket_address.address,
                     check_only=True,
                 )
             )
         except RpcError as err:
+            # Checks are internal calls, not audited one by one (the service behind audits each call
+            # it gets); a refusal at the edge never reaches a service, so it is audited here.
+            self.recorder.operational(
+                "edge.deny",
+                principal="anonymous",
+                resource=method,
+                code=getattr(code_pb2, err.code.name),
+                message=err.message,
+                request_id=http.headers.get("x-request-id", ""),
+                attributes={"client_address": request.attributes.source.address.socket_address.address},
+            )
             return denied(err)
         return external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK), ok_response=external_auth_pb2.OkHttpResponse()

@@ -340,7 +340,9 @@ def check_request(path: str, secret: str = "", address: str = "192.0.2.10") -> e
     return request
 
 
-async def test_ext_authz_check(keys: keys_pb2_grpc.KeysServiceStub, channel: grpc.aio.Channel) -> None:
+async def test_ext_authz_check(
+    keys: keys_pb2_grpc.KeysServiceStub, channel: grpc.aio.Channel, gateway: Gateway
+) -> None:
     check = external_auth_pb2_grpc.AuthorizationStub(channel)
     key = await create(keys, "edge", "inference", limits={"requests_per_minute": 1})
 
@@ -364,6 +366,11 @@ async def test_ext_authz_check(keys: keys_pb2_grpc.KeysServiceStub, channel: grp
         body = json.loads(denied.denied_response.body)
         assert set(body["error"]) == {"message", "type", "code"}
         assert "fry_wrong" not in denied.denied_response.body
+
+    # Refusals at the edge are audited (no service sees them), without the presented key.
+    await asyncio.sleep(0.2)
+    spooled = b"".join(p.read_bytes() for p in (gateway.home / "spool").glob("gateway.db*"))
+    assert b"edge.deny" in spooled and b"fry_wrong" not in spooled
 
     # Health needs no key, at the edge either.
     public = await check.Check(check_request("/grpc.health.v1.Health/Check"), metadata=SERVICE)
