@@ -21,8 +21,11 @@ import pytest
 from ferry.models.v1 import models_pb2, models_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from launcher.__main__ import auth_lines
+from launcher.credentials import ADMIN_KEY_NAME, with_credentials
 from launcher.environment import settings_env
 from launcher.ports import free_ports
+from launcher.stack import ADMIN_KEY_ENV, service_program
 from services.common.config import REPO_ROOT, Settings
 from tests.stack import RunningStack, python_env, stack_settings
 
@@ -33,6 +36,7 @@ SERVICE_NAMES = {
     "models": "ferry.models.v1.ModelsService",
     "transactions": "ferry.transactions.v1.TransactionsService",
     "audit": "ferry.audit.v1.AuditService",
+    "gateway": "ferry.keys.v1.KeysService",
 }
 DEFAULT_MODEL = "models/gemma-3-270m"
 
@@ -49,6 +53,59 @@ def test_children_see_exactly_the_launchers_settings(monkeypatch: pytest.MonkeyP
     for key, value in settings_env(settings).items():
         monkeypatch.setenv(key, value)
     assert Settings() == settings
+
+
+def test_first_start_makes_a_private_admin_key_and_later_starts_reuse_it(tmp_path: Path) -> None:
+    settings = stack_settings(tmp_path, bootstrap_admin_key=None)
+    first, made = with_credentials(settings)
+    assert made is not None and made.created
+    path = tmp_path / ADMIN_KEY_NAME
+    assert made.path == path
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.read_text().strip() == made.secret
+    assert made.secret.startswith("fry_")
+    assert first.bootstrap_admin_key is not None
+    assert first.bootstrap_admin_key.get_secret_value() == made.secret
+    # The banner shows it this once ...
+    assert any(made.secret in line for line in auth_lines(first, made))
+
+    second, reused = with_credentials(settings)
+    assert reused is not None and not reused.created
+    assert reused.secret == made.secret
+    # ... and never again: it names the file instead.
+    lines = auth_lines(second, reused)
+    assert not any(made.secret in line for line in lines)
+    assert any(str(path) in line for line in lines)
+    # The service token is fresh on every start.
+    assert first.auth.service_token is not None and second.auth.service_token is not None
+    assert first.auth.service_token != second.auth.service_token
+
+
+def test_a_bootstrap_admin_key_from_the_settings_writes_no_file(tmp_path: Path) -> None:
+    settings = stack_settings(tmp_path, bootstrap_admin_key="fry_chosen-by-the-operator")
+    updated, admin = with_credentials(settings)
+    assert admin is not None and admin.path is None and not admin.created
+    assert admin.secret == "fry_chosen-by-the-operator"
+    assert not (tmp_path / ADMIN_KEY_NAME).exists()
+    assert not any(admin.secret in line for line in auth_lines(updated, admin))
+
+
+def test_with_auth_off_nothing_is_made_and_the_banner_warns(tmp_path: Path) -> None:
+    settings = stack_settings(tmp_path, bootstrap_admin_key=None, auth={"enabled": False})
+    updated, admin = with_credentials(settings)
+    assert admin is None
+    assert updated.auth.service_token is None
+    assert not (tmp_path / ADMIN_KEY_NAME).exists()
+    assert "authentication is OFF" in "\n".join(auth_lines(updated, admin))
+
+
+def test_only_the_gateway_is_given_the_admin_key(tmp_path: Path) -> None:
+    settings, _ = with_credentials(stack_settings(tmp_path))
+    assert settings.bootstrap_admin_key is not None
+    secret = settings.bootstrap_admin_key.get_secret_value()
+    assert service_program("gateway", settings).env[ADMIN_KEY_ENV] == secret
+    assert service_program("gateway", settings).argv[-2:] == ["-m", "gateway"]
+    assert ADMIN_KEY_ENV not in service_program("models", settings).env
 
 
 def test_sigterm_reports_not_serving_before_the_process_exits(tmp_path: Path) -> None:
@@ -262,3 +319,30 @@ def _readyz_becomes(stack: RunningStack, status: int, seconds: float) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+@pytest.mark.stack
+def test_readyz_needs_the_gateway_too(stack: RunningStack) -> None:
+    supervisor = stack.supervisor()
+    supervisor.stop("gateway")
+    try:
+        assert _readyz_becomes(stack, 503, seconds=5.0)
+    finally:
+        supervisor.start("gateway")
+    stack.wait_serving("gateway")
+
+
+@pytest.mark.stack
+def test_the_service_token_is_only_in_files_no_one_else_can_read(stack: RunningStack) -> None:
+    token = stack.stack.settings.auth.service_token
+    assert token is not None
+    secret = token.get_secret_value().encode()
+    holders = []
+    for folder in (stack.settings.run_dir, stack.settings.log_dir):
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink() and secret in path.read_bytes():
+                holders.append(path)
+                assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+    # Envoy's configuration holds it (ext_authz, x-ferry-edge); no log does.
+    assert stack.settings.run_dir / "envoy.yaml" in holders
+    assert not [p for p in holders if p.is_relative_to(stack.settings.log_dir)]
