@@ -33,7 +33,11 @@ Contract:
   too). They never fail because Transactions, Audit or PostgreSQL are down.
 - A request started and never finished (the process was killed) becomes a `STATUS_INCOMPLETE`
   record when the process starts again with the same spool (`Recorder(settings, same name)`).
-  While it runs, the record shows `STATUS_IN_PROGRESS`.
+- Delivery saves calls: a start waits up to `recording.merge_window_seconds` (1 s) for its outcome,
+  so a request that finishes within it arrives as one complete record; one that runs longer shows
+  `STATUS_IN_PROGRESS` from then until it finishes. A delivery loop woken by a new record waits
+  `recording.batch_delay_seconds` (0.1 s) to send what arrives meanwhile in the same batch.
+  `flush()` sends everything at once.
 - The first start and the first finish of a request id win; repeats are ignored (logged).
 - Spool durability: `recording.synchronous=NORMAL` (default) survives a killed process;
   `FULL` also a power cut, at the price of an fsync per record.

@@ -5,6 +5,12 @@ A record leaves the spool only after its service acknowledged it; a failed call 
 exponential backoff (tenacity) for as long as it takes. The services' writes are idempotent (request
 id, event id), which turns at-least-once delivery into exactly-once effect.
 
+Fewer calls: a started transaction is held back for `merge_window` seconds, so that a request that
+finishes within it goes out as one CreateTransaction with its outcome (instead of CreateTransaction
+then CompleteTransaction); and a loop woken by a new record waits `batch_delay` seconds, so that the
+records arriving meanwhile go out together (one AppendEvents for many audit events). Neither delays
+what is on disk: the spool has every record from the moment it is written.
+
 Refusals that retrying cannot fix (INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION) move the
 record to the spool's `dead` table instead of blocking everything behind it; all other errors
 (UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED while keys are being set up, ...) are retried.
@@ -13,8 +19,8 @@ record to the spool's `dead` table instead of blocking everything behind it; all
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -29,6 +35,8 @@ log = logging.getLogger(__name__)
 
 Transaction = transactions_pb2.Transaction
 CALL_TIMEOUT_SECONDS = 10.0
+# An idle loop looks at the spool at least this often (records written by another thread, due starts).
+IDLE_POLL_SECONDS = 1.0
 PERMANENT = frozenset(
     {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.FAILED_PRECONDITION}
 )
@@ -69,11 +77,17 @@ class Delivery:
         batch_size: int,
         max_backoff: float,
         metadata: tuple[tuple[str, str], ...] = (),
+        merge_window: float = 0.0,
+        batch_delay: float = 0.0,
     ) -> None:
         self.spool = spool
         self.batch_size = batch_size
         self.max_backoff = max_backoff
         self.metadata = metadata
+        self.merge_window = merge_window
+        self.batch_delay = batch_delay
+        # While > 0 (someone is flushing), nothing is held back or delayed.
+        self.flushing = 0
         self.wakeup = {"transaction": asyncio.Event(), "audit": asyncio.Event()}
         self._channels = [
             grpc.aio.insecure_channel(transactions_address),
@@ -122,15 +136,35 @@ class Delivery:
                 DELIVERY_FAILURES.labels(kind).inc()
                 await asyncio.sleep(self.max_backoff)
                 continue
-            if not delivered:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
-                # arrives as the event is set (stop() writes `service.stop`, then cancels us).
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await wakeup.wait()
+            if delivered >= self.batch_size:
+                continue  # a full batch: more is probably waiting
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the event is set (stop() writes `service.stop`, then cancels us).
+            try:
+                async with asyncio.timeout(self._idle_seconds(kind)):
+                    await wakeup.wait()
+            except TimeoutError:
+                continue
+            if self.batch_delay > 0 and not self.flushing:
+                # Woken by a new record: let the next few join it in the same batch.
+                await asyncio.sleep(self.batch_delay)
+
+    def _holding_starts(self) -> bool:
+        return self.merge_window > 0 and not self.flushing
+
+    def _idle_seconds(self, kind: str) -> float:
+        """How long an idle loop may sleep: until the first held start is due, at most IDLE_POLL_SECONDS."""
+        if kind != "transaction" or not self._holding_starts():
+            return IDLE_POLL_SECONDS
+        first = self.spool.first_waiting_start()
+        if first is None:
+            return IDLE_POLL_SECONDS
+        # A small floor, so that a start due now never makes the loop spin.
+        return min(IDLE_POLL_SECONDS, max(0.01, first + self.merge_window - time.time()))
 
     async def _transactions_step(self) -> int:
-        rows = self.spool.pending_txn(self.batch_size)
+        held = time.time() - self.merge_window if self._holding_starts() else None
+        rows = self.spool.pending_txn(self.batch_size, started_before=held)
         for row in rows:
             try:
                 await self._deliver_txn(row)

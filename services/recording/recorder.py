@@ -98,6 +98,8 @@ class Recorder:
             batch_size=config.batch_size,
             max_backoff=config.max_backoff_seconds,
             metadata=metadata,
+            merge_window=config.merge_window_seconds,
+            batch_delay=config.batch_delay_seconds,
         )
         self._tasks = [
             asyncio.create_task(
@@ -138,13 +140,22 @@ class Recorder:
             self.spool = None
 
     async def flush(self, timeout: float) -> bool:
-        """Waits until everything spooled so far is delivered; False on timeout."""
+        """Delivers everything spooled so far (held-back starts included, at once); False on timeout."""
         deadline = time.monotonic() + timeout
-        while self.depth() != (0, 0):
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
+        delivery = self._delivery
+        if delivery is not None:
+            delivery.flushing += 1
+            self._wake("transaction")
+            self._wake("audit")
+        try:
+            while self.depth() != (0, 0):
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(0.02)
+            return True
+        finally:
+            if delivery is not None:
+                delivery.flushing -= 1
 
     def depth(self) -> tuple[int, int]:
         """(transaction, audit) records waiting in the spool."""
@@ -184,7 +195,9 @@ class Recorder:
         if not self._spool().put_started(request_id, t.SerializeToString()):
             log.warning("transaction %s started twice; the first start is kept", request_id)
         SPOOL_WRITE.observe(time.perf_counter() - started)
-        self._wake("transaction")
+        if not self.settings.recording.merge_window_seconds:
+            # Otherwise the start waits for its outcome; delivery knows when to send it alone.
+            self._wake("transaction")
 
     def transaction_finished(
         self,

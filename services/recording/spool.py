@@ -7,8 +7,10 @@ never checkpoints the WAL itself (`wal_autocheckpoint=0`): `checkpoint()` does i
 Tables:
 - `txn`: one row per request id while it still needs delivering: `started` (a serialized
   `Transaction`, IN_PROGRESS) and `finished` (a serialized `CompleteTransactionRequest`);
-  `start_sent` once the start reached the Transactions service; `pending` = there is work to send.
-  The row is deleted once the finish has been delivered.
+  `start_sent` once the start reached the Transactions service; `pending` = there is work to send;
+  `since` = when the start (later: the finish) was spooled. The row is deleted once the finish has
+  been delivered. Delivery may hold a start back for a moment (`pending_txn(started_before=...)`) so
+  that start and finish go out together.
 - `audit`: serialized `AuditEvent`s waiting for delivery, in order.
 - `dead`: records the services refused as invalid (kept, counted, never retried automatically).
 
@@ -123,14 +125,31 @@ class Spool:
         with self._mutex:
             return [r[0] for r in self._db.execute("SELECT request_id FROM txn WHERE finished IS NULL")]
 
-    def pending_txn(self, limit: int) -> list[TxnRow]:
+    def pending_txn(self, limit: int, started_before: float | None = None) -> list[TxnRow]:
+        """Rows with something to deliver, oldest first. With `started_before` (wall-clock time), a
+        start still waiting for its outcome is left out unless it was spooled before then."""
         with self._mutex:
-            rows = self._db.execute(
-                "SELECT seq, request_id, started, finished, start_sent FROM txn "
-                "WHERE pending = 1 ORDER BY seq LIMIT ?",
-                (limit,),
-            ).fetchall()
+            if started_before is None:
+                rows = self._db.execute(
+                    "SELECT seq, request_id, started, finished, start_sent FROM txn "
+                    "WHERE pending = 1 ORDER BY seq LIMIT ?",
+                    (limit,),
+                ).fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT seq, request_id, started, finished, start_sent FROM txn "
+                    "WHERE pending = 1 AND (finished IS NOT NULL OR since < ?) ORDER BY seq LIMIT ?",
+                    (started_before, limit),
+                ).fetchall()
         return [TxnRow(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def first_waiting_start(self) -> float | None:
+        """When the oldest start still waiting for delivery without its outcome was spooled."""
+        with self._mutex:
+            row = self._db.execute(
+                "SELECT min(since) FROM txn WHERE pending = 1 AND finished IS NULL"
+            ).fetchone()
+        return row[0] if row else None
 
     def start_delivered(self, seq: int) -> None:
         with self._mutex:

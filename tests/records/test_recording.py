@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from ferry.transactions.v1 import transactions_pb2 as tx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.config import REPO_ROOT, ServiceSettings
 from services.common.interceptor import Lifecycle
@@ -294,6 +297,103 @@ async def test_invalid_record_is_set_aside_not_blocking(services: Services, tran
     finally:
         await recorder.stop()
         recorder.close()
+
+
+def _handled(services: Services, name: str) -> collections.Counter[str]:
+    """RPCs the named service has answered so far, by method (its own metrics endpoint)."""
+    url = f"http://127.0.0.1:{services.ports[name][1]}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    calls: collections.Counter[str] = collections.Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ferry_grpc_server_handled_total":
+                calls[sample.labels["grpc_method"]] += int(sample.value)
+    return calls
+
+
+async def _wait_for_status(
+    transactions: Any, request_id: str, status: tx.Transaction.Status.ValueType, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            record = await transactions.GetTransaction(
+                tx.GetTransactionRequest(name=f"transactions/{request_id}")
+            )
+            if record.status == status:
+                return
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        assert time.monotonic() < deadline, f"{request_id} never became {Status.Name(status)}"
+        await asyncio.sleep(0.05)
+
+
+async def test_short_requests_are_delivered_as_one_call_each(services: Services, transactions: Any) -> None:
+    """A request that finishes within the merge window reaches Transactions as one complete record."""
+    settings = services.settings(recording={"merge_window_seconds": 5.0})
+    recorder = Recorder(settings, f"merge-{uuid.uuid4().hex[:6]}")
+    await recorder.start()
+    before = await asyncio.to_thread(_handled, services, "transactions")
+    try:
+        ids = [uuid.uuid4().hex for _ in range(5)]
+        for rid in ids:
+            recorder.transaction_started(rid, model="m", prompt="hello")
+            await asyncio.sleep(0.01)
+            recorder.transaction_finished(rid, status="succeeded", output="hi", completion_tokens=1)
+        for rid in ids:  # delivered on their own (no flush), well before the window ends
+            await _wait_for_status(transactions, rid, Status.STATUS_SUCCEEDED, timeout=4)
+    finally:
+        await recorder.stop()
+        recorder.close()
+    after = await asyncio.to_thread(_handled, services, "transactions")
+    assert after["CreateTransaction"] - before["CreateTransaction"] == len(ids)
+    assert after["CompleteTransaction"] - before["CompleteTransaction"] == 0
+
+
+async def test_long_request_shows_in_progress_after_the_merge_window(
+    services: Services, transactions: Any
+) -> None:
+    settings = services.settings(recording={"merge_window_seconds": 1.0})
+    recorder = Recorder(settings, f"long-{uuid.uuid4().hex[:6]}")
+    await recorder.start()
+    try:
+        rid = uuid.uuid4().hex
+        started = time.monotonic()
+        recorder.transaction_started(rid, model="m", prompt="a long one")
+        await _wait_for_status(transactions, rid, Status.STATUS_IN_PROGRESS, timeout=10)
+        assert time.monotonic() - started >= 0.9  # held back for the window, then sent alone
+        recorder.transaction_finished(rid, status="succeeded", output="done", completion_tokens=3)
+        await _wait_for_status(transactions, rid, Status.STATUS_SUCCEEDED, timeout=10)
+    finally:
+        await recorder.stop()
+        recorder.close()
+
+
+async def test_records_arriving_together_are_delivered_in_one_batch(services: Services, audit: Any) -> None:
+    """Audit events written a few milliseconds apart go out in one AppendEvents, not one call each."""
+    settings = services.settings(recording={"batch_delay_seconds": 0.5})
+    principal = f"batch-{uuid.uuid4().hex[:8]}"
+    recorder = Recorder(settings, principal)
+    await recorder.start()
+    before = await asyncio.to_thread(_handled, services, "audit")
+    try:
+        for i in range(5):
+            recorder.operational("test.batch", principal=principal, request_id=f"{principal}-{i}")
+            await asyncio.sleep(0.02)
+        # Watched locally: the Audit service audits every query (through AppendEvents of its own).
+        deadline = time.monotonic() + 10
+        while recorder.depth() != (0, 0):
+            assert time.monotonic() < deadline, "the events were never delivered"
+            await asyncio.sleep(0.05)
+        after = await asyncio.to_thread(_handled, services, "audit")
+    finally:
+        await recorder.stop()
+        recorder.close()
+    # One call, or two if this machine is slow enough to stretch 80 ms of writes past the delay.
+    assert 1 <= after["AppendEvents"] - before["AppendEvents"] <= 2
+    assert len(await _audit_events(audit, f"principal = {principal}")) == 5
 
 
 async def test_one_process_per_spool(services: Services) -> None:
