@@ -91,32 +91,38 @@ class _Bearer(
         return continuation(self._with_key(details), requests)
 
 
-class _AioBearer(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """The same for grpc.aio channels (unary requests: every ferry RPC)."""
+def _aio_with_key(details: Any, header: tuple[str, str]) -> Any:
+    metadata = list(details.metadata or ())
+    if not any(name == "authorization" for name, _ in metadata):
+        metadata.append(header)
+    return details._replace(metadata=grpc.aio.Metadata(*metadata))
 
+
+# grpc.aio files an interceptor under the first kind it is an instance of: one class per kind.
+class _AioUnaryBearer(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, key: str) -> None:
         self.header = ("authorization", f"Bearer {key}")
-
-    def _with_key(self, details: Any) -> Any:
-        metadata = list(details.metadata or ())
-        if not any(name == "authorization" for name, _ in metadata):
-            metadata.append(self.header)
-        return details._replace(metadata=grpc.aio.Metadata(*metadata))
 
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
-        return await continuation(self._with_key(details), request)
+        return await continuation(_aio_with_key(details, self.header), request)
+
+
+class _AioStreamBearer(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, key: str) -> None:
+        self.header = ("authorization", f"Bearer {key}")
 
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
-        return await continuation(self._with_key(details), request)
+        return await continuation(_aio_with_key(details, self.header), request)
 
 
 def keyed_aio_channel(target: str, key: str) -> grpc.aio.Channel:
-    """A grpc.aio channel whose calls carry `key` (use it as an async context manager)."""
-    return grpc.aio.insecure_channel(target, interceptors=[_AioBearer(key)])
+    """A grpc.aio channel whose unary-request calls (every ferry RPC) carry `key`; use it as an
+    async context manager."""
+    return grpc.aio.insecure_channel(target, interceptors=[_AioUnaryBearer(key), _AioStreamBearer(key)])
 
 
 def keyed_channel(target: str, key: str) -> grpc.Channel:
