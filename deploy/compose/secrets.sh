@@ -6,14 +6,17 @@ set -eu
 dir="$(cd "$(dirname "$0")" && pwd)/secrets"
 mkdir -p "$dir"
 chmod 0700 "$dir"
-for name in postgres_password bootstrap_admin_key; do
+for name in postgres_password service_token bootstrap_admin_key; do
     file="$dir/$name"
     if [ -s "$file" ]; then
         echo "kept    $file"
         continue
     fi
-    # 32 random bytes as URL-safe text: no characters that need quoting in a URL or a shell.
-    head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n' > "$file"
+    # API keys start with fry_ (services/common/auth.py), which secret scanners and people recognise.
+    prefix=""
+    [ "$name" = bootstrap_admin_key ] && prefix="fry_"
+    # 32 random bytes as URL-safe text: no characters that need quoting in a URL, a shell or YAML.
+    { printf '%s' "$prefix"; head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'; } > "$file"
     chmod 0644 "$file"
     echo "created $file"
 done

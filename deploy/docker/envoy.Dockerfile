@@ -30,15 +30,19 @@ COPY launcher/ launcher/
 COPY envoy/ envoy/
 RUN PYTHONPATH=/ferry python deploy/docker/render_envoy.py /ferry/home
 
-# --- runtime: the official image and four files --------------------------------------------------------
+# --- runtime: the official image and five files --------------------------------------------------------
 FROM ${ENVOY_IMAGE} AS runtime
 COPY --from=config /ferry/build/ferry.pb /ferry/build/ferry.pb
 COPY --from=config /ferry/envoy/ferry.lua /ferry/envoy/ferry.lua
+# With a placeholder where the service token goes: the token is the deployment's secret.
 COPY --from=config /ferry/home/run/envoy.yaml /ferry/home/run/envoy.yaml
+COPY --chmod=0755 deploy/docker/envoy-entrypoint.sh /ferry/envoy-entrypoint.sh
 # The access log the template names goes to the container's stdout.
 RUN mkdir -p /ferry/home/logs && ln -s /dev/stdout /ferry/home/logs/envoy-access.log
 EXPOSE 8080 9901
-# The official entrypoint drops to the unprivileged `envoy` user (ENVOY_UID, 101) before starting.
+# The entrypoint writes the configuration with the token from FERRY_AUTH__SERVICE_TOKEN(_FILE) into a
+# private file, then the official entrypoint drops to the unprivileged `envoy` user (ENVOY_UID, 101).
 # No HEALTHCHECK: the image has no HTTP client; orchestrators probe GET /healthz and /readyz on :8080.
-CMD ["envoy", "-c", "/ferry/home/run/envoy.yaml", "--log-level", "warn", \
-     "--drain-time-s", "5", "--parent-shutdown-time-s", "10"]
+ENTRYPOINT ["/ferry/envoy-entrypoint.sh"]
+CMD ["--log-level", "warn", "--drain-time-s", "5", "--parent-shutdown-time-s", "10", \
+     "--file-flush-interval-msec", "1000"]

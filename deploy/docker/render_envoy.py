@@ -4,6 +4,9 @@
 The names are the Compose service names, which are also the Kubernetes Service names (deploy/k8s), so
 one rendered file serves both. Run at image build time (deploy/docker/envoy.Dockerfile) and by the
 static tests, which validate the result with `envoy --mode validate`.
+
+The service token is a secret of the deployment, not of the image: the file carries a placeholder,
+which deploy/docker/envoy-entrypoint.sh replaces with the token when the container starts.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ CONTAINER_HOSTS = {
     "models": "models",
     "transactions": "transactions",
     "audit": "audit",
+    "gateway": "gateway",
     "triton": "triton",
 }
+# Replaced at container start by the service token (FERRY_AUTH__SERVICE_TOKEN[_FILE]).
+SERVICE_TOKEN_PLACEHOLDER = "FERRY_SERVICE_TOKEN_PLACEHOLDER"
 # Envoy listens on every interface of its own container.
 LISTEN_HOST = "0.0.0.0"
 
@@ -29,6 +35,7 @@ def container_settings(home: Path) -> Settings:
     """Settings as the Envoy container sees them: defaults (ports) with container host names."""
     overrides: dict[str, object] = {name: {"host": host} for name, host in CONTAINER_HOSTS.items()}
     overrides["envoy"] = {"host": LISTEN_HOST}
+    overrides["auth"] = {"enabled": True, "service_token": SERVICE_TOKEN_PLACEHOLDER}
     return Settings(home=home, **overrides)  # type: ignore[arg-type]
 
 

@@ -10,8 +10,10 @@ import pytest
 from launcher.triton import triton_argv
 from services.common.config import Settings
 from tests.deploy.tools import (
+    COMMANDS,
     COMPOSE,
     COMPOSE_DEV,
+    DATABASE_OWNERS,
     REPO_ROOT,
     SERVICES,
     load_yaml,
@@ -72,7 +74,7 @@ def test_each_service_runs_its_module_binds_all_interfaces_and_finds_the_others(
     for name in SERVICES:
         service = services[name]
         env = service["environment"]
-        assert service["command"] == ["python", "-m", f"services.{name}"]
+        assert service["command"] == COMMANDS[name]
         # The image's HEALTHCHECK asks about the service FERRY_SERVICE names.
         assert env["FERRY_SERVICE"] == name
         assert env[f"FERRY_{name.upper()}__HOST"] == "0.0.0.0"
@@ -108,7 +110,7 @@ def test_a_misspelt_variable_is_caught() -> None:
 def test_startup_waits_on_health(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert services["postgres"]["healthcheck"]["test"][1] == "pg_isready"
-    for name in ("transactions", "audit"):
+    for name in DATABASE_OWNERS:
         assert services[name]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     assert services["envoy"]["depends_on"] == {name: {"condition": "service_healthy"} for name in SERVICES}
 
@@ -116,15 +118,26 @@ def test_startup_waits_on_health(compose: dict[str, Any]) -> None:
 def test_volumes_and_secrets(compose: dict[str, Any]) -> None:
     assert {"db", "spool"} <= set(compose["volumes"])
     assert "db:/var/lib/postgresql/data" in compose["services"]["postgres"]["volumes"]
-    assert set(compose["secrets"]) == {"postgres_password", "bootstrap_admin_key"}
+    assert set(compose["secrets"]) == {"postgres_password", "service_token", "bootstrap_admin_key"}
     for secret in compose["secrets"].values():
         # Made by deploy/compose/secrets.sh and kept out of git.
         assert secret["file"].startswith("./deploy/compose/secrets/")
     for name in SERVICES:
         service = compose["services"][name]
-        assert set(service["secrets"]) == {"postgres_password", "bootstrap_admin_key"}
-        assert service["environment"]["PGPASSWORD_FILE"] == "/run/secrets/postgres_password"
-        assert service["environment"]["FERRY_BOOTSTRAP_ADMIN_KEY_FILE"] == "/run/secrets/bootstrap_admin_key"
+        env = service["environment"]
+        assert env["PGPASSWORD_FILE"] == "/run/secrets/postgres_password"
+        # Every process knows the service token; only the gateway, which inserts it, the admin key.
+        assert env["FERRY_AUTH__SERVICE_TOKEN_FILE"] == "/run/secrets/service_token"
+        if name == "gateway":
+            assert set(service["secrets"]) == {"postgres_password", "service_token", "bootstrap_admin_key"}
+            assert env["FERRY_BOOTSTRAP_ADMIN_KEY_FILE"] == "/run/secrets/bootstrap_admin_key"
+        else:
+            assert set(service["secrets"]) == {"postgres_password", "service_token"}
+            assert "FERRY_BOOTSTRAP_ADMIN_KEY_FILE" not in env
+    # Envoy's entrypoint puts the token into its configuration (ext_authz, x-ferry-edge).
+    envoy = compose["services"]["envoy"]
+    assert envoy["secrets"] == ["service_token"]
+    assert envoy["environment"]["FERRY_AUTH__SERVICE_TOKEN_FILE"] == "/run/secrets/service_token"
     postgres = compose["services"]["postgres"]["environment"]
     assert postgres["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
     ignored = (REPO_ROOT / "deploy/compose/secrets/.gitignore").read_text().split()
@@ -140,6 +153,9 @@ def test_secret_script_makes_readable_random_secrets(tmp_path: Path) -> None:
     subprocess.run(["sh", str(script)], check=True, capture_output=True)
     first = (tmp_path / "secrets/postgres_password").read_text()
     assert len(first) >= 32 and first.replace("-", "").replace("_", "").isalnum()
+    token = (tmp_path / "secrets/service_token").read_text()
+    assert len(token) >= 32 and token != first
+    assert (tmp_path / "secrets/bootstrap_admin_key").read_text().startswith("fry_")
     # Containers' unprivileged users must read them; the directory keeps other host users out.
     assert (tmp_path / "secrets/postgres_password").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "secrets").stat().st_mode & 0o777 == 0o700

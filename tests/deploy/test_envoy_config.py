@@ -6,14 +6,22 @@ deploy/docker/render_envoy.py renders envoy/envoy.yaml.j2 through launcher/envoy
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from deploy.docker.render_envoy import CONTAINER_HOSTS, LISTEN_HOST, container_settings
-from tests.deploy.tools import COMPOSE, DESCRIPTOR, K8S, SERVICES, load_all, load_yaml, run
+from deploy.docker.render_envoy import (
+    CONTAINER_HOSTS,
+    LISTEN_HOST,
+    SERVICE_TOKEN_PLACEHOLDER,
+    container_settings,
+)
+from tests.deploy.tools import COMPOSE, DESCRIPTOR, K8S, REPO_ROOT, SERVICES, load_all, load_yaml, run
 
 pytestmark = pytest.mark.skipif(not DESCRIPTOR.exists(), reason="build/ferry.pb missing: run `make proto`")
 
@@ -87,3 +95,76 @@ def test_container_host_names_exist_in_compose_and_kubernetes(rendered_overlays:
     config = load_yaml(K8S / "base" / "ferry.yaml")
     for name, host in CONTAINER_HOSTS.items():
         assert config[name]["host"] == host
+
+
+# -- the service token: a secret of the deployment, put in when the container starts -------------------
+
+ENTRYPOINT = REPO_ROOT / "deploy" / "docker" / "envoy-entrypoint.sh"
+
+
+def test_the_image_config_holds_a_placeholder_where_the_token_goes(tmp_path: Path) -> None:
+    text = render(tmp_path / "home").read_text()
+    assert "envoy.filters.http.ext_authz" in text
+    assert f"Bearer {SERVICE_TOKEN_PLACEHOLDER}" in text
+
+
+def test_the_image_renders_without_ferrys_generated_stubs(tmp_path: Path) -> None:
+    """The Envoy image's config stage has the descriptor set but not build/gen (launcher/envoy.py
+    reads the access option from the descriptor set itself)."""
+    script = (
+        "import runpy, sys\n"
+        "sys.path = [p for p in sys.path if not p.rstrip('/').endswith('build/gen')]\n"
+        f"sys.argv = ['render_envoy.py', {str(tmp_path / 'home')!r}]\n"
+        "runpy.run_path('deploy/docker/render_envoy.py', run_name='__main__')\n"
+        "assert 'ferry' not in sys.modules, 'generated stubs were imported'\n"
+    )
+    result = run([sys.executable, "-c", script])
+    assert result.returncode == 0, result.output
+    assert '"/ferry.auth.v1.AuthService/Authorize"' in (tmp_path / "home/run/envoy.yaml").read_text()
+
+
+def run_entrypoint(tmp_path: Path, **env: str) -> tuple[int, str, Path]:
+    template = render(tmp_path / "home")
+    out = tmp_path / "config"
+    environment = {
+        "PATH": os.environ["PATH"],
+        "FERRY_ENVOY_TEMPLATE": str(template),
+        "FERRY_ENVOY_CONFIG_DIR": str(out),
+        "FERRY_ENVOY_NEXT_ENTRYPOINT": "true",
+        **env,
+    }
+    done = subprocess.run(
+        ["sh", str(ENTRYPOINT)], env=environment, capture_output=True, text=True, timeout=30
+    )
+    return done.returncode, done.stdout + done.stderr, out / "envoy.yaml"
+
+
+def test_the_entrypoint_writes_the_token_into_a_private_copy(tmp_path: Path) -> None:
+    secret = tmp_path / "service_token"
+    secret.write_text("tok-1_2.3")
+    code, output, config = run_entrypoint(tmp_path, FERRY_AUTH__SERVICE_TOKEN_FILE=str(secret))
+    assert code == 0, output
+    text = config.read_text()
+    assert SERVICE_TOKEN_PLACEHOLDER not in text
+    assert '"Bearer tok-1_2.3"' in text
+    assert config.stat().st_mode & 0o777 == 0o600
+    fixed = config.with_name("dns.yaml")
+    fixed.write_text(with_dns_clusters(text))
+    assert validate(fixed)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "no service token"),
+        ({"FERRY_AUTH__SERVICE_TOKEN": "has/slash"}, "may hold only"),
+        ({"FERRY_AUTH__SERVICE_TOKEN_FILE": "/nonexistent/token"}, "cannot be read"),
+    ],
+)
+def test_the_entrypoint_refuses_a_missing_or_unsafe_token(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    code, output, config = run_entrypoint(tmp_path, **env)
+    assert code != 0
+    assert message in output
+    assert not config.exists()

@@ -12,6 +12,8 @@ import yaml
 from launcher.triton import triton_argv
 from services.common.config import Settings
 from tests.deploy.tools import (
+    COMMANDS,
+    DATABASE_OWNERS,
     K8S,
     LIVENESS_SERVICE,
     OVERLAYS,
@@ -93,7 +95,7 @@ def test_service_ports_and_probes_match_settings(
         where = getattr(s, name)
         workload = workloads(documents)[name]
         main = container(workload)
-        assert main["args"] == ["python", "-m", f"services.{name}"]
+        assert main["args"] == COMMANDS[name]
         ports = {p["name"]: p["containerPort"] for p in main["ports"]}
         assert ports == {"grpc": where.port, "metrics": where.metrics_port}
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
@@ -143,12 +145,30 @@ def test_configuration_names_are_settings(overlay: str, objects: dict[str, list[
         assert env["FERRY_SERVICE"] == name
         assert env[f"FERRY_{name.upper()}__HOST"] == "0.0.0.0"
         assert env["FERRY_CONFIG"] == "/etc/ferry/ferry.yaml"
+        # Every process, Envoy too, knows the service token (a Secret the operator makes).
+        assert env["FERRY_AUTH__SERVICE_TOKEN"]["secretKeyRef"] == {
+            "name": "ferry-auth",
+            "key": "service-token",
+        }
     assert unknown_env_names(names) == set()
-    for owner in ("transactions", "audit"):
+    envoy = env_of(container(workloads(documents)["envoy"]))
+    assert envoy["FERRY_AUTH__SERVICE_TOKEN"]["secretKeyRef"] == {
+        "name": "ferry-auth",
+        "key": "service-token",
+    }
+    for owner in DATABASE_OWNERS:
         env = env_of(container(workloads(documents)[owner]))
         assert env["DATABASE_URL"]["secretKeyRef"]["key"] == "url"
         assert env["DATABASE_URL"]["secretKeyRef"]["name"].startswith("ferry-database")
         assert env.get("FERRY_DATABASE__MIGRATION_MODE") == ("drop_recreate" if overlay == "dev" else None)
+    # Only the gateway, which inserts it, sees the bootstrap admin key; it is optional.
+    for name in SERVICES:
+        env = env_of(container(workloads(documents)[name]))
+        if name == "gateway":
+            ref = env["FERRY_BOOTSTRAP_ADMIN_KEY"]["secretKeyRef"]
+            assert ref == {"name": "ferry-bootstrap", "key": "admin-key", "optional": True}
+        else:
+            assert "FERRY_BOOTSTRAP_ADMIN_KEY" not in env and "FERRY_BOOTSTRAP_ADMIN_KEY_FILE" not in env
 
 
 def test_the_config_map_loads_as_settings(
@@ -161,10 +181,11 @@ def test_the_config_map_loads_as_settings(
     monkeypatch.setenv("FERRY_CONFIG", str(path))
     monkeypatch.setenv("FERRY_MODELS__HOST", "0.0.0.0")  # as the models pod sets it
     s = Settings()
-    assert (s.inference.host, s.transactions.host, s.audit.host, s.triton.host) == (
+    assert (s.inference.host, s.transactions.host, s.audit.host, s.gateway.host, s.triton.host) == (
         "inference",
         "transactions",
         "audit",
+        "gateway",
         "triton",
     )
     assert s.models.host == "0.0.0.0"

@@ -25,7 +25,13 @@ DOCKERFILES = {
     "triton": DOCKER / "triton.Dockerfile",
     "envoy": DOCKER / "envoy.Dockerfile",
 }
-SERVICES = ("inference", "models", "transactions", "audit")
+SERVICES = ("inference", "models", "transactions", "audit", "gateway")
+# The command each one runs (the gateway is its own package, the others live under services/).
+COMMANDS = {name: ["python", "-m", f"services.{name}"] for name in SERVICES} | {
+    "gateway": ["python", "-m", "gateway"]
+}
+# The PostgreSQL owners: each needs the database and waits for it.
+DATABASE_OWNERS = ("transactions", "audit", "gateway")
 # The grpc.health.v1 service name that stays SERVING while the process runs (Kubernetes liveness).
 LIVENESS_SERVICE = "liveness"
 BIN = Path(sys.executable).parent
@@ -108,9 +114,7 @@ NOT_SETTINGS = {
     "FERRY_CONFIG": "the YAML file Settings reads (services/common/config.py: config_file)",
 }
 # Settings that other issues add; the artefacts carry them already (docs/deploy.md says so).
-PENDING_SETTINGS = {
-    "FERRY_BOOTSTRAP_ADMIN_KEY": "the bootstrap admin key arrives with authentication (gateway issue)",
-}
+PENDING_SETTINGS: dict[str, str] = {}
 
 
 def settings_path(name: str) -> list[str] | None:
