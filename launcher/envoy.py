@@ -10,12 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
-from ferry.auth.v1 import auth_pb2
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from launcher.files import write_private
 from launcher.programs import Program
-from services.common.auth import INTERNAL
 from services.common.config import REPO_ROOT, ServiceSettings, Settings
 
 TEMPLATE = REPO_ROOT / "envoy" / "envoy.yaml.j2"
@@ -34,6 +32,10 @@ AUTHZ_TIMEOUT = "1s"
 # Gateway: key management (transcoded under /api/v1/keys) and the internal AuthService (refused at
 # the edge by its `internal` scope). Envoy's ext_authz calls it directly, not through a route.
 GATEWAY_SERVICES = ("ferry.keys.v1.KeysService", "ferry.auth.v1.AuthService")
+# services.common.auth.INTERNAL and the access option's name, spelt out: the Envoy image renders this
+# configuration from the descriptor set alone, without ferry's generated Python stubs.
+INTERNAL = "internal"
+ACCESS_OPTION = "ferry.auth.v1.access"
 # CORS: what a browser may send and read (preflight answers, before any key is asked for).
 CORS_ALLOW_HEADERS = "authorization, content-type, x-request-id"
 CORS_EXPOSE_HEADERS = "x-request-id, retry-after"
@@ -93,7 +95,7 @@ def _methods(
     descriptor: Path, keep: Callable[[descriptor_pb2.MethodDescriptorProto], bool]
 ) -> dict[str, list[str]]:
     """Every service in the descriptor set, with the names of its methods that `keep` selects."""
-    files = descriptor_pb2.FileDescriptorSet.FromString(descriptor.read_bytes())
+    files = _files(descriptor)
     return {
         f"{file.package}.{service.name}" if file.package else service.name: [
             m.name for m in service.method if keep(m)
@@ -108,16 +110,29 @@ def described_services(descriptor: Path) -> dict[str, list[str]]:
     return _methods(descriptor, lambda m: m.server_streaming)
 
 
-def is_internal(method: descriptor_pb2.MethodDescriptorProto) -> bool:
-    """Granted by the `internal` scope alone (services/common/auth.py::required_scopes): only the
-    service token may call it, so no request from outside ferry could ever be allowed."""
-    scopes = set(method.options.Extensions[auth_pb2.access].scopes)
-    return scopes == {INTERNAL}
+def _files(descriptor: Path) -> descriptor_pb2.FileDescriptorSet:
+    return descriptor_pb2.FileDescriptorSet.FromString(descriptor.read_bytes())
 
 
 def internal_methods(descriptor: Path) -> dict[str, list[str]]:
-    """Methods only other ferry processes call (record delivery, authorization)."""
-    return _methods(descriptor, is_internal)
+    """Methods granted by the `internal` scope alone (services/common/auth.py::required_scopes): only
+    the service token may call them, so Envoy refuses them whatever key a request carries."""
+    files = _files(descriptor)
+    # The descriptor set's own pool: the access option is read without ferry's generated stubs.
+    pool = descriptor_pool.DescriptorPool()
+    for file in files.file:
+        pool.Add(file)
+    access = pool.FindExtensionByName(ACCESS_OPTION)
+    options_type = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("google.protobuf.MethodOptions")
+    )
+    message_factory.GetMessageClassesForFiles([f.name for f in files.file], pool)
+
+    def internal_only(method: descriptor_pb2.MethodDescriptorProto) -> bool:
+        options = options_type.FromString(method.options.SerializeToString())
+        return set(options.Extensions[access].scopes) == {INTERNAL}  # type: ignore[index]
+
+    return _methods(descriptor, internal_only)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import grpc
 import httpx
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from ferry.auth.v1 import auth_pb2
 from ferry.models.v1 import models_pb2, models_pb2_grpc
 from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
 from google.protobuf import descriptor_pb2
@@ -30,6 +31,7 @@ from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway.ext_authz import denied
+from launcher import envoy as envoy_config
 from launcher.envoy import (
     DESCRIPTOR,
     described_services,
@@ -39,6 +41,7 @@ from launcher.envoy import (
     upstreams,
     validate_command,
 )
+from services.common import auth
 from services.common.config import Settings
 from services.common.errors import RpcError
 from tests.stack import stack_settings
@@ -95,6 +98,8 @@ def test_auth_without_a_service_token_is_refused(tmp_path: Path) -> None:
 
 
 def test_internal_methods_come_from_the_access_option() -> None:
+    # Spelt out in launcher/envoy.py, which reads them without ferry's generated stubs.
+    assert (envoy_config.INTERNAL, envoy_config.ACCESS_OPTION) == (auth.INTERNAL, auth_pb2.access.full_name)
     internal = {f"{s}/{m}" for s, methods in internal_methods(DESCRIPTOR).items() for m in methods}
     assert internal == {
         "ferry.auth.v1.AuthService/Authorize",
