@@ -4,6 +4,9 @@
 ONCE per pytest session through the launcher's own `Stack`, on free ports and under a temporary
 FERRY_HOME, so that several stacks (other sessions, `make run`) can run side by side. Tests that
 use it are marked `stack` (`make test-unit` deselects them).
+
+Authentication is on, as users run ferry: the stack starts with a fresh bootstrap admin key
+(`stack.admin_key`), which `stack.channel()` and `stack.http()` send; `stack.create_key()` makes others.
 """
 
 from __future__ import annotations
