@@ -8,6 +8,7 @@ FERRY_HOME ?= $(CURDIR)/.ferry
 export FERRY_HOME
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 INSTALLED := $(VENV)/.installed
+FERRY_CLI := $(VENV)/bin/ferry
 GEN := build/gen
 DESCRIPTOR := build/ferry.pb
 PROTOS := $(shell find protos -name '*.proto')
@@ -15,7 +16,7 @@ MODEL_FILE := $(FERRY_HOME)/models/gemma-3-270m-q4_k_m.gguf
 
 .PHONY: install proto setup run test test-unit lint bench clean
 
-install: $(INSTALLED)
+install: $(INSTALLED) $(FERRY_CLI)
 
 # uv resolves the pinned set in seconds (pip's resolver backtracks for minutes on it).
 $(INSTALLED): pyproject.toml
@@ -27,6 +28,12 @@ $(INSTALLED): pyproject.toml
 	# promtool (Debian's prometheus package) checks the alerting rules; only the binary is kept.
 	deploy/install-tools.sh $(CURDIR)/$(VENV)/bin
 	touch $@
+
+# `ferry keys ...` (gateway/cli.py): on PATH under make, else .venv/bin/ferry. A script rather than a
+# [project.scripts] entry: ferry is not an installed package (its sources are on the path via a .pth).
+$(FERRY_CLI): $(INSTALLED)
+	printf '#!/bin/sh\nexec "$$(dirname "$$0")/python" -m gateway.cli "$$@"\n' > $@
+	chmod 0755 $@
 
 proto: $(GEN)/.stamp
 
@@ -47,7 +54,7 @@ $(GEN)/.stamp: $(INSTALLED) $(PROTOS)
 setup: proto
 	$(PY) -m launcher.setup
 
-run: setup
+run: setup $(FERRY_CLI)
 	exec $(PY) -m launcher
 
 test: setup
