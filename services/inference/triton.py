@@ -190,7 +190,8 @@ class TritonStreamer:
         """Yields the model's pieces until the one carrying a finish reason.
 
         Closing this generator early (the caller was cancelled or stopped reading) cancels the
-        Triton stream, which is what frees the engine slot.
+        Triton stream, which is what frees the engine slot; after the final piece the stream ends
+        normally instead (nothing left to free).
         """
         carrier: dict[str, str] = dict(headers or {})
         propagate.inject(carrier)  # W3C trace context, so Triton's spans join the request's trace
