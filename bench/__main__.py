@@ -129,6 +129,7 @@ def engine_comparison(args: argparse.Namespace, model: Path, run_dir: Path, load
         platform.running(model.parent, keep_logs=run_dir / "ferry-logs") as stack,
     ):
         endpoints = stack.endpoints
+        key = platform.api_key(stack)
         for level in args.levels:
             count = args.requests.get(level, 4 * level)
             for rnd in range(args.rounds):
@@ -142,6 +143,7 @@ def engine_comparison(args: argparse.Namespace, model: Path, run_dir: Path, load
                         result = aiperf_run.run(
                             aiperf, url, MODEL_NAME, tokenizer, texts, level, level, args.max_tokens,
                             rng.randrange(1 << 31), run_dir / f"c{level}-r{rnd}-{system}",
+                            api_key=None if system == "raw" else key,
                         )  # fmt: skip
                         recs = result.records
                         s = result.summary
@@ -154,7 +156,7 @@ def engine_comparison(args: argparse.Namespace, model: Path, run_dir: Path, load
                         isl.append(float(s.get("input_sequence_length", {}).get("avg", math.nan)))
                     elif system == "ferry-grpc":
                         recs = run_client(
-                            lambda: GrpcClient(endpoints.grpc, MODEL_NAME),
+                            lambda: GrpcClient(endpoints.grpc, MODEL_NAME, key),
                             texts,
                             level,
                             args.max_tokens,
@@ -191,14 +193,15 @@ def tier_overhead(args: argparse.Namespace, model: Path, run_dir: Path, loads: L
         model.parent, keep_logs=run_dir / "tier-logs", **platform.bench_model_overrides()
     ) as stack:
         e = stack.endpoints
+        key = platform.api_key(stack)
         for level in args.tier_levels:
             count = args.tier_requests.get(level, 20 * level)
             for rnd in range(args.rounds):
                 for system in TIER_SYSTEMS:
                     make: Callable[[], Client] = (
                         (lambda: TritonClient(e.triton_grpc, TIER_MODEL)) if system == "triton"
-                        else (lambda: GrpcClient(e.grpc, TIER_MODEL)) if system == "ferry-grpc"
-                        else (lambda: SseClient(e.rest, TIER_MODEL))
+                        else (lambda: GrpcClient(e.grpc, TIER_MODEL, key)) if system == "ferry-grpc"
+                        else (lambda: SseClient(e.rest, TIER_MODEL, api_key=key))
                     )  # fmt: skip
                     texts = prompts.unique(2 * level + count, rng, "short")
                     loads.sample()

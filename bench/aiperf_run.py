@@ -51,9 +51,12 @@ def command(
     warmup: int,
     seed: int,
     out_dir: Path,
+    api_key: str | None = None,
 ) -> list[str]:
+    # aiperf sends it as `Authorization: Bearer <key>`, like the OpenAI SDK.
+    auth = ["--api-key", api_key] if api_key else []
     return [
-        str(aiperf), "profile",
+        str(aiperf), "profile", *auth,
         "--model", model,
         "--url", url,
         "--endpoint-type", "completions",
@@ -117,6 +120,7 @@ def run(
     seed: int,
     work_dir: Path,
     timeout_s: float = 900,
+    api_key: str | None = None,
 ) -> AiperfResult:
     """One aiperf run; `prompts` holds the warm-up prompts first, then the measured ones."""
 
@@ -124,8 +128,9 @@ def run(
     write_dataset(dataset, prompts, max_tokens)
     out_dir = work_dir / "aiperf"
     argv = command(
-        aiperf, url, model, tokenizer, dataset, concurrency, len(prompts) - warmup, warmup, seed, out_dir
-    )
+        aiperf, url, model, tokenizer, dataset, concurrency, len(prompts) - warmup, warmup, seed, out_dir,
+        api_key,
+    )  # fmt: skip
     # aiperf leaves mmap files in TMPDIR, and puts its ZeroMQ socket files there (paths must stay
     # under 107 characters): a short scratch folder, removed afterwards.
     tmp = Path(tempfile.mkdtemp(prefix="aiperf-"))

@@ -38,11 +38,12 @@ class Client(Protocol):
 class GrpcClient:
     name = "grpc"
 
-    def __init__(self, address: str, model: str) -> None:
+    def __init__(self, address: str, model: str, api_key: str | None = None) -> None:
         # Default channel options, as a user's client would have them.
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.model = model if model.startswith("models/") else f"models/{model}"
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
     async def __call__(self, prompt: str, max_tokens: int) -> Record:
         request = inference_pb2.GenerateRequest(
@@ -55,7 +56,7 @@ class GrpcClient:
         tokens = 0
         usage_tokens = 0
         try:
-            async for piece in self.stub.GenerateStream(request, timeout=600):
+            async for piece in self.stub.GenerateStream(request, timeout=600, metadata=self.metadata):
                 if ttft is None and piece.text:
                     ttft = time.perf_counter() - start
                 tokens += piece.token_count
@@ -72,8 +73,11 @@ class GrpcClient:
 class SseClient:
     name = "sse"
 
-    def __init__(self, base_url: str, model: str, extra: dict[str, Any] | None = None) -> None:
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0))
+    def __init__(
+        self, base_url: str, model: str, extra: dict[str, Any] | None = None, api_key: str | None = None
+    ) -> None:
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), headers=headers)
         self.model = model
         self.extra = extra or {}
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from launcher.ports import free_ports
 from launcher.stack import SERVICES, Stack
+from services.common.auth import new_key_secret
 from services.common.config import REPO_ROOT, Settings
 
 BENCH_MODELS = REPO_ROOT / "bench" / "models"
@@ -22,10 +23,12 @@ READY_TIMEOUT_S = 180.0
 
 
 def _settings(home: Path, **overrides: Any) -> Settings:
-    ports = iter(free_ports(15))
+    ports = iter(free_ports(17))
     values: dict[str, Any] = {
         "home": home,
         "log_level": "WARNING",
+        # Authentication stays on, as users run it: the clients send this admin key.
+        "bootstrap_admin_key": new_key_secret(),
         "envoy": {"port": next(ports), "admin_port": next(ports)},
         "triton": {"grpc_port": next(ports), "http_port": next(ports), "metrics_port": next(ports)},
     }
@@ -73,3 +76,8 @@ def bench_model_overrides() -> dict[str, Any]:
             "load_models": ["bench-stream"],
         }
     }
+
+
+def api_key(stack: Stack) -> str | None:
+    """The key the benchmark's clients send (None when authentication is off)."""
+    return stack.admin_key.secret if stack.admin_key is not None else None

@@ -124,9 +124,10 @@ def main() -> None:
     folded = args.out / f"inference-{args.model}-{args.path}-c{args.concurrency}.folded"
     with platform.running(model_path(settings).parent, **overrides) as stack:
         e = stack.endpoints
+        key = platform.api_key(stack)
         make: Callable[[], Client] = (
-            (lambda: GrpcClient(e.grpc, args.model)) if args.path == "grpc"
-            else (lambda: SseClient(e.rest, args.model)) if args.path == "rest"
+            (lambda: GrpcClient(e.grpc, args.model, key)) if args.path == "grpc"
+            else (lambda: SseClient(e.rest, args.model, api_key=key)) if args.path == "rest"
             else (lambda: TritonClient(e.triton_grpc, args.model))
         )  # fmt: skip
         for name in filter(None, args.stop.split(",")):

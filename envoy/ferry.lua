@@ -10,7 +10,8 @@
 -- Responses: a 429 always carries Retry-After (and a 503 does when the service said when): the
 -- service's own `retry-after` metadata wins, then its google.rpc.RetryInfo, then one second.
 -- A key refusal from the gateway (ext_authz) carries OpenAI's error JSON as its body, which Envoy
--- puts in grpc-message for gRPC callers: they get the plain message instead.
+-- puts in grpc-message for gRPC callers: they get the plain message instead, and the gateway's
+-- `x-ferry-grpc-status` replaces Envoy's status where its HTTP mapping is wrong (429 -> 14, not 8).
 --
 -- Not done here: OpenAI's closing `data: [DONE]` event. Envoy's Lua filter cannot add bytes after
 -- a body it has streamed, and buffering would defeat streaming; OpenAI SDKs end cleanly without it.
@@ -90,6 +91,8 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
+  -- Only the edge check (ext_authz, after this filter) may say who the caller is.
+  headers:remove("x-ferry-principal")
   local request_id = headers:get("x-request-id")
   if request_id ~= nil and not well_formed_request_id(request_id) then
     -- The route adds a fresh one when none is present (request_headers_to_add: %UNIQUE_ID%).
@@ -136,6 +139,16 @@ local function error_message(text)
 end
 
 function envoy_on_response(handle)
+  -- A refusal by the edge check names the gRPC code where Envoy's HTTP mapping has none (429).
+  local hint = handle:headers():get("x-ferry-grpc-status")
+  if hint ~= nil then
+    handle:headers():remove("x-ferry-grpc-status")
+    if handle:headers():get("grpc-status") ~= nil then
+      handle:headers():replace("grpc-status", hint)
+    else
+      handle:headers():remove("grpc-status-details-bin") -- REST: the JSON body says it all
+    end
+  end
   local grpc_message = handle:headers():get("grpc-message")
   if grpc_message ~= nil then
     local message = error_message(grpc_message)

@@ -138,8 +138,7 @@ class LocalAuthorizer:
         if not scopes.intersection(record.scopes):
             raise permission_denied(request.method, scopes)
         principal = self.principal(record)
-        if not request.check_only:
-            await self._count(principal, request.client_address, generates=scopes == {INFERENCE})
+        await self._count(principal, request.client_address, generates=scopes == {INFERENCE})
         return principal
 
     async def record_usage(self, request: auth_pb2.RecordUsageRequest) -> None:

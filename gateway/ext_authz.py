@@ -1,13 +1,17 @@
 """Envoy's edge check (`envoy.service.auth.v3.Authorization/Check`, the ext_authz filter).
 
-Envoy asks after its transcoder, so the request path is the gRPC method for REST and gRPC alike. The
-check authenticates and checks scope only (`check_only`): the service behind Envoy counts the call.
+Envoy asks after its transcoder, so the request path is the gRPC method for REST and gRPC alike. This
+is the request's one decision: authenticate, check the scope, count it against the rate limits. An
+allowed request goes on with the caller's Principal (`x-ferry-principal`), which the service trusts
+because Envoy also sends it the service token, so it does not ask the gateway again.
 A refusal carries an HTTP status and an OpenAI-shaped JSON body; for gRPC requests Envoy turns the
-status into grpc-status (401 -> UNAUTHENTICATED, 403 -> PERMISSION_DENIED).
+status into grpc-status (401 -> UNAUTHENTICATED, 403 -> PERMISSION_DENIED); `x-ferry-grpc-status`
+tells the Lua filter the right code where Envoy's mapping has none (429 -> RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -20,12 +24,16 @@ from ferry.auth.v1 import auth_pb2
 from google.rpc import code_pb2, status_pb2
 
 from gateway.authorizer import LocalAuthorizer
-from services.common.context import AUTHORIZATION_HEADER, bearer_token
+from services.common.auth import encode_principal
+from services.common.context import AUTHORIZATION_HEADER, PRINCIPAL_HEADER, bearer_token
 from services.common.errors import RpcError
 from services.recording import Recorder
 
 log = logging.getLogger(__name__)
 
+# Read (and removed) by envoy/ferry.lua: the grpc-status a gRPC caller should see for a refusal.
+GRPC_STATUS_HINT = "x-ferry-grpc-status"
+GRPC_DETAILS = "grpc-status-details-bin"
 SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 
 # gRPC refusal -> (HTTP status, OpenAI error type).
@@ -49,12 +57,11 @@ class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         http = request.attributes.request.http
         method = http.path.partition("?")[0]
         try:
-            await self.authorizer.authorize(
+            principal = await self.authorizer.authorize(
                 auth_pb2.AuthorizeRequest(
                     api_key=bearer_token(http.headers.get(AUTHORIZATION_HEADER)),
                     method=method,
                     client_address=request.attributes.source.address.socket_address.address,
-                    check_only=True,
                 )
             )
         except RpcError as err:
@@ -70,9 +77,22 @@ class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 attributes={"client_address": request.attributes.source.address.socket_address.address},
             )
             return denied(err)
-        return external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=code_pb2.OK), ok_response=external_auth_pb2.OkHttpResponse()
+        return allowed(principal)
+
+
+def allowed(principal: auth_pb2.Principal) -> external_auth_pb2.CheckResponse:
+    headers = []
+    if principal.scopes:  # public methods (health) have no caller to forward
+        headers.append(
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=PRINCIPAL_HEADER, value=encode_principal(principal)),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
         )
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=external_auth_pb2.OkHttpResponse(headers=headers),
+    )
 
 
 def denied(err: RpcError) -> external_auth_pb2.CheckResponse:
@@ -85,6 +105,11 @@ def denied(err: RpcError) -> external_auth_pb2.CheckResponse:
         headers.append(("www-authenticate", 'Bearer realm="ferry"'))
     if err.retry_after_seconds is not None:
         headers.append(("retry-after", str(max(1, math.ceil(err.retry_after_seconds)))))
+    if http_status == 429:
+        # gRPC callers get what a service would answer: RESOURCE_EXHAUSTED with RetryInfo.
+        headers.append((GRPC_STATUS_HINT, str(code_pb2.RESOURCE_EXHAUSTED)))
+        details = dict(err.to_status().trailing_metadata)[GRPC_DETAILS]  # type: ignore[attr-defined]
+        headers.append((GRPC_DETAILS, base64.b64encode(details).decode()))
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=getattr(code_pb2, err.code.name), message=err.message),
         denied_response=external_auth_pb2.DeniedHttpResponse(

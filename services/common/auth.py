@@ -1,15 +1,20 @@
 """Who may call what: the access table (read from the protos), credentials, and the check that every
 service runs on every call through the shared interceptor.
 
-Each ferry RPC declares `option (ferry.auth.v1.access)` with the scopes that grant it. A service asks
-the gateway (`AuthService/Authorize`) to authenticate the caller's key, check the scope and count the
-call against its rate limits; the gateway itself answers from its own store. ferry's processes call
-each other with the service token (`auth.service_token`), which grants only the `internal` scope.
+Each ferry RPC declares `option (ferry.auth.v1.access)` with the scopes that grant it. One decision per
+request, by the gateway (authenticate the key, check the scope, count the call against its rate limits):
+- through Envoy, its edge check (ext_authz) asks the gateway, which answers with the caller's
+  Principal; Envoy forwards it (`x-ferry-principal`) beside the service token (`x-ferry-edge`), and the
+  service trusts it, re-checking the scope, without another round trip;
+- on a service port, the service asks the gateway itself (`AuthService/Authorize`).
+ferry's processes call each other with the service token (`auth.service_token`), which grants only
+the `internal` scope.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import ipaddress
@@ -28,9 +33,10 @@ from ferry.models.v1 import models_pb2
 from ferry.openai.v1 import openai_pb2
 from ferry.transactions.v1 import transactions_pb2
 from google.protobuf import descriptor_pool
+from google.protobuf.message import DecodeError
 
 from services.common.config import AuthSettings, Settings
-from services.common.context import AUTHORIZATION_HEADER
+from services.common.context import AUTHORIZATION_HEADER, PRINCIPAL_HEADER
 from services.common.errors import RpcError, relay_error
 from services.common.interceptor import UNOBSERVED_SERVICES, Call
 
@@ -129,6 +135,22 @@ def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def encode_principal(principal: auth_pb2.Principal) -> str:
+    """The Principal as an HTTP header value (what the gateway hands Envoy for the service)."""
+    return base64.urlsafe_b64encode(principal.SerializeToString()).decode()
+
+
+def edge_principal(call: Call, auth: AuthSettings) -> auth_pb2.Principal | None:
+    """The Principal Envoy's edge check established, when the call provably came through Envoy."""
+    if not call.edge_principal or not is_service_token(auth, call.edge_token):
+        return None
+    try:
+        return auth_pb2.Principal.FromString(base64.urlsafe_b64decode(call.edge_principal))
+    except (ValueError, DecodeError):
+        log.warning("ignoring a malformed %s header", PRINCIPAL_HEADER)
+        return None
+
+
 def service_principal() -> auth_pb2.Principal:
     return auth_pb2.Principal(name=SERVICE_PRINCIPAL, display_name="ferry services", scopes=[INTERNAL])
 
@@ -214,6 +236,11 @@ class AuthObserver:
         elif INTERNAL in scopes and call.credential:
             # Only ferry's own processes hold the internal scope: no need to ask the gateway.
             raise permission_denied(call.full_method, scopes)
+        elif (forwarded := edge_principal(call, self.auth)) is not None:
+            # Decided (and counted) at the edge; the scope check is repeated as a second line.
+            if not scopes.intersection(forwarded.scopes):
+                raise permission_denied(call.full_method, scopes)
+            principal = forwarded
         else:
             principal = await self.authorizer.authorize(
                 auth_pb2.AuthorizeRequest(

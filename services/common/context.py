@@ -12,6 +12,8 @@ AUTHORIZATION_HEADER = "authorization"
 # the client address beside it was written by Envoy, not by a caller on a service port.
 EDGE_HEADER = "x-ferry-edge"
 CLIENT_ADDRESS_HEADER = "x-ferry-client-address"
+# The caller as Envoy's edge check (the gateway) established it; trusted with the edge token only.
+PRINCIPAL_HEADER = "x-ferry-principal"
 _WELL_FORMED = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")

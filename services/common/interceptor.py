@@ -21,6 +21,7 @@ from services.common.context import (
     AUTHORIZATION_HEADER,
     CLIENT_ADDRESS_HEADER,
     EDGE_HEADER,
+    PRINCIPAL_HEADER,
     REQUEST_ID_HEADER,
     accept_request_id,
     bearer_token,
@@ -59,6 +60,7 @@ class Call:
     credential: str = field(default="", repr=False)
     edge_token: str = field(default="", repr=False)
     edge_client_address: str = ""
+    edge_principal: str = field(default="", repr=False)
     # The client's IP address as authentication established it.
     client_address: str = ""
 
@@ -135,6 +137,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             credential=bearer_token(metadata.pop(AUTHORIZATION_HEADER, None)),
             edge_token=bearer_token(metadata.pop(EDGE_HEADER, None)),
             edge_client_address=metadata.pop(CLIENT_ADDRESS_HEADER, ""),
+            edge_principal=metadata.pop(PRINCIPAL_HEADER, ""),
         )
         current_call.set(call)
         return call

@@ -179,3 +179,31 @@ async def test_an_unreachable_gateway_refuses_with_unavailable() -> None:
         await remote.authorize(auth_pb2.AuthorizeRequest(api_key="fry_x", method=CHAT))
     assert err.value.code == grpc.StatusCode.UNAVAILABLE
     assert err.value.retry_after_seconds == 1.0
+
+
+def test_a_forwarded_principal_is_trusted_only_with_the_edge_token() -> None:
+    settings = AuthSettings(service_token=SecretStr(TOKEN))
+    principal = auth_pb2.Principal(name="keys/k9", scopes=["read"])
+    header = auth.encode_principal(principal)
+    forwarded = call(CHAT, edge_token=TOKEN)
+    forwarded.edge_principal = header
+    assert auth.edge_principal(forwarded, settings) == principal
+    forged = call(CHAT, edge_token="guess")
+    forged.edge_principal = header
+    assert auth.edge_principal(forged, settings) is None
+    garbled = call(CHAT, edge_token=TOKEN)
+    garbled.edge_principal = "%%%not-base64"
+    assert auth.edge_principal(garbled, settings) is None
+
+
+async def test_a_forwarded_principal_spares_the_gateway_but_not_the_scope_check() -> None:
+    obs, authorizer = observer()
+    forwarded = call(CHAT, credential="fry_x", edge_token=TOKEN)
+    forwarded.edge_principal = auth.encode_principal(auth_pb2.Principal(name="keys/k9", scopes=["inference"]))
+    await obs.on_start(forwarded, None)
+    assert forwarded.principal == "keys/k9" and authorizer.asked == []
+    read_only = call(CHAT, credential="fry_x", edge_token=TOKEN)
+    read_only.edge_principal = auth.encode_principal(auth_pb2.Principal(name="keys/k8", scopes=["read"]))
+    with pytest.raises(RpcError) as err:
+        await obs.on_start(read_only, None)
+    assert err.value.code == grpc.StatusCode.PERMISSION_DENIED

@@ -4,6 +4,7 @@ Envoy's ext_authz Check, and the `ferry keys` CLI."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from ferry.auth.v1 import auth_pb2, auth_pb2_grpc
 from ferry.keys.v1 import keys_pb2, keys_pb2_grpc
 from google.protobuf import duration_pb2, timestamp_pb2
-from google.rpc import code_pb2
+from google.rpc import code_pb2, status_pb2
 
 from services.common.auth import hash_key
 from services.common.config import REPO_ROOT
@@ -251,8 +252,6 @@ async def test_requests_per_minute(
     keys: keys_pb2_grpc.KeysServiceStub, auth: auth_pb2_grpc.AuthServiceStub
 ) -> None:
     key = await create(keys, "three a minute", limits={"requests_per_minute": 3})
-    for _ in range(5):  # edge checks do not count: the service behind counts once
-        await authorize(auth, key.secret, check_only=True)
     for _ in range(3):
         principal = await authorize(auth, key.secret)
     assert principal.limits.requests_per_minute == 3
@@ -344,12 +343,24 @@ async def test_ext_authz_check(
     keys: keys_pb2_grpc.KeysServiceStub, channel: grpc.aio.Channel, gateway: Gateway
 ) -> None:
     check = external_auth_pb2_grpc.AuthorizationStub(channel)
-    key = await create(keys, "edge", "inference", limits={"requests_per_minute": 1})
+    key = await create(keys, "edge", "inference", limits={"requests_per_minute": 2})
 
-    for _ in range(3):  # edge checks never count against the key's limit
+    # The edge check is the request's one decision: it counts, and forwards who the caller is.
+    for _ in range(2):
         allowed = await check.Check(check_request(GENERATE, key.secret), metadata=SERVICE)
         assert allowed.status.code == code_pb2.OK
-        assert allowed.HasField("ok_response")
+        forwarded = {h.header.key: h.header.value for h in allowed.ok_response.headers}
+        principal = auth_pb2.Principal.FromString(base64.urlsafe_b64decode(forwarded["x-ferry-principal"]))
+        assert principal.name == key.name and list(principal.scopes) == ["inference"]
+    limited = await check.Check(check_request(GENERATE, key.secret), metadata=SERVICE)
+    assert limited.status.code == code_pb2.RESOURCE_EXHAUSTED
+    assert limited.denied_response.status.code == 429
+    headers = {h.header.key: h.header.value for h in limited.denied_response.headers}
+    assert int(headers["retry-after"]) >= 1
+    # gRPC callers get RESOURCE_EXHAUSTED with RetryInfo (envoy/ferry.lua reads the hint).
+    assert headers["x-ferry-grpc-status"] == str(code_pb2.RESOURCE_EXHAUSTED)
+    details = status_pb2.Status.FromString(base64.b64decode(headers["grpc-status-details-bin"]))
+    assert details.code == code_pb2.RESOURCE_EXHAUSTED
 
     cases = [
         (check_request(GENERATE), 401, code_pb2.UNAUTHENTICATED),
