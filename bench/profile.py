@@ -1,4 +1,4 @@
-"""Where the Inference service spends its time under load: py-spy on the running service.
+"""Where a ferry process (the Inference service by default) spends its time under load: py-spy.
 
 `python -m bench.profile [--model bench-stream|gemma-3-270m] [--path grpc|rest] [-c N] [--seconds S]`
 starts a stack (the trivial model by default, so only the serving path shows), keeps `c` requests in
@@ -114,6 +114,7 @@ def main() -> None:
     p.add_argument(
         "--stop", default="", help="programs to stop first, e.g. transactions,audit (what they cost)"
     )
+    p.add_argument("--process", default="inference", help="the program py-spy samples (e.g. gateway)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench" / "profile")
     args = p.parse_args()
     settings = get_settings()
@@ -121,7 +122,7 @@ def main() -> None:
     ensure_backend()
     overrides = platform.bench_model_overrides() if args.model == "bench-stream" else {}
     args.out.mkdir(parents=True, exist_ok=True)
-    folded = args.out / f"inference-{args.model}-{args.path}-c{args.concurrency}.folded"
+    folded = args.out / f"{args.process}-{args.model}-{args.path}-c{args.concurrency}.folded"
     with platform.running(model_path(settings).parent, **overrides) as stack:
         e = stack.endpoints
         key = platform.api_key(stack)
@@ -133,7 +134,7 @@ def main() -> None:
         for name in filter(None, args.stop.split(",")):
             stack.supervisor().stop(name)
         asyncio.run(_load(make, args.concurrency, 2, args.tokens))  # warm-up
-        pid = stack.supervisor().pid("inference")
+        pid = stack.supervisor().pid(args.process)
         spy = subprocess.Popen(
             [str(PY_SPY), "record", "--pid", str(pid), "--rate", str(args.rate), "--duration",
              str(int(args.seconds)), "--format", "raw", "--output", str(folded), "--nonblocking"],
