@@ -69,8 +69,8 @@ def tokenizer_dir(home: Path, model_file: Path) -> Path:
     if (out / "tokenizer.json").exists():
         return out
     venv = _venv("tokenizer-venv", BENCH_DIR / "requirements-tokenizer.txt", use_pip=True)
-    subprocess.run(
-        [str(venv / "bin" / "python"), str(BENCH_DIR / "extract_tokenizer.py"), str(model_file), str(out)],
-        check=True,
-    )
+    # -P: without it the script's folder (bench/) comes first on sys.path and bench/platform.py
+    # shadows the standard library's `platform` that numpy imports.
+    script = BENCH_DIR / "extract_tokenizer.py"
+    subprocess.run([str(venv / "bin" / "python"), "-P", str(script), str(model_file), str(out)], check=True)
     return out

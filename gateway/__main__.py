@@ -15,7 +15,7 @@ from gateway.schema import MIGRATIONS
 from gateway.store import KeyStore
 from services.common.audit_observer import AuditObserver
 from services.common.config import get_settings
-from services.common.database import Database
+from services.common.database import Database, serve_from_database
 from services.common.server import Runtime, serve
 from services.recording import Recorder
 
@@ -29,26 +29,18 @@ authorizer = LocalAuthorizer(settings)
 
 async def _setup(runtime: Runtime) -> None:
     await recorder.start(runtime)
-    store = KeyStore(
-        Database(runtime.settings, MIGRATIONS, lambda healthy: _on_database_health(runtime, store, healthy))
-    )
-    await runtime.set_serving(False)
-    await store.db.start()
-    runtime.on_stop.insert(0, store.db.stop)
+
+    async def bootstrap(db: Database) -> None:
+        # SERVING only once the bootstrap key is in place.
+        await ensure_bootstrap_key(runtime.settings, KeyStore(db), authorizer, recorder)
+
+    store = KeyStore(await serve_from_database(runtime, MIGRATIONS, on_ready=bootstrap))
     authorizer.attach(store)
     keys_pb2_grpc.add_KeysServiceServicer_to_server(KeysServicer(store, authorizer, recorder), runtime.server)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(authorizer), runtime.server)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         ext_authz.EnvoyAuthorizationServicer(authorizer, recorder), runtime.server
     )
-
-
-async def _on_database_health(runtime: Runtime, store: KeyStore, healthy: bool) -> None:
-    # NOT_SERVING until the database answers and the bootstrap key is in place (a failure here
-    # leaves the gateway NOT_SERVING; the database watcher tries again).
-    if healthy:
-        await ensure_bootstrap_key(runtime.settings, store, authorizer, recorder)
-    await runtime.set_serving(healthy)
 
 
 if __name__ == "__main__":

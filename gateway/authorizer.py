@@ -9,11 +9,9 @@ revocation made through this gateway drops its entry at once.
 from __future__ import annotations
 
 import logging
-import time
-from collections import OrderedDict
-from typing import Generic, TypeVar
 
 import grpc
+from cachetools import TTLCache
 from ferry.auth.v1 import auth_pb2
 
 from gateway.limiter import Limiter, Window
@@ -35,36 +33,9 @@ from services.common.timestamps import now
 
 log = logging.getLogger(__name__)
 
-Key = TypeVar("Key")
-Value = TypeVar("Value")
 PUBLIC_PRINCIPAL = "anonymous"
-
-
-class TtlCache(Generic[Key, Value]):
-    """Entries that expire after `seconds`; the oldest go first beyond `max_entries`."""
-
-    def __init__(self, seconds: float, max_entries: int = 100_000) -> None:
-        self.seconds = seconds
-        self.max_entries = max_entries
-        self._entries: OrderedDict[Key, tuple[float, Value]] = OrderedDict()
-
-    def get(self, key: Key) -> tuple[bool, Value | None]:
-        entry = self._entries.get(key)
-        if entry is None or entry[0] <= time.monotonic():
-            self._entries.pop(key, None)
-            return False, None
-        return True, entry[1]
-
-    def put(self, key: Key, value: Value) -> None:
-        if self.seconds <= 0:
-            return
-        self._entries[key] = (time.monotonic() + self.seconds, value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-    def drop(self, key: Key) -> None:
-        self._entries.pop(key, None)
+# Keys (and misses) remembered at once; beyond it the oldest go first.
+CACHE_ENTRIES = 100_000
 
 
 class LocalAuthorizer:
@@ -76,8 +47,8 @@ class LocalAuthorizer:
         self.limits = settings.auth.rate_limits
         self.store: KeyStore | None = None
         self.limiter = Limiter(self.limits)
-        self.by_hash: TtlCache[str, KeyRecord | None] = TtlCache(self.auth.cache_seconds)
-        self.by_id: TtlCache[str, KeyRecord | None] = TtlCache(self.auth.cache_seconds)
+        self.by_hash: TTLCache[str, KeyRecord | None] = TTLCache(CACHE_ENTRIES, self.auth.cache_seconds)
+        self.by_id: TTLCache[str, KeyRecord | None] = TTLCache(CACHE_ENTRIES, self.auth.cache_seconds)
 
     def attach(self, store: KeyStore) -> None:
         self.store = store
@@ -95,25 +66,25 @@ class LocalAuthorizer:
         return self.store
 
     async def key_by_hash(self, key_hash: str) -> KeyRecord | None:
-        found, record = self.by_hash.get(key_hash)
-        if not found:
-            record = await self._store().by_hash(key_hash)
-            self.by_hash.put(key_hash, record)
-            if record is not None:
-                self.by_id.put(record.id, record)
+        if key_hash in self.by_hash:
+            return self.by_hash[key_hash]
+        record = await self._store().by_hash(key_hash)
+        self.by_hash[key_hash] = record
+        if record is not None:
+            self.by_id[record.id] = record
         return record
 
     async def key_by_id(self, key_id: str) -> KeyRecord | None:
-        found, record = self.by_id.get(key_id)
-        if not found:
-            record = await self._store().by_id(key_id)
-            self.by_id.put(key_id, record)
+        if key_id in self.by_id:
+            return self.by_id[key_id]
+        record = await self._store().by_id(key_id)
+        self.by_id[key_id] = record
         return record
 
     def forget(self, record: KeyRecord) -> None:
         """Drops what the cache knows of a key that changed here (revoked, created)."""
-        self.by_hash.drop(record.key_hash)
-        self.by_id.drop(record.id)
+        self.by_hash.pop(record.key_hash, None)
+        self.by_id.pop(record.id, None)
 
     # -- Authorizer ------------------------------------------------------------------------------
 

@@ -233,14 +233,22 @@ class Database:
                 await self.on_health(healthy)
 
 
-async def serve_from_database(runtime: Runtime, migrations: Migrations) -> Database:
+async def serve_from_database(
+    runtime: Runtime,
+    migrations: Migrations,
+    on_ready: Callable[[Database], Awaitable[None]] | None = None,
+) -> Database:
     """Set-up shared by the services that own tables: migrate, then follow the database's health.
 
     The database is such a service's dependency: without it nothing there can answer, so health is
-    NOT_SERVING until it is reachable and whenever it stops answering.
+    NOT_SERVING until it is reachable and whenever it stops answering. `on_ready` runs each time it
+    becomes reachable, before SERVING (a failure there keeps the service NOT_SERVING; the next health
+    check tries again).
     """
 
     async def on_health(healthy: bool) -> None:
+        if healthy and on_ready is not None:
+            await on_ready(db)
         await runtime.set_serving(healthy)
 
     db = Database(runtime.settings, migrations, on_health)
