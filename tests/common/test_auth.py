@@ -207,3 +207,25 @@ async def test_a_forwarded_principal_spares_the_gateway_but_not_the_scope_check(
     with pytest.raises(RpcError) as err:
         await obs.on_start(read_only, None)
     assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+class CountingAuthorizer(RecordingAuthorizer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.usage: list[auth_pb2.RecordUsageRequest] = []
+
+    async def record_usage(self, request: auth_pb2.RecordUsageRequest) -> None:
+        self.usage.append(request)
+
+
+async def test_generated_tokens_are_reported_only_where_a_token_limit_applies() -> None:
+    settings = Settings(auth=AuthSettings(service_token=SecretStr(TOKEN)))
+    authorizer = CountingAuthorizer()
+    obs = auth.AuthObserver(settings, authorizer)
+    limited = auth_pb2.Principal(name="keys/k1", limits=auth_pb2.Limits(tokens_per_minute=100))
+    obs.record_usage(limited, "10.0.0.1", 7)
+    obs.record_usage(auth_pb2.Principal(name="keys/k2"), "10.0.0.1", 7)  # no limit: nothing to count
+    obs.record_usage(auth.service_principal(), "10.0.0.1", 7)
+    for task in list(obs._background):
+        await task
+    assert [(u.principal, u.completion_tokens) for u in authorizer.usage] == [("keys/k1", 7)]
