@@ -34,6 +34,8 @@ from services.common.timestamps import now
 log = logging.getLogger(__name__)
 
 PUBLIC_PRINCIPAL = "anonymous"
+# ErrorInfo metadata naming the known key a refusal concerns.
+REFUSED_KEY = "key"
 # Keys (and misses) remembered at once; beyond it the oldest go first.
 CACHE_ENTRIES = 100_000
 
@@ -97,19 +99,25 @@ class LocalAuthorizer:
             if INTERNAL not in scopes:
                 raise permission_denied(request.method, scopes)
             return service_principal()
+        await self._count_address(request.client_address)
         if not request.api_key:
             raise unauthenticated("no API key was presented (send Authorization: Bearer <key>)")
         record = await self.key_by_hash(hash_key(request.api_key))
         if record is None:
             raise unauthenticated("the API key is not valid")
-        if record.revoke_time is not None:
-            raise unauthenticated(f"the API key {record.name} was revoked")
-        if record.expire_time is not None and record.expire_time <= now():
-            raise unauthenticated(f"the API key {record.name} has expired")
-        if not scopes.intersection(record.scopes):
-            raise permission_denied(request.method, scopes)
-        principal = self.principal(record)
-        await self._count(principal, request.client_address, generates=scopes == {INFERENCE})
+        try:
+            if record.revoke_time is not None:
+                raise unauthenticated(f"the API key {record.name} was revoked")
+            if record.expire_time is not None and record.expire_time <= now():
+                raise unauthenticated(f"the API key {record.name} has expired")
+            if not scopes.intersection(record.scopes):
+                raise permission_denied(request.method, scopes)
+            principal = self.principal(record)
+            await self._count(principal, request.client_address, generates=scopes == {INFERENCE})
+        except RpcError as err:
+            # Who was refused (the audit of an edge refusal names the key, never its secret).
+            err.metadata.setdefault(REFUSED_KEY, record.name)
+            raise
         return principal
 
     async def record_usage(self, request: auth_pb2.RecordUsageRequest) -> None:
@@ -132,19 +140,21 @@ class LocalAuthorizer:
         """The caller as services see it, with the limits in force: the key's own, else the defaults."""
         own = record.limits
         inference = self.settings.inference
+        tokens_per_minute = own.tokens_per_minute or self.limits.tokens_per_minute
         return auth_pb2.Principal(
             name=record.name,
             display_name=record.display_name,
             scopes=list(record.scopes),
             limits=auth_pb2.Limits(
                 requests_per_minute=own.requests_per_minute or self.limits.requests_per_minute,
-                tokens_per_minute=own.tokens_per_minute or self.limits.tokens_per_minute,
+                tokens_per_minute=tokens_per_minute,
                 max_prompt_tokens=own.max_prompt_tokens or inference.max_prompt_tokens,
                 max_tokens=own.max_tokens or inference.max_tokens,
             ),
+            report_usage=tokens_per_minute > 0 or self.limits.per_address_tokens_per_minute > 0,
         )
 
-    def _request_windows(self, principal: auth_pb2.Principal, address: str) -> list[Window]:
+    def _request_windows(self, principal: auth_pb2.Principal) -> list[Window]:
         windows = []
         if principal.limits.requests_per_minute > 0:
             windows.append(
@@ -155,16 +165,22 @@ class LocalAuthorizer:
                     principal.limits.requests_per_minute,
                 )
             )
-        if self.limits.per_address_requests_per_minute > 0 and address:
-            windows.append(
-                Window(
-                    "requests per minute from this address",
-                    "requests-address",
-                    address,
-                    self.limits.per_address_requests_per_minute,
-                )
-            )
         return windows
+
+    async def _count_address(self, address: str) -> None:
+        """Counts every attempt from a client address, before its key is looked up: a flood of wrong
+        keys is limited like any other traffic and costs no database query once refused."""
+        if self.limits.per_address_requests_per_minute <= 0 or not address:
+            return
+        window = Window(
+            "requests per minute from this address",
+            "requests-address",
+            address,
+            self.limits.per_address_requests_per_minute,
+        )
+        wait = await self.limiter.seconds_until_free(window)
+        if wait > 0 or not await self.limiter.hit(window):
+            raise rate_limited(window.what, wait or await self.limiter.seconds_until_free(window))
 
     def _token_windows(self, principal: auth_pb2.Principal, address: str) -> list[Window]:
         windows = []
@@ -190,7 +206,7 @@ class LocalAuthorizer:
 
     async def _count(self, principal: auth_pb2.Principal, address: str, *, generates: bool) -> None:
         """Refuses when a window is spent; otherwise counts the call in every request window."""
-        requests = self._request_windows(principal, address)
+        requests = self._request_windows(principal)
         checked = requests + (self._token_windows(principal, address) if generates else [])
         for window in checked:
             wait = await self.limiter.seconds_until_free(window)

@@ -15,6 +15,7 @@ from services.recording import Recorder
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_CREATOR = "bootstrap"
+MIN_BOOTSTRAP_KEY_LENGTH = 32
 
 
 async def ensure_bootstrap_key(
@@ -25,6 +26,12 @@ async def ensure_bootstrap_key(
     secret = settings.bootstrap_admin_key
     if secret is None or not secret.get_secret_value():
         return
+    if len(secret.get_secret_value()) < MIN_BOOTSTRAP_KEY_LENGTH:
+        # Keys are stored as fast hashes, safe only for secrets nobody can guess.
+        raise ValueError(
+            f"FERRY_BOOTSTRAP_ADMIN_KEY is too short: use at least {MIN_BOOTSTRAP_KEY_LENGTH} random "
+            "characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
     key_hash = hash_key(secret.get_secret_value())
     if await store.by_hash(key_hash) is not None:
         return

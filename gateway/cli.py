@@ -5,7 +5,7 @@
     python -m gateway.cli keys get NAME        # keys/<id>, <id>, or a unique display name
     python -m gateway.cli keys revoke NAME
 
-The admin key comes from `--api-key`, else `$FERRY_API_KEY`, else `<home>/admin.key`.
+The admin key comes from `--api-key-file`, else `$FERRY_API_KEY`, else `<home>/admin.key`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ TTL = re.compile(r"^(\d+)([smhdw])$")
 TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # What a person should do about the refusals a key command meets.
 HINTS = {
-    grpc.StatusCode.UNAUTHENTICATED: "the admin key was refused; pass --api-key, set FERRY_API_KEY, "
+    grpc.StatusCode.UNAUTHENTICATED: "the admin key was refused; pass --api-key-file, set FERRY_API_KEY, "
     "or check <home>/admin.key",
     grpc.StatusCode.PERMISSION_DENIED: "this key lacks the admin scope needed to manage keys",
     grpc.StatusCode.UNAVAILABLE: "the gateway did not answer at {target}; is ferry running?",
@@ -49,16 +49,20 @@ def parse_ttl(text: str) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=int(match.group(1)) * TTL_UNITS[match.group(2)])
 
 
-def admin_key(explicit: str | None) -> str:
-    if explicit:
-        return explicit
+def admin_key(key_file: Path | None) -> str:
+    # Never a secret on the command line: argv shows in `ps` and shell history.
+    if key_file is not None:
+        try:
+            return key_file.read_text().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read --api-key-file {key_file}: {exc.strerror}") from None
     if os.environ.get("FERRY_API_KEY"):
         return os.environ["FERRY_API_KEY"]
     path = get_settings().home / "admin.key"
     try:
         return Path(path).read_text().strip()
     except OSError:
-        raise CliError(f"no admin key: pass --api-key, set FERRY_API_KEY, or create {path}") from None
+        raise CliError(f"no admin key: pass --api-key-file, set FERRY_API_KEY, or create {path}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Options every command takes, after its name (`keys list --json`).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--target", help="gateway address (default: settings gateway.address)")
-    common.add_argument("--api-key", help="admin key (default: $FERRY_API_KEY, else <home>/admin.key)")
+    common.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file holding the admin key (default: $FERRY_API_KEY, else <home>/admin.key)",
+    )
     common.add_argument("--json", action="store_true", help="print JSON")
     commands = keys.add_subparsers(dest="command", required=True)
 
@@ -128,9 +136,21 @@ class Keys:
                 return keys
 
     def resolve(self, name: str) -> str:
-        """`keys/<id>` for a resource name, a bare id, or a display name that names exactly one key."""
+        """`keys/<id>` for a resource name, a bare id, or a display name that names exactly one key.
+
+        An existing id wins over a display name, so a label can never redirect a revoke to another key.
+        """
         if name.startswith("keys/"):
             return name
+        try:
+            self.stub.GetKey(
+                keys_pb2.GetKeyRequest(name=f"keys/{name}"), metadata=self.metadata, timeout=TIMEOUT_SECONDS
+            )
+            return f"keys/{name}"
+        except grpc.RpcError as err:
+            # Not an id (NOT_FOUND), or not even shaped like one (INVALID_ARGUMENT): try labels.
+            if err.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):  # type: ignore[attr-defined]
+                raise
         by_label = [k.name for k in self.list(show_inactive=True) if k.display_name == name]
         if len(by_label) > 1:
             raise CliError(f"{len(by_label)} keys are named {name!r}; give the id: {', '.join(by_label)}")
@@ -168,7 +188,7 @@ def describe(key: keys_pb2.Key) -> str:
 
 def run(args: argparse.Namespace) -> None:
     target = args.target or get_settings().gateway.address
-    metadata = (("authorization", f"Bearer {admin_key(args.api_key)}"),)
+    metadata = (("authorization", f"Bearer {admin_key(args.api_key_file)}"),)
     with grpc.insecure_channel(target) as channel:
         keys = Keys(keys_pb2_grpc.KeysServiceStub(channel), metadata)
         try:

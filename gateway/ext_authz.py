@@ -23,7 +23,7 @@ from envoy.type.v3 import http_status_pb2
 from ferry.auth.v1 import auth_pb2
 from google.rpc import code_pb2, status_pb2
 
-from gateway.authorizer import LocalAuthorizer
+from gateway.authorizer import PUBLIC_PRINCIPAL, REFUSED_KEY, LocalAuthorizer
 from services.common.auth import encode_principal
 from services.common.context import AUTHORIZATION_HEADER, PRINCIPAL_HEADER, bearer_token
 from services.common.errors import RpcError
@@ -69,7 +69,7 @@ class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             # it gets); a refusal at the edge never reaches a service, so it is audited here.
             self.recorder.operational(
                 "edge.deny",
-                principal="anonymous",
+                principal=err.metadata.get(REFUSED_KEY, PUBLIC_PRINCIPAL),
                 resource=method,
                 code=getattr(code_pb2, err.code.name),
                 message=err.message,

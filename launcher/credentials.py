@@ -46,6 +46,9 @@ def ensure_admin_key(settings: Settings) -> AdminKey:
         # O_EXCL: two launchers starting at once must not overwrite each other's key.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            # Copied or restored with loose permissions: the key is the keys to everything.
+            path.chmod(0o600)
         existing = path.read_text().strip()
         if not existing:
             raise ValueError(f"{path} is empty: delete it to have a new admin key made") from None

@@ -257,8 +257,8 @@ class AuthObserver:
         """Counts generated tokens against the caller's tokens-per-minute limits, off the request path."""
         if not self.auth.enabled or principal.name == SERVICE_PRINCIPAL or completion_tokens <= 0:
             return
-        if not principal.limits.tokens_per_minute and not self.auth.rate_limits.per_address_tokens_per_minute:
-            return  # no token window to fill: spare the gateway a call
+        if not principal.report_usage:
+            return  # no token window to fill (the gateway says): spare it a call
         task = asyncio.create_task(
             self.authorizer.record_usage(
                 auth_pb2.RecordUsageRequest(

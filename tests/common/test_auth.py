@@ -222,7 +222,7 @@ async def test_generated_tokens_are_reported_only_where_a_token_limit_applies() 
     settings = Settings(auth=AuthSettings(service_token=SecretStr(TOKEN)))
     authorizer = CountingAuthorizer()
     obs = auth.AuthObserver(settings, authorizer)
-    limited = auth_pb2.Principal(name="keys/k1", limits=auth_pb2.Limits(tokens_per_minute=100))
+    limited = auth_pb2.Principal(name="keys/k1", report_usage=True)
     obs.record_usage(limited, "10.0.0.1", 7)
     obs.record_usage(auth_pb2.Principal(name="keys/k2"), "10.0.0.1", 7)  # no limit: nothing to count
     obs.record_usage(auth.service_principal(), "10.0.0.1", 7)

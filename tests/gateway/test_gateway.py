@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -255,6 +256,7 @@ async def test_requests_per_minute(
     for _ in range(3):
         principal = await authorize(auth, key.secret)
     assert principal.limits.requests_per_minute == 3
+    assert not principal.report_usage  # no token window: services need not report tokens
     err = await refusal(authorize(auth, key.secret))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     retry = error_details(err)["RetryInfo"].retry_delay.ToTimedelta().total_seconds()  # type: ignore[attr-defined]
@@ -321,6 +323,16 @@ async def test_per_address_limits(postgres_url: str, tmp_path: Path) -> None:
             tokens = await refusal(authorize(auth, first.secret, GENERATE, client_address="192.0.2.1"))
             assert tokens.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "tokens per minute from this address" in (tokens.details() or "")
+            # The gateway tells services to report tokens when a token window applies.
+            principal = await authorize(auth, second.secret, LIST_MODELS, client_address="198.51.100.9")
+            assert principal.report_usage
+
+            # Wrong keys count too, before any lookup: guessing is limited like any traffic.
+            for guess in ("fry_guess-1", "fry_guess-2"):
+                wrong = await refusal(authorize(auth, guess, LIST_MODELS, client_address="203.0.113.99"))
+                assert wrong.code() == grpc.StatusCode.UNAUTHENTICATED
+            flood = await refusal(authorize(auth, second.secret, LIST_MODELS, client_address="203.0.113.99"))
+            assert flood.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         limited.stop()
 
@@ -397,19 +409,11 @@ async def test_ext_authz_check(
 
 
 def ferry_keys(gateway: Gateway, *args: str, api_key: str = ADMIN_KEY) -> subprocess.CompletedProcess[str]:
+    # The key travels in the environment, as documented: never on a command line.
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gateway.cli",
-            "keys",
-            *args,
-            "--target",
-            gateway.address,
-            "--api-key",
-            api_key,
-        ],
+        [sys.executable, "-m", "gateway.cli", "keys", *args, "--target", gateway.address],
         cwd=REPO_ROOT,
+        env={**os.environ, "FERRY_API_KEY": api_key},
         capture_output=True,
         text=True,
         timeout=30,
