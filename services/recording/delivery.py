@@ -13,7 +13,10 @@ what is on disk: the spool has every record from the moment it is written.
 
 Refusals that retrying cannot fix (INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION) move the
 record to the spool's `dead` table instead of blocking everything behind it; all other errors
-(UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED while keys are being set up, ...) are retried.
+(UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED while keys are being set up, ...) are retried. A
+merged CreateTransaction that is refused falls back to the start on its own, so that an invalid
+outcome never takes the request's start (prompt, messages, principal) with it: the start is delivered
+and only the outcome is set aside, or, when the start is refused too, the whole merged record is.
 """
 
 from __future__ import annotations
@@ -65,6 +68,15 @@ def merge(
     t.error_code = finished.error_code
     t.error_message = finished.error_message
     return t
+
+
+class Refused(Exception):
+    """The service refused a record as invalid; `payload` is what the dead table keeps of it."""
+
+    def __init__(self, payload: bytes, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(error.details())
+        self.payload = payload
+        self.details = str(error.details())
 
 
 class Delivery:
@@ -168,17 +180,20 @@ class Delivery:
         for row in rows:
             try:
                 await self._deliver_txn(row)
+            except Refused as refused:
+                self._bury_txn(row, refused.payload, refused.details)
             except grpc.aio.AioRpcError as exc:
                 if not is_permanent(exc):
                     raise
-                log.error("transaction %s refused as invalid, kept aside: %s", row.request_id, exc.details())
-                DEAD_LETTERS.labels("transaction").inc()
-                self.spool.bury(
-                    "transaction", row.seq, (row.finished or row.started or b""), str(exc.details())
-                )
+                self._bury_txn(row, row.finished or row.started or b"", str(exc.details()))
             else:
                 DELIVERED.labels("transaction").inc()
         return len(rows)
+
+    def _bury_txn(self, row: TxnRow, payload: bytes, details: str) -> None:
+        log.error("transaction %s refused as invalid, kept aside: %s", row.request_id, details)
+        DEAD_LETTERS.labels("transaction").inc()
+        self.spool.bury("transaction", row.seq, payload, details)
 
     async def _deliver_txn(self, row: TxnRow) -> None:
         kw = {"timeout": CALL_TIMEOUT_SECONDS, "metadata": self.metadata}
@@ -203,15 +218,37 @@ class Delivery:
                 return
         # One call for start and outcome together; if a start sent earlier got in first (its reply was
         # lost), the record comes back in progress and the outcome goes as a completion.
-        record = await self.transactions.CreateTransaction(
-            transactions_pb2.CreateTransactionRequest(
-                transaction=merge(row.started, row.request_id, finished)
-            ),
-            **kw,
-        )
+        merged = merge(row.started, row.request_id, finished)
+        try:
+            record = await self.transactions.CreateTransaction(
+                transactions_pb2.CreateTransactionRequest(transaction=merged), **kw
+            )
+        except grpc.aio.AioRpcError as exc:
+            if not is_permanent(exc) or row.started is None:
+                raise
+            # Refused as a whole, maybe for the outcome alone: deliver the start on its own first.
+            record = await self._deliver_start_alone(row, merged)
         if record.status == Transaction.Status.STATUS_IN_PROGRESS:
+            # Refused here (permanently), only the outcome goes to the dead table: the start is in.
             await self.transactions.CompleteTransaction(finished, **kw)
         self.spool.txn_delivered(row.seq)
+
+    async def _deliver_start_alone(self, row: TxnRow, merged: Transaction) -> Transaction:
+        """After a merged create was refused. If the start is refused too, raises `Refused` with the
+        whole merged record, so that the dead table keeps the start and its outcome together."""
+        assert row.started is not None
+        try:
+            record = await self.transactions.CreateTransaction(
+                transactions_pb2.CreateTransactionRequest(transaction=Transaction.FromString(row.started)),
+                timeout=CALL_TIMEOUT_SECONDS,
+                metadata=self.metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if not is_permanent(exc):
+                raise
+            raise Refused(merged.SerializeToString(), exc) from exc
+        self.spool.start_delivered(row.seq)
+        return record
 
     async def _audit_step(self) -> int:
         batch = self.spool.pending_audit(self.batch_size)

@@ -7,6 +7,7 @@ import collections
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -297,6 +298,60 @@ async def test_invalid_record_is_set_aside_not_blocking(services: Services, tran
     finally:
         await recorder.stop()
         recorder.close()
+
+
+def _dead_letters(recorder: Recorder) -> list[tuple[str, bytes, str]]:
+    """(kind, payload, error) of the records set aside, read from the spool file itself."""
+    db = sqlite3.connect(f"file:{recorder.path}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT kind, payload, error FROM dead ORDER BY seq").fetchall()
+    finally:
+        db.close()
+
+
+async def test_refused_merged_record_keeps_its_start(services: Services, transactions: Any) -> None:
+    """A short request whose start and outcome go out as one call, refused as invalid: nothing of the
+    request is lost. An invalid outcome (a negative token count) leaves the start recorded in progress
+    and only the outcome set aside; an invalid start (its request id) sets the whole record aside."""
+    settings = services.settings(recording={"merge_window_seconds": 5.0})
+    recorder = Recorder(settings, f"dead-merge-{uuid.uuid4().hex[:6]}")
+    await recorder.start()
+    bad_outcome, bad_start = uuid.uuid4().hex, f"not a valid id {uuid.uuid4().hex}"
+    before = await asyncio.to_thread(_handled, services, "transactions")
+    try:
+        for rid, prompt, tokens in ((bad_outcome, "keep me", -1), (bad_start, "me too", 2)):
+            recorder.transaction_started(rid, model="m", principal="keys/k1", prompt=prompt)
+            recorder.transaction_finished(rid, status="succeeded", output="hi", prompt_tokens=tokens)
+        assert await recorder.flush(15)
+        started = await transactions.GetTransaction(
+            tx.GetTransactionRequest(name=f"transactions/{bad_outcome}")
+        )
+        dead = await asyncio.to_thread(_dead_letters, recorder)
+    finally:
+        await recorder.stop()
+        recorder.close()
+    after = await asyncio.to_thread(_handled, services, "transactions")
+    assert (started.status, started.prompt, started.principal) == (
+        Status.STATUS_IN_PROGRESS,
+        "keep me",
+        "keys/k1",
+    )
+    # Merged, then the start alone: two creates for each request; one completion, for the valid start.
+    assert after["CreateTransaction"] - before["CreateTransaction"] == 4
+    assert after["CompleteTransaction"] - before["CompleteTransaction"] == 1
+    assert [kind for kind, _, _ in dead] == ["transaction", "transaction"]
+    outcome = tx.CompleteTransactionRequest.FromString(dead[0][1])
+    assert (outcome.name, outcome.usage.prompt_tokens) == (f"transactions/{bad_outcome}", -1)
+    assert "must not be negative" in dead[0][2]
+    whole = tx.Transaction.FromString(dead[1][1])
+    assert (whole.request_id, whole.prompt, whole.principal, whole.status, whole.output) == (
+        bad_start,
+        "me too",
+        "keys/k1",
+        Status.STATUS_SUCCEEDED,
+        "hi",
+    )
+    assert "request_id" in dead[1][2]
 
 
 def _handled(services: Services, name: str) -> collections.Counter[str]:
