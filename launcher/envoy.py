@@ -41,6 +41,16 @@ CORS_ALLOW_HEADERS = "authorization, content-type, x-request-id"
 CORS_EXPOSE_HEADERS = "x-request-id, retry-after"
 CORS_ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 CORS_MAX_AGE_SECONDS = 600
+# The admin interface (which shows the service token and can stop Envoy) listens only on this unix
+# socket in the run directory, which its owner alone may open.
+ADMIN_SOCKET_NAME = "envoy-admin.sock"
+ADMIN_SOCKET_MODE = 0o600
+# What the admin port (the `admin_read_only` listener) forwards to it, GET only; anything else is a 404.
+ADMIN_READ_ONLY_PREFIXES = ("/stats", "/clusters", "/ready", "/server_info")
+# Where the admin port listens: loopback for `make run`; containers pass their own interface.
+ADMIN_HOST = "127.0.0.1"
+# sockaddr_un.sun_path holds 108 bytes, the terminating NUL included.
+MAX_SOCKET_PATH_BYTES = 107
 
 
 @dataclass(frozen=True)
@@ -177,11 +187,26 @@ def yaml_string(value: str) -> str:
     return json.dumps(value)
 
 
-def render_envoy_config(settings: Settings, descriptor: Path = DESCRIPTOR) -> Path:
+def admin_socket(settings: Settings) -> Path:
+    """The admin interface's unix socket (owner only); a path too long for a socket is refused."""
+    path = settings.run_dir / ADMIN_SOCKET_NAME
+    if len(str(path).encode()) > MAX_SOCKET_PATH_BYTES:
+        raise ValueError(
+            f"Envoy's admin socket {path} is longer than a unix socket path may be "
+            f"({MAX_SOCKET_PATH_BYTES} bytes): choose a shorter home"
+        )
+    return path
+
+
+def render_envoy_config(
+    settings: Settings, descriptor: Path = DESCRIPTOR, admin_host: str = ADMIN_HOST
+) -> Path:
     """Writes envoy.yaml into the run directory and returns its path.
 
     The transcoder refuses a service missing from the descriptor set, so only the services that
     `make proto` built are transcoded; native gRPC routes exist for all of them regardless.
+    `admin_host` is where the read-only admin port listens (containers: every interface, for
+    Prometheus).
     """
     described = described_services(descriptor)
     internal = internal_methods(descriptor)
@@ -211,6 +236,11 @@ def render_envoy_config(settings: Settings, descriptor: Path = DESCRIPTOR) -> Pa
         host=settings.envoy.host,
         port=settings.envoy.port,
         admin_port=settings.envoy.admin_port,
+        admin_host=admin_host,
+        admin_socket=admin_socket(settings),
+        admin_socket_mode=ADMIN_SOCKET_MODE,
+        admin_read_only_prefixes=ADMIN_READ_ONLY_PREFIXES,
+        xff_num_trusted_hops=settings.envoy.xff_num_trusted_hops,
         upstreams=clusters,
         transcoded_services=transcoded,
         descriptor=descriptor.resolve(),

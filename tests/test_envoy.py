@@ -11,6 +11,7 @@ real gateway's decisions are covered by tests/gateway and, through the real stac
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from ferry.auth.v1 import auth_pb2
 from ferry.models.v1 import models_pb2, models_pb2_grpc
@@ -33,7 +35,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gateway.ext_authz import denied
 from launcher import envoy as envoy_config
 from launcher.envoy import (
+    ADMIN_SOCKET_MODE,
     DESCRIPTOR,
+    admin_socket,
     described_services,
     envoy_program,
     internal_methods,
@@ -44,7 +48,7 @@ from launcher.envoy import (
 from services.common import auth
 from services.common.config import Settings
 from services.common.errors import RpcError
-from tests.stack import stack_settings
+from tests.stack import RunningStack, stack_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -95,6 +99,30 @@ def test_without_auth_envoy_asks_for_no_key(tmp_path: Path) -> None:
 def test_auth_without_a_service_token_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="service_token"):
         render_envoy_config(stack_settings(tmp_path))
+
+
+def test_the_admin_interface_is_an_owner_only_socket_not_a_port(tmp_path: Path) -> None:
+    """The admin interface shows the service token (/config_dump) and can stop Envoy: no TCP address,
+    only a unix socket its owner may open. The admin port is a read-only listener in front of it."""
+    settings = edge_settings(tmp_path, xff_num_trusted_hops=2)
+    config = yaml.safe_load(render_envoy_config(settings).read_text())
+    assert config["admin"]["address"] == {
+        "pipe": {"path": str(admin_socket(settings)), "mode": ADMIN_SOCKET_MODE}
+    }
+    assert ADMIN_SOCKET_MODE == 0o600
+    listeners = {listener["name"]: listener for listener in config["static_resources"]["listeners"]}
+    assert listeners["admin_read_only"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": settings.envoy.admin_port,
+    }
+    # And the client address is the TCP peer, or what the configured proxies in front say it is.
+    edge = listeners["edge"]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert (edge["use_remote_address"], edge["xff_num_trusted_hops"]) == (True, 2)
+
+
+def test_a_home_too_long_for_the_admin_socket_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unix socket"):
+        render_envoy_config(edge_settings(tmp_path / ("h" * 120)))
 
 
 def test_internal_methods_come_from_the_access_option() -> None:
@@ -184,11 +212,14 @@ class ScriptedCheck(external_auth_pb2_grpc.AuthorizationServicer):
 
     def __init__(self) -> None:
         self.seen: list[tuple[dict[str, str], str, dict[str, str]]] = []
+        # The client address of each check (what the gateway counts per-address limits by).
+        self.sources: list[str] = []
 
     def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
         http = request.attributes.request.http
         headers = dict(http.headers)
         self.seen.append(({k: v for k, v in context.invocation_metadata()}, http.path, headers))
+        self.sources.append(request.attributes.source.address.socket_address.address)
         presented = headers.get("authorization", "")
         if presented == f"Bearer {KEY}":
             return external_auth_pb2.CheckResponse(
@@ -529,6 +560,14 @@ def test_edge_headers_replace_what_the_client_sent(edge: Edge) -> None:
     assert seen["authorization"] == f"Bearer {KEY}"
 
 
+def test_a_client_sent_x_forwarded_for_is_not_the_client_address(edge: Edge) -> None:
+    """Per-address limits count by the address the key check sees and the service is told: both are
+    the TCP peer, whatever X-Forwarded-For the client sends (envoy.xff_num_trusted_hops is 0)."""
+    assert edge.get("/api/v1/models", headers={"x-forwarded-for": "203.0.113.7"}).status_code == 200
+    assert edge.check.sources[-1] == "127.0.0.1"
+    assert edge.upstream.metadata[-1]["x-ferry-client-address"] == "127.0.0.1"
+
+
 def test_health_endpoints_need_no_key(edge: Edge) -> None:
     for path in ("/healthz", "/readyz"):
         assert httpx.get(f"{edge.base}{path}").status_code == 200
@@ -594,3 +633,26 @@ def test_a_grpc_message_beyond_the_limit_is_resource_exhausted(edge: Edge) -> No
             )
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"larger than {MAX_REQUEST_BYTES} bytes" in (err.value.details() or "")
+
+
+# -- the admin port on the real stack: read-only observability, never the configuration ------------
+
+
+def test_the_admin_port_serves_metrics_but_not_the_configuration(stack: RunningStack) -> None:
+    admin = stack.envoy_admin
+    token = stack.stack.settings.auth.service_token
+    assert token is not None
+    secret = token.get_secret_value()
+    assert httpx.get(f"{admin}/config_dump", timeout=5).status_code == 404
+    assert httpx.get(f"{admin}/stats/../config_dump", timeout=5).status_code == 404
+    assert httpx.post(f"{admin}/quitquitquit", timeout=5).status_code == 404
+    assert httpx.post(f"{admin}/logging", params={"level": "trace"}, timeout=5).status_code == 404
+    metrics = httpx.get(f"{admin}/stats/prometheus", timeout=5)
+    assert metrics.status_code == 200
+    assert re.search(r"^envoy_cluster_upstream_rq_total\{", metrics.text, re.MULTILINE)
+    for page in ("/stats", "/stats/prometheus", "/clusters", "/server_info"):
+        answer = httpx.get(f"{admin}{page}", timeout=5)
+        assert answer.status_code == 200, page
+        assert secret not in answer.text, page
+    # Envoy still answers: nothing above stopped it.
+    assert httpx.get(f"{stack.rest}/healthz", timeout=5).status_code == 200

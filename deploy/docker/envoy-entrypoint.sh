@@ -35,7 +35,9 @@ umask 077
 mkdir -p "$config_dir"
 sed "s/$placeholder/$token/g" "$template" > "$config_dir/envoy.yaml"
 # The official entrypoint runs Envoy as ENVOY_UID (101) when started as root: let it read the file.
+# And make its admin socket (owner only) in the run directory, beside the rendered file.
 if [ "$(id -u)" = "0" ] && [ "$next_entrypoint" = /docker-entrypoint.sh ]; then
     chown -R "${ENVOY_UID:-101}" "$config_dir"
+    chown "${ENVOY_UID:-101}" "$(dirname "$template")"
 fi
 exec "$next_entrypoint" envoy -c "$config_dir/envoy.yaml" "$@"

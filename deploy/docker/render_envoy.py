@@ -27,7 +27,8 @@ CONTAINER_HOSTS = {
 }
 # Replaced at container start by the service token (FERRY_AUTH__SERVICE_TOKEN[_FILE]).
 SERVICE_TOKEN_PLACEHOLDER = "FERRY_SERVICE_TOKEN_PLACEHOLDER"
-# Envoy listens on every interface of its own container.
+# Envoy listens on every interface of its own container: the edge, and the admin port's read-only
+# observability pages, which Prometheus scrapes (the admin interface itself is a unix socket).
 LISTEN_HOST = "0.0.0.0"
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> int:
     from launcher.envoy import render_envoy_config
 
     home = Path(argv[0]) if argv else Path("/ferry/home")
-    print(render_envoy_config(container_settings(home)))
+    print(render_envoy_config(container_settings(home), admin_host=LISTEN_HOST))
     return 0
 
 

@@ -60,6 +60,9 @@ class EnvoySettings(BaseModel):
     max_request_bytes: int = 4 * 1024 * 1024
     # Browser origins allowed by CORS (`*` for any); empty turns CORS off.
     cors_allow_origins: list[str] = Field(default_factory=list)
+    # Proxies in front of Envoy whose X-Forwarded-For entries are trusted: the client address is the
+    # entry that many hops from the right (0: the TCP peer, whatever the client sends).
+    xff_num_trusted_hops: int = Field(default=0, ge=0)
 
 
 class TelemetrySettings(BaseModel):

@@ -21,6 +21,7 @@ from deploy.docker.render_envoy import (
     SERVICE_TOKEN_PLACEHOLDER,
     container_settings,
 )
+from services.common.config import Settings
 from tests.deploy.tools import COMPOSE, DESCRIPTOR, K8S, REPO_ROOT, SERVICES, load_all, load_yaml, run
 
 pytestmark = pytest.mark.skipif(not DESCRIPTOR.exists(), reason="build/ferry.pb missing: run `make proto`")
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.skipif(not DESCRIPTOR.exists(), reason="build/ferry.pb 
 def render(home: Path) -> Path:
     from launcher.envoy import render_envoy_config
 
-    return render_envoy_config(container_settings(home))
+    return render_envoy_config(container_settings(home), admin_host=LISTEN_HOST)
 
 
 def validate(config: Path) -> tuple[int, str]:
@@ -44,6 +45,20 @@ def test_container_config_names_the_upstreams_by_service_name(tmp_path: Path) ->
     for service in SERVICES:
         assert re.search(rf"address: {CONTAINER_HOSTS[service]}, port_value: \d+", text), service
     assert f"address: {LISTEN_HOST}, port_value: 8080" in text
+
+
+def test_container_admin_is_a_socket_and_the_admin_port_read_only(tmp_path: Path) -> None:
+    """Prometheus scrapes the admin port from other containers (deploy/observability): it serves
+    the read-only pages on every interface; the admin interface itself is a unix socket."""
+    from launcher.envoy import ADMIN_SOCKET_NAME
+
+    config = load_yaml(render(tmp_path / "home"))
+    assert config["admin"]["address"] == {
+        "pipe": {"path": str(tmp_path / "home/run" / ADMIN_SOCKET_NAME), "mode": 0o600}
+    }
+    listeners = {listener["name"]: listener for listener in config["static_resources"]["listeners"]}
+    address = listeners["admin_read_only"]["address"]["socket_address"]
+    assert address == {"address": LISTEN_HOST, "port_value": Settings().envoy.admin_port}
 
 
 STATIC = re.compile(r"type: STATIC\b")
