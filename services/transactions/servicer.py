@@ -212,8 +212,9 @@ def _row_from_proto(t: Transaction) -> dict[str, Any]:
     if t.status == _Status.STATUS_UNSPECIFIED:
         raise invalid_argument("transaction.status", "is required")
     _check_usage(t.usage, "transaction.usage")
-    parameters = json_format.MessageToDict(t.parameters) if t.HasField("parameters") else {}
     try:
+        # MessageToDict itself refuses NaN and Infinity (ValueError), before json.dumps would.
+        parameters = json_format.MessageToDict(t.parameters) if t.HasField("parameters") else {}
         parameters_json = json.dumps(_clean(parameters), allow_nan=False)
     except ValueError:
         raise invalid_argument("transaction.parameters", "numbers must be finite") from None

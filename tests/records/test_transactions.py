@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from ferry.transactions.v1 import transactions_pb2 as tx
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from services.common.errors import error_details
 
@@ -153,6 +154,15 @@ async def test_invalid_create_changes_nothing(transactions: Any) -> None:
                 transaction=_new(request_id=rid, usage=tx.Transaction.Usage(prompt_tokens=-1))
             ),
             "transaction.usage.prompt_tokens",
+        ),
+        (
+            tx.CreateTransactionRequest(
+                transaction=_new(
+                    request_id=rid,
+                    parameters=struct_pb2.Struct(fields={"t": struct_pb2.Value(number_value=math.nan)}),
+                )
+            ),
+            "transaction.parameters",
         ),
     ]
     for request, field in cases:
