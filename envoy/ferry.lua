@@ -89,10 +89,19 @@ local function well_formed_request_id(id)
   return #id <= 128 and string.find(id, "^[%w%._:%-]+$") ~= nil
 end
 
+-- The IP of an address "1.2.3.4:5678" or "[::1]:5678".
+local function address_ip(address)
+  local ip = string.match(address, "^%[(.*)%]:%d+$") or string.match(address, "^(.*):%d+$")
+  return ip or address
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   -- Only the edge check (ext_authz, after this filter) may say who the caller is.
   headers:remove("x-ferry-principal")
+  -- The client's address as Envoy established it (use_remote_address, xff_num_trusted_hops), over
+  -- anything the client sent: the edge check counts per-address limits by it, services are told it.
+  headers:replace("x-ferry-client-address", address_ip(handle:streamInfo():downstreamRemoteAddress()))
   local request_id = headers:get("x-request-id")
   if request_id ~= nil and not well_formed_request_id(request_id) then
     -- The route adds a fresh one when none is present (request_headers_to_add: %UNIQUE_ID%).

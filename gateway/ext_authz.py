@@ -25,7 +25,12 @@ from google.rpc import code_pb2, status_pb2
 
 from gateway.authorizer import PUBLIC_PRINCIPAL, REFUSED_KEY, LocalAuthorizer
 from services.common.auth import encode_principal
-from services.common.context import AUTHORIZATION_HEADER, PRINCIPAL_HEADER, bearer_token
+from services.common.context import (
+    AUTHORIZATION_HEADER,
+    CLIENT_ADDRESS_HEADER,
+    PRINCIPAL_HEADER,
+    bearer_token,
+)
 from services.common.errors import RpcError
 from services.recording import Recorder
 
@@ -61,7 +66,7 @@ class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 auth_pb2.AuthorizeRequest(
                     api_key=bearer_token(http.headers.get(AUTHORIZATION_HEADER)),
                     method=method,
-                    client_address=request.attributes.source.address.socket_address.address,
+                    client_address=client_address(request),
                 )
             )
         except RpcError as err:
@@ -74,10 +79,18 @@ class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 code=getattr(code_pb2, err.code.name),
                 message=err.message,
                 request_id=http.headers.get("x-request-id", ""),
-                attributes={"client_address": request.attributes.source.address.socket_address.address},
+                attributes={"client_address": client_address(request)},
             )
             return denied(err)
         return allowed(principal)
+
+
+def client_address(request: external_auth_pb2.CheckRequest) -> str:
+    """The client's address as Envoy established it (ferry.lua writes it over anything a client sent,
+    honouring `envoy.xff_num_trusted_hops`), so the check counts by the address the service is told;
+    the TCP peer when the header is missing."""
+    forwarded = request.attributes.request.http.headers.get(CLIENT_ADDRESS_HEADER, "")
+    return forwarded or request.attributes.source.address.socket_address.address
 
 
 def allowed(principal: auth_pb2.Principal) -> external_auth_pb2.CheckResponse:

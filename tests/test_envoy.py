@@ -32,7 +32,7 @@ from google.protobuf import descriptor_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gateway.ext_authz import denied
+from gateway.ext_authz import client_address, denied
 from launcher import envoy as envoy_config
 from launcher.envoy import (
     ADMIN_SOCKET_MODE,
@@ -219,7 +219,7 @@ class ScriptedCheck(external_auth_pb2_grpc.AuthorizationServicer):
         http = request.attributes.request.http
         headers = dict(http.headers)
         self.seen.append(({k: v for k, v in context.invocation_metadata()}, http.path, headers))
-        self.sources.append(request.attributes.source.address.socket_address.address)
+        self.sources.append(client_address(request))
         presented = headers.get("authorization", "")
         if presented == f"Bearer {KEY}":
             return external_auth_pb2.CheckResponse(
