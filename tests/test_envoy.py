@@ -426,9 +426,11 @@ def test_error_details_are_rendered_as_json(edge: Edge) -> None:
 
 
 def test_request_id_is_kept_when_well_formed_and_made_otherwise(edge: Edge) -> None:
-    kept = edge.get("/api/v1/models", headers={"x-request-id": "client-id.1:2"})
-    assert kept.headers["x-request-id"] == "client-id.1:2"
-    assert edge.upstream.metadata[-1]["x-request-id"] == "client-id.1:2"
+    # Long ones and UUIDs too: Envoy must not write its trace decision into the 15th character.
+    for client_id in ("client-id.1:2", "inference-record-1795619835", "123e4567-e89b-12d3-a456-426614174000"):
+        kept = edge.get("/api/v1/models", headers={"x-request-id": client_id})
+        assert kept.headers["x-request-id"] == client_id
+        assert edge.upstream.metadata[-1]["x-request-id"] == client_id
 
     for bad in ["has spaces", "x" * 200, "semi;colon"]:
         replaced = edge.get("/api/v1/models", headers={"x-request-id": bad})
