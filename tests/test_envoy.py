@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -269,11 +270,9 @@ def _wait_ready(base: str, timeout: float = 20.0) -> None:
     raise AssertionError("Envoy did not become ready")
 
 
-@pytest.fixture(scope="module")
-def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    settings = edge_settings(
-        tmp_path_factory.mktemp("edge"), cors_allow_origins=[ORIGIN], max_request_bytes=MAX_REQUEST_BYTES
-    )
+@contextmanager
+def running_edge(settings: Settings) -> Iterator[Edge]:
+    """Real Envoy on `settings`, in front of one scripted process standing in for every service."""
     upstream = Scripted()  # type: ignore[abstract]  # the RPCs it does not script answer UNIMPLEMENTED
     check = ScriptedCheck()
     health_servicer = health.HealthServicer()
@@ -299,6 +298,15 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
         envoy.wait(10)
         log.close()
         server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    settings = edge_settings(
+        tmp_path_factory.mktemp("edge"), cors_allow_origins=[ORIGIN], max_request_bytes=MAX_REQUEST_BYTES
+    )
+    with running_edge(settings) as edge:
+        yield edge
 
 
 def _post(edge: Edge, path: str, body: dict[str, Any] | str, **headers: str) -> httpx.Response:
@@ -568,6 +576,25 @@ def test_a_client_sent_x_forwarded_for_is_not_the_client_address(edge: Edge) -> 
     assert edge.get("/api/v1/models", headers={"x-forwarded-for": "203.0.113.7"}).status_code == 200
     assert edge.check.sources[-1] == "127.0.0.1"
     assert edge.upstream.metadata[-1]["x-ferry-client-address"] == "127.0.0.1"
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_is_the_address(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """With envoy.xff_num_trusted_hops = 1 (a load balancer in front), the client it names is the
+    address for the key check's per-address limits and for the service, alike."""
+    settings = edge_settings(tmp_path_factory.mktemp("edge-proxied"), xff_num_trusted_hops=1)
+    with running_edge(settings) as proxied:
+        reply = proxied.get("/api/v1/models", headers={"x-forwarded-for": "203.0.113.7"})
+        assert reply.status_code == 200
+        assert proxied.check.sources[-1] == "203.0.113.7"
+        assert proxied.upstream.metadata[-1]["x-ferry-client-address"] == "203.0.113.7"
+        # A client-sent x-ferry-client-address changes nothing.
+        proxied.get(
+            "/api/v1/models", headers={"x-forwarded-for": "203.0.113.8", "x-ferry-client-address": "10.9.9.9"}
+        )
+        assert proxied.check.sources[-1] == "203.0.113.8"
+        assert proxied.upstream.metadata[-1]["x-ferry-client-address"] == "203.0.113.8"
 
 
 def test_health_endpoints_need_no_key(edge: Edge) -> None:
