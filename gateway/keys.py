@@ -95,14 +95,13 @@ class KeysServicer(keys_pb2_grpc.KeysServiceServicer):
     async def RevokeKey(
         self, request: keys_pb2.RevokeKeyRequest, context: grpc.aio.ServicerContext
     ) -> keys_pb2.Key:
-        key_id = _parse_name(request.name)
-        before = await self.store.by_id(key_id)
-        record = await self.store.revoke(key_id)
-        if record is None:
+        revoked = await self.store.revoke(_parse_name(request.name))
+        if revoked is None:
             raise not_found("key", request.name)
+        record, revoked_now = revoked
         # Calls through this gateway are refused from now on; other replicas within cache_seconds.
         self.authorizer.forget(record)
-        if before is not None and before.revoke_time is None:
+        if revoked_now:  # a second revocation changes nothing and is not audited again
             principal, request_id = _caller()
             self.recorder.operational(
                 "key.revoke", principal=principal, resource=record.name, request_id=request_id

@@ -128,12 +128,18 @@ class KeyStore:
     async def by_id(self, key_id: str) -> KeyRecord | None:
         return await self._one("SELECT * FROM api_keys WHERE id = %s", key_id)
 
-    async def revoke(self, key_id: str) -> KeyRecord | None:
-        """Sets revoke_time once (a second revocation keeps the first time); None if unknown."""
-        return await self._one(
-            "UPDATE api_keys SET revoke_time = coalesce(revoke_time, now()) WHERE id = %s RETURNING *",
-            key_id,
-        )
+    async def revoke(self, key_id: str) -> tuple[KeyRecord, bool] | None:
+        """Sets revoke_time once (a second revocation keeps the first time): the key, and whether this
+        call revoked it; None if unknown."""
+        async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            # now() is this statement's transaction time: equal only when this UPDATE set it.
+            await cur.execute(
+                "UPDATE api_keys SET revoke_time = coalesce(revoke_time, now()) WHERE id = %s "
+                "RETURNING *, revoke_time = now() AS revoked_now",
+                (key_id,),
+            )
+            row = await cur.fetchone()
+        return (KeyRecord.from_row(row), bool(row["revoked_now"])) if row else None
 
     async def page(
         self, *, show_inactive: bool, after: tuple[datetime, str] | None, size: int
