@@ -179,10 +179,18 @@ def engine_comparison(args: argparse.Namespace, model: Path, run_dir: Path, load
                     if summary["errors"]:
                         first = next(r.error for r in recs if r.error)
                         say(f"  first error: {first}")
+    cells = by_system(records)
+    return {"runs": runs, "cells": cells, "isl_avg": sum(isl) / len(isl) if isl else math.nan}
+
+
+def by_system(
+    records: dict[tuple[str, int], list[tuple[list[Record], dict[str, Any]]]],
+) -> dict[str, dict[str, Any]]:
+    """Each system's rounds at each level, combined: {system: {level: cell}}."""
     cells: dict[str, dict[str, Any]] = {}
     for (system, level), pairs in records.items():
         cells.setdefault(system, {})[str(level)] = combine(pairs)
-    return {"runs": runs, "cells": cells, "isl_avg": sum(isl) / len(isl) if isl else math.nan}
+    return cells
 
 
 def tier_overhead(args: argparse.Namespace, model: Path, run_dir: Path, loads: Loads) -> dict[str, Any]:
@@ -216,9 +224,7 @@ def tier_overhead(args: argparse.Namespace, model: Path, run_dir: Path, loads: L
                     )
                     if summary["errors"]:
                         say(f"  first error: {next(r.error for r in recs if r.error)}")
-    cells: dict[str, dict[str, Any]] = {}
-    for (system, level), pairs in records.items():
-        cells.setdefault(system, {})[str(level)] = combine(pairs)
+    cells = by_system(records)
     overhead: dict[str, dict[str, Any]] = {}
     for system in TIER_SYSTEMS[1:]:
         for level in args.tier_levels:
