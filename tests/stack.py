@@ -7,6 +7,7 @@ exactly what `make run` starts.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,6 +129,24 @@ def keyed_aio_channel(target: str, key: str) -> grpc.aio.Channel:
 def keyed_channel(target: str, key: str) -> grpc.Channel:
     """An insecure channel whose calls carry `key` (close it when done)."""
     return grpc.intercept_channel(grpc.insecure_channel(target), _Bearer(key))
+
+
+def wait_serving(address: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:
+    """Until the gRPC server at `address` answers SERVING (fails early if `proc` exits)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"service on {address} exited with {proc.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"service on {address} not SERVING after {timeout}s")
 
 
 @dataclass
@@ -265,19 +284,7 @@ class RunningStack:
         After a restart Envoy may not have noticed yet, so /readyz alone can still be the old 200.
         """
         deadline = time.monotonic() + timeout
-        # A fresh channel: a cached one may sit in reconnect backoff after the restart.
-        with grpc.insecure_channel(self.service_targets[name]) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                try:
-                    response = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if response.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} is not SERVING after {timeout:.0f} s")
-                time.sleep(0.2)
+        wait_serving(self.service_targets[name], timeout=timeout)
         self.wait_ready(max(1.0, deadline - time.monotonic()))
 
     def close_channels(self) -> None:

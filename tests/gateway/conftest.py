@@ -20,7 +20,7 @@ from launcher.ports import free_ports
 from services.common.auth import new_key_secret
 from services.common.config import REPO_ROOT
 from tests.postgres import embedded_postgres
-from tests.records.conftest import wait_serving
+from tests.stack import wait_serving
 
 ADMIN_KEY = new_key_secret()
 SERVICE_TOKEN = "test-service-token-" + new_key_secret()

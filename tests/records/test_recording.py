@@ -31,7 +31,8 @@ from services.common.config import REPO_ROOT, ServiceSettings
 from services.common.interceptor import Lifecycle
 from services.common.server import Runtime
 from services.recording import HEALTH_NAME, Recorder, SpoolLocked
-from tests.records.conftest import Database, Services, free_port, wait_serving
+from tests.records.conftest import Database, Services, free_port
+from tests.stack import wait_serving
 
 Status = tx.Transaction.Status
 
