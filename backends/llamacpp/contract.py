@@ -1,0 +1,160 @@
+"""The typed contract between ferry's inference service and the llama.cpp Triton backend.
+
+Imported on both sides (inside Triton's Python stub and by the inference service), so it needs only the
+standard library and pydantic. It defines, once: the sampling parameters a generation request carries
+(the `sampling_parameters` input tensor) with their limits, and every error the backend can send
+(`EngineFault`, carried as JSON in the TritonError message, with a matching Triton error code).
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit; one number for both sides
+MAX_TOP_LOGPROBS = 20
+INT64_MIN = -(1 << 63)
+UINT64_MAX = (1 << 64) - 1
+
+
+def _integer_input(value: Any) -> Any:
+    """Refuse JSON true/false and numeric strings for integer fields; 3.0 stays acceptable as 3."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError("must be an integer")
+    return value
+
+
+# A JSON number (an integer is fine, true and "0.5" are not), finite.
+Number = Annotated[StrictFloat, Field(allow_inf_nan=False)]
+# A JSON integer; 1.5 is refused by pydantic's int, true and "3" by the check before it.
+Integer = Annotated[int, BeforeValidator(_integer_input)]
+StopSequence = Annotated[StrictStr, Field(min_length=1)]
+
+
+class SamplingParameters(BaseModel):
+    """What one generation request asks of the engine; the limits are defined here only.
+
+    The service validates callers with it and serialises it with `to_json()` into the
+    `sampling_parameters` tensor; the backend validates that tensor with `from_json()`. `None` (or an
+    absent field) means the model's default.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
+    top_k: Integer | None = Field(default=None, ge=-1)  # -1 and 0 = disabled
+    min_p: Number | None = Field(default=None, ge=0, le=1)
+    # Upper bound = the model's max_tokens (checked by the service's policy and by the backend).
+    max_tokens: Integer | None = Field(default=None, ge=1)
+    stop: tuple[StopSequence, ...] = Field(default=(), max_length=MAX_STOP_SEQUENCES)
+    seed: Integer | None = Field(default=None, ge=INT64_MIN, le=UINT64_MAX)  # any int64 or uint64
+    frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: Number | None = Field(default=None, gt=0, le=2)
+    logprobs: StrictBool = False
+    top_logprobs: Integer = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    ignore_eos: StrictBool = False
+    # The caller's (API key's) prompt-length limit; a longer prompt is PROMPT_TOO_LONG with limit="caller".
+    max_prompt_tokens: Integer | None = Field(default=None, ge=1)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int, info: ValidationInfo) -> int:
+        # logprobs is declared (so validated) before top_logprobs; the error's loc is ("top_logprobs",).
+        if value > 0 and not info.data.get("logprobs", False):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
+
+    def to_json(self) -> str:
+        """Compact JSON of the fields that differ from their defaults (the `sampling_parameters` tensor)."""
+        return self.model_dump_json(exclude_defaults=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SamplingParameters:
+        """Parse and validate the `sampling_parameters` tensor; "" (or only whitespace) means defaults.
+
+        Raises pydantic.ValidationError; each error's `loc` is (field,) or ("stop", index), or () when
+        the text is not a JSON object at all.
+        """
+        if not text.strip():
+            return cls()
+        return cls.model_validate_json(text)
+
+
+class EngineErrorCode(StrEnum):
+    """Every kind of error the backend sends."""
+
+    # A sampling parameter the engine refuses; `field` names it (contract field name). Also a bad input
+    # tensor (`field` = the tensor's name).
+    INVALID_PARAMETER = "INVALID_PARAMETER"
+    # The prompt does not fit: prompt_tokens, context_length and limit ("model" or "caller") are set.
+    PROMPT_TOO_LONG = "PROMPT_TOO_LONG"
+    # The model is stopping or unloading (Triton shutting down, or an unload): retryable,
+    # retry_after_seconds is set.
+    MODEL_UNLOADING = "MODEL_UNLOADING"
+    # Anything else the engine reports.
+    ENGINE_FAILED = "ENGINE_FAILED"
+
+    @property
+    def triton_code(self) -> str:
+        """The name of the pb_utils.TritonError code the backend sends with this fault."""
+        return _TRITON_CODES[self]
+
+
+_TRITON_CODES = {
+    EngineErrorCode.INVALID_PARAMETER: "INVALID_ARG",
+    EngineErrorCode.PROMPT_TOO_LONG: "INVALID_ARG",
+    EngineErrorCode.MODEL_UNLOADING: "UNAVAILABLE",
+    EngineErrorCode.ENGINE_FAILED: "INTERNAL",
+}
+
+
+class EngineFault(BaseModel):
+    """One error from the backend, sent as the JSON text of a TritonError."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: EngineErrorCode
+    message: str
+    field: str | None = None
+    prompt_tokens: int | None = None
+    context_length: int | None = None
+    limit: Literal["model", "caller"] | None = None
+    retry_after_seconds: float | None = None
+
+    def to_message(self) -> str:
+        """The TritonError message text the backend sends (compact JSON, unset fields left out)."""
+        return self.model_dump_json(exclude_none=True)
+
+    @classmethod
+    def from_message(cls, text: str) -> EngineFault | None:
+        """The fault in a Triton error message, or None when it is not one of this contract's faults
+        (Triton's own errors, such as an unknown model)."""
+        text = text.strip()
+        if not text.startswith("{"):
+            return None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(data, dict) or "code" not in data:
+            return None
+        try:
+            return cls.model_validate(data)
+        except ValidationError:
+            return None
