@@ -1,9 +1,18 @@
-"""Rich gRPC errors (AIP-193): a canonical code, one ErrorInfo, and BadRequest / RetryInfo details."""
+"""Every error ferry answers, catalogued once, and rich gRPC errors (AIP-193) built from the catalogue.
+
+Each `Reason` (the ErrorInfo reason, UPPER_SNAKE) has one entry: its gRPC code, whether it carries a
+retry hint (RetryInfo and `retry-after`), the OpenAI error `type` its REST/SDK callers see, and when it
+happens. HTTP statuses follow from the gRPC code, the way Envoy's transcoder (`convert_grpc_status`)
+maps them. `docs/errors.md` is this catalogue as a table (`python -m services.common.errors`).
+"""
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -11,10 +20,184 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "ferry.dev"
+# The retry hint of a retryable error whose constructor knows no better delay.
+DEFAULT_RETRY_AFTER_SECONDS = 1.0
+
+_Code = grpc.StatusCode
+
+
+class Reason(StrEnum):
+    """ErrorInfo reasons: what went wrong, for programs (the message is for people)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
+    FILTER_TOO_LONG = "FILTER_TOO_LONG"
+    PROMPT_TOO_LONG = "PROMPT_TOO_LONG"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    SCOPE_MISSING = "SCOPE_MISSING"
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    KEY_NOT_FOUND = "KEY_NOT_FOUND"
+    TRANSACTION_NOT_FOUND = "TRANSACTION_NOT_FOUND"
+    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
+    KEY_COLLISION = "KEY_COLLISION"
+    GENERATION_ABORTED = "GENERATION_ABORTED"
+    RATE_LIMITED = "RATE_LIMITED"
+    OVERLOADED = "OVERLOADED"
+    QUEUE_TIMEOUT = "QUEUE_TIMEOUT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    MODEL_NOT_READY = "MODEL_NOT_READY"
+    ENGINE_UNAVAILABLE = "ENGINE_UNAVAILABLE"
+    TRITON_UNAVAILABLE = "TRITON_UNAVAILABLE"
+    DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+    AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
+    DRAINING = "DRAINING"
+    ENGINE_ERROR = "ENGINE_ERROR"
+    CHAT_TEMPLATE_INVALID = "CHAT_TEMPLATE_INVALID"
+    CHAT_TEMPLATE_FAILED = "CHAT_TEMPLATE_FAILED"
+    INTERNAL = "INTERNAL"
+
+
+@dataclass(frozen=True)
+class Entry:
+    code: grpc.StatusCode
+    retryable: bool
+    openai_type: str
+    when: str
+
+
+# gRPC code -> HTTP status, as Envoy's gRPC-JSON transcoder answers REST callers
+# (Envoy's Grpc::Utility::grpcToHttpStatus; CANCELLED is nginx's 499 "client closed request").
+HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
+    _Code.OK: 200,
+    _Code.CANCELLED: 499,
+    _Code.UNKNOWN: 500,
+    _Code.INVALID_ARGUMENT: 400,
+    _Code.DEADLINE_EXCEEDED: 504,
+    _Code.NOT_FOUND: 404,
+    _Code.ALREADY_EXISTS: 409,
+    _Code.PERMISSION_DENIED: 403,
+    _Code.RESOURCE_EXHAUSTED: 429,
+    _Code.FAILED_PRECONDITION: 400,
+    _Code.ABORTED: 409,
+    _Code.OUT_OF_RANGE: 400,
+    _Code.UNIMPLEMENTED: 501,
+    _Code.INTERNAL: 500,
+    _Code.UNAVAILABLE: 503,
+    _Code.DATA_LOSS: 500,
+    _Code.UNAUTHENTICATED: 401,
+}
+
+# OpenAI error `type` by gRPC code, for errors whose reason is not ferry's (relayed, or none).
+# OpenAI itself answers an unknown key (401) and an unknown model (404) as invalid_request_error.
+OPENAI_TYPE: Mapping[grpc.StatusCode, str] = {
+    _Code.INVALID_ARGUMENT: "invalid_request_error",
+    _Code.FAILED_PRECONDITION: "invalid_request_error",
+    _Code.OUT_OF_RANGE: "invalid_request_error",
+    _Code.NOT_FOUND: "invalid_request_error",
+    _Code.UNAUTHENTICATED: "invalid_request_error",
+    _Code.PERMISSION_DENIED: "permission_error",
+    _Code.RESOURCE_EXHAUSTED: "rate_limit_error",
+    _Code.DEADLINE_EXCEEDED: "timeout",
+}
+SERVER_ERROR = "server_error"
+
+
+def _entry(code: grpc.StatusCode, when: str, *, retryable: bool = False, openai_type: str = "") -> Entry:
+    return Entry(code, retryable, openai_type or OPENAI_TYPE.get(code, SERVER_ERROR), when)
+
+
+CATALOGUE: Mapping[Reason, Entry] = {
+    Reason.INVALID_ARGUMENT: _entry(
+        _Code.INVALID_ARGUMENT, "a request field is missing or out of range (BadRequest names it)"
+    ),
+    Reason.INVALID_PAGE_TOKEN: _entry(
+        _Code.INVALID_ARGUMENT, "`page_token` was not issued by this List RPC, or for another query"
+    ),
+    Reason.FILTER_TOO_LONG: _entry(
+        _Code.INVALID_ARGUMENT, "`filter` is over 1024 characters or 16 comparisons"
+    ),
+    Reason.PROMPT_TOO_LONG: _entry(
+        _Code.INVALID_ARGUMENT, "the prompt and `max_tokens` do not fit the model's context"
+    ),
+    Reason.UNAUTHENTICATED: _entry(
+        _Code.UNAUTHENTICATED, "no API key, or one that is unknown, revoked or expired"
+    ),
+    Reason.SCOPE_MISSING: _entry(_Code.PERMISSION_DENIED, "the key lacks every scope the method accepts"),
+    Reason.MODEL_NOT_FOUND: _entry(_Code.NOT_FOUND, "no model of that name in the repository"),
+    Reason.KEY_NOT_FOUND: _entry(_Code.NOT_FOUND, "no API key of that name"),
+    Reason.TRANSACTION_NOT_FOUND: _entry(_Code.NOT_FOUND, "no transaction with that request id"),
+    Reason.MODEL_LOAD_FAILED: _entry(_Code.FAILED_PRECONDITION, "Triton could not load the model"),
+    Reason.KEY_COLLISION: _entry(
+        _Code.ABORTED, "a new key's hash matched an existing one (never in practice)", retryable=True
+    ),
+    Reason.GENERATION_ABORTED: _entry(
+        _Code.ABORTED, "the engine ended a generation early with the caller still there"
+    ),
+    Reason.RATE_LIMITED: _entry(
+        _Code.RESOURCE_EXHAUSTED, "a key's or an address's request or token window is full", retryable=True
+    ),
+    Reason.OVERLOADED: _entry(
+        _Code.RESOURCE_EXHAUSTED, "the model's slots and its wait queue are all taken", retryable=True
+    ),
+    Reason.QUEUE_TIMEOUT: _entry(
+        _Code.DEADLINE_EXCEEDED, "the deadline passed while waiting for a free slot of the model"
+    ),
+    Reason.DEADLINE_EXCEEDED: _entry(
+        _Code.DEADLINE_EXCEEDED, "the deadline left no time to generate, or passed while generating"
+    ),
+    Reason.CANCELLED: _entry(
+        _Code.CANCELLED, "the caller went away (recorded on its transaction; nobody receives it)"
+    ),
+    Reason.MODEL_NOT_READY: _entry(
+        _Code.UNAVAILABLE, "the model is known but not loaded (loading, unloading, failed)", retryable=True
+    ),
+    Reason.ENGINE_UNAVAILABLE: _entry(
+        _Code.UNAVAILABLE, "Triton or the model stopped answering (e.g. unloaded mid-stream)", retryable=True
+    ),
+    Reason.TRITON_UNAVAILABLE: _entry(
+        _Code.UNAVAILABLE, "the Models service cannot reach Triton", retryable=True
+    ),
+    Reason.DATABASE_UNAVAILABLE: _entry(
+        _Code.UNAVAILABLE, "PostgreSQL is not reachable, or not migrated yet", retryable=True
+    ),
+    Reason.AUTH_UNAVAILABLE: _entry(
+        _Code.UNAVAILABLE, "the gateway did not answer, or its key store is not ready", retryable=True
+    ),
+    Reason.DRAINING: _entry(_Code.UNAVAILABLE, "the service is shutting down", retryable=True),
+    Reason.ENGINE_ERROR: _entry(_Code.INTERNAL, "the engine failed a generation"),
+    Reason.CHAT_TEMPLATE_INVALID: _entry(_Code.INTERNAL, "the model's chat template does not compile"),
+    Reason.CHAT_TEMPLATE_FAILED: _entry(_Code.INTERNAL, "the model's chat template raised on these messages"),
+    Reason.INTERNAL: _entry(_Code.INTERNAL, "a bug: an unexpected exception in a service"),
+}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    return HTTP_STATUS.get(code, 500)
+
+
+def openai_error_type(what: Reason | str | grpc.StatusCode) -> str:
+    """OpenAI's error `type` for a reason (ferry's) or a bare gRPC code (anyone's)."""
+    if isinstance(what, grpc.StatusCode):
+        return OPENAI_TYPE.get(what, SERVER_ERROR)
+    entry = catalogued(what)
+    return entry.openai_type if entry else SERVER_ERROR
+
+
+def catalogued(reason: str) -> Entry | None:
+    """The catalogue's entry for a reason; None for one that is not ferry's (a relayed error)."""
+    try:
+        return CATALOGUE[Reason(reason)]
+    except ValueError:
+        return None
 
 
 class RpcError(Exception):
-    """Raised inside a servicer; the error interceptor turns it into a rich gRPC status."""
+    """Raised inside a servicer; the error interceptor turns it into a rich gRPC status.
+
+    New code builds it with `rpc_error(Reason.X, ...)`, which takes the code from the catalogue; the
+    explicit form remains for relayed errors (any code, any reason) and code not yet migrated.
+    """
 
     def __init__(
         self,
@@ -33,6 +216,16 @@ class RpcError(Exception):
         self.metadata = dict(metadata or {})
         self.field_violations = list(field_violations)
         self.retry_after_seconds = retry_after_seconds
+
+    @property
+    def http_status(self) -> int:
+        return http_status(self.code)
+
+    @property
+    def openai_type(self) -> str:
+        """By the reason when it is ferry's, else by the code (a relayed error from elsewhere)."""
+        entry = catalogued(self.reason)
+        return entry.openai_type if entry else openai_error_type(self.code)
 
     def to_status(self) -> grpc.Status:
         details: list[any_pb2.Any] = []
@@ -60,24 +253,53 @@ class RpcError(Exception):
         return converted._replace(trailing_metadata=(*converted.trailing_metadata, retry_after))  # type: ignore[attr-defined, no-any-return]
 
 
-def invalid_argument(field: str, description: str, reason: str = "INVALID_ARGUMENT") -> RpcError:
-    """A validation failure naming the offending field (`BadRequest.FieldViolation`)."""
+def rpc_error(
+    reason: Reason,
+    message: str,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    field_violations: Sequence[tuple[str, str]] = (),
+    retry_after_seconds: float | None = None,
+) -> RpcError:
+    """An error with the catalogue's code for `reason`. A retryable reason always carries a retry
+    hint (one second unless told); any other never does."""
+    entry = CATALOGUE[Reason(reason)]
+    if not entry.retryable and retry_after_seconds is not None:
+        raise ValueError(f"{reason} is not retryable: it carries no retry hint")
+    if entry.retryable and retry_after_seconds is None:
+        retry_after_seconds = DEFAULT_RETRY_AFTER_SECONDS
     return RpcError(
-        grpc.StatusCode.INVALID_ARGUMENT,
+        entry.code,
+        message,
+        Reason(reason).value,
+        metadata=metadata,
+        field_violations=field_violations,
+        retry_after_seconds=retry_after_seconds,
+    )
+
+
+def invalid_argument(
+    field: str, description: str, reason: Reason | str = Reason.INVALID_ARGUMENT
+) -> RpcError:
+    """A validation failure naming the offending field (`BadRequest.FieldViolation`)."""
+    return rpc_error(
+        Reason(reason),
         f"{field}: {description}",
-        reason,
         metadata={"field": field},
         field_violations=[(field, description)],
     )
 
 
 def not_found(resource: str, name: str) -> RpcError:
-    return RpcError(
-        grpc.StatusCode.NOT_FOUND,
-        f"{resource} '{name}' not found",
-        f"{resource.upper()}_NOT_FOUND",
-        metadata={"name": name},
+    """`<RESOURCE>_NOT_FOUND` for a resource kind the catalogue lists (`model`, `key`, `transaction`)."""
+    return rpc_error(
+        Reason(f"{resource.upper()}_NOT_FOUND"), f"{resource} '{name}' not found", metadata={"name": name}
     )
+
+
+def internal_error(exc: BaseException) -> RpcError:
+    """An unexpected exception, named by its type only (its text may hold anything)."""
+    return rpc_error(Reason.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
 def _pack(message: object) -> any_pb2.Any:
@@ -123,3 +345,21 @@ def relay_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> RpcError:
         if isinstance(retry, error_details_pb2.RetryInfo)
         else None,
     )
+
+
+def markdown_table() -> str:
+    """The catalogue as docs/errors.md shows it."""
+    rows = [
+        "| reason | gRPC code | HTTP status | OpenAI type | retryable | when |",
+        "|---|---|---|---|---|---|",
+    ]
+    for reason, e in CATALOGUE.items():
+        retry = "yes" if e.retryable else "no"
+        rows.append(
+            f"| `{reason}` | {e.code.name} | {http_status(e.code)} | {e.openai_type} | {retry} | {e.when} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table())
