@@ -15,8 +15,8 @@ from typing import Any
 
 from launcher.ports import free_ports
 from launcher.stack import SERVICES, Stack
-from services.common.auth import new_key_secret
 from services.common.config import REPO_ROOT, Settings
+from services.common.tokens import new_key_secret
 
 BENCH_MODELS = REPO_ROOT / "bench" / "models"
 READY_TIMEOUT_S = 180.0

@@ -13,11 +13,11 @@ from gateway.bootstrap import ensure_bootstrap_key
 from gateway.keys import KeysServicer
 from gateway.schema import MIGRATIONS
 from gateway.store import KeyStore
-from services.common.audit_observer import AuditObserver
 from services.common.config import get_settings
 from services.common.database import Database, serve_from_database
 from services.common.server import Runtime, serve
 from services.recording import Recorder
+from services.recording.audit_observer import AuditObserver
 
 KEYS_SERVICE = keys_pb2.DESCRIPTOR.services_by_name["KeysService"].full_name
 AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name

@@ -10,26 +10,23 @@ from __future__ import annotations
 
 import logging
 
-import grpc
 from cachetools import TTLCache
 from ferry.auth.v1 import auth_pb2
 
 from gateway.limiter import Limiter, Window
 from gateway.store import KeyRecord, KeyStore
-from services.common.auth import (
-    INFERENCE,
-    INTERNAL,
-    hash_key,
-    is_service_token,
+from services.common.access import INFERENCE, INTERNAL, required_scopes
+from services.common.config import Settings
+from services.common.errors import (
+    Reason,
+    RpcError,
     permission_denied,
     rate_limited,
-    required_scopes,
-    service_principal,
+    rpc_error,
     unauthenticated,
 )
-from services.common.config import Settings
-from services.common.errors import RpcError
 from services.common.timestamps import now
+from services.common.tokens import hash_key, is_service_token, service_principal
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +56,7 @@ class LocalAuthorizer:
 
     def _store(self) -> KeyStore:
         if self.store is None:
-            raise RpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                "the key store is not ready yet",
-                "AUTH_UNAVAILABLE",
-                retry_after_seconds=1.0,
-            )
+            raise rpc_error(Reason.AUTH_UNAVAILABLE, "the key store is not ready yet")
         return self.store
 
     async def key_by_hash(self, key_hash: str) -> KeyRecord | None:

@@ -8,8 +8,9 @@ from ferry.auth.v1 import auth_pb2
 
 from gateway.authorizer import LocalAuthorizer
 from gateway.store import KeyStore
-from services.common.auth import KEY_SCOPES, hash_key
+from services.common.access import KEY_SCOPES
 from services.common.config import Settings
+from services.common.tokens import hash_key
 from services.recording import Recorder
 
 log = logging.getLogger(__name__)

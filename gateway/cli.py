@@ -23,7 +23,7 @@ from ferry.auth.v1 import auth_pb2
 from ferry.keys.v1 import keys_pb2, keys_pb2_grpc
 from google.protobuf import duration_pb2, json_format
 
-from services.common.auth import KEY_SCOPES
+from services.common.access import KEY_SCOPES
 from services.common.config import get_settings
 
 TIMEOUT_SECONDS = 10.0

@@ -24,13 +24,13 @@ from ferry.auth.v1 import auth_pb2
 from google.rpc import code_pb2, status_pb2
 
 from gateway.authorizer import PUBLIC_PRINCIPAL, REFUSED_KEY, LocalAuthorizer
-from services.common.auth import encode_principal
 from services.common.context import (
     AUTHORIZATION_HEADER,
     CLIENT_ADDRESS_HEADER,
     PRINCIPAL_HEADER,
     bearer_token,
 )
+from services.common.edge import encode_principal
 from services.common.errors import RpcError
 from services.recording import Recorder
 
@@ -40,15 +40,6 @@ log = logging.getLogger(__name__)
 GRPC_STATUS_HINT = "x-ferry-grpc-status"
 GRPC_DETAILS = "grpc-status-details-bin"
 SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
-
-# gRPC refusal -> (HTTP status, OpenAI error type).
-HTTP_REFUSALS = {
-    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
-}
 
 
 class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
@@ -109,10 +100,11 @@ def allowed(principal: auth_pb2.Principal) -> external_auth_pb2.CheckResponse:
 
 
 def denied(err: RpcError) -> external_auth_pb2.CheckResponse:
-    http_status, error_type = HTTP_REFUSALS.get(err.code, (500, "server_error"))
-    if http_status == 500:
+    # HTTP status and OpenAI error type from the error catalogue (docs/errors.md).
+    http_status = err.http_status
+    if http_status >= 500:
         log.warning("edge check failed: %s %s", err.code.name, err.message)
-    body = {"error": {"message": err.message, "type": error_type, "code": err.reason.lower()}}
+    body = {"error": {"message": err.message, "type": err.openai_type, "code": err.reason.lower()}}
     headers = [("content-type", "application/json")]
     if http_status == 401:
         headers.append(("www-authenticate", 'Bearer realm="ferry"'))

@@ -11,10 +11,11 @@ from ferry.keys.v1 import keys_pb2, keys_pb2_grpc
 from gateway.authorizer import LocalAuthorizer
 from gateway.store import LIMIT_FIELDS, KeyStore
 from services.common import listing
-from services.common.auth import KEY_SCOPES, hash_key, new_key_secret
-from services.common.errors import RpcError, invalid_argument, not_found
+from services.common.access import KEY_SCOPES
+from services.common.errors import Reason, invalid_argument, not_found, rpc_error
 from services.common.interceptor import current_call
 from services.common.timestamps import iso, now, to_datetime, to_micros
+from services.common.tokens import hash_key, new_key_secret
 from services.recording import Recorder
 
 KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -54,7 +55,7 @@ class KeysServicer(keys_pb2_grpc.KeysServiceServicer):
             creator=caller[0],
         )
         if record is None:  # a 256-bit collision: never in practice
-            raise RpcError(grpc.StatusCode.ABORTED, "key collision; try again", "KEY_COLLISION")
+            raise rpc_error(Reason.KEY_COLLISION, "key collision; try again")
         self.authorizer.forget(record)
         self.recorder.operational(
             "key.create",

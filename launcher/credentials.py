@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from services.common.auth import new_key_secret
 from services.common.config import Settings
+from services.common.tokens import new_key_secret
 
 ADMIN_KEY_NAME = "admin.key"
 

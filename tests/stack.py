@@ -25,8 +25,8 @@ from launcher.ports import free_ports, is_free, needed_ports
 from launcher.stack import SERVICES, Stack
 from launcher.supervisor import SupervisorClient
 from launcher.triton import SHM_DIR, shm_prefix
-from services.common.auth import new_key_secret
 from services.common.config import Settings
+from services.common.tokens import new_key_secret
 
 # Every process with a port of its own: the launcher's services plus the gateway (keys, ext_authz).
 PROCESSES = tuple(dict.fromkeys((*SERVICES, "gateway")))

@@ -46,7 +46,7 @@ from launcher.envoy import (
     upstreams,
     validate_command,
 )
-from services.common import auth
+from services.common import access
 from services.common.config import Settings
 from services.common.errors import RpcError
 from tests.stack import RunningStack, stack_settings
@@ -128,7 +128,7 @@ def test_a_home_too_long_for_the_admin_socket_is_refused(tmp_path: Path) -> None
 
 def test_internal_methods_come_from_the_access_option() -> None:
     # Spelt out in launcher/envoy.py, which reads them without ferry's generated stubs.
-    assert (envoy_config.INTERNAL, envoy_config.ACCESS_OPTION) == (auth.INTERNAL, auth_pb2.access.full_name)
+    assert (envoy_config.INTERNAL, envoy_config.ACCESS_OPTION) == (access.INTERNAL, auth_pb2.access.full_name)
     internal = {f"{s}/{m}" for s, methods in internal_methods(DESCRIPTOR).items() for m in methods}
     assert internal == {
         "ferry.auth.v1.AuthService/Authorize",

@@ -6,11 +6,11 @@ from ferry.audit.v1 import audit_pb2, audit_pb2_grpc
 
 from services.audit.schema import MIGRATIONS
 from services.audit.servicer import AuditServicer
-from services.common.audit_observer import AuditObserver
 from services.common.config import get_settings
 from services.common.database import serve_from_database
 from services.common.server import Runtime, serve
 from services.recording import Recorder
+from services.recording.audit_observer import AuditObserver
 
 SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 

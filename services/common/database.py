@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from services.common.config import DatabaseSettings, Settings
-from services.common.errors import RpcError
+from services.common.errors import Reason, RpcError, rpc_error
 from services.common.server import Runtime
 
 log = logging.getLogger(__name__)
@@ -123,12 +122,7 @@ async def migrate(conn: psycopg.AsyncConnection, migrations: Migrations, mode: s
 
 def unavailable(exc: BaseException) -> RpcError:
     """What a servicer answers while PostgreSQL cannot be reached: retryable UNAVAILABLE."""
-    return RpcError(
-        grpc.StatusCode.UNAVAILABLE,
-        f"database unavailable: {type(exc).__name__}",
-        "DATABASE_UNAVAILABLE",
-        retry_after_seconds=1.0,
-    )
+    return rpc_error(Reason.DATABASE_UNAVAILABLE, f"database unavailable: {type(exc).__name__}")
 
 
 # Errors that mean "the database is not reachable right now", as opposed to a bug or bad data.
@@ -181,12 +175,7 @@ class Database:
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         if not self.migrated or self.pool is None:
-            raise RpcError(
-                grpc.StatusCode.UNAVAILABLE,
-                "database not ready yet",
-                "DATABASE_UNAVAILABLE",
-                retry_after_seconds=1.0,
-            )
+            raise rpc_error(Reason.DATABASE_UNAVAILABLE, "database not ready yet")
         try:
             async with self.pool.connection() as conn:
                 yield conn

@@ -297,6 +297,28 @@ def not_found(resource: str, name: str) -> RpcError:
     )
 
 
+def unauthenticated(message: str = "a valid API key is required (Authorization: Bearer <key>)") -> RpcError:
+    return rpc_error(Reason.UNAUTHENTICATED, message)
+
+
+def permission_denied(method: str, scopes: frozenset[str]) -> RpcError:
+    wanted = " or ".join(sorted(scopes))
+    return rpc_error(
+        Reason.SCOPE_MISSING,
+        f"this key lacks the scope for {method}: needs {wanted}",
+        metadata={"method": method, "required_scopes": ",".join(sorted(scopes))},
+    )
+
+
+def rate_limited(what: str, retry_after_seconds: float) -> RpcError:
+    return rpc_error(
+        Reason.RATE_LIMITED,
+        f"rate limit reached: {what}; retry after {retry_after_seconds:.0f} s",
+        metadata={"limit": what},
+        retry_after_seconds=retry_after_seconds,
+    )
+
+
 def internal_error(exc: BaseException) -> RpcError:
     """An unexpected exception, named by its type only (its text may hold anything)."""
     return rpc_error(Reason.INTERNAL, f"internal error: {type(exc).__name__}")

@@ -27,7 +27,7 @@ from services.common.context import (
     bearer_token,
     request_id_var,
 )
-from services.common.errors import RpcError
+from services.common.errors import Reason, RpcError, rpc_error
 from services.common.metrics import RPC_HANDLED, RPC_IN_FLIGHT, RPC_LATENCY
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         RPC_IN_FLIGHT.labels(call.service).inc()
         try:
             if self.lifecycle.draining:
-                raise RpcError(grpc.StatusCode.UNAVAILABLE, "server is shutting down", "DRAINING")
+                raise rpc_error(Reason.DRAINING, "server is shutting down")
             for observer in self.observers:
                 await observer.on_start(call, request)
             yield

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from services.common.errors import RpcError, invalid_argument
+from services.common.errors import Reason, RpcError, invalid_argument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -67,7 +67,7 @@ def parse_time(value: str, field: str) -> datetime:
 def compile_filter(text: str, fields: Mapping[str, Field]) -> tuple[str, list[Any]]:
     """Filter string -> (`a = %s AND b >= %s`, params). An empty filter is `TRUE`."""
     if len(text) > MAX_FILTER_LENGTH:
-        raise invalid_argument("filter", f"longer than {MAX_FILTER_LENGTH} characters", "FILTER_TOO_LONG")
+        raise invalid_argument("filter", f"longer than {MAX_FILTER_LENGTH} characters", Reason.FILTER_TOO_LONG)
     tokens = _tokenize(text)
     if not tokens:
         return "TRUE", []
@@ -92,7 +92,7 @@ def compile_filter(text: str, fields: Mapping[str, Field]) -> tuple[str, list[An
             raise invalid_argument("filter", f"expected AND, found {tokens[i][1]!r}")
         i += 1
         if len(clauses) >= MAX_FILTER_TERMS:
-            raise invalid_argument("filter", f"more than {MAX_FILTER_TERMS} comparisons", "FILTER_TOO_LONG")
+            raise invalid_argument("filter", f"more than {MAX_FILTER_TERMS} comparisons", Reason.FILTER_TOO_LONG)
     return " AND ".join(clauses), params
 
 
@@ -195,16 +195,16 @@ def decode_page_token(token: str, fingerprint: str, arity: int) -> list[Any] | N
         same_query = data["q"] == fingerprint
     except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise invalid_argument(
-            "page_token", "is not a token this service issued", "INVALID_PAGE_TOKEN"
+            "page_token", "is not a token this service issued", Reason.INVALID_PAGE_TOKEN
         ) from None
     if not isinstance(key, list) or len(key) != arity:
-        raise invalid_argument("page_token", "is not a token this service issued", "INVALID_PAGE_TOKEN")
+        raise invalid_argument("page_token", "is not a token this service issued", Reason.INVALID_PAGE_TOKEN)
     if not same_query:
         raise invalid_argument(
-            "page_token", "was issued for a different filter or order_by", "INVALID_PAGE_TOKEN"
+            "page_token", "was issued for a different filter or order_by", Reason.INVALID_PAGE_TOKEN
         )
     return key
 
 
 def bad_token() -> RpcError:
-    return invalid_argument("page_token", "is not a token this service issued", "INVALID_PAGE_TOKEN")
+    return invalid_argument("page_token", "is not a token this service issued", Reason.INVALID_PAGE_TOKEN)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
 from services.common.context import request_id_var
+from services.common.telemetry import current_trace_id
 
 
 class _ContextFilter(logging.Filter):
@@ -19,8 +19,7 @@ class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.service = self.service
         record.request_id = request_id_var.get()
-        ctx = trace.get_current_span().get_span_context()
-        record.trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else ""
+        record.trace_id = current_trace_id()
         return True
 
 

@@ -37,6 +37,12 @@ def configure_tracing(service: str, settings: TelemetrySettings) -> None:
     trace.set_tracer_provider(provider)
 
 
+def current_trace_id() -> str:
+    """The current span's trace id as W3C writes it (32 hex digits); empty outside any trace."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
+
+
 def server_interceptors(settings: TelemetrySettings) -> list[grpc.aio.ServerInterceptor]:
     """Spans for every RPC when they go somewhere; otherwise only the trace context.
 

@@ -14,7 +14,6 @@ from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
 
 from services.common import triton
-from services.common.audit_observer import AuditObserver
 from services.common.config import get_settings
 from services.common.server import Runtime, serve
 from services.common.triton import ModelInfo
@@ -26,6 +25,7 @@ from services.inference.recording import TransactionRecording
 from services.inference.templates import ChatTemplates
 from services.inference.triton import TritonStreamer
 from services.recording import Recorder
+from services.recording.audit_observer import AuditObserver
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from ferry.models.v1 import models_pb2, models_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from services.common import triton
-from services.common.audit_observer import AuditObserver
 from services.common.config import get_settings
 from services.common.server import Runtime, serve
 from services.models.servicer import ModelsServicer
 from services.recording import Recorder
+from services.recording.audit_observer import AuditObserver
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = models_pb2.DESCRIPTOR.services_by_name["ModelsService"].full_name

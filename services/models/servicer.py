@@ -13,7 +13,7 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from services.common import triton
-from services.common.errors import RpcError, invalid_argument, not_found
+from services.common.errors import Reason, invalid_argument, not_found, rpc_error
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,9 @@ class ModelsServicer(models_pb2_grpc.ModelsServiceServicer):
         try:
             await self.client.load_model(model_id)
         except InferenceServerException as err:
-            raise RpcError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise rpc_error(
+                Reason.MODEL_LOAD_FAILED,
                 f"Triton could not load '{model_id}': {err.message()}",
-                "MODEL_LOAD_FAILED",
                 metadata={"model": model_id},
             ) from err
         log.info("model %s loaded", model_id)

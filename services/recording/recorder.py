@@ -19,9 +19,9 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2
 
-from services.common.auth import service_credentials
 from services.common.config import Settings
 from services.common.timestamps import seconds_to_duration, to_timestamp
+from services.common.tokens import service_credentials
 from services.recording.delivery import Delivery
 from services.recording.metrics import DEGRADED, DELIVERY_LAG, SPOOL_DEPTH, SPOOL_WRITE
 from services.recording.spool import Spool

@@ -4,11 +4,11 @@ import asyncio
 
 from ferry.transactions.v1 import transactions_pb2, transactions_pb2_grpc
 
-from services.common.audit_observer import AuditObserver
 from services.common.config import get_settings
 from services.common.database import serve_from_database
 from services.common.server import Runtime, serve
 from services.recording import Recorder
+from services.recording.audit_observer import AuditObserver
 from services.transactions.schema import MIGRATIONS
 from services.transactions.servicer import TransactionsServicer
 

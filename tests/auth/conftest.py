@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from services.common.auth import KEY_SCOPES
+from services.common.access import KEY_SCOPES
 from tests.auth.rpcs import Subjects
 from tests.stack import RunningStack
 

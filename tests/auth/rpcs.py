@@ -23,7 +23,7 @@ from ferry.transactions.v1 import transactions_pb2
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor, json_format, message, message_factory, struct_pb2
 
-from services.common.auth import PROTO_FILES, required_scopes
+from services.common.access import PROTO_FILES, required_scopes
 
 # The process that serves each service on its own port.
 SERVED_BY = {

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.auth import INTERNAL, KEY_SCOPES
+from services.common.access import INTERNAL, KEY_SCOPES
 from tests.auth.rpcs import (
     REQUESTS,
     SERVED_BY,

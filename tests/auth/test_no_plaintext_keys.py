@@ -20,7 +20,7 @@ import pytest
 from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from psycopg import sql
 
-from services.common.auth import hash_key, new_key_secret
+from services.common.tokens import hash_key, new_key_secret
 from tests.stack import RunningStack, keyed_channel
 
 pytestmark = pytest.mark.stack

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from services.common.auth import new_key_secret
+from services.common.tokens import new_key_secret
 from tests.stack import RunningStack
 
 pytestmark = pytest.mark.stack

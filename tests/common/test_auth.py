@@ -14,7 +14,7 @@ from ferry.auth.v1 import auth_pb2
 from google.api import annotations_pb2
 from pydantic import SecretStr
 
-from services.common import auth
+from services.common import access, auth, edge, gateway_client, tokens
 from services.common.config import AuthSettings, Settings
 from services.common.context import bearer_token
 from services.common.errors import RpcError
@@ -26,7 +26,7 @@ TOKEN = "service-token-for-tests"
 def ferry_methods() -> list[Any]:
     return [
         method
-        for module in auth.PROTO_FILES
+        for module in access.PROTO_FILES
         for service in module.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     ]
@@ -38,7 +38,7 @@ def test_every_ferry_rpc_declares_who_may_call_it() -> None:
 
 
 def test_declared_scopes_are_known_ones() -> None:
-    known = {*auth.KEY_SCOPES, auth.INTERNAL}
+    known = {*access.KEY_SCOPES, access.INTERNAL}
     for method in ferry_methods():
         scopes = set(method.GetOptions().Extensions[auth_pb2.access].scopes)
         assert scopes and scopes <= known, method.full_name
@@ -47,18 +47,18 @@ def test_declared_scopes_are_known_ones() -> None:
 def test_internal_methods_are_exactly_those_without_rest_mapping() -> None:
     # Envoy refuses internal methods at the edge; a REST route to one would be a hole.
     for method in ferry_methods():
-        internal = auth.INTERNAL in method.GetOptions().Extensions[auth_pb2.access].scopes
+        internal = access.INTERNAL in method.GetOptions().Extensions[auth_pb2.access].scopes
         assert internal != method.GetOptions().HasExtension(annotations_pb2.http), method.full_name
 
 
 def test_scope_table() -> None:
-    assert auth.required_scopes("/ferry.openai.v1.OpenAIService/CreateChatCompletion") == {"inference"}
-    assert auth.required_scopes("/ferry.models.v1.ModelsService/LoadModel") == {"admin"}
-    assert auth.required_scopes("/ferry.transactions.v1.TransactionsService/ListTransactions") == {"read"}
-    assert auth.required_scopes("/ferry.keys.v1.KeysService/CreateKey") == {"admin"}
-    assert auth.required_scopes("/grpc.health.v1.Health/Check") is None
+    assert access.required_scopes("/ferry.openai.v1.OpenAIService/CreateChatCompletion") == {"inference"}
+    assert access.required_scopes("/ferry.models.v1.ModelsService/LoadModel") == {"admin"}
+    assert access.required_scopes("/ferry.transactions.v1.TransactionsService/ListTransactions") == {"read"}
+    assert access.required_scopes("/ferry.keys.v1.KeysService/CreateKey") == {"admin"}
+    assert access.required_scopes("/grpc.health.v1.Health/Check") is None
     # Unknown methods are admin-only rather than open.
-    assert auth.required_scopes("/ferry.nope.v1.Nope/Do") == {"admin"}
+    assert access.required_scopes("/ferry.nope.v1.Nope/Do") == {"admin"}
 
 
 @pytest.mark.parametrize(
@@ -70,9 +70,9 @@ def test_bearer_token(header: str | None, token: str) -> None:
 
 
 def test_new_keys_are_random_and_stored_as_hashes() -> None:
-    first, second = auth.new_key_secret(), auth.new_key_secret()
+    first, second = tokens.new_key_secret(), tokens.new_key_secret()
     assert first != second and first.startswith("fry_") and len(first) > 40
-    assert auth.hash_key(first) != first and len(auth.hash_key(first)) == 64
+    assert tokens.hash_key(first) != first and len(tokens.hash_key(first)) == 64
 
 
 def call(method: str, credential: str = "", edge_token: str = "", forwarded: str = "") -> Call:
@@ -92,18 +92,18 @@ def call(method: str, credential: str = "", edge_token: str = "", forwarded: str
 def test_forwarded_client_address_is_trusted_only_from_envoy() -> None:
     settings = AuthSettings(service_token=SecretStr(TOKEN))
     assert (
-        auth.client_address(call("/a.B/C", forwarded="203.0.113.9", edge_token=TOKEN), settings)
+        edge.client_address(call("/a.B/C", forwarded="203.0.113.9", edge_token=TOKEN), settings)
         == "203.0.113.9"
     )
     # A caller on a service port cannot choose the address its limits are counted under.
     assert (
-        auth.client_address(call("/a.B/C", forwarded="203.0.113.9", edge_token="guess"), settings)
+        edge.client_address(call("/a.B/C", forwarded="203.0.113.9", edge_token="guess"), settings)
         == "10.1.2.3"
     )
     assert (
-        auth.client_address(call("/a.B/C", forwarded="not-an-ip", edge_token=TOKEN), settings) == "10.1.2.3"
+        edge.client_address(call("/a.B/C", forwarded="not-an-ip", edge_token=TOKEN), settings) == "10.1.2.3"
     )
-    assert auth.peer_address("ipv6:[::1]:5000") == "::1"
+    assert edge.peer_address("ipv6:[::1]:5000") == "::1"
 
 
 class RecordingAuthorizer:
@@ -149,7 +149,7 @@ async def test_the_service_token_grants_internal_methods_only() -> None:
     obs, authorizer = observer()
     internal = call(APPEND, credential=TOKEN)
     await obs.on_start(internal, None)
-    assert internal.principal == auth.SERVICE_PRINCIPAL
+    assert internal.principal == tokens.SERVICE_PRINCIPAL
     with pytest.raises(RpcError) as err:
         await obs.on_start(call(CHAT, credential=TOKEN), None)
     assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
@@ -173,7 +173,7 @@ async def test_with_auth_off_nothing_is_asked() -> None:
 async def test_an_unreachable_gateway_refuses_with_unavailable() -> None:
     settings = Settings(auth=AuthSettings(service_token=SecretStr(TOKEN)))
     settings.gateway.port = 1  # nothing listens there
-    remote = auth.RemoteAuthorizer(settings)
+    remote = gateway_client.RemoteAuthorizer(settings)
     remote.TIMEOUT_SECONDS = 0.5
     with pytest.raises(RpcError) as err:
         await remote.authorize(auth_pb2.AuthorizeRequest(api_key="fry_x", method=CHAT))
@@ -184,26 +184,26 @@ async def test_an_unreachable_gateway_refuses_with_unavailable() -> None:
 def test_a_forwarded_principal_is_trusted_only_with_the_edge_token() -> None:
     settings = AuthSettings(service_token=SecretStr(TOKEN))
     principal = auth_pb2.Principal(name="keys/k9", scopes=["read"])
-    header = auth.encode_principal(principal)
+    header = edge.encode_principal(principal)
     forwarded = call(CHAT, edge_token=TOKEN)
     forwarded.edge_principal = header
-    assert auth.edge_principal(forwarded, settings) == principal
+    assert edge.edge_principal(forwarded, settings) == principal
     forged = call(CHAT, edge_token="guess")
     forged.edge_principal = header
-    assert auth.edge_principal(forged, settings) is None
+    assert edge.edge_principal(forged, settings) is None
     garbled = call(CHAT, edge_token=TOKEN)
     garbled.edge_principal = "%%%not-base64"
-    assert auth.edge_principal(garbled, settings) is None
+    assert edge.edge_principal(garbled, settings) is None
 
 
 async def test_a_forwarded_principal_spares_the_gateway_but_not_the_scope_check() -> None:
     obs, authorizer = observer()
     forwarded = call(CHAT, credential="fry_x", edge_token=TOKEN)
-    forwarded.edge_principal = auth.encode_principal(auth_pb2.Principal(name="keys/k9", scopes=["inference"]))
+    forwarded.edge_principal = edge.encode_principal(auth_pb2.Principal(name="keys/k9", scopes=["inference"]))
     await obs.on_start(forwarded, None)
     assert forwarded.principal == "keys/k9" and authorizer.asked == []
     read_only = call(CHAT, credential="fry_x", edge_token=TOKEN)
-    read_only.edge_principal = auth.encode_principal(auth_pb2.Principal(name="keys/k8", scopes=["read"]))
+    read_only.edge_principal = edge.encode_principal(auth_pb2.Principal(name="keys/k8", scopes=["read"]))
     with pytest.raises(RpcError) as err:
         await obs.on_start(read_only, None)
     assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
@@ -225,7 +225,7 @@ async def test_generated_tokens_are_reported_only_where_a_token_limit_applies() 
     limited = auth_pb2.Principal(name="keys/k1", report_usage=True)
     obs.record_usage(limited, "10.0.0.1", 7)
     obs.record_usage(auth_pb2.Principal(name="keys/k2"), "10.0.0.1", 7)  # no limit: nothing to count
-    obs.record_usage(auth.service_principal(), "10.0.0.1", 7)
+    obs.record_usage(tokens.service_principal(), "10.0.0.1", 7)
     for task in list(obs._background):
         await task
     assert [(u.principal, u.completion_tokens) for u in authorizer.usage] == [("keys/k1", 7)]

@@ -17,8 +17,8 @@ from ferry.auth.v1 import auth_pb2_grpc
 from ferry.keys.v1 import keys_pb2_grpc
 
 from launcher.ports import free_ports
-from services.common.auth import new_key_secret
 from services.common.config import REPO_ROOT
+from services.common.tokens import new_key_secret
 from tests.postgres import embedded_postgres
 from tests.stack import wait_serving
 

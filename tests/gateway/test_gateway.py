@@ -21,9 +21,9 @@ from ferry.keys.v1 import keys_pb2, keys_pb2_grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 
-from services.common.auth import hash_key
 from services.common.config import REPO_ROOT
 from services.common.errors import error_details
+from services.common.tokens import hash_key
 from tests.gateway.conftest import ADMIN_KEY, SERVICE_TOKEN, Gateway, start_gateway
 
 ADMIN = (("authorization", f"Bearer {ADMIN_KEY}"),)

@@ -19,12 +19,12 @@ from typing import Any
 
 from ferry.audit.v1 import audit_pb2
 from google.rpc import code_pb2
-from opentelemetry import trace
 
-from services.common.auth import INTERNAL, required_scopes
+from services.common.access import is_internal
 from services.common.interceptor import Call
+from services.common.telemetry import current_trace_id
 from services.common.timestamps import seconds_to_duration, to_timestamp
-from services.recording import Recorder
+from services.recording.recorder import Recorder
 
 # Request fields that name the resource a call acts on, in order of preference.
 RESOURCE_FIELDS = ("name", "model", "parent")
@@ -37,15 +37,17 @@ class AuditObserver:
         self._calls: dict[int, tuple[str, str, float]] = {}
 
     async def on_start(self, call: Call, request: Any) -> None:
-        if _internal(call):
+        if is_internal(call.full_method):
             return
-        self._calls[id(call)] = (_resource(request), _trace_id(), time.time())
+        self._calls[id(call)] = (_resource(request), current_trace_id(), time.time())
 
     async def on_end(self, call: Call) -> None:
-        if _internal(call):
+        if is_internal(call.full_method):
             return
         elapsed = time.monotonic() - call.started
-        resource, trace_id, wall_start = self._calls.pop(id(call), ("", _trace_id(), time.time() - elapsed))
+        resource, trace_id, wall_start = self._calls.pop(
+            id(call), ("", current_trace_id(), time.time() - elapsed)
+        )
         event = audit_pb2.AuditEvent(
             kind=audit_pb2.AuditEvent.Kind.KIND_RPC,
             event_time=to_timestamp(datetime.fromtimestamp(wall_start, UTC)),
@@ -64,10 +66,6 @@ class AuditObserver:
         self.recorder.audit(event)
 
 
-def _internal(call: Call) -> bool:
-    return INTERNAL in (required_scopes(call.full_method) or ())
-
-
 def _resource(request: Any) -> str:
     descriptor = getattr(request, "DESCRIPTOR", None)
     if descriptor is None:
@@ -78,8 +76,3 @@ def _resource(request: Any) -> str:
             if isinstance(value, str) and value:
                 return value if "/" in value or field != "model" else f"models/{value}"
     return ""
-
-
-def _trace_id() -> str:
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
