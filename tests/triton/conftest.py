@@ -2,6 +2,7 @@
 
 It is launched exactly as `make run` launches it (`launcher.triton.triton_program`), on free ports.
 Set FERRY_TEST_TRITON_GRPC=host:port to test a Triton that is already running instead.
+`start_triton` also starts private Tritons over other model repositories (tests that stop their Triton).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from launcher.ports import free_ports
 from launcher.setup import ensure_backend, ensure_model
 from launcher.triton import cleanup_shm, triton_program
-from services.common.config import Settings, TritonSettings
+from services.common.config import REPO_ROOT, Settings, TritonSettings
 
 MODEL = "gemma-3-270m"
 READY_TIMEOUT_SECONDS = 120.0
@@ -31,6 +33,8 @@ class TritonServer:
     grpc_target: str
     # Model parameters as Triton's model-config API reports them (what the services read).
     parameters: dict[str, str]
+    # Triton's Prometheus endpoint; None for an external Triton.
+    metrics_url: str | None = None
 
     @property
     def n_parallel(self) -> int:
@@ -41,7 +45,22 @@ class TritonServer:
         return int(self.parameters["context_length"])
 
 
-def _wait_ready(target: str, process: subprocess.Popen[bytes] | None, log: Path | None) -> dict[str, str]:
+@dataclass(frozen=True)
+class RunningTriton:
+    process: subprocess.Popen[bytes]
+    grpc_target: str
+    metrics_url: str
+    log: Path
+    # Parameters of each loaded model, by name.
+    parameters: dict[str, dict[str, str]]
+
+    def server(self, model: str = MODEL) -> TritonServer:
+        return TritonServer(self.grpc_target, self.parameters[model], self.metrics_url)
+
+
+def _wait_ready(
+    target: str, models: list[str], process: subprocess.Popen[bytes] | None, log: Path | None
+) -> dict[str, dict[str, str]]:
     client = grpcclient.InferenceServerClient(target)
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     try:
@@ -50,32 +69,41 @@ def _wait_ready(target: str, process: subprocess.Popen[bytes] | None, log: Path 
                 tail = log.read_text()[-4000:] if log else ""
                 raise RuntimeError(f"tritonserver exited with {process.returncode}:\n{tail}")
             try:
-                if client.is_model_ready(MODEL):
-                    config = client.get_model_config(MODEL, as_json=True)["config"]
-                    return {key: value["string_value"] for key, value in config["parameters"].items()}
+                if all(client.is_model_ready(model) for model in models):
+                    configs = {
+                        model: client.get_model_config(model, as_json=True)["config"] for model in models
+                    }
+                    return {
+                        model: {key: value["string_value"] for key, value in config["parameters"].items()}
+                        for model, config in configs.items()
+                    }
             except Exception:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{MODEL} not ready on {target} after {READY_TIMEOUT_SECONDS:.0f} s")
+                raise TimeoutError(f"{models} not ready on {target} after {READY_TIMEOUT_SECONDS:.0f} s")
             time.sleep(0.25)
     finally:
         client.close()
 
 
-@pytest.fixture(scope="session")
-def triton() -> Iterator[TritonServer]:
-    external = os.environ.get("FERRY_TEST_TRITON_GRPC")
-    if external:
-        yield TritonServer(external, _wait_ready(external, None, None))
-        return
-
+@contextmanager
+def start_triton(
+    repository: Path = REPO_ROOT / "triton_models", models: tuple[str, ...] = (MODEL,)
+) -> Iterator[RunningTriton]:
+    """A private tritonserver over `repository` with `models` loaded; stopped (if still running) on exit."""
     home = Settings()  # the repository's FERRY_HOME, where `make setup` assembled the model
     ensure_model(home)
     ensure_backend()
     grpc_port, http_port, metrics_port = free_ports(3)
     settings = Settings(
         home=home.home,
-        triton=TritonSettings(grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port),
+        triton=TritonSettings(
+            grpc_port=grpc_port,
+            http_port=http_port,
+            metrics_port=metrics_port,
+            repository=repository,
+            load_models=list(models),
+        ),
     )
     program = triton_program(settings)
     log = Path(tempfile.mkstemp(prefix="ferry-triton-", suffix=".log")[1])
@@ -88,8 +116,14 @@ def triton() -> Iterator[TritonServer]:
             stderr=subprocess.STDOUT,
         )
     try:
-        parameters = _wait_ready(settings.triton.grpc_address, process, log)
-        yield TritonServer(settings.triton.grpc_address, parameters)
+        parameters = _wait_ready(settings.triton.grpc_address, list(models), process, log)
+        yield RunningTriton(
+            process,
+            settings.triton.grpc_address,
+            f"http://{settings.triton.host}:{metrics_port}/metrics",
+            log,
+            parameters,
+        )
     finally:
         process.terminate()
         try:
@@ -99,3 +133,13 @@ def triton() -> Iterator[TritonServer]:
             process.wait()
         cleanup_shm(settings)
     log.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def triton() -> Iterator[TritonServer]:
+    external = os.environ.get("FERRY_TEST_TRITON_GRPC")
+    if external:
+        yield TritonServer(external, _wait_ready(external, [MODEL], None, None)[MODEL])
+        return
+    with start_triton() as running:
+        yield running.server()

@@ -1,25 +1,26 @@
-"""The Triton LLM model `gemma-3-270m` against a real tritonserver and the real model.
+"""The Triton LLM model `gemma-3-270m` (llamacpp backend) against a real tritonserver and the real model.
 
-These tests speak the wire contract the Inference service depends on (see
-triton_models/gemma-3-270m/README.md): streamed pieces, the final response, token counts, errors.
+These tests speak the wire contract the Inference service depends on (see backends/llamacpp/README.md):
+streamed pieces, the final response, token counts, errors as EngineFault JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tritonclient.grpc import InferInput
 from tritonclient.grpc import aio as triton_aio
 
+from backends.llamacpp.contract import EngineErrorCode, EngineFault
 from tests.triton.conftest import MODEL, TritonServer
 
 pytestmark = pytest.mark.stack
@@ -42,6 +43,14 @@ class Run:
     pieces: list[Piece] = field(default_factory=list)
     error: str | None = None
     first_piece_seconds: float | None = None
+
+    @property
+    def fault(self) -> EngineFault:
+        """The error the stream ended with, as the engine contract's fault."""
+        assert self.error is not None, "the stream ended without an error"
+        fault = EngineFault.from_message(self.error)
+        assert fault is not None, f"not an EngineFault: {self.error}"
+        return fault
 
     @property
     def text(self) -> str:
@@ -77,9 +86,10 @@ async def generate(
     prompt: str,
     params: dict[str, Any] | str | None = None,
     on_piece: Any = None,
+    model: str = MODEL,
 ) -> Run:
     async def requests() -> AsyncIterator[dict[str, Any]]:
-        yield {"model_name": MODEL, "inputs": _inputs(prompt, params)}
+        yield {"model_name": model, "inputs": _inputs(prompt, params)}
 
     run = Run()
     started = time.monotonic()
@@ -207,24 +217,43 @@ async def test_prompt_longer_than_context_is_refused(
     run = await generate(client, "hello " * (context + 50), {"max_tokens": 4})
 
     assert run.pieces == []
-    assert run.error is not None
-    match = re.match(r"\[PROMPT_TOO_LONG prompt_tokens=(\d+) context_length=(\d+)\] \S", run.error)
-    assert match, run.error
-    assert int(match.group(1)) > context
-    assert int(match.group(2)) == context
+    fault = run.fault
+    assert fault.code is EngineErrorCode.PROMPT_TOO_LONG
+    assert fault.limit == "model"
+    assert fault.prompt_tokens is not None and fault.prompt_tokens > context
+    assert fault.context_length == context
+    assert fault.message
+
+
+async def test_prompt_longer_than_the_callers_limit_is_refused(
+    client: triton_aio.InferenceServerClient,
+) -> None:
+    run = await generate(client, "hello " * 40, {"max_tokens": 4, "max_prompt_tokens": 10})
+
+    assert run.pieces == []
+    fault = run.fault
+    assert fault.code is EngineErrorCode.PROMPT_TOO_LONG
+    assert fault.limit == "caller"
+    assert fault.prompt_tokens is not None and fault.prompt_tokens > 10
+    assert fault.context_length == 10
 
 
 @pytest.mark.parametrize(
     ("params", "field_name"),
     [
         ({"temperature": -1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 4097}, "max_tokens"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"stop": [1]}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"seed": "seven"}, "seed"),
         ({"best_of": 2}, "best_of"),
         ("{not json", "sampling_parameters"),
+        ("[1, 2]", "sampling_parameters"),
     ],
 )
 async def test_invalid_sampling_parameters_name_the_field(
@@ -233,8 +262,10 @@ async def test_invalid_sampling_parameters_name_the_field(
     run = await generate(client, PROMPT, params)
 
     assert run.pieces == []
-    assert run.error is not None
-    assert run.error.startswith(f"[INVALID_ARGUMENT field={field_name}] "), run.error
+    fault = run.fault
+    assert fault.code is EngineErrorCode.INVALID_PARAMETER
+    assert fault.field == field_name
+    assert fault.message
 
 
 async def test_logprobs_for_every_token(client: triton_aio.InferenceServerClient) -> None:
@@ -304,3 +335,38 @@ async def test_chat_prompt_generates_a_turn(
 
     assert run.error is None and run.text.strip()
     assert "<start_of_turn>" not in run.text and "<end_of_turn>" not in run.text
+
+
+def _metric(text: str, name: str, model: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and f'model="{model}"' in line:
+            return float(line.rsplit(None, 1)[1])
+    raise AssertionError(f"{name} for {model} not in Triton's metrics")
+
+
+async def test_prompt_cache_is_bounded_and_its_use_is_a_metric(
+    client: triton_aio.InferenceServerClient, triton: TritonServer
+) -> None:
+    if triton.metrics_url is None:
+        pytest.skip("an external Triton's metrics port is not known")
+    metrics = httpx.AsyncClient()
+    before = (await metrics.get(triton.metrics_url)).text
+    prompt = "A long and unusual prompt that no other test sends: " + "lorem ipsum dolor " * 20
+    first = await generate(client, prompt, {"max_tokens": 2})
+    again = await generate(client, prompt, {"max_tokens": 2})
+    after = (await metrics.get(triton.metrics_url)).text
+    await metrics.aclose()
+
+    assert first.error is None and again.error is None
+    limit = _metric(after, "ferry_engine_prompt_cache_limit_bytes", MODEL)
+    assert limit == int(triton.parameters["prompt_cache_mib"]) * 2**20
+    prompt_tokens = _metric(after, "ferry_engine_prompt_tokens_total", MODEL) - _metric(
+        before, "ferry_engine_prompt_tokens_total", MODEL
+    )
+    assert prompt_tokens == first.last.prompt_tokens + again.last.prompt_tokens
+    cached = _metric(after, "ferry_engine_prompt_tokens_cached_total", MODEL) - _metric(
+        before, "ferry_engine_prompt_tokens_cached_total", MODEL
+    )
+    # The same prompt again is served from the slot's cache (most of it: checkpoints of Gemma's
+    # sliding-window layers decide where reuse can start).
+    assert cached >= again.last.prompt_tokens // 2
