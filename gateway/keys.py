@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timedelta
 
 import grpc
@@ -14,11 +13,11 @@ from services.common import listing
 from services.common.access import KEY_SCOPES
 from services.common.errors import Reason, invalid_argument, not_found, rpc_error
 from services.common.interceptor import current_call
-from services.common.timestamps import iso, now, to_datetime, to_micros
+from services.common.names import KEY_ID, KEYS, resource_id
+from services.common.timestamps import now, to_datetime, to_micros
 from services.common.tokens import hash_key, new_key_secret
 from services.recording import Recorder
 
-KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_DISPLAY_NAME = 200
 
 
@@ -71,24 +70,22 @@ class KeysServicer(keys_pb2_grpc.KeysServiceServicer):
     async def ListKeys(
         self, request: keys_pb2.ListKeysRequest, context: grpc.aio.ServicerContext
     ) -> keys_pb2.ListKeysResponse:
-        size = listing.page_size(request.page_size)
-        fingerprint = listing.query_fingerprint("keys", str(request.show_inactive))
-        after = listing.decode_page_token(request.page_token, fingerprint, 2)
-        records = await self.store.page(
-            show_inactive=request.show_inactive, after=_token_key(after), size=size + 1
+        page = listing.page(
+            request.page_size,
+            request.page_token,
+            query=("keys", str(request.show_inactive)),
+            key=("time", "text"),
         )
-        response = keys_pb2.ListKeysResponse(keys=[r.to_proto() for r in records[:size]])
-        if len(records) > size:
-            last = records[size - 1]
-            response.next_page_token = listing.encode_page_token(
-                fingerprint, [iso(last.create_time), last.id]
-            )
-        return response
+        records = await self.store.page(
+            show_inactive=request.show_inactive, after=page.after, size=page.limit
+        )
+        shown, token = page.split(records, lambda r: (r.create_time, r.id))
+        return keys_pb2.ListKeysResponse(keys=[r.to_proto() for r in shown], next_page_token=token)
 
     async def GetKey(
         self, request: keys_pb2.GetKeyRequest, context: grpc.aio.ServicerContext
     ) -> keys_pb2.Key:
-        record = await self.store.by_id(_parse_name(request.name))
+        record = await self.store.by_id(resource_id(request.name, KEYS, KEY_ID))
         if record is None:
             raise not_found("key", request.name)
         return record.to_proto()
@@ -96,7 +93,7 @@ class KeysServicer(keys_pb2_grpc.KeysServiceServicer):
     async def RevokeKey(
         self, request: keys_pb2.RevokeKeyRequest, context: grpc.aio.ServicerContext
     ) -> keys_pb2.Key:
-        revoked = await self.store.revoke(_parse_name(request.name))
+        revoked = await self.store.revoke(resource_id(request.name, KEYS, KEY_ID))
         if revoked is None:
             raise not_found("key", request.name)
         record, revoked_now = revoked
@@ -143,24 +140,3 @@ def _expire_time(key: keys_pb2.Key) -> datetime | None:
             raise invalid_argument("key.expire_time", "must be in the future")
         return expire_time
     return None
-
-
-def _parse_name(name: str) -> str:
-    if not name:
-        raise invalid_argument("name", "is required")
-    prefix, _, key_id = name.partition("/")
-    if prefix != "keys" or not KEY_ID.match(key_id):
-        raise invalid_argument("name", "must look like keys/{key_id}")
-    return key_id
-
-
-def _token_key(key: list[object] | None) -> tuple[datetime, str] | None:
-    if key is None:
-        return None
-    time_text, key_id = key
-    if not isinstance(time_text, str) or not isinstance(key_id, str):
-        raise listing.bad_token()
-    try:
-        return datetime.fromisoformat(time_text), key_id
-    except ValueError:
-        raise listing.bad_token() from None

@@ -141,9 +141,7 @@ class KeyStore:
             row = await cur.fetchone()
         return (KeyRecord.from_row(row), bool(row["revoked_now"])) if row else None
 
-    async def page(
-        self, *, show_inactive: bool, after: tuple[datetime, str] | None, size: int
-    ) -> list[KeyRecord]:
+    async def page(self, *, show_inactive: bool, after: tuple[Any, ...] | None, size: int) -> list[KeyRecord]:
         """Up to `size` keys, newest first, after the (create_time, id) of the previous page's last."""
         where = "TRUE" if show_inactive else ACTIVE
         params: list[Any] = []

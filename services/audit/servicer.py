@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import grpc
@@ -14,15 +13,15 @@ from psycopg.rows import dict_row
 
 from services.audit.chain import GENESIS, HASHED, event_hash
 from services.common import listing
-from services.common.database import Database
+from services.common.database import Database, nul_free
 from services.common.errors import invalid_argument
+from services.common.names import REQUEST_ID_RULE, is_request_id
 from services.common.timestamps import now, to_datetime, to_duration, to_micros, to_timestamp
 
 AuditEvent = audit_pb2.AuditEvent
 VerifyChainResponse = audit_pb2.VerifyChainResponse
 Problem = VerifyChainResponse.Problem
 
-EVENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_EVENTS_PER_APPEND = 1000
 VERIFY_BATCH = 2000
 
@@ -103,24 +102,23 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def ListEvents(
         self, request: audit_pb2.ListEventsRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.ListEventsResponse:
-        size = listing.page_size(request.page_size)
         where, params = listing.compile_filter(request.filter, FILTER_FIELDS)
         order = listing.parse_order_by(request.order_by, "sequence")
-        fingerprint = listing.query_fingerprint("audit", request.filter, order.sql_dir)
-        after = listing.decode_page_token(request.page_token, fingerprint, 1)
-        if after is not None:
-            if not isinstance(after[0], int) or isinstance(after[0], bool):
-                raise listing.bad_token()
+        page = listing.page(
+            request.page_size,
+            request.page_token,
+            query=("audit", request.filter, order.sql_dir),
+            key=("int",),
+        )
+        if page.after is not None:
             where += f" AND sequence {order.cmp} %s"
-            params.append(after[0])
+            params += page.after
         query = f"SELECT * FROM audit_events WHERE {where} ORDER BY sequence {order.sql_dir} LIMIT %s"
         async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(query, [*params, size + 1])  # type: ignore[arg-type]
+            await cur.execute(query, [*params, page.limit])  # type: ignore[arg-type]
             rows = await cur.fetchall()
-        response = audit_pb2.ListEventsResponse(events=[_proto_from_row(r) for r in rows[:size]])
-        if len(rows) > size:
-            response.next_page_token = listing.encode_page_token(fingerprint, [rows[size - 1]["sequence"]])
-        return response
+        shown, token = page.split(rows, lambda r: (r["sequence"],))
+        return audit_pb2.ListEventsResponse(events=[_proto_from_row(r) for r in shown], next_page_token=token)
 
     async def VerifyChain(
         self, request: audit_pb2.VerifyChainRequest, context: grpc.aio.ServicerContext
@@ -193,14 +191,9 @@ async def _verify(conn: Any) -> VerifyChainResponse:
     )
 
 
-def _clean(value: str) -> str:
-    # PostgreSQL text cannot hold NUL characters.
-    return value.replace("\x00", "\ufffd")
-
-
 def _row_from_proto(e: AuditEvent, field: str) -> dict[str, Any]:
-    if not EVENT_ID.match(e.event_id):
-        raise invalid_argument(f"{field}.event_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+    if not is_request_id(e.event_id):
+        raise invalid_argument(f"{field}.event_id", f"must be {REQUEST_ID_RULE}")
     if e.kind == AuditEvent.Kind.KIND_UNSPECIFIED:
         raise invalid_argument(f"{field}.kind", "is required")
     if not e.HasField("event_time"):
@@ -211,19 +204,19 @@ def _row_from_proto(e: AuditEvent, field: str) -> dict[str, Any]:
         "event_id": e.event_id,
         "kind": AuditEvent.Kind.Name(e.kind).removeprefix("KIND_"),
         "event_time": to_datetime(e.event_time, f"{field}.event_time"),
-        "source": _clean(e.source),
-        "principal": _clean(e.principal),
-        "service": _clean(e.service),
-        "method": _clean(e.method),
-        "resource": _clean(e.resource),
-        "action": _clean(e.action),
+        "source": nul_free(e.source),
+        "principal": nul_free(e.principal),
+        "service": nul_free(e.service),
+        "method": nul_free(e.method),
+        "resource": nul_free(e.resource),
+        "action": nul_free(e.action),
         "code": code_pb2.Code.Name(e.code),
-        "message": _clean(e.message),
+        "message": nul_free(e.message),
         "latency_us": to_micros(e.latency, f"{field}.latency") if e.HasField("latency") else None,
-        "request_id": _clean(e.request_id),
-        "trace_id": _clean(e.trace_id),
-        "peer": _clean(e.peer),
-        "attributes": {_clean(k): _clean(v) for k, v in e.attributes.items()},
+        "request_id": nul_free(e.request_id),
+        "trace_id": nul_free(e.trace_id),
+        "peer": nul_free(e.peer),
+        "attributes": {nul_free(k): nul_free(v) for k, v in e.attributes.items()},
     }
 
 

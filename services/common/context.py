@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import re
 import uuid
 from contextvars import ContextVar
+
+from services.common.names import is_request_id
 
 REQUEST_ID_HEADER = "x-request-id"
 AUTHORIZATION_HEADER = "authorization"
@@ -14,7 +15,6 @@ EDGE_HEADER = "x-ferry-edge"
 CLIENT_ADDRESS_HEADER = "x-ferry-client-address"
 # The caller as Envoy's edge check (the gateway) established it; trusted with the edge token only.
 PRINCIPAL_HEADER = "x-ferry-principal"
-_WELL_FORMED = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
 
@@ -25,7 +25,7 @@ def new_request_id() -> str:
 
 def accept_request_id(value: str | None) -> str:
     """Keep a client's request id when it is well formed; otherwise assign a fresh one."""
-    if value and _WELL_FORMED.match(value):
+    if value and is_request_id(value):
         return value
     return new_request_id()
 

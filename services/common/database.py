@@ -120,6 +120,18 @@ async def migrate(conn: psycopg.AsyncConnection, migrations: Migrations, mode: s
         return migrations.latest
 
 
+def nul_free(value: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold NUL characters: U+FFFD takes their place (in strings,
+    and in the keys and values of lists and dicts, for jsonb)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [nul_free(v) for v in value]
+    if isinstance(value, dict):
+        return {nul_free(k): nul_free(v) for k, v in value.items()}
+    return value
+
+
 def unavailable(exc: BaseException) -> RpcError:
     """What a servicer answers while PostgreSQL cannot be reached: retryable UNAVAILABLE."""
     return rpc_error(Reason.DATABASE_UNAVAILABLE, f"database unavailable: {type(exc).__name__}")

@@ -16,9 +16,14 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from services.common.errors import Reason, RpcError, invalid_argument
+from services.common.timestamps import iso
+
+T = TypeVar("T")
+# How each column of a page token's keyset is written: RFC 3339 text, plain text, or an integer.
+KeyKind = Literal["time", "text", "int"]
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -67,7 +72,9 @@ def parse_time(value: str, field: str) -> datetime:
 def compile_filter(text: str, fields: Mapping[str, Field]) -> tuple[str, list[Any]]:
     """Filter string -> (`a = %s AND b >= %s`, params). An empty filter is `TRUE`."""
     if len(text) > MAX_FILTER_LENGTH:
-        raise invalid_argument("filter", f"longer than {MAX_FILTER_LENGTH} characters", Reason.FILTER_TOO_LONG)
+        raise invalid_argument(
+            "filter", f"longer than {MAX_FILTER_LENGTH} characters", Reason.FILTER_TOO_LONG
+        )
     tokens = _tokenize(text)
     if not tokens:
         return "TRUE", []
@@ -92,7 +99,9 @@ def compile_filter(text: str, fields: Mapping[str, Field]) -> tuple[str, list[An
             raise invalid_argument("filter", f"expected AND, found {tokens[i][1]!r}")
         i += 1
         if len(clauses) >= MAX_FILTER_TERMS:
-            raise invalid_argument("filter", f"more than {MAX_FILTER_TERMS} comparisons", Reason.FILTER_TOO_LONG)
+            raise invalid_argument(
+                "filter", f"more than {MAX_FILTER_TERMS} comparisons", Reason.FILTER_TOO_LONG
+            )
     return " AND ".join(clauses), params
 
 
@@ -208,3 +217,48 @@ def decode_page_token(token: str, fingerprint: str, arity: int) -> list[Any] | N
 
 def bad_token() -> RpcError:
     return invalid_argument("page_token", "is not a token this service issued", Reason.INVALID_PAGE_TOKEN)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One List call's page (AIP-158): its size, the query its tokens belong to, and the keyset
+    (typed per `KeyKind`) of the previous page's last row, where this page resumes."""
+
+    size: int
+    fingerprint: str
+    after: tuple[Any, ...] | None
+
+    @property
+    def limit(self) -> int:
+        """Rows to fetch: one more than the page, which says whether another page follows."""
+        return self.size + 1
+
+    def split(self, rows: Sequence[T], key: Callable[[T], Sequence[Any]]) -> tuple[Sequence[T], str]:
+        """(this page's rows, next_page_token) from up to `limit` rows in keyset order."""
+        if len(rows) <= self.size:
+            return rows, ""
+        last = key(rows[self.size - 1])
+        written = [iso(v) if isinstance(v, datetime) else v for v in last]
+        return rows[: self.size], encode_page_token(self.fingerprint, written)
+
+
+def page(requested_size: int, page_token: str, query: Sequence[str], key: Sequence[KeyKind]) -> Page:
+    """The page a List request asks for. `query` is what its token must not change (the resource,
+    filter, order); `key` the kinds of the keyset columns, read back typed from the token."""
+    size = page_size(requested_size)
+    fingerprint = query_fingerprint(*query)
+    after = decode_page_token(page_token, fingerprint, len(key))
+    return Page(size, fingerprint, None if after is None else tuple(map(_key_value, key, after)))
+
+
+def _key_value(kind: KeyKind, value: Any) -> Any:
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "text" and isinstance(value, str):
+        return value
+    if kind == "time" and isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
+    raise bad_token()

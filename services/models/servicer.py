@@ -2,56 +2,25 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
-import re
 
 import grpc
 from ferry.models.v1 import models_pb2, models_pb2_grpc
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from services.common import triton
-from services.common.errors import Reason, invalid_argument, not_found, rpc_error
+from services.common import listing, triton
+from services.common.errors import Reason, not_found, rpc_error
+from services.common.names import model_id_from_name, model_name
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
-_NAME = re.compile(r"^models/([A-Za-z0-9][A-Za-z0-9._-]{0,127})$")
 _STATES = {
     "READY": models_pb2.Model.STATE_READY,
     "LOADING": models_pb2.Model.STATE_LOADING,
     "UNLOADING": models_pb2.Model.STATE_UNLOADING,
     "UNAVAILABLE": models_pb2.Model.STATE_UNAVAILABLE,
 }
-
-
-def parse_model_name(name: str, field: str = "name") -> str:
-    """`models/{model}` -> model id; anything else is INVALID_ARGUMENT naming the field."""
-    if not name:
-        raise invalid_argument(field, "is required, in the form models/{model}")
-    match = _NAME.match(name)
-    if not match:
-        raise invalid_argument(field, f"'{name}' is not a model name of the form models/{{model}}")
-    return match.group(1)
-
-
-def encode_page_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"models:{offset}".encode()).decode()
-
-
-def decode_page_token(token: str) -> int:
-    if not token:
-        return 0
-    try:
-        kind, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        if kind != "models" or not offset.isdigit():
-            raise ValueError(token)
-        return int(offset)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as err:
-        raise invalid_argument("page_token", "is not a token returned by ListModels") from err
 
 
 class ModelsServicer(models_pb2_grpc.ModelsServiceServicer):
@@ -61,27 +30,26 @@ class ModelsServicer(models_pb2_grpc.ModelsServiceServicer):
     async def ListModels(
         self, request: models_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.ListModelsResponse:
-        if request.page_size < 0:
-            raise invalid_argument("page_size", "must not be negative")
-        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        offset = decode_page_token(request.page_token)
+        # Keyset by model id, like every List RPC: a model loaded or removed between pages
+        # shifts no other model onto or off the next page.
+        page = listing.page(request.page_size, request.page_token, query=("models",), key=("text",))
         index = sorted(await triton.repository_index(self.client), key=lambda m: m["name"])
-        page = index[offset : offset + size]
-        models = [await self._model(entry) for entry in page]
-        more = offset + size < len(index)
+        if page.after is not None:
+            index = [entry for entry in index if entry["name"] > page.after[0]]
+        shown, token = page.split(index[: page.limit], lambda entry: (entry["name"],))
         return models_pb2.ListModelsResponse(
-            models=models, next_page_token=encode_page_token(offset + size) if more else ""
+            models=[await self._model(entry) for entry in shown], next_page_token=token
         )
 
     async def GetModel(
         self, request: models_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.Model:
-        return await self._get(parse_model_name(request.name))
+        return await self._get(model_id_from_name(request.name))
 
     async def LoadModel(
         self, request: models_pb2.LoadModelRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.Model:
-        model_id = parse_model_name(request.name)
+        model_id = model_id_from_name(request.name)
         await self._get(model_id)  # NOT_FOUND for names the repository does not hold
         try:
             await self.client.load_model(model_id)
@@ -97,7 +65,7 @@ class ModelsServicer(models_pb2_grpc.ModelsServiceServicer):
     async def UnloadModel(
         self, request: models_pb2.UnloadModelRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.Model:
-        model_id = parse_model_name(request.name)
+        model_id = model_id_from_name(request.name)
         await self._get(model_id)
         try:
             await self.client.unload_model(model_id)
@@ -110,13 +78,13 @@ class ModelsServicer(models_pb2_grpc.ModelsServiceServicer):
         for entry in await triton.repository_index(self.client):
             if entry["name"] == model_id:
                 return await self._model(entry)
-        raise not_found("model", f"models/{model_id}")
+        raise not_found("model", model_name(model_id))
 
     async def _model(self, entry: dict[str, str]) -> models_pb2.Model:
         model_id = entry["name"]
         state = _STATES.get(entry.get("state", ""), models_pb2.Model.STATE_UNAVAILABLE)
         model = models_pb2.Model(
-            name=f"models/{model_id}",
+            name=model_name(model_id),
             model_id=model_id,
             state=state,
             state_reason=entry.get("reason", ""),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from datetime import datetime
 from typing import Any
 
 import grpc
@@ -14,14 +12,14 @@ from google.protobuf import json_format, struct_pb2
 from psycopg.rows import dict_row
 
 from services.common import listing
-from services.common.database import Database
+from services.common.database import Database, nul_free
 from services.common.errors import invalid_argument, not_found
-from services.common.timestamps import iso, now, to_datetime, to_duration, to_micros, to_timestamp
+from services.common.names import REQUEST_ID, REQUEST_ID_RULE, TRANSACTIONS, is_request_id, resource_id
+from services.common.timestamps import now, to_datetime, to_duration, to_micros, to_timestamp
 
 Transaction = transactions_pb2.Transaction
 _Status = Transaction.Status
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 FINAL = {
     _Status.STATUS_SUCCEEDED,
     _Status.STATUS_FAILED,
@@ -84,22 +82,22 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServiceServicer):
     async def CompleteTransaction(
         self, request: transactions_pb2.CompleteTransactionRequest, context: grpc.aio.ServicerContext
     ) -> Transaction:
-        request_id = _parse_name(request.name)
+        request_id = resource_id(request.name, TRANSACTIONS, REQUEST_ID)
         if request.status not in FINAL:
             raise invalid_argument("status", "must be a final status (not UNSPECIFIED or IN_PROGRESS)")
         usage = request.usage
         _check_usage(usage, "usage")
         values = {
             "status": _status_name(request.status),
-            "output": _clean(request.output),
-            "finish_reason": _clean(request.finish_reason),
+            "output": nul_free(request.output),
+            "finish_reason": nul_free(request.finish_reason),
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens or usage.prompt_tokens + usage.completion_tokens,
             "ttft_us": _micros_or_none(request, "time_to_first_token"),
             "latency_us": _micros_or_none(request, "latency"),
-            "error_code": _clean(request.error_code),
-            "error_message": _clean(request.error_message),
+            "error_code": nul_free(request.error_code),
+            "error_message": nul_free(request.error_message),
             "complete_time": (
                 to_datetime(request.complete_time, "complete_time")
                 if request.HasField("complete_time")
@@ -124,7 +122,7 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServiceServicer):
     async def GetTransaction(
         self, request: transactions_pb2.GetTransactionRequest, context: grpc.aio.ServicerContext
     ) -> Transaction:
-        request_id = _parse_name(request.name)
+        request_id = resource_id(request.name, TRANSACTIONS, REQUEST_ID)
         async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute("SELECT * FROM transactions WHERE request_id = %s", (request_id,))
             row = await cur.fetchone()
@@ -135,61 +133,28 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServiceServicer):
     async def ListTransactions(
         self, request: transactions_pb2.ListTransactionsRequest, context: grpc.aio.ServicerContext
     ) -> transactions_pb2.ListTransactionsResponse:
-        size = listing.page_size(request.page_size)
         where, params = listing.compile_filter(request.filter, FILTER_FIELDS)
         order = listing.parse_order_by(request.order_by, "create_time")
-        fingerprint = listing.query_fingerprint("transactions", request.filter, order.sql_dir)
-        after = listing.decode_page_token(request.page_token, fingerprint, 2)
-        if after is not None:
-            after_time, after_id = _token_key(after)
+        page = listing.page(
+            request.page_size,
+            request.page_token,
+            query=("transactions", request.filter, order.sql_dir),
+            key=("time", "text"),
+        )
+        if page.after is not None:
             where += f" AND (create_time, request_id) {order.cmp} (%s, %s)"
-            params += [after_time, after_id]
+            params += page.after
         sql = (
             f"SELECT * FROM transactions WHERE {where} "
             f"ORDER BY create_time {order.sql_dir}, request_id {order.sql_dir} LIMIT %s"
         )
         async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(sql, [*params, size + 1])  # type: ignore[arg-type]
+            await cur.execute(sql, [*params, page.limit])  # type: ignore[arg-type]
             rows = await cur.fetchall()
-        response = transactions_pb2.ListTransactionsResponse(
-            transactions=[_proto_from_row(r) for r in rows[:size]]
+        shown, token = page.split(rows, lambda r: (r["create_time"], r["request_id"]))
+        return transactions_pb2.ListTransactionsResponse(
+            transactions=[_proto_from_row(r) for r in shown], next_page_token=token
         )
-        if len(rows) > size:
-            last = rows[size - 1]
-            response.next_page_token = listing.encode_page_token(
-                fingerprint, [iso(last["create_time"]), last["request_id"]]
-            )
-        return response
-
-
-def _token_key(key: list[Any]) -> tuple[datetime, str]:
-    time_text, request_id = key
-    if not isinstance(time_text, str) or not isinstance(request_id, str):
-        raise listing.bad_token()
-    try:
-        return datetime.fromisoformat(time_text), request_id
-    except ValueError:
-        raise listing.bad_token() from None
-
-
-def _parse_name(name: str) -> str:
-    prefix, _, request_id = name.partition("/")
-    if not name:
-        raise invalid_argument("name", "is required")
-    if prefix != "transactions" or not REQUEST_ID.match(request_id):
-        raise invalid_argument("name", "must look like transactions/{request_id}")
-    return request_id
-
-
-def _clean(value: Any) -> Any:
-    """PostgreSQL text and jsonb cannot hold NUL characters: store U+FFFD in their place."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    if isinstance(value, dict):
-        return {_clean(k): _clean(v) for k, v in value.items()}
-    return value
 
 
 def _check_usage(usage: Transaction.Usage, field: str) -> None:
@@ -207,15 +172,15 @@ def _micros_or_none(message: Any, field: str, prefix: str = "") -> int | None:
 def _row_from_proto(t: Transaction) -> dict[str, Any]:
     if not t.request_id:
         raise invalid_argument("transaction.request_id", "is required")
-    if not REQUEST_ID.match(t.request_id):
-        raise invalid_argument("transaction.request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+    if not is_request_id(t.request_id):
+        raise invalid_argument("transaction.request_id", f"must be {REQUEST_ID_RULE}")
     if t.status == _Status.STATUS_UNSPECIFIED:
         raise invalid_argument("transaction.status", "is required")
     _check_usage(t.usage, "transaction.usage")
     try:
         # MessageToDict itself refuses NaN and Infinity (ValueError), before json.dumps would.
         parameters = json_format.MessageToDict(t.parameters) if t.HasField("parameters") else {}
-        parameters_json = json.dumps(_clean(parameters), allow_nan=False)
+        parameters_json = json.dumps(nul_free(parameters), allow_nan=False)
     except ValueError:
         raise invalid_argument("transaction.parameters", "numbers must be finite") from None
     create_time = (
@@ -229,23 +194,23 @@ def _row_from_proto(t: Transaction) -> dict[str, Any]:
     usage = t.usage
     return {
         "request_id": t.request_id,
-        "principal": _clean(t.principal),
-        "model": _clean(t.model),
-        "operation": _clean(t.operation),
-        "prompt": _clean(t.prompt),
-        "messages": json.dumps([_clean({"role": m.role, "content": m.content}) for m in t.messages]),
+        "principal": nul_free(t.principal),
+        "model": nul_free(t.model),
+        "operation": nul_free(t.operation),
+        "prompt": nul_free(t.prompt),
+        "messages": json.dumps([nul_free({"role": m.role, "content": m.content}) for m in t.messages]),
         "parameters": parameters_json,
-        "output": _clean(t.output),
-        "finish_reason": _clean(t.finish_reason),
+        "output": nul_free(t.output),
+        "finish_reason": nul_free(t.finish_reason),
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens or usage.prompt_tokens + usage.completion_tokens,
         "ttft_us": _micros_or_none(t, "time_to_first_token", "transaction."),
         "latency_us": _micros_or_none(t, "latency", "transaction."),
         "status": _status_name(t.status),
-        "error_code": _clean(t.error_code),
-        "error_message": _clean(t.error_message),
-        "trace_id": _clean(t.trace_id),
+        "error_code": nul_free(t.error_code),
+        "error_message": nul_free(t.error_message),
+        "trace_id": nul_free(t.trace_id),
         "create_time": create_time,
         "complete_time": complete_time,
     }

@@ -84,3 +84,33 @@ def test_page_size_and_order_by() -> None:
     for bad in ("other", "seq up", "seq desc extra"):
         with pytest.raises(RpcError):
             listing.parse_order_by(bad, "seq")
+
+
+def test_a_page_splits_off_one_extra_row_and_resumes_typed_where_it_ended() -> None:
+    when = datetime(2025, 1, 1, tzinfo=UTC)
+    rows = [(when, "a"), (when, "b"), (when, "c")]
+    first = listing.page(2, "", query=("x", ""), key=("time", "text"))
+    assert (first.after, first.limit) == (None, 3)
+    shown, token = first.split(rows, lambda r: r)
+    assert list(shown) == rows[:2]
+    second = listing.page(2, token, query=("x", ""), key=("time", "text"))
+    assert second.after == (when, "b")
+    assert second.split(rows[2:], lambda r: r) == (rows[2:], "")
+
+
+@pytest.mark.parametrize(
+    ("written", "kinds"),
+    [
+        (["yesterday", "a"], ("time", "text")),
+        ([1, 2], ("time", "text")),
+        ([True], ("int",)),
+        (["7"], ("int",)),
+    ],
+)
+def test_a_page_token_with_keys_of_the_wrong_kind_is_refused(
+    written: list[object], kinds: tuple[str, ...]
+) -> None:
+    token = listing.encode_page_token(listing.query_fingerprint("x"), written)
+    with pytest.raises(RpcError) as info:
+        listing.page(10, token, query=("x",), key=kinds)  # type: ignore[arg-type]
+    assert info.value.reason == "INVALID_PAGE_TOKEN"
