@@ -14,7 +14,7 @@ DESCRIPTOR := build/ferry.pb
 PROTOS := $(shell find protos -name '*.proto')
 MODEL_FILE := $(FERRY_HOME)/models/gemma-3-270m-q4_k_m.gguf
 
-.PHONY: install proto setup run test test-unit lint bench clean
+.PHONY: install proto setup run test test-unit lint bench soak clean
 
 install: $(INSTALLED) $(FERRY_CLI)
 
@@ -70,6 +70,9 @@ lint: proto
 
 bench: setup
 	$(PY) -m bench
+
+soak: setup
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf build $(VENV)

@@ -1,0 +1,115 @@
+"""Memory growth of a process over a soak run: from its samples to a verdict and a table.
+
+Pure functions over `Sample`s (no processes involved), so the arithmetic is unit-tested on its own.
+Growth is judged as Triton's qa/L0_memory_growth judges it: from a point after the start (there the
+middle of the run, here the end of the warm-up, when caches, pools and allocator arenas have filled)
+to the end. A process that was restarted during the run cannot be judged (its memory started over).
+A group of processes sharing memory (PostgreSQL's backends: its shared buffers) is judged on its USS:
+summed RSS counts a shared page once per process that touched it, which is growth of nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reading of one process: seconds since the traffic started, resident and unique bytes."""
+
+    t: float
+    rss: int
+    uss: int | None = None
+
+
+@dataclass(frozen=True)
+class Growth:
+    """One process's row of the soak table (MB = MiB)."""
+
+    process: str
+    warm_mb: float  # RSS at the end of the warm-up
+    end_mb: float  # RSS at the last sample
+    growth_mb: float  # end - warm
+    max_mb: float  # largest RSS seen
+    slope_mb_min: float  # least-squares RSS trend after the warm-up
+    uss_growth_mb: float | None  # the same growth in unique (private) memory, when it was read
+    restarted: bool = False
+    by_uss: bool = False  # judged on USS growth instead of RSS growth (a group sharing memory)
+
+    @property
+    def judged_mb(self) -> float:
+        """The growth the threshold applies to."""
+        return self.uss_growth_mb if self.by_uss and self.uss_growth_mb is not None else self.growth_mb
+
+    def exceeds(self, threshold_mb: float) -> bool:
+        """True when this process fails the soak: grew more than the threshold, or was restarted."""
+        return self.restarted or self.judged_mb > threshold_mb
+
+
+def baseline(samples: Sequence[Sample], warmup_s: float) -> Sample:
+    """The sample that ends the warm-up: the last one taken at or before `warmup_s` (else the first)."""
+    if not samples:
+        raise ValueError("no samples")
+    before = [s for s in samples if s.t <= warmup_s]
+    return before[-1] if before else samples[0]
+
+
+def slope_per_minute(points: Sequence[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, value) points, per minute; 0 with fewer than two times."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    spread = sum((t - mean_t) ** 2 for t, _ in points)
+    if spread == 0:
+        return 0.0
+    return 60.0 * sum((t - mean_t) * (v - mean_v) for t, v in points) / spread
+
+
+def growth(
+    process: str, samples: Sequence[Sample], warmup_s: float, *, restarted: bool = False, by_uss: bool = False
+) -> Growth:
+    """The table row of one process from its samples (in time order)."""
+    warm = baseline(samples, warmup_s)
+    end = samples[-1]
+    after = [s for s in samples if s.t >= warm.t]
+    uss_growth = (end.uss - warm.uss) / MB if end.uss is not None and warm.uss is not None else None
+    return Growth(
+        process=process,
+        warm_mb=warm.rss / MB,
+        end_mb=end.rss / MB,
+        growth_mb=(end.rss - warm.rss) / MB,
+        max_mb=max(s.rss for s in samples) / MB,
+        slope_mb_min=slope_per_minute([(s.t, s.rss / MB) for s in after]),
+        uss_growth_mb=uss_growth,
+        restarted=restarted,
+        by_uss=by_uss,
+    )
+
+
+def failures(rows: Iterable[Growth], threshold_mb: float) -> list[Growth]:
+    """The processes that fail the soak (the run fails when there is any)."""
+    return [row for row in rows if row.exceeds(threshold_mb)]
+
+
+def table(rows: Sequence[Growth], threshold_mb: float) -> str:
+    """A Markdown table: one line per process, the failing ones marked."""
+    lines = [
+        "| process | RSS end of warm-up (MB) | RSS end (MB) | growth after warm-up (MB) "
+        "| trend (MB/min) | USS growth (MB) | max RSS (MB) | |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        uss = "" if row.uss_growth_mb is None else f"{row.uss_growth_mb:+.1f}"
+        mark = "RESTARTED" if row.restarted else ("FAIL" if row.exceeds(threshold_mb) else "ok")
+        if row.by_uss and not row.restarted:
+            mark += " (by USS)"
+        lines.append(
+            f"| {row.process} | {row.warm_mb:.1f} | {row.end_mb:.1f} | {row.growth_mb:+.1f} "
+            f"| {row.slope_mb_min:+.2f} | {uss} | {row.max_mb:.1f} | {mark} |"
+        )
+    return "\n".join(lines)
