@@ -1,7 +1,5 @@
 """Gateway process: API keys (KeysService), authorization decisions (AuthService) and Envoy's ext_authz."""
 
-import asyncio
-
 from envoy.service.auth.v3 import external_auth_pb2_grpc
 from ferry.auth.v1 import auth_pb2, auth_pb2_grpc
 from ferry.keys.v1 import keys_pb2, keys_pb2_grpc
@@ -15,21 +13,17 @@ from gateway.schema import MIGRATIONS
 from gateway.store import KeyStore
 from services.common.config import get_settings
 from services.common.database import Database, serve_from_database
-from services.common.server import Runtime, serve
+from services.common.server import Runtime
 from services.recording import Recorder
-from services.recording.audit_observer import AuditObserver
+from services.recording.process import run_audited
 
 KEYS_SERVICE = keys_pb2.DESCRIPTOR.services_by_name["KeysService"].full_name
 AUTH_SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 
-settings = get_settings()
-recorder = Recorder(settings, "gateway")
-authorizer = LocalAuthorizer(settings)
+authorizer = LocalAuthorizer(get_settings())
 
 
-async def _setup(runtime: Runtime) -> None:
-    await recorder.start(runtime)
-
+async def _setup(runtime: Runtime, recorder: Recorder) -> None:
     async def bootstrap(db: Database) -> None:
         # SERVING only once the bootstrap key is in place.
         await ensure_bootstrap_key(runtime.settings, KeyStore(db), authorizer, recorder)
@@ -44,13 +38,10 @@ async def _setup(runtime: Runtime) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(
-        serve(
-            "gateway",
-            lambda s: s.gateway,
-            _setup,
-            service_names=[KEYS_SERVICE, AUTH_SERVICE, ext_authz.SERVICE],
-            observers=[AuditObserver(recorder)],
-            authorizer=authorizer,
-        )
+    run_audited(
+        "gateway",
+        lambda s: s.gateway,
+        _setup,
+        service_names=[KEYS_SERVICE, AUTH_SERVICE, ext_authz.SERVICE],
+        authorizer=authorizer,
     )

@@ -47,6 +47,7 @@ FILTER_FIELDS = {
     "event_time": listing.Field("event_time", "time"),
     "sequence": listing.Field("sequence", "int"),
 }
+LISTED = listing.Table("audit_events", FILTER_FIELDS, key=[("sequence", "int")])
 
 INSERT = sql.SQL("INSERT INTO audit_events ({}) VALUES ({})")
 # Columns written per row: what the hash covers, then the hash itself.
@@ -102,23 +103,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     async def ListEvents(
         self, request: audit_pb2.ListEventsRequest, context: grpc.aio.ServicerContext
     ) -> audit_pb2.ListEventsResponse:
-        where, params = listing.compile_filter(request.filter, FILTER_FIELDS)
-        order = listing.parse_order_by(request.order_by, "sequence")
-        page = listing.page(
-            request.page_size,
-            request.page_token,
-            query=("audit", request.filter, order.sql_dir),
-            key=("int",),
-        )
-        if page.after is not None:
-            where += f" AND sequence {order.cmp} %s"
-            params += page.after
-        query = f"SELECT * FROM audit_events WHERE {where} ORDER BY sequence {order.sql_dir} LIMIT %s"
-        async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(query, [*params, page.limit])  # type: ignore[arg-type]
-            rows = await cur.fetchall()
-        shown, token = page.split(rows, lambda r: (r["sequence"],))
-        return audit_pb2.ListEventsResponse(events=[_proto_from_row(r) for r in shown], next_page_token=token)
+        rows, token = await LISTED.list(self.db, request)
+        return audit_pb2.ListEventsResponse(events=[_proto_from_row(r) for r in rows], next_page_token=token)
 
     async def VerifyChain(
         self, request: audit_pb2.VerifyChainRequest, context: grpc.aio.ServicerContext

@@ -16,8 +16,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
+from psycopg.rows import dict_row
+
+from services.common.database import Database
 from services.common.errors import Reason, RpcError, invalid_argument
 from services.common.timestamps import iso
 
@@ -262,3 +265,43 @@ def _key_value(kind: KeyKind, value: Any) -> Any:
         except ValueError:
             pass
     raise bad_token()
+
+
+class ListRequest(Protocol):
+    """What every filtered List request carries (AIP-132, 158, 160)."""
+
+    page_size: int
+    page_token: str
+    filter: str
+    order_by: str
+
+
+@dataclass(frozen=True)
+class Table:
+    """A resource listed from one SQL table: its filterable fields and its keyset, the columns
+    that order it uniquely (the first is the one `order_by` names)."""
+
+    name: str
+    fields: Mapping[str, Field]
+    key: Sequence[tuple[str, KeyKind]]
+
+    async def list(self, db: Database, request: ListRequest) -> tuple[Sequence[dict[str, Any]], str]:
+        """(rows of the requested page, next_page_token)."""
+        where, params = compile_filter(request.filter, self.fields)
+        columns = [column for column, _ in self.key]
+        order = parse_order_by(request.order_by, columns[0])
+        this = page(
+            request.page_size,
+            request.page_token,
+            query=(self.name, request.filter, order.sql_dir),
+            key=[kind for _, kind in self.key],
+        )
+        if this.after is not None:
+            where += f" AND ({', '.join(columns)}) {order.cmp} ({', '.join(['%s'] * len(columns))})"
+            params += this.after
+        ordering = ", ".join(f"{column} {order.sql_dir}" for column in columns)
+        sql = f"SELECT * FROM {self.name} WHERE {where} ORDER BY {ordering} LIMIT %s"
+        async with db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(sql, [*params, this.limit])  # type: ignore[arg-type]
+            rows = await cur.fetchall()
+        return this.split(rows, lambda row: [row[column] for column in columns])

@@ -10,19 +10,14 @@ from ferry.models.v1 import models_pb2, models_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from services.common import triton
-from services.common.config import get_settings
-from services.common.server import Runtime, serve
+from services.common.server import Runtime
 from services.models.servicer import ModelsServicer
 from services.recording import Recorder
-from services.recording.audit_observer import AuditObserver
+from services.recording.process import run_audited
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = models_pb2.DESCRIPTOR.services_by_name["ModelsService"].full_name
 WATCH_INTERVAL_SECONDS = 1.0
-
-# Every RPC (LoadModel and UnloadModel included, with principal, resource and outcome) is audited
-# through this process's recording spool.
-recorder = Recorder(get_settings(), "models")
 
 
 async def watch_triton(runtime: Runtime, servicer: ModelsServicer) -> None:
@@ -40,8 +35,7 @@ async def watch_triton(runtime: Runtime, servicer: ModelsServicer) -> None:
         await asyncio.sleep(WATCH_INTERVAL_SECONDS)
 
 
-async def setup(runtime: Runtime) -> None:
-    await recorder.start(runtime)
+async def setup(runtime: Runtime, recorder: Recorder) -> None:
     servicer = ModelsServicer(triton.connect(runtime.settings.triton))
     models_pb2_grpc.add_ModelsServiceServicer_to_server(servicer, runtime.server)
     await runtime.set_serving(False)
@@ -57,15 +51,9 @@ async def setup(runtime: Runtime) -> None:
 
 
 def main() -> None:
-    asyncio.run(
-        serve(
-            "models",
-            lambda s: s.models,
-            setup,
-            service_names=[SERVICE_NAME],
-            observers=[AuditObserver(recorder)],
-        )
-    )
+    # Every RPC (LoadModel and UnloadModel included, with principal, resource and outcome) is
+    # audited through this process's recording spool.
+    run_audited("models", lambda s: s.models, setup, service_names=[SERVICE_NAME])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from ferry.transactions.v1 import transactions_pb2, transactions_pb2_grpc
 from google.protobuf import json_format, struct_pb2
+from psycopg import AsyncCursor
 from psycopg.rows import dict_row
 
 from services.common import listing
@@ -47,6 +48,7 @@ FILTER_FIELDS = {
     "create_time": listing.Field("create_time", "time"),
     "complete_time": listing.Field("complete_time", "time"),
 }
+LISTED = listing.Table("transactions", FILTER_FIELDS, key=[("create_time", "time"), ("request_id", "text")])
 
 COLUMNS = (
     "request_id, principal, model, operation, prompt, messages, parameters, output, finish_reason, "
@@ -113,10 +115,7 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServiceServicer):
             )
             row = await cur.fetchone()
             if row is None:  # already final (first completion wins) or unknown
-                await cur.execute("SELECT * FROM transactions WHERE request_id = %s", (request_id,))
-                row = await cur.fetchone()
-        if row is None:
-            raise not_found("transaction", request.name)
+                return await _stored(cur, request_id)
         return _proto_from_row(row)
 
     async def GetTransaction(
@@ -124,37 +123,23 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServiceServicer):
     ) -> Transaction:
         request_id = resource_id(request.name, TRANSACTIONS, REQUEST_ID)
         async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute("SELECT * FROM transactions WHERE request_id = %s", (request_id,))
-            row = await cur.fetchone()
-        if row is None:
-            raise not_found("transaction", request.name)
-        return _proto_from_row(row)
+            return await _stored(cur, request_id)
 
     async def ListTransactions(
         self, request: transactions_pb2.ListTransactionsRequest, context: grpc.aio.ServicerContext
     ) -> transactions_pb2.ListTransactionsResponse:
-        where, params = listing.compile_filter(request.filter, FILTER_FIELDS)
-        order = listing.parse_order_by(request.order_by, "create_time")
-        page = listing.page(
-            request.page_size,
-            request.page_token,
-            query=("transactions", request.filter, order.sql_dir),
-            key=("time", "text"),
-        )
-        if page.after is not None:
-            where += f" AND (create_time, request_id) {order.cmp} (%s, %s)"
-            params += page.after
-        sql = (
-            f"SELECT * FROM transactions WHERE {where} "
-            f"ORDER BY create_time {order.sql_dir}, request_id {order.sql_dir} LIMIT %s"
-        )
-        async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(sql, [*params, page.limit])  # type: ignore[arg-type]
-            rows = await cur.fetchall()
-        shown, token = page.split(rows, lambda r: (r["create_time"], r["request_id"]))
+        rows, token = await LISTED.list(self.db, request)
         return transactions_pb2.ListTransactionsResponse(
-            transactions=[_proto_from_row(r) for r in shown], next_page_token=token
+            transactions=[_proto_from_row(r) for r in rows], next_page_token=token
         )
+
+
+async def _stored(cur: AsyncCursor[dict[str, Any]], request_id: str) -> Transaction:
+    await cur.execute("SELECT * FROM transactions WHERE request_id = %s", (request_id,))
+    row = await cur.fetchone()
+    if row is None:
+        raise not_found("transaction", f"{TRANSACTIONS}/{request_id}")
+    return _proto_from_row(row)
 
 
 def _check_usage(usage: Transaction.Usage, field: str) -> None:
