@@ -18,12 +18,13 @@ from services.common.config import get_settings
 from services.common.server import Runtime, serve
 from services.common.triton import ModelInfo
 from services.inference.catalog import Catalog
-from services.inference.native import InferenceServicer
-from services.inference.openai_api import OpenAIServicer
+from services.inference.native.servicer import InferenceServicer
+from services.inference.observers import GenerationObserver, MetricsObserver, UsageReporter
+from services.inference.openai.servicer import OpenAIServicer
 from services.inference.pipeline import Pipeline
-from services.inference.recording import TransactionRecording
 from services.inference.templates import ChatTemplates
-from services.inference.triton import TritonStreamer
+from services.inference.transaction_log import SpoolTransactionLog
+from services.inference.triton_engine import TritonEngine
 from services.recording import Recorder
 from services.recording.audit_observer import AuditObserver
 
@@ -44,23 +45,26 @@ async def setup(runtime: Runtime) -> None:
     await recorder.start(runtime)
     client = triton.connect(settings.triton)
     catalog = Catalog(client)
+    observers: list[GenerationObserver] = [MetricsObserver(catalog)]
+    if runtime.auth is not None:
+        observers.append(UsageReporter(runtime.auth))
     pipeline = Pipeline(
         catalog,
-        TritonStreamer(client),
+        TritonEngine(client),
         ChatTemplates(),
         settings.inference,
-        TransactionRecording(recorder),
-        auth=runtime.auth,
+        SpoolTransactionLog(recorder),
+        observers,
     )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(pipeline), runtime.server)
-    openai_pb2_grpc.add_OpenAIServiceServicer_to_server(OpenAIServicer(pipeline), runtime.server)
+    openai_pb2_grpc.add_OpenAIServiceServicer_to_server(OpenAIServicer(pipeline, catalog), runtime.server)
 
     for name in SERVICE_NAMES:
         await runtime.set_serving(False, name)
 
     async def on_change(ready: bool, info: ModelInfo | None) -> None:
         if info is not None:
-            pipeline.admission(info)  # creates the gate (and its gauges) or applies a new slot count
+            pipeline.admissions.gate(info)  # creates the gate (and its gauges) or applies a new slot count
         for name in SERVICE_NAMES:
             await runtime.set_serving(ready, name)
 

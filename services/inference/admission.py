@@ -16,9 +16,10 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import grpc
-
-from services.common.errors import RpcError
+from services.common.config import InferenceSettings
+from services.common.errors import Reason, rpc_error
+from services.common.triton import ModelInfo
+from services.inference import metrics
 
 # Bounds of the Retry-After estimate, in seconds.
 MIN_RETRY_AFTER = 1.0
@@ -56,11 +57,10 @@ class Admission:
             self.in_flight += 1
             return
         if len(self._waiters) >= self.max_queued:
-            raise RpcError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise rpc_error(
+                Reason.OVERLOADED,
                 f"model '{self.name}' is overloaded: {self.in_flight} requests running and "
                 f"{self.queued} waiting; retry later",
-                "OVERLOADED",
                 metadata={
                     "model": self.name,
                     "max_in_flight": str(self.max_in_flight),
@@ -80,10 +80,9 @@ class Admission:
                 waiter.cancel()
                 self._discard(waiter)
             if isinstance(exc, TimeoutError):
-                raise RpcError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                raise rpc_error(
+                    Reason.QUEUE_TIMEOUT,
                     f"deadline exceeded while waiting for a free slot of model '{self.name}'",
-                    "QUEUE_TIMEOUT",
                     metadata={"model": self.name},
                 ) from exc
             raise
@@ -119,3 +118,33 @@ class Admission:
             held = time.monotonic() - admitted
             self._hold_seconds = 0.8 * self._hold_seconds + 0.2 * held
             self.release()
+
+
+class Admissions:
+    """The admission stage: one gate per model, sized from the settings or the model's engine slots,
+    with its gauges."""
+
+    def __init__(self, settings: InferenceSettings) -> None:
+        self.settings = settings
+        self._gates: dict[str, Admission] = {}
+
+    def limits(self, model: ModelInfo) -> tuple[int, int]:
+        """(in flight, queued): configured values, else the engine's slot count and 8 x that."""
+        in_flight = self.settings.max_in_flight or model.engine_slots or 1
+        queued = self.settings.max_queued if self.settings.max_queued >= 0 else 8 * in_flight
+        return in_flight, queued
+
+    def gate(self, model: ModelInfo) -> Admission:
+        """The model's gate; created (with its gauges) on first use, resized when the model's slot count
+        changed (a reload)."""
+        in_flight, queued = self.limits(model)
+        gate = self._gates.get(model.name)
+        if gate is None:
+            gate = self._gates[model.name] = Admission(model.name, in_flight, queued)
+            metrics.IN_FLIGHT.labels(model.name).set_function(lambda: gate.in_flight)
+            metrics.QUEUED.labels(model.name).set_function(lambda: gate.queued)
+        elif (gate.max_in_flight, gate.max_queued) != (in_flight, queued):
+            gate.resize(in_flight, queued)
+        metrics.ADMISSION_LIMIT.labels(model.name, "in_flight").set(gate.max_in_flight)
+        metrics.ADMISSION_LIMIT.labels(model.name, "queued").set(gate.max_queued)
+        return gate

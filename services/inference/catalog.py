@@ -12,25 +12,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-import grpc
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from services.common import triton
-from services.common.errors import RpcError, not_found
+from services.common.errors import Reason, RpcError, not_found, rpc_error
 from services.common.triton import ModelInfo
 
 log = logging.getLogger(__name__)
 
 
 def model_unavailable(name: str, why: str) -> RpcError:
-    return RpcError(
-        grpc.StatusCode.UNAVAILABLE,
-        f"model '{name}' is not ready: {why}",
-        "MODEL_NOT_READY",
-        metadata={"model": name},
-        retry_after_seconds=1.0,
-    )
+    return rpc_error(Reason.MODEL_NOT_READY, f"model '{name}' is not ready: {why}", metadata={"model": name})
 
 
 class Catalog:
@@ -77,6 +70,13 @@ class Catalog:
                 reason = entry.get("reason")
                 raise model_unavailable(name, f"{state}{f' ({reason})' if reason else ''}")
         raise not_found("model", name)
+
+    async def is_ready(self, name: str) -> bool:
+        """Whether the model is READY now (asks Triton; False when Triton does not answer)."""
+        try:
+            return await self._refresh(name) is not None
+        except RpcError:
+            return False
 
     async def ready_models(self) -> list[ModelInfo]:
         out: list[ModelInfo] = []

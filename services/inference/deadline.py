@@ -8,6 +8,7 @@ there is no point letting Triton generate longer. The earlier of the two wins.
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 import grpc
 
@@ -30,3 +31,9 @@ class RequestDeadline:
             edge = max(0.0, self.edge_deadline - time.monotonic())
             remaining = edge if remaining is None else min(remaining, edge)
         return remaining
+
+
+class Deadline(Protocol):
+    """Seconds the caller still waits; None when it waits forever."""
+
+    def time_remaining(self) -> float | None: ...

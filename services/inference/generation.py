@@ -1,15 +1,29 @@
-"""The service's own view of a generation: what the APIs validate into and what Triton streams back.
+"""The service's own view of a generation: the request every API parses into, the pieces the engine
+streams back, what a generation produced, and their conversions to and from the wire.
 
-The OpenAI and native APIs both reduce their requests to a `GenerationRequest`, so admission, the
-Triton client, metrics and recording deal with one shape.
+The OpenAI and native APIs both reduce their requests to a `GenerationRequest`, so the pipeline, the
+engine client, metrics and recording deal with one shape. The request remembers how its caller spelled
+each field (`FieldSpelling`), so an error found later (by the policy or the engine) names the field
+the way the caller wrote it.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from ferry.inference.v1 import inference_pb2
+from ferry.openai.v1 import openai_pb2
+from google.protobuf import struct_pb2
+
+from backends.llamacpp.contract import SamplingParameters
+
+# The metrics label of a model not (yet) known to exist.
+UNKNOWN_MODEL = "_unknown"
 
 
 class Api(StrEnum):
@@ -27,63 +41,43 @@ class Message:
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """Sampling controls; None leaves the engine default."""
+class FieldSpelling:
+    """How the caller's API spells the request's fields: the input (`messages`, `messages.messages`,
+    `prompt`) and each `SamplingParameters` field (`top_p`, `sampling.top_p`, `max_completion_tokens`)."""
 
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    max_tokens: int | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logprobs: bool = False
-    top_logprobs: int = 0
-    ignore_eos: bool = False
-    # The caller's prompt-length limit (not sampling, but travels with it to the model).
-    max_prompt_tokens: int | None = None
+    input: str
+    # Put before every sampling field (the native API nests them in `sampling`).
+    prefix: str = ""
+    # Contract field -> the caller's name, where it is not prefix + the contract's name.
+    renamed: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # List fields the caller sent as a single value (OpenAI's `"stop": "END"`): no index in errors.
+    single: frozenset[str] = frozenset()
 
-    def as_dict(self) -> dict[str, Any]:
-        """The fields that are set, as the Triton model's `sampling_parameters` JSON expects them."""
-        out: dict[str, Any] = {}
-        for name in (
-            "temperature",
-            "top_p",
-            "top_k",
-            "min_p",
-            "max_tokens",
-            "seed",
-            "frequency_penalty",
-            "presence_penalty",
-            "repetition_penalty",
-            "max_prompt_tokens",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        if self.stop:
-            out["stop"] = list(self.stop)
-        if self.logprobs:
-            out["logprobs"] = True
-            out["top_logprobs"] = self.top_logprobs
-        if self.ignore_eos:
-            out["ignore_eos"] = True
-        return out
+    def field(self, name: str) -> str:
+        """The caller's name of a contract field (or of an input tensor of the engine)."""
+        if name in ("input", "text_input"):
+            return self.input
+        return self.renamed.get(name, f"{self.prefix}{name}")
 
-    def to_json(self) -> str:
-        return json.dumps(self.as_dict(), separators=(",", ":"))
+    def location(self, loc: tuple[str | int, ...]) -> str:
+        """A validation error's `loc` ((field,) or (field, index)) as the caller would write it."""
+        if not loc:
+            return self.field("sampling_parameters")
+        name = str(loc[0])
+        where = self.field(name)
+        if name not in self.single:
+            where += "".join(f"[{index}]" for index in loc[1:])
+        return where
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A validated request. Exactly one of `prompt` and `messages` is set."""
+    """A parsed, valid request. Exactly one of `prompt` and `messages` is set."""
 
     api: Api
     model: str
-    sampling: Sampling
+    sampling: SamplingParameters
+    spelling: FieldSpelling
     prompt: str | None = None
     messages: tuple[Message, ...] | None = None
     # Completions only: return the prompt in front of the generated text.
@@ -91,6 +85,19 @@ class GenerationRequest:
     user: str = ""
     stream: bool = False
     include_usage: bool = False
+
+    def recorded_parameters(self) -> dict[str, Any]:
+        """What the transaction record keeps of the request besides its input."""
+        parameters: dict[str, Any] = {
+            "api": self.api.value,
+            "stream": self.stream,
+            **self.sampling.model_dump(mode="json", exclude_defaults=True),
+        }
+        if self.user:
+            parameters["user"] = self.user
+        if self.echo:
+            parameters["echo"] = True
+        return parameters
 
 
 @dataclass(frozen=True)
@@ -105,10 +112,64 @@ class TokenLogprob:
     logprob: float
     top_logprobs: tuple[TopLogprob, ...] = ()
 
+    @classmethod
+    def list_from_json(cls, raw: str) -> tuple[TokenLogprob, ...]:
+        """The engine's `logprobs` output: a JSON list of {token, logprob, top_logprobs: [...]}."""
+        if not raw:
+            return ()
+        items: list[dict[str, Any]] = json.loads(raw)
+        return tuple(
+            cls(
+                token=str(item.get("token", "")),
+                logprob=float(item.get("logprob", 0.0)),
+                top_logprobs=tuple(
+                    TopLogprob(str(top.get("token", "")), float(top.get("logprob", 0.0)))
+                    for top in item.get("top_logprobs") or ()
+                ),
+            )
+            for item in items
+        )
+
+    def to_native(self) -> inference_pb2.TokenLogprob:
+        return inference_pb2.TokenLogprob(
+            token=self.token,
+            logprob=self.logprob,
+            top_logprobs=[
+                inference_pb2.TopLogprob(token=t.token, logprob=t.logprob) for t in self.top_logprobs
+            ],
+        )
+
+    def to_openai(self) -> openai_pb2.TokenLogprob:
+        return openai_pb2.TokenLogprob(
+            token=self.token,
+            logprob=self.logprob,
+            top_logprobs=[openai_pb2.TopLogprob(token=t.token, logprob=t.logprob) for t in self.top_logprobs],
+        )
+
+
+def chat_logprobs(items: Iterable[TokenLogprob]) -> openai_pb2.ChoiceLogprobs:
+    return openai_pb2.ChoiceLogprobs(content=[item.to_openai() for item in items])
+
+
+def completion_logprobs(items: Iterable[TokenLogprob], offset: int) -> openai_pb2.CompletionLogprobs:
+    """The legacy completions format: parallel lists, `top_logprobs` as {token: logprob} objects,
+    `text_offset` counted from `offset` (the characters already sent)."""
+    out = openai_pb2.CompletionLogprobs()
+    for item in items:
+        out.tokens.append(item.token)
+        out.token_logprobs.append(item.logprob)
+        top = struct_pb2.Struct()
+        for alt in item.top_logprobs:
+            top[alt.token] = alt.logprob
+        out.top_logprobs.append(top)
+        out.text_offset.append(offset)
+        offset += len(item.token)
+    return out
+
 
 @dataclass(frozen=True)
 class Piece:
-    """One streamed response from the Triton model."""
+    """One streamed response of the engine."""
 
     text: str
     tokens: int
@@ -120,27 +181,68 @@ class Piece:
 
 @dataclass
 class Outcome:
-    """What a finished (or failed) generation produced; filled in while streaming."""
+    """What a generation produced, filled in while it streams; `error_code` is set when it failed."""
 
     text: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    # Seconds from receiving the request to the first piece, and to the end.
+    # When the request arrived (time.monotonic()); TTFT and latency count from it.
+    started_at: float = field(default_factory=time.monotonic)
     time_to_first_token: float | None = None
     latency: float | None = None
     error_code: str = ""
     error_message: str = ""
+    _last_piece_at: float | None = field(default=None, repr=False)
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def add(self, piece: Piece) -> None:
+    def add(self, piece: Piece, at: float) -> float | None:
+        """Takes in a piece that arrived at `at`; returns the seconds since the previous piece (None
+        for the first one, whose delay is `time_to_first_token`)."""
         self.text.append(piece.text)
         self.completion_tokens += piece.tokens
         self.prompt_tokens = piece.prompt_tokens or self.prompt_tokens
         self.logprobs.extend(piece.logprobs)
         if piece.finish_reason:
             self.finish_reason = piece.finish_reason
+            self.latency = at - self.started_at
+        previous, self._last_piece_at = self._last_piece_at, at
+        if previous is None:
+            self.time_to_first_token = at - self.started_at
+            return None
+        return at - previous
+
+    def failed(self, code: str, message: str) -> None:
+        self.error_code, self.error_message = code, message
+
+    def native_usage(self) -> inference_pb2.Usage:
+        return inference_pb2.Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.total_tokens,
+        )
+
+    def openai_usage(self) -> openai_pb2.Usage:
+        return openai_pb2.Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.total_tokens,
+        )
+
+
+@dataclass
+class Exchange:
+    """One request being served: its id, the request (as the policy left it), the prompt the engine
+    gets, and what has been answered so far."""
+
+    request_id: str
+    request: GenerationRequest
+    prompt: str = ""
+    # The model's name once resolved; the metrics label (a caller-chosen name would let anyone create
+    # unbounded series).
+    model_label: str = UNKNOWN_MODEL
+    outcome: Outcome = field(default_factory=Outcome)

@@ -13,12 +13,11 @@ import json
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-import grpc
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from services.common.errors import RpcError, invalid_argument
+from services.common.errors import Reason, invalid_argument, rpc_error
 from services.inference.generation import Message
 
 
@@ -51,10 +50,9 @@ class ChatTemplates:
             try:
                 template = self._env.from_string(source)
             except TemplateError as err:
-                raise RpcError(
-                    grpc.StatusCode.INTERNAL,
+                raise rpc_error(
+                    Reason.CHAT_TEMPLATE_INVALID,
                     f"the chat template of model '{model}' does not compile: {err}",
-                    "CHAT_TEMPLATE_INVALID",
                     metadata={"model": model},
                 ) from err
             # Drop compiled versions of this model's older templates (after a reload with a new one).
@@ -86,9 +84,8 @@ class ChatTemplates:
         except TemplateRejected as err:
             raise invalid_argument(field, str(err)) from err
         except TemplateError as err:
-            raise RpcError(
-                grpc.StatusCode.INTERNAL,
+            raise rpc_error(
+                Reason.CHAT_TEMPLATE_FAILED,
                 f"the chat template of model '{model}' failed: {err}",
-                "CHAT_TEMPLATE_FAILED",
                 metadata={"model": model},
             ) from err

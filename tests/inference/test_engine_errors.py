@@ -1,46 +1,138 @@
-"""How the Triton model's error messages (its contract) become API errors (pure logic)."""
+"""Every engine failure -> the caller's error (pure logic): each EngineErrorCode of the contract, and
+Triton's own failures, to a gRPC code and catalogue reason, fields named as each API spells them."""
 
 from __future__ import annotations
 
 import grpc
+import pytest
 
-from services.inference.generation import Api, GenerationRequest, Message, Sampling
-from services.inference.pipeline import _engine_error
-from services.inference.triton import EngineError, EngineRejected, PromptTooLong, classify_model_error
+from backends.llamacpp.contract import EngineErrorCode, EngineFault
+from services.common.errors import CATALOGUE, Reason, RpcError
+from services.inference.engine import (
+    EngineBroken,
+    EngineError,
+    EngineFaulted,
+    EngineRefused,
+    EngineTimedOut,
+    EngineUnreachable,
+)
+from services.inference.engine_errors import caller_error
+from services.inference.triton_engine import stream_error
+from tests.inference.test_wire_parsing import chat, completion, generate
 
-CHAT = GenerationRequest(api=Api.CHAT, model="m", sampling=Sampling(), messages=(Message("user", "x"),))
-NATIVE = GenerationRequest(api=Api.GENERATE, model="m", sampling=Sampling(), prompt="x")
+CHAT = chat(max_completion_tokens=5).spelling
+COMPLETION = completion().spelling
+NATIVE = generate(prompt="x").spelling
+NATIVE_CHAT = generate(messages={"messages": [{"role": "user", "content": "x"}]}).spelling
 
 
-def test_prompt_too_long_keeps_both_counts_and_names_the_input_field() -> None:
-    err = classify_model_error("[PROMPT_TOO_LONG prompt_tokens=5002 context_length=4096] too long")
-    assert isinstance(err, PromptTooLong) and (err.prompt_tokens, err.context_length) == (5002, 4096)
-    rpc = _engine_error(err, CHAT)
-    assert rpc.code == grpc.StatusCode.INVALID_ARGUMENT and rpc.reason == "PROMPT_TOO_LONG"
-    assert rpc.field_violations[0][0] == "messages"
-    assert "5002" in rpc.message and "4096" in rpc.message
+def fault(code: EngineErrorCode, **detail: object) -> EngineFaulted:
+    return EngineFaulted(EngineFault(code=code, message="m", **detail))  # type: ignore[arg-type]
+
+
+# (failure, gRPC code, reason, retry hint?) for every kind; field naming is tested below.
+TABLE: list[tuple[EngineError, grpc.StatusCode, Reason, bool]] = [
+    (
+        fault(EngineErrorCode.PROMPT_TOO_LONG, prompt_tokens=9, context_length=8, limit="model"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.PROMPT_TOO_LONG,
+        False,
+    ),
+    (
+        fault(EngineErrorCode.INVALID_PARAMETER, field="top_p"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Reason.INVALID_ARGUMENT,
+        False,
+    ),
+    (
+        fault(EngineErrorCode.MODEL_UNLOADING, retry_after_seconds=2.0),
+        grpc.StatusCode.UNAVAILABLE,
+        Reason.ENGINE_UNAVAILABLE,
+        True,
+    ),
+    (fault(EngineErrorCode.ENGINE_FAILED), grpc.StatusCode.INTERNAL, Reason.ENGINE_ERROR, False),
+    (EngineUnreachable("socket closed"), grpc.StatusCode.UNAVAILABLE, Reason.ENGINE_UNAVAILABLE, True),
+    (EngineTimedOut("deadline"), grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DEADLINE_EXCEEDED, False),
+    (EngineRefused("unknown model"), grpc.StatusCode.INTERNAL, Reason.ENGINE_ERROR, False),
+    (EngineBroken("no final response"), grpc.StatusCode.INTERNAL, Reason.ENGINE_ERROR, False),
+]
+
+
+def test_the_table_covers_every_code_of_the_contract() -> None:
+    covered = {err.fault.code for err, *_ in TABLE if isinstance(err, EngineFaulted)}
+    assert covered == set(EngineErrorCode)
+
+
+@pytest.mark.parametrize(("err", "code", "reason", "retryable"), TABLE)
+def test_each_failure_maps_to_one_catalogued_error(
+    err: EngineError, code: grpc.StatusCode, reason: Reason, retryable: bool
+) -> None:
+    rpc = caller_error(err, CHAT)
+    assert (rpc.code, rpc.reason) == (code, reason.value)
+    assert CATALOGUE[reason].code == code
+    assert (rpc.retry_after_seconds is not None) == retryable
+
+
+def test_unloading_carries_the_engines_retry_delay() -> None:
+    rpc = caller_error(fault(EngineErrorCode.MODEL_UNLOADING, retry_after_seconds=3.0), NATIVE)
+    assert rpc.retry_after_seconds == 3.0
+    assert ("retry-after", "3") in rpc.to_status().trailing_metadata  # type: ignore[attr-defined]
+
+
+def test_triton_refusing_a_model_that_is_no_longer_ready_is_retryable() -> None:
+    rpc = caller_error(EngineRefused("Request for unknown model"), CHAT, model_ready=False)
+    assert (rpc.code, rpc.reason) == (grpc.StatusCode.UNAVAILABLE, "MODEL_NOT_READY")
+    assert rpc.retry_after_seconds is not None
+
+
+@pytest.mark.parametrize(
+    ("spelling", "field"),
+    [(CHAT, "messages"), (COMPLETION, "prompt"), (NATIVE, "prompt"), (NATIVE_CHAT, "messages.messages")],
+)
+def test_prompt_too_long_names_the_input_as_the_caller_spelled_it(spelling: object, field: str) -> None:
+    err = fault(EngineErrorCode.PROMPT_TOO_LONG, prompt_tokens=5002, context_length=4096, limit="model")
+    rpc = caller_error(err, spelling)  # type: ignore[arg-type]
+    assert rpc.field_violations[0][0] == field
     assert rpc.metadata["prompt_tokens"] == "5002" and rpc.metadata["context_length"] == "4096"
-    assert _engine_error(err, NATIVE).field_violations[0][0] == "prompt"
+    assert "context length of 4096" in rpc.message
 
 
-def test_invalid_argument_from_the_model_names_the_field_in_the_callers_terms() -> None:
-    err = classify_model_error("[INVALID_ARGUMENT field=seed] must be at most 4294967295")
-    assert isinstance(err, EngineRejected) and err.field == "seed"
-    assert _engine_error(err, CHAT).field_violations[0] == ("seed", "must be at most 4294967295")
-    assert _engine_error(err, NATIVE).field_violations[0][0] == "sampling.seed"
+def test_prompt_too_long_for_the_callers_key_says_so() -> None:
+    err = fault(EngineErrorCode.PROMPT_TOO_LONG, prompt_tokens=30, context_length=20, limit="caller")
+    rpc = caller_error(err, CHAT)
+    assert "more than the 20 allowed for this API key (max_prompt_tokens)" in rpc.message
 
 
-def test_unknown_model_in_triton_is_unavailable() -> None:
-    err = classify_model_error("Request for unknown model: 'm' is not found")
-    assert err.code == grpc.StatusCode.UNAVAILABLE
+@pytest.mark.parametrize(
+    ("spelling", "engine_field", "field"),
+    [
+        (CHAT, "seed", "seed"),
+        (CHAT, "max_tokens", "max_completion_tokens"),
+        (COMPLETION, "top_logprobs", "logprobs"),
+        (NATIVE, "seed", "sampling.seed"),
+        (NATIVE, "text_input", "prompt"),
+    ],
+)
+def test_invalid_parameter_names_the_field_as_the_caller_spelled_it(
+    spelling: object, engine_field: str, field: str
+) -> None:
+    rpc = caller_error(fault(EngineErrorCode.INVALID_PARAMETER, field=engine_field), spelling)  # type: ignore[arg-type]
+    assert rpc.field_violations[0] == (field, "m")
 
 
-def test_other_engine_errors_are_internal() -> None:
-    err = classify_model_error("llama_decode failed")
-    assert err.code == grpc.StatusCode.INTERNAL
-    assert _engine_error(err, CHAT).reason == "ENGINE_ERROR"
+def test_stream_errors_are_read_by_the_contract_never_by_their_wording() -> None:
+    sent = EngineFault(
+        code=EngineErrorCode.MODEL_UNLOADING, message="the model is being unloaded", retry_after_seconds=1
+    )
+    parsed = stream_error(sent.to_message())
+    assert isinstance(parsed, EngineFaulted) and parsed.fault == sent
+    # Prose, even prose that looks like the old prefixes, is Triton's own error, not a fault.
+    for text in (
+        "Request for unknown model: 'm' is not found",
+        "[PROMPT_TOO_LONG prompt_tokens=9 context_length=8]",
+    ):
+        assert isinstance(stream_error(text), EngineRefused)
 
 
-def test_deadline_is_deadline_exceeded() -> None:
-    rpc = _engine_error(EngineError(grpc.StatusCode.DEADLINE_EXCEEDED, "x"), CHAT)
-    assert rpc.code == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline" in rpc.message
+def test_an_unmapped_error_is_still_an_rpc_error() -> None:
+    assert isinstance(caller_error(EngineError("anything"), CHAT), RpcError)

@@ -13,15 +13,16 @@ from ferry.inference.v1 import inference_pb2
 from ferry.openai.v1 import openai_pb2
 from google.protobuf import json_format
 
+from backends.llamacpp.contract import EngineErrorCode, EngineFault
 from services.common.config import InferenceSettings
 from services.common.errors import RpcError
 from services.common.triton import ModelInfo
+from services.inference.engine import EngineError, EngineFaulted, EngineUnreachable
 from services.inference.generation import Piece
-from services.inference.native import InferenceServicer
-from services.inference.openai_api import OpenAIServicer
+from services.inference.native.servicer import InferenceServicer
+from services.inference.openai.servicer import OpenAIServicer
 from services.inference.pipeline import Pipeline
 from services.inference.templates import ChatTemplates
-from services.inference.triton import EngineError, PromptTooLong
 
 MODEL = ModelInfo("m", "python", 4096, 4096, "ferry", "{{ messages[0].content }}", 2)
 
@@ -33,12 +34,15 @@ class Catalog:
     async def resolve(self, name: str) -> ModelInfo:
         return MODEL
 
+    async def is_ready(self, name: str) -> bool:
+        return True
+
 
 class ScriptedEngine:
     def __init__(self, pieces: int, error: EngineError) -> None:
         self.pieces, self.error = pieces, error
 
-    async def stream(self, *args: Any, **kwargs: Any) -> AsyncGenerator[Piece, None]:
+    async def generate(self, *args: Any, **kwargs: Any) -> AsyncGenerator[Piece, None]:
         for i in range(self.pieces):
             yield Piece(text=f"t{i}", tokens=1, prompt_tokens=3)
         raise self.error
@@ -56,7 +60,11 @@ def servicers(pieces: int, error: EngineError) -> tuple[OpenAIServicer, Inferenc
     engine: Any = ScriptedEngine(pieces, error)
     catalog: Any = Catalog()
     pipeline = Pipeline(catalog, engine, ChatTemplates(), InferenceSettings())
-    return OpenAIServicer(pipeline), InferenceServicer(pipeline)
+    return OpenAIServicer(pipeline, catalog), InferenceServicer(pipeline)
+
+
+def failed(message: str) -> EngineFaulted:
+    return EngineFaulted(EngineFault(code=EngineErrorCode.ENGINE_FAILED, message=message))
 
 
 CHAT = json_format.ParseDict(
@@ -77,7 +85,7 @@ async def drain(stream: Any) -> tuple[list[Any], RpcError]:
 
 
 async def test_chat_stream_failing_midway_ends_with_an_error_event_and_status() -> None:
-    openai_api, _ = servicers(2, EngineError(grpc.StatusCode.INTERNAL, "engine error: llama_decode failed"))
+    openai_api, _ = servicers(2, failed("llama_decode failed"))
     context: Any = Context()
     chunks, err = await drain(openai_api.CreateChatCompletionStream(CHAT, context))
     assert [c.choices[0].delta.content for c in chunks[:3]] == ["", "t0", "t1"]
@@ -89,22 +97,34 @@ async def test_chat_stream_failing_midway_ends_with_an_error_event_and_status() 
 
 
 async def test_completion_stream_failing_midway_ends_with_an_error_event() -> None:
-    openai_api, _ = servicers(1, EngineError(grpc.StatusCode.UNAVAILABLE, "Triton is not reachable"))
+    openai_api, _ = servicers(1, EngineUnreachable("Triton unavailable: Socket closed"))
     context: Any = Context()
     chunks, err = await drain(openai_api.CreateCompletionStream(COMPLETION, context))
-    assert chunks[0].choices[0].text == "t0" and chunks[-1].error.message == "Triton is not reachable"
-    assert err.code == grpc.StatusCode.UNAVAILABLE
+    assert chunks[0].choices[0].text == "t0"
+    last = chunks[-1].error
+    assert "Socket closed" in last.message and (last.type, last.code) == (
+        "server_error",
+        "engine_unavailable",
+    )
+    assert err.code == grpc.StatusCode.UNAVAILABLE and err.retry_after_seconds is not None
 
 
 async def test_failure_before_the_first_piece_is_a_plain_status() -> None:
-    openai_api, _ = servicers(0, PromptTooLong(5000, 4096))
+    too_long = EngineFault(
+        code=EngineErrorCode.PROMPT_TOO_LONG,
+        message="too long",
+        prompt_tokens=5000,
+        context_length=4096,
+        limit="model",
+    )
+    openai_api, _ = servicers(0, EngineFaulted(too_long))
     context: Any = Context()
     chunks, err = await drain(openai_api.CreateChatCompletionStream(CHAT, context))
     assert chunks == [] and err.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_native_stream_failing_midway_ends_with_the_status() -> None:
-    _, native = servicers(2, EngineError(grpc.StatusCode.INTERNAL, "engine error: boom"))
+    _, native = servicers(2, failed("boom"))
     request = inference_pb2.GenerateRequest(model="models/m", prompt="hi")
     context: Any = Context()
     pieces, err = await drain(native.GenerateStream(request, context))

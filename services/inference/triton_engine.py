@@ -1,16 +1,14 @@
-"""Streaming generation against Triton's decoupled LLM model over gRPC (`ModelStreamInfer`).
+"""The engine on Triton: one decoupled `ModelStreamInfer` gRPC stream per generation.
 
-One gRPC stream per generation: cancelling it is how Triton learns the caller went away (the model
-polls `is_cancelled()` and frees its engine slot), and its deadline is the caller's deadline.
-Errors the model reports in a known form become typed exceptions; the caller maps them to API errors.
+Cancelling the stream is how Triton learns the caller went away (the backend polls `is_cancelled()` and
+frees its engine slot), and its deadline is the caller's. The backend's errors arrive as the engine
+contract's `EngineFault` JSON (`EngineFault.from_message`); anything else on the stream is Triton's own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import struct
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
@@ -22,65 +20,38 @@ from tritonclient.grpc import InferInput, InferResult
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from services.inference.generation import Piece, TokenLogprob, TopLogprob
+from backends.llamacpp.contract import EngineFault, SamplingParameters
+from services.inference.engine import (
+    EngineBroken,
+    EngineError,
+    EngineFaulted,
+    EngineRefused,
+    EngineTimedOut,
+    EngineUnreachable,
+)
+from services.inference.generation import Piece, TokenLogprob
 
 log = logging.getLogger(__name__)
 
 # How long Triton gets to close its stream after the final response before we cancel it.
 END_OF_STREAM_SECONDS = 5.0
 
-_PROMPT_TOO_LONG = re.compile(r"\[PROMPT_TOO_LONG prompt_tokens=(\d+) context_length=(\d+)\]")
-_INVALID_ARGUMENT = re.compile(r"\[INVALID_ARGUMENT field=([A-Za-z0-9_.\[\]]+)\]\s*(.*)", re.S)
+
+def stream_error(message: str) -> EngineError:
+    """An error response on the stream: the backend's fault, or Triton's own refusal."""
+    fault = EngineFault.from_message(message)
+    return EngineFaulted(fault) if fault is not None else EngineRefused(message)
 
 
-class EngineError(Exception):
-    """Generation failed in Triton or the engine; `code` is the gRPC code to answer with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class PromptTooLong(EngineError):
-    def __init__(self, prompt_tokens: int, context_length: int) -> None:
-        super().__init__(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"the prompt is {prompt_tokens} tokens, more than the model's context length of "
-            f"{context_length} tokens",
-        )
-        self.prompt_tokens = prompt_tokens
-        self.context_length = context_length
-
-
-class EngineRejected(EngineError):
-    """The model refused a sampling parameter; `field` names it as in `sampling_parameters`."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
-        self.field = field
-
-
-def classify_model_error(message: str) -> EngineError:
-    """An error response of the model -> typed exception (its message format is the model contract)."""
-    too_long = _PROMPT_TOO_LONG.search(message)
-    if too_long:
-        return PromptTooLong(int(too_long.group(1)), int(too_long.group(2)))
-    invalid = _INVALID_ARGUMENT.search(message)
-    if invalid:
-        return EngineRejected(invalid.group(1), invalid.group(2).strip() or "is not valid")
-    if "unknown model" in message or "is not ready" in message or "not found" in message:
-        return EngineError(grpc.StatusCode.UNAVAILABLE, f"model not available in Triton: {message}")
-    return EngineError(grpc.StatusCode.INTERNAL, f"engine error: {message}")
-
-
-def classify_rpc_error(err: grpc.aio.AioRpcError) -> EngineError:
+def rpc_error(err: grpc.aio.AioRpcError) -> EngineError:
+    """The stream itself failed, with a gRPC code."""
     code = err.code()
-    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        return EngineError(code, f"generation stopped: {code.name.lower()}")
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return EngineError(code, f"Triton is not reachable: {err.details()}")
-    return classify_model_error(err.details() or code.name)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return EngineTimedOut("deadline exceeded")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        # We never see our own cancellations here (we stop reading first): Triton went away or stopped us.
+        return EngineUnreachable(f"Triton {code.name.lower()}: {err.details()}")
+    return stream_error(err.details() or code.name)
 
 
 # Fixed-size integer tensors as Triton puts them in `raw_output_contents` (little-endian).
@@ -139,23 +110,6 @@ def _first_from_numpy(result: InferResult, name: str, datatype: str) -> str | in
     return str(value) if datatype == "BYTES" else int(value)
 
 
-def _logprobs(raw: str) -> tuple[TokenLogprob, ...]:
-    if not raw:
-        return ()
-    items: list[dict[str, Any]] = json.loads(raw)
-    return tuple(
-        TokenLogprob(
-            token=str(item.get("token", "")),
-            logprob=float(item.get("logprob", 0.0)),
-            top_logprobs=tuple(
-                TopLogprob(str(top.get("token", "")), float(top.get("logprob", 0.0)))
-                for top in item.get("top_logprobs") or ()
-            ),
-        )
-        for item in items
-    )
-
-
 def decode(result: InferResult) -> Piece:
     values = _first_values(result)
     return Piece(
@@ -163,7 +117,7 @@ def decode(result: InferResult) -> Piece:
         tokens=int(values.get("num_output_tokens", 0)),
         prompt_tokens=int(values.get("num_input_tokens", 0)),
         finish_reason=str(values.get("finish_reason", "")),
-        logprobs=_logprobs(str(values.get("logprobs", ""))),
+        logprobs=TokenLogprob.list_from_json(str(values.get("logprobs", ""))),
     )
 
 
@@ -173,15 +127,15 @@ def _string_input(name: str, value: str) -> InferInput:
     return tensor
 
 
-class TritonStreamer:
+class TritonEngine:
     def __init__(self, client: triton_aio.InferenceServerClient) -> None:
         self.client = client
 
-    async def stream(
+    async def generate(
         self,
         model: str,
         prompt: str,
-        sampling_json: str,
+        sampling: SamplingParameters,
         *,
         request_id: str = "",
         timeout: float | None = None,
@@ -200,7 +154,7 @@ class TritonStreamer:
             "model_name": model,
             "inputs": [
                 _string_input("text_input", prompt),
-                _string_input("sampling_parameters", sampling_json),
+                _string_input("sampling_parameters", sampling.to_json()),
             ],
             "request_id": request_id,
         }
@@ -216,7 +170,7 @@ class TritonStreamer:
         try:
             async for result, error in responses:
                 if error is not None:
-                    raise classify_model_error(
+                    raise stream_error(
                         error.message() if isinstance(error, InferenceServerException) else str(error)
                     )
                 piece = decode(result)
@@ -224,9 +178,9 @@ class TritonStreamer:
                 yield piece
                 if completed:
                     return
-            raise EngineError(grpc.StatusCode.INTERNAL, "Triton ended the stream without a final response")
+            raise EngineBroken("Triton ended the stream without a final response")
         except grpc.aio.AioRpcError as err:
-            raise classify_rpc_error(err) from err
+            raise rpc_error(err) from err
         finally:
             finished.set()
             if completed:

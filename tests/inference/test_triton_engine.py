@@ -1,4 +1,4 @@
-"""The Triton stream as Triton sees it: a finished generation ends the stream normally (half-close,
+"""The engine on Triton, as Triton sees it: a finished generation ends the stream normally (half-close,
 then OK), an abandoned one cancels it (that is how the model learns to free its engine slot).
 
 Triton is stood in for by an in-process gRPC server speaking its `ModelStreamInfer` protocol, since
@@ -17,8 +17,10 @@ from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import serialize_byte_tensor
 
+from backends.llamacpp.contract import EngineErrorCode, EngineFault, SamplingParameters
+from services.inference.engine import EngineFaulted
 from services.inference.generation import Piece, TokenLogprob, TopLogprob
-from services.inference.triton import TritonStreamer, decode
+from services.inference.triton_engine import TritonEngine, decode
 
 LOGPROBS = [{"token": " é", "logprob": -0.5, "top_logprobs": [{"token": " é", "logprob": -0.5}]}]
 
@@ -50,6 +52,9 @@ class DecoupledModel(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, pieces: int) -> None:
         self.pieces = pieces
+        # Sent instead of the last piece when set (an error response, as Triton streams them).
+        self.error_message = ""
+        self.sampling_parameters: list[str] = []
         # Per stream: True if the client cancelled it, False if it ended normally.
         self.cancelled: asyncio.Queue[bool] = asyncio.Queue()
 
@@ -60,9 +65,14 @@ class DecoupledModel(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
         ended = False
         try:
-            async for _request in request_iterator:
+            async for request in request_iterator:
+                sampling = next(i for i, t in enumerate(request.inputs) if t.name == "sampling_parameters")
+                self.sampling_parameters.append(request.raw_input_contents[sampling][4:].decode())
                 for i in range(self.pieces):
                     last = i == self.pieces - 1
+                    if last and self.error_message:
+                        yield service_pb2.ModelStreamInferResponse(error_message=self.error_message)
+                        continue
                     yield service_pb2.ModelStreamInferResponse(infer_response=_response(i, last))
             # The request stream also ends when the client cancels; a cancellation then still
             # reaches the handler as CancelledError while it takes its time to close the stream.
@@ -73,7 +83,7 @@ class DecoupledModel(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 @pytest.fixture
-async def triton() -> AsyncIterator[tuple[DecoupledModel, TritonStreamer]]:
+async def triton() -> AsyncIterator[tuple[DecoupledModel, TritonEngine]]:
     model = DecoupledModel(pieces=4)
     server = grpc.aio.server()
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(model, server)
@@ -81,7 +91,7 @@ async def triton() -> AsyncIterator[tuple[DecoupledModel, TritonStreamer]]:
     await server.start()
     client = triton_aio.InferenceServerClient(f"127.0.0.1:{port}")
     try:
-        yield model, TritonStreamer(client)
+        yield model, TritonEngine(client)
     finally:
         await client.close()
         await server.stop(None)
@@ -100,21 +110,36 @@ def test_decode_of_text_sent_as_typed_contents() -> None:
 
 
 async def test_finished_generation_ends_the_stream_without_cancelling_it(
-    triton: tuple[DecoupledModel, TritonStreamer],
+    triton: tuple[DecoupledModel, TritonEngine],
 ) -> None:
-    model, streamer = triton
-    pieces = [piece async for piece in streamer.stream("m", "prompt", "{}", request_id="r")]
+    model, engine = triton
+    sampling = SamplingParameters(temperature=0.5, stop=("\n",))
+    pieces = [piece async for piece in engine.generate("m", "prompt", sampling, request_id="r")]
     assert pieces == [_piece(i, last=i == 3) for i in range(4)]
     assert await asyncio.wait_for(model.cancelled.get(), 5) is False
+    assert model.sampling_parameters == [sampling.to_json()]
 
 
 async def test_abandoned_generation_cancels_the_stream(
-    triton: tuple[DecoupledModel, TritonStreamer],
+    triton: tuple[DecoupledModel, TritonEngine],
 ) -> None:
-    model, streamer = triton
+    model, engine = triton
     model.pieces = 1_000_000  # more than flow control lets through
-    stream = streamer.stream("m", "prompt", "{}", request_id="r")
+    stream = engine.generate("m", "prompt", SamplingParameters(), request_id="r")
     first = await anext(stream)
     assert first == _piece(0, last=False)
     await stream.aclose()  # the caller went away
     assert await asyncio.wait_for(model.cancelled.get(), 5) is True
+
+
+async def test_a_fault_on_the_stream_is_a_typed_engine_error(
+    triton: tuple[DecoupledModel, TritonEngine],
+) -> None:
+    model, engine = triton
+    fault = EngineFault(code=EngineErrorCode.MODEL_UNLOADING, message="unloading", retry_after_seconds=1.0)
+    model.error_message = fault.to_message()
+    received: list[Piece] = []
+    with pytest.raises(EngineFaulted) as err:
+        async for piece in engine.generate("m", "prompt", SamplingParameters(), request_id="r"):
+            received.append(piece)
+    assert err.value.fault == fault and len(received) == 3

@@ -1,4 +1,5 @@
-"""Request validation (pure logic): OpenAI's ranges and wire shapes, each refusal naming its field.
+"""Wire parsing per API (pure logic): wire shapes and the engine contract's ranges, each refusal
+naming the field as that API spells it, and the parsed request remembering those spellings.
 
 Requests are built from JSON the way Envoy's transcoder builds them, so these tests also pin what
 the wire accepts (`stop` as a string or a list, `content` as a string or a list of text parts).
@@ -6,6 +7,7 @@ the wire accepts (`stop` as a string or a list, `content` as a string or a list 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -15,9 +17,10 @@ from ferry.openai.v1 import openai_pb2
 from google.protobuf import json_format
 
 from services.common.errors import RpcError
-from services.common.triton import ModelInfo
-from services.inference import validation
 from services.inference.generation import Api, GenerationRequest, Message
+from services.inference.native.request import GenerateWire
+from services.inference.openai.chat import ChatWire
+from services.inference.openai.completions import CompletionWire
 
 USER = [{"role": "user", "content": "Hi"}]
 
@@ -28,7 +31,7 @@ def chat(**body: Any) -> GenerationRequest:
         openai_pb2.CreateChatCompletionRequest(),
         ignore_unknown_fields=True,
     )
-    return validation.chat_request(request, stream=bool(body.get("stream")))
+    return ChatWire(request, stream=bool(body.get("stream"))).parse()
 
 
 def completion(**body: Any) -> GenerationRequest:
@@ -37,12 +40,12 @@ def completion(**body: Any) -> GenerationRequest:
         openai_pb2.CreateCompletionRequest(),
         ignore_unknown_fields=True,
     )
-    return validation.completion_request(request, stream=bool(body.get("stream")))
+    return CompletionWire(request, stream=bool(body.get("stream"))).parse()
 
 
 def generate(**body: Any) -> GenerationRequest:
     request = json_format.ParseDict({"model": "models/gemma-3-270m", **body}, inference_pb2.GenerateRequest())
-    return validation.generate_request(request, stream=False)
+    return GenerateWire(request, stream=False).parse()
 
 
 def refused(call: Any, **body: Any) -> RpcError:
@@ -64,7 +67,7 @@ def test_minimal_chat_request_leaves_engine_defaults() -> None:
     req = chat()
     assert req.api is Api.CHAT
     assert req.messages == (Message("user", "Hi"),)
-    assert req.sampling.as_dict() == {}
+    assert req.sampling.to_json() == "{}"
 
 
 def test_content_as_list_of_text_parts_is_joined() -> None:
@@ -110,7 +113,7 @@ def test_all_sampling_fields_reach_the_engine_parameters() -> None:
         top_logprobs=3,
         ignore_eos=True,
     )
-    assert req.sampling.as_dict() == {
+    assert json.loads(req.sampling.to_json()) == {
         "temperature": 0.5,
         "top_p": 0.9,
         "top_k": 40,
@@ -133,11 +136,12 @@ def test_stream_options_and_user_and_unknown_fields_are_accepted() -> None:
 
 
 def test_n_of_one_is_accepted() -> None:
-    assert chat(n=1).sampling.as_dict() == {}
+    assert chat(n=1).sampling.to_json() == "{}"
 
 
-def test_top_k_minus_one_means_disabled() -> None:
-    assert chat(top_k=-1).sampling.top_k == 0
+def test_top_k_minus_one_is_accepted() -> None:
+    # -1 (vLLM's "disabled") means the same as 0 to the engine.
+    assert chat(top_k=-1).sampling.top_k == -1
 
 
 # --- chat: refusals name the field -----------------------------------------------------------------
@@ -191,9 +195,33 @@ def test_chat_refusals_name_the_field(body: dict[str, Any], field: str) -> None:
     assert err.message.startswith(field)
 
 
-def test_refusal_message_gives_the_range() -> None:
-    err = refused(chat, temperature=3)
-    assert "[0, 2]" in err.message and "3" in err.message
+def test_refusal_message_gives_the_contracts_range() -> None:
+    assert refused(chat, temperature=3).message == "temperature: must be in [0, 2], got 3"
+    assert refused(chat, top_p=0).message == "top_p: must be in (0, 1], got 0"
+    assert refused(chat, max_tokens=0).message == "max_tokens: must be at least 1, got 0"
+    assert refused(chat, stop=["a"] * 5).message == "stop: at most 4 values are allowed, got 5"
+
+
+def test_every_violation_is_listed_in_the_callers_spelling() -> None:
+    err = refused(generate, prompt="x", sampling={"temperature": 9, "top_p": 2, "stop": ["a", ""]})
+    assert [f for f, _ in err.field_violations] == [
+        "sampling.temperature",
+        "sampling.top_p",
+        "sampling.stop[1]",
+    ]
+
+
+def test_the_request_knows_how_its_caller_spells_each_field() -> None:
+    assert chat().spelling.input == "messages"
+    assert chat().spelling.field("top_p") == "top_p"
+    assert chat(max_completion_tokens=3).spelling.field("max_tokens") == "max_completion_tokens"
+    assert chat(max_tokens=3).spelling.field("max_tokens") == "max_tokens"
+    assert completion().spelling.input == "prompt"
+    assert completion().spelling.field("top_logprobs") == "logprobs"
+    assert generate(prompt="x").spelling.input == "prompt"
+    assert generate(prompt="x").spelling.field("top_p") == "sampling.top_p"
+    native_chat = generate(messages={"messages": [{"role": "user", "content": "Hi"}]})
+    assert native_chat.spelling.input == "messages.messages"
 
 
 # --- completions -------------------------------------------------------------------------------------
@@ -225,8 +253,10 @@ def test_completion_echo_is_kept() -> None:
         ({"best_of": 2}, "best_of"),
         ({"suffix": "tail"}, "suffix"),
         ({"echo": True, "logprobs": 1}, "echo"),
+        ({"logprobs": -1}, "logprobs"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"temperature": 9}, "temperature"),
+        ({"stop": ""}, "stop"),
     ],
 )
 def test_completion_refusals_name_the_field(body: dict[str, Any], field: str) -> None:
@@ -236,7 +266,7 @@ def test_completion_refusals_name_the_field(body: dict[str, Any], field: str) ->
 def test_completion_without_prompt_is_refused() -> None:
     request = openai_pb2.CreateCompletionRequest(model="gemma-3-270m")
     with pytest.raises(RpcError) as err:
-        validation.completion_request(request, stream=False)
+        CompletionWire(request, stream=False).parse()
     assert field_of(err.value) == "prompt"
 
 
@@ -271,34 +301,10 @@ def test_native_messages() -> None:
         ({"prompt": "x", "sampling": {"max_tokens": 0}}, "sampling.max_tokens"),
         ({"prompt": "x", "sampling": {"top_logprobs": 3}}, "sampling.top_logprobs"),
         ({"prompt": "x", "sampling": {"stop": ["1", "2", "3", "4", "5"]}}, "sampling.stop"),
+        ({"prompt": "x", "sampling": {"stop": ["1", ""]}}, "sampling.stop[1]"),
+        ({"prompt": "x", "sampling": {"top_p": 0}}, "sampling.top_p"),
+        ({"prompt": "x", "sampling": {"repetition_penalty": 3}}, "sampling.repetition_penalty"),
     ],
 )
 def test_native_refusals_name_the_field(body: dict[str, Any], field: str) -> None:
     assert field_of(refused(generate, **body)) == field
-
-
-# --- limits from the model's metadata -------------------------------------------------------------------
-
-MODEL = ModelInfo(
-    name="gemma-3-270m",
-    backend="python",
-    context_length=4096,
-    max_tokens=1024,
-    owned_by="ferry",
-    chat_template="{{ messages }}",
-    engine_slots=4,
-)
-
-
-def test_max_tokens_above_the_model_limit_is_refused() -> None:
-    validation.check_against_model(chat(max_tokens=1024), MODEL)
-    with pytest.raises(RpcError) as err:
-        validation.check_against_model(chat(max_tokens=1025), MODEL)
-    assert field_of(err.value) == "max_tokens" and "1024" in err.value.message
-
-
-def test_messages_need_a_model_with_a_chat_template() -> None:
-    no_template = ModelInfo(**{**MODEL.__dict__, "chat_template": ""})
-    with pytest.raises(RpcError) as err:
-        validation.check_against_model(chat(), no_template)
-    assert field_of(err.value) == "messages"

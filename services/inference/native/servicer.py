@@ -15,9 +15,9 @@ from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.context import accept_request_id, request_id_var
 from services.common.errors import invalid_argument
-from services.inference import validation
 from services.inference.deadline import RequestDeadline
-from services.inference.generation import Api, Outcome, TokenLogprob
+from services.inference.generation import Exchange
+from services.inference.native.request import GenerateWire
 from services.inference.pipeline import Pipeline
 
 _FINISH = {
@@ -27,25 +27,8 @@ _FINISH = {
 }
 
 
-def usage(outcome: Outcome) -> inference_pb2.Usage:
-    return inference_pb2.Usage(
-        prompt_tokens=outcome.prompt_tokens,
-        completion_tokens=outcome.completion_tokens,
-        total_tokens=outcome.total_tokens,
-    )
-
-
-def logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> list[inference_pb2.TokenLogprob]:
-    return [
-        inference_pb2.TokenLogprob(
-            token=item.token,
-            logprob=item.logprob,
-            top_logprobs=[
-                inference_pb2.TopLogprob(token=t.token, logprob=t.logprob) for t in item.top_logprobs
-            ],
-        )
-        for item in items
-    ]
+def finish_reason(reason: str) -> inference_pb2.FinishReason.ValueType:
+    return _FINISH.get(reason, inference_pb2.FINISH_REASON_UNSPECIFIED)
 
 
 def request_id(request: inference_pb2.GenerateRequest) -> str:
@@ -65,41 +48,33 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GenerateResponse:
-        gen = self.pipeline.validate(
-            Api.GENERATE, request.model, lambda: validation.generate_request(request, stream=False)
-        )
-        rid = request_id(request)
-        done = await self.pipeline.collect(gen, rid, RequestDeadline(context))
-        outcome = done.outcome or Outcome()
+        gen = self.pipeline.parse(GenerateWire(request, stream=False))
+        exchange = Exchange(request_id(request), gen)
+        outcome = await self.pipeline.collect(exchange, RequestDeadline(context))
         return inference_pb2.GenerateResponse(
-            request_id=rid,
+            request_id=exchange.request_id,
             model=f"models/{gen.model}",
             text="".join(outcome.text),
-            finish_reason=_FINISH.get(outcome.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED),
-            usage=usage(outcome),
-            logprobs=logprobs(outcome.logprobs),
+            finish_reason=finish_reason(outcome.finish_reason),
+            usage=outcome.native_usage(),
+            logprobs=[item.to_native() for item in outcome.logprobs],
             created=int(time.time()),
         )
 
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[inference_pb2.GenerateStreamResponse, None]:
-        gen = self.pipeline.validate(
-            Api.GENERATE, request.model, lambda: validation.generate_request(request, stream=True)
-        )
-        rid = request_id(request)
-        async with aclosing(self.pipeline.stream(gen, rid, RequestDeadline(context))) as pieces:
-            async for piece, generation in pieces:
+        gen = self.pipeline.parse(GenerateWire(request, stream=True))
+        exchange = Exchange(request_id(request), gen)
+        async with aclosing(self.pipeline.stream(exchange, RequestDeadline(context))) as pieces:
+            async for piece in pieces:
                 message = inference_pb2.GenerateStreamResponse(
-                    request_id=rid,
+                    request_id=exchange.request_id,
                     text=piece.text,
                     token_count=piece.tokens,
-                    logprobs=logprobs(piece.logprobs),
+                    logprobs=[item.to_native() for item in piece.logprobs],
                 )
                 if piece.finish_reason:
-                    outcome = generation.outcome or Outcome()
-                    message.finish_reason = _FINISH.get(
-                        piece.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED
-                    )
-                    message.usage.CopyFrom(usage(outcome))
+                    message.finish_reason = finish_reason(piece.finish_reason)
+                    message.usage.CopyFrom(exchange.outcome.native_usage())
                 yield message

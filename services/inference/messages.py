@@ -1,0 +1,34 @@
+"""Conversation turns as every API sends them: roles checked and normalised, each refusal naming the
+turn the way the caller wrote it (`messages[1].role`, `messages.messages[0].content`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from services.common.errors import invalid_argument
+from services.inference.generation import Message
+
+# `developer` is OpenAI's newer name for `system`; templates only know `system`.
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+Content = TypeVar("Content")
+
+
+def parse_messages(
+    items: Sequence[tuple[str, Content]],
+    field: str,
+    content_text: Callable[[Content, str, str], str],
+) -> tuple[Message, ...]:
+    """(role, content) pairs -> messages; `content_text(content, its field, role)` reads a content."""
+    if not items:
+        raise invalid_argument(field, "must contain at least one message")
+    out: list[Message] = []
+    for i, (role, content) in enumerate(items):
+        where = f"{field}[{i}]"
+        if not role:
+            raise invalid_argument(f"{where}.role", "is required")
+        if role not in ROLES:
+            raise invalid_argument(f"{where}.role", f"'{role}' is not one of {', '.join(sorted(ROLES))}")
+        out.append(Message(ROLES[role], content_text(content, f"{where}.content", role)))
+    return tuple(out)

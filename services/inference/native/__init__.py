@@ -1,0 +1,1 @@
+"""ferry's native InferenceService: Generate and GenerateStream."""

@@ -1,0 +1,66 @@
+"""ferry's native GenerateRequest on the wire -> a `GenerationRequest` (sampling fields under
+`sampling.`, the conversation under `messages.messages`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ferry.inference.v1 import inference_pb2
+
+from services.common.errors import invalid_argument
+from services.common.names import model_id_from_name
+from services.inference.generation import Api, FieldSpelling, GenerationRequest, Message
+from services.inference.messages import parse_messages
+from services.inference.sampling import SAME_NAMED, same_named, sampling_parameters
+
+
+class GenerateWire:
+    """A GenerateRequest as received; `parse()` checks it."""
+
+    api = Api.GENERATE
+
+    def __init__(self, message: inference_pb2.GenerateRequest, *, stream: bool) -> None:
+        self.message = message
+        self.stream = stream
+
+    @property
+    def model(self) -> str:
+        return self.message.model.removeprefix("models/")
+
+    def parse(self) -> GenerationRequest:
+        request = self.message
+        # `models/{model}` (AIP-122); a bare id is accepted too for convenience.
+        model = model_id_from_name(request.model, "model", bare_id=True)
+        which = request.WhichOneof("input")
+        prompt: str | None = None
+        messages: tuple[Message, ...] | None = None
+        if which == "prompt":
+            prompt = request.prompt
+        elif which == "messages":
+            messages = parse_messages(
+                [(m.role, m.content) for m in request.messages.messages],
+                "messages.messages",
+                lambda content, field, role: content,
+            )
+        else:
+            raise invalid_argument("prompt", "one of prompt or messages is required")
+        spelling = FieldSpelling(
+            input="messages.messages" if messages is not None else "prompt", prefix="sampling."
+        )
+        s = request.sampling
+        values: dict[str, Any] = {
+            **same_named(s, (*SAME_NAMED, "max_tokens")),
+            "stop": tuple(s.stop),
+            "logprobs": s.logprobs,
+            "top_logprobs": s.top_logprobs,
+            "ignore_eos": s.ignore_eos,
+        }
+        return GenerationRequest(
+            api=self.api,
+            model=model,
+            sampling=sampling_parameters(values, spelling),
+            spelling=spelling,
+            prompt=prompt,
+            messages=messages,
+            stream=self.stream,
+        )

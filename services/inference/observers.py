@@ -1,0 +1,96 @@
+"""What watches generations without taking part in them: Prometheus metrics and the usage reported
+to the gateway. The pipeline tells each observer what happened; observers never fail a request."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ferry.auth.v1.auth_pb2 import Principal
+
+from services.common.auth import principal_var
+from services.common.errors import RpcError
+from services.common.interceptor import current_call
+from services.inference import metrics
+from services.inference.generation import UNKNOWN_MODEL, Api, Exchange, Piece
+
+
+class GenerationObserver:
+    """Hooks of one generation's life; each does nothing unless overridden."""
+
+    def refused(self, api: Api, model: str, err: RpcError) -> None:
+        """The request was refused before it became a generation (it did not parse)."""
+
+    def admitted(self, exchange: Exchange, waited: float) -> None:
+        """The request got an engine slot after waiting `waited` seconds."""
+
+    def piece(self, exchange: Exchange, piece: Piece, gap: float | None) -> None:
+        """A piece arrived `gap` seconds after the previous one (None: the first piece)."""
+
+    def ended(self, exchange: Exchange) -> None:
+        """The generation is over (answered, failed or abandoned; see `exchange.outcome`)."""
+
+
+class KnownModels(Protocol):
+    def is_known(self, name: str) -> bool: ...
+
+
+def outcome_label(exchange: Exchange) -> str:
+    """`ok`, or the lower-case gRPC code the request ended with (`cancelled`, `invalid_argument`...)."""
+    return exchange.outcome.error_code.lower() or "ok"
+
+
+class MetricsObserver(GenerationObserver):
+    """The `ferry_inference_*` metrics (names and labels: services.inference.metrics)."""
+
+    def __init__(self, models: KnownModels) -> None:
+        self.models = models
+
+    def refused(self, api: Api, model: str, err: RpcError) -> None:
+        # A label only for a model known to exist: caller-chosen names would create unbounded series.
+        label = model if self.models.is_known(model) else UNKNOWN_MODEL
+        metrics.REQUESTS.labels(label, api.value, err.code.name.lower()).inc()
+
+    def admitted(self, exchange: Exchange, waited: float) -> None:
+        metrics.QUEUE_DURATION.labels(exchange.model_label).observe(waited)
+
+    def piece(self, exchange: Exchange, piece: Piece, gap: float | None) -> None:
+        model = exchange.model_label
+        if gap is None:
+            ttft = exchange.outcome.time_to_first_token
+            if ttft is not None:
+                metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(ttft)
+        elif piece.tokens:
+            # A piece of k tokens after a gap g counts as k gaps of g / k.
+            for _ in range(piece.tokens):
+                metrics.INTER_TOKEN_LATENCY.labels(model).observe(gap / piece.tokens)
+
+    def ended(self, exchange: Exchange) -> None:
+        model, outcome = exchange.model_label, exchange.outcome
+        label = outcome_label(exchange)
+        metrics.REQUESTS.labels(model, exchange.request.api.value, label).inc()
+        if label == "ok":
+            if outcome.latency is not None:
+                metrics.E2E_LATENCY.labels(model).observe(outcome.latency)
+            metrics.FINISHED.labels(model, outcome.finish_reason or "unknown").inc()
+        if outcome.prompt_tokens:
+            metrics.PROMPT_TOKENS.labels(model).inc(outcome.prompt_tokens)
+        if outcome.completion_tokens:
+            metrics.COMPLETION_TOKENS.labels(model).inc(outcome.completion_tokens)
+
+
+class UsageSink(Protocol):
+    """Where generated tokens are counted against the caller's tokens-per-minute limits (the gateway,
+    through `services.common.auth.AuthObserver`, which skips callers without such a limit)."""
+
+    def record_usage(self, principal: Principal, address: str, completion_tokens: int) -> None: ...
+
+
+class UsageReporter(GenerationObserver):
+    def __init__(self, sink: UsageSink) -> None:
+        self.sink = sink
+
+    def ended(self, exchange: Exchange) -> None:
+        tokens = exchange.outcome.completion_tokens
+        principal, call = principal_var.get(), current_call.get()
+        if tokens and principal is not None:
+            self.sink.record_usage(principal, call.client_address if call else "", tokens)

@@ -1,0 +1,80 @@
+"""OpenAI's streaming shape, shared by chat completions and completions: an opening chunk once the
+first piece is there, one chunk per piece, a final chunk with the finish reason, a usage chunk when
+asked (`stream_options.include_usage`), and after a start, an error as a last chunk.
+
+The opening waits for the first piece so that errors before it (prompt too long, overload) still get a
+plain status (an HTTP 4xx/5xx). Once a stream has started, an error can no longer change the HTTP
+status, so it is sent as a last event with an `error` object (the OpenAI SDK raises APIError on it),
+and the gRPC stream then ends with the error status too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Generic, Protocol, TypeVar
+
+from ferry.openai.v1 import openai_pb2
+
+from services.common.errors import Reason, RpcError, internal_error, rpc_error
+from services.inference.deadline import Deadline
+from services.inference.generation import Exchange, Outcome, Piece
+from services.inference.pipeline import Pipeline
+
+Chunk = TypeVar("Chunk")
+
+
+def finish_reason(outcome: Outcome) -> str:
+    """OpenAI knows `stop` and `length`; an engine-side cancellation with the caller still there is an error."""
+    if outcome.finish_reason in ("stop", "length"):
+        return outcome.finish_reason
+    raise rpc_error(
+        Reason.GENERATION_ABORTED, f"generation ended early ({outcome.finish_reason or 'no finish reason'})"
+    )
+
+
+def stream_error(err: Exception) -> openai_pb2.StreamError:
+    """The `error` object of a stream's last event."""
+    rpc = err if isinstance(err, RpcError) else internal_error(err)
+    return openai_pb2.StreamError(message=rpc.message, type=rpc.openai_type, code=rpc.reason.lower())
+
+
+class ChunkFormat(Protocol, Generic[Chunk]):
+    """How one OpenAI API writes the chunks of one stream (it may keep state, e.g. text offsets)."""
+
+    def opening(self) -> list[Chunk]:
+        """What goes before the first piece's chunk (chat: the role; completions: an echoed prompt)."""
+        ...
+
+    def piece(self, piece: Piece) -> Chunk | None:
+        """The piece's chunk; None for a piece with nothing to show."""
+        ...
+
+    def finish(self, reason: str) -> Chunk: ...
+
+    def usage(self, usage: openai_pb2.Usage) -> Chunk: ...
+
+    def error(self, error: openai_pb2.StreamError) -> Chunk: ...
+
+
+async def stream_chunks(
+    pipeline: Pipeline, exchange: Exchange, deadline: Deadline, chunks: ChunkFormat[Chunk]
+) -> AsyncGenerator[Chunk, None]:
+    started = False
+    try:
+        async with aclosing(pipeline.stream(exchange, deadline)) as pieces:
+            async for piece in pieces:
+                if not started:
+                    started = True
+                    for chunk in chunks.opening():
+                        yield chunk
+                shown = chunks.piece(piece)
+                if shown is not None:
+                    yield shown
+        yield chunks.finish(finish_reason(exchange.outcome))
+        if exchange.request.include_usage:
+            yield chunks.usage(exchange.outcome.openai_usage())
+    except Exception as err:
+        if started:
+            yield chunks.error(stream_error(err))
+        raise

@@ -1,0 +1,208 @@
+"""OpenAIService: OpenAI's chat completions, completions and models, in OpenAI's shapes.
+
+Envoy transcodes these RPCs to OpenAI's REST paths; `"stream": true` bodies are routed to the
+*Stream RPCs, whose messages become Server-Sent Events (`services.inference.openai.chunks`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Protocol
+
+import grpc
+from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
+
+from services.common.context import request_id_var
+from services.common.triton import ModelInfo
+from services.inference.deadline import RequestDeadline
+from services.inference.generation import Exchange, Piece, chat_logprobs, completion_logprobs
+from services.inference.openai import wire
+from services.inference.openai.chat import ChatWire
+from services.inference.openai.chunks import finish_reason, stream_chunks
+from services.inference.openai.completions import CompletionWire
+from services.inference.pipeline import Pipeline
+
+CHAT_OBJECT = "chat.completion"
+CHUNK_OBJECT = "chat.completion.chunk"
+COMPLETION_OBJECT = "text_completion"
+
+
+class ModelList(Protocol):
+    async def resolve(self, name: str) -> ModelInfo: ...
+
+    async def ready_models(self) -> list[ModelInfo]: ...
+
+    def created(self, name: str) -> int: ...
+
+
+class ChatChunks:
+    """Chat completion chunks of one stream: the role first, then content deltas."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.created = int(time.time())
+
+    def _chunk(self, **fields: object) -> openai_pb2.ChatCompletionChunk:
+        return openai_pb2.ChatCompletionChunk(
+            id=f"chatcmpl-{self.exchange.request_id}",
+            object=CHUNK_OBJECT,
+            created=self.created,
+            model=self.exchange.request.model,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def opening(self) -> list[openai_pb2.ChatCompletionChunk]:
+        delta = openai_pb2.ChunkDelta(role="assistant", content="")
+        return [self._chunk(choices=[openai_pb2.ChatCompletionChunkChoice(index=0, delta=delta)])]
+
+    def piece(self, piece: Piece) -> openai_pb2.ChatCompletionChunk | None:
+        if not (piece.text or piece.logprobs):
+            return None
+        choice = openai_pb2.ChatCompletionChunkChoice(
+            index=0, delta=openai_pb2.ChunkDelta(content=piece.text)
+        )
+        if self.exchange.request.sampling.logprobs:
+            choice.logprobs.CopyFrom(chat_logprobs(piece.logprobs))
+        return self._chunk(choices=[choice])
+
+    def finish(self, reason: str) -> openai_pb2.ChatCompletionChunk:
+        choice = openai_pb2.ChatCompletionChunkChoice(
+            index=0, delta=openai_pb2.ChunkDelta(), finish_reason=reason
+        )
+        return self._chunk(choices=[choice])
+
+    def usage(self, usage: openai_pb2.Usage) -> openai_pb2.ChatCompletionChunk:
+        return self._chunk(choices=[], usage=usage)
+
+    def error(self, error: openai_pb2.StreamError) -> openai_pb2.ChatCompletionChunk:
+        return self._chunk(error=error)
+
+
+class CompletionChunks:
+    """Completion chunks of one stream: the echoed prompt first (when asked), then text."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.created = int(time.time())
+        # Characters sent so far: the legacy logprobs' `text_offset` counts from here.
+        self.offset = 0
+
+    def _chunk(self, **fields: object) -> openai_pb2.Completion:
+        return openai_pb2.Completion(
+            id=f"cmpl-{self.exchange.request_id}",
+            object=COMPLETION_OBJECT,
+            created=self.created,
+            model=self.exchange.request.model,
+            **fields,  # type: ignore[arg-type]
+        )
+
+    def opening(self) -> list[openai_pb2.Completion]:
+        request = self.exchange.request
+        if not (request.echo and request.prompt):
+            return []
+        self.offset = len(request.prompt)
+        return [self._chunk(choices=[openai_pb2.CompletionChoice(text=request.prompt, index=0)])]
+
+    def piece(self, piece: Piece) -> openai_pb2.Completion | None:
+        if not (piece.text or piece.logprobs):
+            return None
+        choice = openai_pb2.CompletionChoice(text=piece.text, index=0)
+        if self.exchange.request.sampling.logprobs:
+            choice.logprobs.CopyFrom(completion_logprobs(piece.logprobs, self.offset))
+        self.offset += len(piece.text)
+        return self._chunk(choices=[choice])
+
+    def finish(self, reason: str) -> openai_pb2.Completion:
+        return self._chunk(choices=[openai_pb2.CompletionChoice(text="", index=0, finish_reason=reason)])
+
+    def usage(self, usage: openai_pb2.Usage) -> openai_pb2.Completion:
+        return self._chunk(choices=[], usage=usage)
+
+    def error(self, error: openai_pb2.StreamError) -> openai_pb2.Completion:
+        return self._chunk(error=error)
+
+
+def model_message(models: ModelList, name: str, owned_by: str) -> openai_pb2.Model:
+    return openai_pb2.Model(id=name, object="model", created=models.created(name), owned_by=owned_by)
+
+
+class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
+    def __init__(self, pipeline: Pipeline, models: ModelList) -> None:
+        self.pipeline = pipeline
+        self.models = models
+
+    async def CreateChatCompletion(
+        self, request: openai_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> openai_pb2.ChatCompletion:
+        exchange = Exchange(request_id_var.get(), self.pipeline.parse(ChatWire(request, stream=False)))
+        outcome = await self.pipeline.collect(exchange, RequestDeadline(context))
+        choice = openai_pb2.ChatCompletionChoice(
+            index=0,
+            message=openai_pb2.AssistantMessage(role="assistant", content="".join(outcome.text)),
+            finish_reason=finish_reason(outcome),
+        )
+        if exchange.request.sampling.logprobs:
+            choice.logprobs.CopyFrom(chat_logprobs(outcome.logprobs))
+        return openai_pb2.ChatCompletion(
+            id=f"chatcmpl-{exchange.request_id}",
+            object=CHAT_OBJECT,
+            created=int(time.time()),
+            model=exchange.request.model,
+            choices=[choice],
+            usage=outcome.openai_usage(),
+        )
+
+    async def CreateChatCompletionStream(
+        self, request: openai_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[openai_pb2.ChatCompletionChunk, None]:
+        exchange = Exchange(request_id_var.get(), self.pipeline.parse(ChatWire(request, stream=True)))
+        chunks = stream_chunks(self.pipeline, exchange, RequestDeadline(context), ChatChunks(exchange))
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+
+    async def CreateCompletion(
+        self, request: openai_pb2.CreateCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> openai_pb2.Completion:
+        exchange = Exchange(request_id_var.get(), self.pipeline.parse(CompletionWire(request, stream=False)))
+        outcome = await self.pipeline.collect(exchange, RequestDeadline(context))
+        gen = exchange.request
+        prefix = gen.prompt if gen.echo and gen.prompt else ""
+        choice = openai_pb2.CompletionChoice(
+            text=prefix + "".join(outcome.text), index=0, finish_reason=finish_reason(outcome)
+        )
+        if gen.sampling.logprobs:
+            choice.logprobs.CopyFrom(completion_logprobs(outcome.logprobs, 0))
+        return openai_pb2.Completion(
+            id=f"cmpl-{exchange.request_id}",
+            object=COMPLETION_OBJECT,
+            created=int(time.time()),
+            model=gen.model,
+            choices=[choice],
+            usage=outcome.openai_usage(),
+        )
+
+    async def CreateCompletionStream(
+        self, request: openai_pb2.CreateCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[openai_pb2.Completion, None]:
+        exchange = Exchange(request_id_var.get(), self.pipeline.parse(CompletionWire(request, stream=True)))
+        chunks = stream_chunks(self.pipeline, exchange, RequestDeadline(context), CompletionChunks(exchange))
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+
+    async def ListModels(
+        self, request: openai_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> openai_pb2.ListModelsResponse:
+        models = await self.models.ready_models()
+        return openai_pb2.ListModelsResponse(
+            object="list", data=[model_message(self.models, m.name, m.owned_by) for m in models]
+        )
+
+    async def RetrieveModel(
+        self, request: openai_pb2.RetrieveModelRequest, context: grpc.aio.ServicerContext
+    ) -> openai_pb2.Model:
+        info = await self.models.resolve(wire.model_name(request.model))
+        return model_message(self.models, info.name, info.owned_by)

@@ -1,0 +1,68 @@
+"""What a request may ask of a model: the caller's limits (global settings and the API key's) and the
+model's own (its `max_tokens`, whether it has a chat template). Refusals name the field as the caller
+spelled it; the sampling ranges themselves are the engine contract's (`services.inference.sampling`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ferry.auth.v1.auth_pb2 import Principal
+
+from services.common.config import InferenceSettings
+from services.common.errors import invalid_argument
+from services.common.triton import ModelInfo
+from services.inference.generation import GenerationRequest
+
+
+def apply_caller_limits(
+    request: GenerationRequest, settings: InferenceSettings, principal: Principal | None
+) -> GenerationRequest:
+    """The tighter of the global limits (settings) and the caller's key limits: a larger `max_tokens`
+    is refused naming the field; an omitted one becomes the limit; the prompt limit goes to the engine
+    (only it can count tokens; a longer prompt is PROMPT_TOO_LONG with limit "caller")."""
+    key = principal.limits if principal is not None else None
+    max_tokens = _tightest(settings.max_tokens, key.max_tokens if key else 0)
+    max_prompt = _tightest(settings.max_prompt_tokens, key.max_prompt_tokens if key else 0)
+    sampling = request.sampling
+    asked = sampling.max_tokens
+    if max_tokens and asked is not None and asked > max_tokens:
+        raise invalid_argument(
+            request.spelling.field("max_tokens"),
+            f"must be at most {max_tokens} for this API key, got {asked}",
+        )
+    changes: dict[str, int] = {}
+    if max_tokens and asked is None:
+        changes["max_tokens"] = max_tokens
+    if max_prompt:
+        changes["max_prompt_tokens"] = max_prompt
+    if not changes:
+        return request
+    return replace(request, sampling=sampling.model_copy(update=changes))
+
+
+def _tightest(*limits: int) -> int:
+    """The smallest positive limit; 0 when none is set."""
+    return min((limit for limit in limits if limit > 0), default=0)
+
+
+def check_against_model(request: GenerationRequest, model: ModelInfo) -> None:
+    """Limits that come from the model's metadata."""
+    limit = model.max_tokens
+    asked = request.sampling.max_tokens
+    if limit and asked is not None and asked > limit:
+        raise invalid_argument(
+            request.spelling.field("max_tokens"),
+            f"must be at most {limit} for model '{model.name}', got {asked}",
+        )
+    if request.messages is not None and not model.chat_template:
+        raise invalid_argument(
+            request.spelling.input, f"model '{model.name}' has no chat template; send a prompt instead"
+        )
+
+
+def admissible(
+    request: GenerationRequest, model: ModelInfo, settings: InferenceSettings, principal: Principal | None
+) -> GenerationRequest:
+    """The request as the engine will get it, or INVALID_ARGUMENT: the model's limits, then the caller's."""
+    check_against_model(request, model)
+    return apply_caller_limits(request, settings, principal)

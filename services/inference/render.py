@@ -1,0 +1,20 @@
+"""The render stage: the prompt the engine gets, either the caller's own or the conversation through
+the model's chat template."""
+
+from __future__ import annotations
+
+from services.common.triton import ModelInfo
+from services.inference.generation import GenerationRequest
+from services.inference.templates import ChatTemplates
+
+
+class Render:
+    def __init__(self, templates: ChatTemplates) -> None:
+        self.templates = templates
+
+    def __call__(self, request: GenerationRequest, model: ModelInfo) -> str:
+        if request.messages is None:
+            return request.prompt or ""
+        return self.templates.render(
+            model.name, model.chat_template, request.messages, field=request.spelling.input
+        )
