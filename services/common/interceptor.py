@@ -27,7 +27,7 @@ from services.common.context import (
     bearer_token,
     request_id_var,
 )
-from services.common.errors import Reason, RpcError, rpc_error
+from services.common.errors import Reason, RpcError, internal_error, rpc_error
 from services.common.metrics import RPC_HANDLED, RPC_IN_FLIGHT, RPC_LATENCY
 
 log = logging.getLogger(__name__)
@@ -159,14 +159,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             code = context.code()
             call.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
         except RpcError as err:
-            call.code, call.message = err.code, err.message
-            status = err.to_status()
-            # abort replaces the trailing metadata set above: the request id goes with the status.
-            await context.abort_with_status(
-                status._replace(  # type: ignore[attr-defined]
-                    trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_HEADER, call.request_id))
-                )
-            )
+            await _abort(call, context, err)
         except grpc.aio.AbortError:
             code = context.code()
             call.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
@@ -176,12 +169,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             raise
         except Exception as exc:
             log.exception("unhandled error in %s", call.full_method)
-            call.code, call.message = grpc.StatusCode.INTERNAL, "internal error"
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error: {type(exc).__name__}",
-                trailing_metadata=((REQUEST_ID_HEADER, call.request_id),),
-            )
+            await _abort(call, context, internal_error(exc))
         finally:
             elapsed = time.monotonic() - call.started
             labels = (call.service, call.method, call.code.name)
@@ -214,6 +202,17 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         async with self.observed(call, request, context):
             async for item in items:
                 yield item
+
+
+async def _abort(call: Call, context: grpc.aio.ServicerContext, err: RpcError) -> None:
+    call.code, call.message = err.code, err.message
+    status = err.to_status()
+    # abort replaces the trailing metadata set by `observed`: the request id goes with the status.
+    await context.abort_with_status(
+        status._replace(  # type: ignore[attr-defined]
+            trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_HEADER, call.request_id))
+        )
+    )
 
 
 def _wrap(

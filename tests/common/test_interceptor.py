@@ -63,6 +63,7 @@ async def test_unexpected_exception_is_internal_without_leaking_the_message(targ
     err, _ = await _call(target, b"crash", "client-id-3")
     assert err.code() == grpc.StatusCode.INTERNAL
     assert "boom" not in err.details()
+    assert error_details(err)["ErrorInfo"].reason == "INTERNAL"  # type: ignore[attr-defined]
 
 
 def test_rpc_error_is_an_exception_with_its_code() -> None:
