@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import httpx
 from ferry.audit.v1 import audit_pb2
-from ferry.inference.v1 import inference_pb2
+from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from ferry.keys.v1 import keys_pb2
 from ferry.models.v1 import models_pb2
 from ferry.openai.v1 import openai_pb2
@@ -24,6 +24,7 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor, json_format, message, message_factory, struct_pb2
 
 from services.common.access import PROTO_FILES, required_scopes
+from tests.stack import keyed_channel
 
 # The process that serves each service on its own port.
 SERVED_BY = {
@@ -227,3 +228,16 @@ def rest_status(http: httpx.Client, rpc: Rpc, request: message.Message, headers:
     with http.stream(call.verb, call.path, json=call.body, headers=headers) as response:
         response.read()
         return response.status_code
+
+
+def refused_generate(target: str, key: str, model: str, prompt: str, max_tokens: int) -> grpc.RpcError:
+    """The error a native Generate with this key gets on a service port (fails when it succeeds)."""
+    request = inference_pb2.GenerateRequest(
+        model=f"models/{model}", prompt=prompt, sampling=inference_pb2.SamplingParams(max_tokens=max_tokens)
+    )
+    with keyed_channel(target, key) as channel:
+        try:
+            inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=30)
+        except grpc.RpcError as err:
+            return err
+    raise AssertionError("Generate was not refused")

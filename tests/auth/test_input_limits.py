@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common.errors import error_details
-from tests.stack import RunningStack, keyed_channel
+from tests.auth.rpcs import refused_generate
+from tests.stack import RunningStack
 
 pytestmark = pytest.mark.stack
 
@@ -27,16 +27,9 @@ def test_max_tokens_above_the_key_limit_is_refused_naming_the_field(stack: Runni
         assert refused.status_code == 400 and "max_tokens" in refused.text, refused.text
         allowed = http.post("/v1/chat/completions", json={**chat, "max_tokens": 2})
         assert allowed.status_code == 200, allowed.text
-    with keyed_channel(stack.service_targets["inference"], key) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            inference_pb2_grpc.InferenceServiceStub(channel).Generate(
-                inference_pb2.GenerateRequest(
-                    model=f"models/{model}", prompt="Hi", sampling=inference_pb2.SamplingParams(max_tokens=5)
-                ),
-                timeout=30,
-            )
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _violations(err.value) == ["sampling.max_tokens"]
+    err = refused_generate(stack.service_targets["inference"], key, model, "Hi", max_tokens=5)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(err) == ["sampling.max_tokens"]
 
 
 def test_prompt_above_the_key_limit_is_refused_naming_the_field(stack: RunningStack, model: str) -> None:
@@ -49,18 +42,9 @@ def test_prompt_above_the_key_limit_is_refused_naming_the_field(stack: RunningSt
             http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1}).status_code
             == 200
         )
-    with keyed_channel(stack.service_targets["inference"], key) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            inference_pb2_grpc.InferenceServiceStub(channel).Generate(
-                inference_pb2.GenerateRequest(
-                    model=f"models/{model}",
-                    prompt=LONG_PROMPT,
-                    sampling=inference_pb2.SamplingParams(max_tokens=1),
-                ),
-                timeout=30,
-            )
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert _violations(err.value) == ["prompt"]
+    err = refused_generate(stack.service_targets["inference"], key, model, LONG_PROMPT, max_tokens=1)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _violations(err) == ["prompt"]
 
 
 def test_a_body_above_the_edge_limit_is_413(stack: RunningStack, model: str) -> None:

@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import pytest
-from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from ferry.models.v1 import models_pb2, models_pb2_grpc
 
 from services.common.errors import error_details
+from tests.auth.rpcs import refused_generate
 from tests.stack import RunningStack, bearer, keyed_channel
 
 pytestmark = pytest.mark.stack
@@ -87,13 +87,6 @@ def test_tokens_per_minute_refuse_inference_once_spent(stack: RunningStack, mode
         assert refused.status_code == 429, refused.text
         assert int(refused.headers["retry-after"]) >= 1
         assert http.get("/v1/models").status_code == 200  # listing generates nothing
-    with keyed_channel(stack.service_targets["inference"], key) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            inference_pb2_grpc.InferenceServiceStub(channel).Generate(
-                inference_pb2.GenerateRequest(
-                    model=f"models/{model}", prompt="Hi", sampling=inference_pb2.SamplingParams(max_tokens=1)
-                ),
-                timeout=10,
-            )
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert error_details(err.value)["RetryInfo"].retry_delay.seconds >= 1  # type: ignore[attr-defined]
+    err = refused_generate(stack.service_targets["inference"], key, model, "Hi", max_tokens=1)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_details(err)["RetryInfo"].retry_delay.seconds >= 1  # type: ignore[attr-defined]
