@@ -39,10 +39,9 @@ def _fault_error(fault: EngineFault, spelling: FieldSpelling) -> RpcError:
     if fault.code is EngineErrorCode.INVALID_PARAMETER:
         return invalid_argument(spelling.field(fault.field or "sampling_parameters"), fault.message)
     if fault.code is EngineErrorCode.MODEL_UNLOADING:
+        # The backend's message already says what happened and that a retry will do.
         return rpc_error(
-            Reason.ENGINE_UNAVAILABLE,
-            f"the model is unloading; retry shortly: {fault.message}",
-            retry_after_seconds=fault.retry_after_seconds,
+            Reason.ENGINE_UNAVAILABLE, fault.message, retry_after_seconds=fault.retry_after_seconds
         )
     return rpc_error(Reason.ENGINE_ERROR, f"engine error: {fault.message}")
 
