@@ -32,7 +32,7 @@ AUTHZ_TIMEOUT = "1s"
 # Gateway: key management (transcoded under /api/v1/keys) and the internal AuthService (refused at
 # the edge by its `internal` scope). Envoy's ext_authz calls it directly, not through a route.
 GATEWAY_SERVICES = ("ferry.keys.v1.KeysService", "ferry.auth.v1.AuthService")
-# services.common.auth.INTERNAL and the access option's name, spelt out: the Envoy image renders this
+# services.common.access.INTERNAL and the access option's name, spelt out: the Envoy image renders this
 # configuration from the descriptor set alone, without ferry's generated Python stubs.
 INTERNAL = "internal"
 ACCESS_OPTION = "ferry.auth.v1.access"
@@ -125,7 +125,7 @@ def _files(descriptor: Path) -> descriptor_pb2.FileDescriptorSet:
 
 
 def internal_methods(descriptor: Path) -> dict[str, list[str]]:
-    """Methods granted by the `internal` scope alone (services/common/auth.py::required_scopes): only
+    """Methods granted by the `internal` scope alone (services/common/access.py::required_scopes): only
     the service token may call them, so Envoy refuses them whatever key a request carries."""
     files = _files(descriptor)
     # The descriptor set's own pool: the access option is read without ferry's generated stubs.

@@ -1,4 +1,4 @@
-"""The access table and the per-call check every service runs (services/common/auth.py).
+"""The access table (services/common/access.py) and the per-call check (services/common/auth.py).
 
 Enforcement against the real gateway, Envoy and services is tested in tests/auth; here: the table
 read from the protos, credentials parsing, and the decisions a service takes without the gateway.
