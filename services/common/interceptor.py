@@ -215,48 +215,31 @@ async def _abort(call: Call, context: grpc.aio.ServicerContext, err: RpcError) -
     )
 
 
+# Handler field and factory by (request streaming, response streaming).
+_HANDLERS: dict[tuple[bool, bool], tuple[str, Callable[..., grpc.RpcMethodHandler]]] = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+
+
 def _wrap(
     handler: grpc.RpcMethodHandler, service: str, method: str, interceptor: ServingInterceptor
 ) -> grpc.RpcMethodHandler:
-    behavior: Any
-    if handler.unary_unary:
-        inner_uu = handler.unary_unary
+    field, factory = _HANDLERS[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    inner = getattr(handler, field)
+    # Observers see the request message of unary-request RPCs; a request stream is the servicer's.
+    observed = (lambda request: None) if handler.request_streaming else (lambda request: request)
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = interceptor._start(service, method, context)
-            return await interceptor.run(call, request, context, lambda: inner_uu(request, context))
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.unary_stream:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = interceptor._start(service, method, context)
-            async for item in interceptor.relay(call, request, context, inner_us(request, context)):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.stream_unary:
-        behavior = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = interceptor._start(service, method, context)
-            return await interceptor.run(call, None, context, lambda: behavior(requests, context))
-
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer
-        )
-    behavior = handler.stream_stream
-
-    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = interceptor._start(service, method, context)
-        async for item in interceptor.relay(call, None, context, behavior(requests, context)):
+        return await interceptor.run(call, observed(request), context, lambda: inner(request, context))
+
+    async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = interceptor._start(service, method, context)
+        async for item in interceptor.relay(call, observed(request), context, inner(request, context)):
             yield item
 
-    return grpc.stream_stream_rpc_method_handler(
-        stream_stream, handler.request_deserializer, handler.response_serializer
-    )
+    behavior = stream_response if handler.response_streaming else unary_response
+    return factory(behavior, handler.request_deserializer, handler.response_serializer)

@@ -22,11 +22,30 @@ async def _behaviour(request: bytes, context: grpc.aio.ServicerContext) -> bytes
     return request
 
 
+async def _pieces(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    yield request
+    if request == b"bad":
+        raise invalid_argument("prompt", "must not be empty")
+    yield request
+
+
+async def _echo_all(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+) -> AsyncIterator[bytes]:
+    async for request in requests:
+        yield request
+
+
 @pytest.fixture
 async def target() -> AsyncIterator[str]:
     server = grpc.aio.server(interceptors=[ServingInterceptor(Lifecycle())])
     handler = grpc.method_handlers_generic_handler(
-        "test.Echo", {"Call": grpc.unary_unary_rpc_method_handler(_behaviour)}
+        "test.Echo",
+        {
+            "Call": grpc.unary_unary_rpc_method_handler(_behaviour),
+            "Stream": grpc.unary_stream_rpc_method_handler(_pieces),
+            "Chat": grpc.stream_stream_rpc_method_handler(_echo_all),
+        },
     )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -68,3 +87,16 @@ async def test_unexpected_exception_is_internal_without_leaking_the_message(targ
 
 def test_rpc_error_is_an_exception_with_its_code() -> None:
     assert RpcError(grpc.StatusCode.NOT_FOUND, "x", "X").code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_streams_pass_through_and_end_with_the_rich_error(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        assert [p async for p in channel.unary_stream("/test.Echo/Stream")(b"ok")] == [b"ok", b"ok"]
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for piece in channel.unary_stream("/test.Echo/Stream")(b"bad"):
+                received.append(piece)
+        assert received == [b"bad"]
+        assert error_details(err.value)["ErrorInfo"].reason == "INVALID_ARGUMENT"  # type: ignore[attr-defined]
+        chat = channel.stream_stream("/test.Echo/Chat")(iter([b"a", b"b"]))
+        assert [p async for p in chat] == [b"a", b"b"]
