@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from ferry.inference.v1 import inference_pb2
 from ferry.openai.v1 import openai_pb2
 from google.protobuf import struct_pb2
 
 from backends.llamacpp.contract import SamplingParameters
+
+Proto = TypeVar("Proto")
 
 # The metrics label of a model not (yet) known to exist.
 UNKNOWN_MODEL = "_unknown"
@@ -131,20 +133,15 @@ class TokenLogprob:
         )
 
     def to_native(self) -> inference_pb2.TokenLogprob:
-        return inference_pb2.TokenLogprob(
-            token=self.token,
-            logprob=self.logprob,
-            top_logprobs=[
-                inference_pb2.TopLogprob(token=t.token, logprob=t.logprob) for t in self.top_logprobs
-            ],
-        )
+        return self._to(inference_pb2.TokenLogprob, inference_pb2.TopLogprob)
 
     def to_openai(self) -> openai_pb2.TokenLogprob:
-        return openai_pb2.TokenLogprob(
-            token=self.token,
-            logprob=self.logprob,
-            top_logprobs=[openai_pb2.TopLogprob(token=t.token, logprob=t.logprob) for t in self.top_logprobs],
-        )
+        return self._to(openai_pb2.TokenLogprob, openai_pb2.TopLogprob)
+
+    def _to(self, token: Callable[..., Proto], top: Callable[..., Any]) -> Proto:
+        """Both APIs' messages have the same fields: token, logprob, top_logprobs [token, logprob]."""
+        alternatives = [top(token=t.token, logprob=t.logprob) for t in self.top_logprobs]
+        return token(token=self.token, logprob=self.logprob, top_logprobs=alternatives)
 
 
 def chat_logprobs(items: Iterable[TokenLogprob]) -> openai_pb2.ChoiceLogprobs:

@@ -13,7 +13,7 @@ import time
 from asyncio import CancelledError
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.common.auth import principal_var
 from services.common.config import InferenceSettings
@@ -22,27 +22,13 @@ from services.inference.admission import Admissions
 from services.inference.deadline import Deadline
 from services.inference.engine import Engine
 from services.inference.engine_stream import EngineStream, Readiness
-from services.inference.generation import Api, Exchange, GenerationRequest, Outcome, Piece
+from services.inference.generation import Exchange, GenerationRequest, Outcome, Piece
 from services.inference.observers import GenerationObserver
 from services.inference.record import NoTransactionLog, RecordOnce, TransactionLog
 from services.inference.render import Render
 from services.inference.resolve import Models, Resolve
 from services.inference.templates import ChatTemplates
-
-
-class WireRequest(Protocol):
-    """A request as one API received it (`openai.chat.ChatWire`, `native.request.GenerateWire`...)."""
-
-    api: Api
-
-    @property
-    def model(self) -> str:
-        """The model as the caller named it (a metrics label only if the model is known)."""
-        ...
-
-    def parse(self) -> GenerationRequest:
-        """The domain request, or RpcError (INVALID_ARGUMENT naming the field as the caller spelled it)."""
-        ...
+from services.inference.wire import WireRequest
 
 
 class Catalog(Models, Readiness, Protocol):
@@ -66,7 +52,7 @@ class Pipeline:
         self.transactions: TransactionLog = transactions or NoTransactionLog()
         self.observers = list(observers)
 
-    def parse(self, wire: WireRequest) -> GenerationRequest:
+    def parse(self, wire: WireRequest[Any]) -> GenerationRequest:
         """The parse stage; a refusal is counted like any other outcome."""
         try:
             return wire.parse()

@@ -11,17 +11,14 @@ from services.common.errors import invalid_argument
 from services.common.names import model_id_from_name
 from services.inference.generation import Api, FieldSpelling, GenerationRequest, Message
 from services.inference.messages import parse_messages
-from services.inference.sampling import SAME_NAMED, same_named, sampling_parameters
+from services.inference.sampling import SAME_NAMED, same_named
+from services.inference.wire import WireRequest
 
 
-class GenerateWire:
+class GenerateWire(WireRequest[inference_pb2.GenerateRequest]):
     """A GenerateRequest as received; `parse()` checks it."""
 
     api = Api.GENERATE
-
-    def __init__(self, message: inference_pb2.GenerateRequest, *, stream: bool) -> None:
-        self.message = message
-        self.stream = stream
 
     @property
     def model(self) -> str:
@@ -48,19 +45,11 @@ class GenerateWire:
             input="messages.messages" if messages is not None else "prompt", prefix="sampling."
         )
         s = request.sampling
-        values: dict[str, Any] = {
+        sampling: dict[str, Any] = {
             **same_named(s, (*SAME_NAMED, "max_tokens")),
             "stop": tuple(s.stop),
             "logprobs": s.logprobs,
             "top_logprobs": s.top_logprobs,
             "ignore_eos": s.ignore_eos,
         }
-        return GenerationRequest(
-            api=self.api,
-            model=model,
-            sampling=sampling_parameters(values, spelling),
-            spelling=spelling,
-            prompt=prompt,
-            messages=messages,
-            stream=self.stream,
-        )
+        return self._request(model, sampling, spelling, prompt=prompt, messages=messages)

@@ -10,16 +10,18 @@ and the gRPC stream then ends with the error status too.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ferry.openai.v1 import openai_pb2
 
+from services.common.context import request_id_var
 from services.common.errors import Reason, RpcError, internal_error, rpc_error
 from services.inference.deadline import Deadline
 from services.inference.generation import Exchange, Outcome, Piece
 from services.inference.pipeline import Pipeline
+from services.inference.wire import WireRequest
 
 Chunk = TypeVar("Chunk")
 
@@ -58,8 +60,14 @@ class ChunkFormat(Protocol, Generic[Chunk]):
 
 
 async def stream_chunks(
-    pipeline: Pipeline, exchange: Exchange, deadline: Deadline, chunks: ChunkFormat[Chunk]
+    pipeline: Pipeline,
+    wire: WireRequest[Any],
+    deadline: Deadline,
+    chunk_format: Callable[[Exchange], ChunkFormat[Chunk]],
 ) -> AsyncGenerator[Chunk, None]:
+    """One OpenAI stream: the request parsed, generated, and written as `chunk_format` says."""
+    exchange = Exchange(request_id_var.get(), pipeline.parse(wire))
+    chunks = chunk_format(exchange)
     started = False
     try:
         async with aclosing(pipeline.stream(exchange, deadline)) as pieces:

@@ -9,8 +9,9 @@ from google.protobuf import struct_pb2
 
 from services.common.errors import invalid_argument
 from services.inference.generation import Api, FieldSpelling, GenerationRequest
-from services.inference.openai import wire
-from services.inference.sampling import same_named, sampling_parameters
+from services.inference.openai import fields
+from services.inference.sampling import same_named
+from services.inference.wire import WireRequest
 
 # The legacy completions API allows at most 5 alternatives per position.
 MAX_COMPLETION_LOGPROBS = 5
@@ -33,57 +34,45 @@ def prompt_text(value: struct_pb2.Value | None) -> str:
     raise invalid_argument("prompt", "must be a string or a list holding one string")
 
 
-class CompletionWire:
+class CompletionWire(WireRequest[openai_pb2.CreateCompletionRequest]):
     """A CreateCompletionRequest as received; `parse()` checks it."""
 
     api = Api.COMPLETION
 
-    def __init__(self, message: openai_pb2.CreateCompletionRequest, *, stream: bool) -> None:
-        self.message = message
-        self.stream = stream
-
-    @property
-    def model(self) -> str:
-        return self.message.model
-
     def parse(self) -> GenerationRequest:
         request = self.message
-        model = wire.model_name(request.model)
+        model = fields.model_name(request.model)
         prompt = prompt_text(request.prompt if request.HasField("prompt") else None)
-        wire.one_choice(wire.opt(request, "n"), "n")
-        wire.one_choice(wire.opt(request, "best_of"), "best_of")
+        fields.one_choice(fields.opt(request, "n"), "n")
+        fields.one_choice(fields.opt(request, "best_of"), "best_of")
         if request.suffix:
             raise invalid_argument("suffix", "is not supported by this model (no fill-in-the-middle)")
         # An integer here: how many alternatives to return per position (the contract's top_logprobs).
-        logprobs = wire.opt(request, "logprobs")
+        logprobs = fields.opt(request, "logprobs")
         if request.echo and logprobs is not None:
             raise invalid_argument(
                 "echo", "cannot be combined with logprobs (prompt logprobs are not returned)"
             )
         if logprobs is not None and logprobs > MAX_COMPLETION_LOGPROBS:
             raise invalid_argument("logprobs", f"must be at most {MAX_COMPLETION_LOGPROBS}, got {logprobs}")
-        stop, single_stop = wire.stop(request)
+        stop, single_stop = fields.stop(request)
         spelling = FieldSpelling(
             input="prompt",
             renamed={"top_logprobs": "logprobs"},
             single=frozenset({"stop"} if single_stop else ()),
         )
-        values: dict[str, Any] = {
-            **same_named(request),
-            "max_tokens": wire.opt(request, "max_tokens"),
+        sampling: dict[str, Any] = {
+            **same_named(request, (*fields.OPENAI_SAME_NAMED, "max_tokens")),
             "stop": stop,
             "logprobs": logprobs is not None,
             "top_logprobs": logprobs,
-            "ignore_eos": wire.opt(request, "ignore_eos"),
         }
-        return GenerationRequest(
-            api=self.api,
-            model=model,
-            sampling=sampling_parameters(values, spelling),
-            spelling=spelling,
+        return self._request(
+            model,
+            sampling,
+            spelling,
             prompt=prompt,
             echo=request.echo,
             user=request.user,
-            stream=self.stream,
-            include_usage=wire.include_usage(request, self.stream),
+            include_usage=fields.include_usage(request, self.stream),
         )

@@ -18,7 +18,7 @@ from services.common.context import request_id_var
 from services.common.triton import ModelInfo
 from services.inference.deadline import RequestDeadline
 from services.inference.generation import Exchange, Piece, chat_logprobs, completion_logprobs
-from services.inference.openai import wire
+from services.inference.openai import fields
 from services.inference.openai.chat import ChatWire
 from services.inference.openai.chunks import finish_reason, stream_chunks
 from services.inference.openai.completions import CompletionWire
@@ -157,8 +157,9 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     async def CreateChatCompletionStream(
         self, request: openai_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[openai_pb2.ChatCompletionChunk, None]:
-        exchange = Exchange(request_id_var.get(), self.pipeline.parse(ChatWire(request, stream=True)))
-        chunks = stream_chunks(self.pipeline, exchange, RequestDeadline(context), ChatChunks(exchange))
+        chunks = stream_chunks(
+            self.pipeline, ChatWire(request, stream=True), RequestDeadline(context), ChatChunks
+        )
         async with aclosing(chunks):
             async for chunk in chunks:
                 yield chunk
@@ -187,8 +188,8 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     async def CreateCompletionStream(
         self, request: openai_pb2.CreateCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[openai_pb2.Completion, None]:
-        exchange = Exchange(request_id_var.get(), self.pipeline.parse(CompletionWire(request, stream=True)))
-        chunks = stream_chunks(self.pipeline, exchange, RequestDeadline(context), CompletionChunks(exchange))
+        wire = CompletionWire(request, stream=True)
+        chunks = stream_chunks(self.pipeline, wire, RequestDeadline(context), CompletionChunks)
         async with aclosing(chunks):
             async for chunk in chunks:
                 yield chunk
@@ -204,5 +205,5 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     async def RetrieveModel(
         self, request: openai_pb2.RetrieveModelRequest, context: grpc.aio.ServicerContext
     ) -> openai_pb2.Model:
-        info = await self.models.resolve(wire.model_name(request.model))
+        info = await self.models.resolve(fields.model_name(request.model))
         return model_message(self.models, info.name, info.owned_by)

@@ -8,6 +8,10 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from services.common.errors import invalid_argument
+from services.inference.sampling import SAME_NAMED
+
+# Sampling fields both OpenAI requests spell as the contract does, all `optional`.
+OPENAI_SAME_NAMED = (*SAME_NAMED, "ignore_eos")
 
 
 def opt(message: Any, name: str) -> Any:

@@ -1,0 +1,49 @@
+"""A request as one API received it, before parsing: what the parse stage needs of every API's parser
+(`openai.chat.ChatWire`, `openai.completions.CompletionWire`, `native.request.GenerateWire`)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from services.inference.generation import Api, FieldSpelling, GenerationRequest
+from services.inference.sampling import sampling_parameters
+
+
+class _Named(Protocol):
+    @property
+    def model(self) -> str: ...
+
+
+Message = TypeVar("Message", bound=_Named)
+
+
+class WireRequest(ABC, Generic[Message]):
+    api: ClassVar[Api]
+
+    def __init__(self, message: Message, *, stream: bool) -> None:
+        self.message = message
+        self.stream = stream
+
+    @property
+    def model(self) -> str:
+        """The model as the caller named it (a metrics label only if the model is known)."""
+        return self.message.model
+
+    @abstractmethod
+    def parse(self) -> GenerationRequest:
+        """The domain request, or RpcError (INVALID_ARGUMENT naming the field as the caller spelled it)."""
+
+    def _request(
+        self, model: str, sampling: Mapping[str, Any], spelling: FieldSpelling, **fields: Any
+    ) -> GenerationRequest:
+        """The domain request, its `sampling` values checked by the contract (refusals in `spelling`)."""
+        return GenerationRequest(
+            api=self.api,
+            model=model,
+            sampling=sampling_parameters(sampling, spelling),
+            spelling=spelling,
+            stream=self.stream,
+            **fields,
+        )
