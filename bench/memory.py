@@ -4,8 +4,9 @@ Pure functions over `Sample`s (no processes involved), so the arithmetic is unit
 Growth is judged as Triton's qa/L0_memory_growth judges it: from a point after the start (there the
 middle of the run, here the end of the warm-up, when caches, pools and allocator arenas have filled)
 to the end. A process that was restarted during the run cannot be judged (its memory started over).
-A group of processes sharing memory (PostgreSQL's backends: its shared buffers) is judged on its USS:
-summed RSS counts a shared page once per process that touched it, which is growth of nothing.
+A group of processes sharing memory (PostgreSQL's backends and its shared buffers) is judged on its
+anonymous memory (heap, stacks: RssAnon): summed RSS counts a shared page once per process that
+touched it, which is growth of nothing.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ MB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Sample:
-    """One reading of one process: seconds since the traffic started, resident and unique bytes."""
+    """One reading of one process: seconds since the traffic started, resident bytes, and of those the
+    anonymous ones (RssAnon: heap and stacks, neither file pages nor shared memory)."""
 
     t: float
     rss: int
-    uss: int | None = None
+    anon: int = 0
 
 
 @dataclass(frozen=True)
@@ -35,14 +37,14 @@ class Growth:
     growth_mb: float  # end - warm
     max_mb: float  # largest RSS seen
     slope_mb_min: float  # least-squares RSS trend after the warm-up
-    uss_growth_mb: float | None  # the same growth in unique (private) memory, when it was read
+    anon_growth_mb: float  # the same growth in anonymous memory
     restarted: bool = False
-    by_uss: bool = False  # judged on USS growth instead of RSS growth (a group sharing memory)
+    by_anon: bool = False  # judged on anonymous growth instead of RSS growth (a group sharing memory)
 
     @property
     def judged_mb(self) -> float:
         """The growth the threshold applies to."""
-        return self.uss_growth_mb if self.by_uss and self.uss_growth_mb is not None else self.growth_mb
+        return self.anon_growth_mb if self.by_anon else self.growth_mb
 
     def exceeds(self, threshold_mb: float) -> bool:
         """True when this process fails the soak: grew more than the threshold, or was restarted."""
@@ -71,13 +73,17 @@ def slope_per_minute(points: Sequence[tuple[float, float]]) -> float:
 
 
 def growth(
-    process: str, samples: Sequence[Sample], warmup_s: float, *, restarted: bool = False, by_uss: bool = False
+    process: str,
+    samples: Sequence[Sample],
+    warmup_s: float,
+    *,
+    restarted: bool = False,
+    by_anon: bool = False,
 ) -> Growth:
     """The table row of one process from its samples (in time order)."""
     warm = baseline(samples, warmup_s)
     end = samples[-1]
     after = [s for s in samples if s.t >= warm.t]
-    uss_growth = (end.uss - warm.uss) / MB if end.uss is not None and warm.uss is not None else None
     return Growth(
         process=process,
         warm_mb=warm.rss / MB,
@@ -85,9 +91,9 @@ def growth(
         growth_mb=(end.rss - warm.rss) / MB,
         max_mb=max(s.rss for s in samples) / MB,
         slope_mb_min=slope_per_minute([(s.t, s.rss / MB) for s in after]),
-        uss_growth_mb=uss_growth,
+        anon_growth_mb=(end.anon - warm.anon) / MB,
         restarted=restarted,
-        by_uss=by_uss,
+        by_anon=by_anon,
     )
 
 
@@ -100,16 +106,15 @@ def table(rows: Sequence[Growth], threshold_mb: float) -> str:
     """A Markdown table: one line per process, the failing ones marked."""
     lines = [
         "| process | RSS end of warm-up (MB) | RSS end (MB) | growth after warm-up (MB) "
-        "| trend (MB/min) | USS growth (MB) | max RSS (MB) | |",
+        "| trend (MB/min) | anon growth (MB) | max RSS (MB) | |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
-        uss = "" if row.uss_growth_mb is None else f"{row.uss_growth_mb:+.1f}"
         mark = "RESTARTED" if row.restarted else ("FAIL" if row.exceeds(threshold_mb) else "ok")
-        if row.by_uss and not row.restarted:
-            mark += " (by USS)"
+        if row.by_anon and not row.restarted:
+            mark += " (by anon)"
         lines.append(
             f"| {row.process} | {row.warm_mb:.1f} | {row.end_mb:.1f} | {row.growth_mb:+.1f} "
-            f"| {row.slope_mb_min:+.2f} | {uss} | {row.max_mb:.1f} | {mark} |"
+            f"| {row.slope_mb_min:+.2f} | {row.anon_growth_mb:+.1f} | {row.max_mb:.1f} | {mark} |"
         )
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 Starts ferry as `make bench` does (bench.platform: the launcher's own Stack, free ports, a scratch
 home, authentication on, the admin key), runs bench.soak_traffic's mix at a fixed concurrency, and
-every ~10 s reads the resident memory (RSS, and USS) of every ferry process (bench.processes). At the
+every ~10 s reads the resident memory (RSS, and its anonymous part) of every ferry process (bench.processes). At the
 end it prints one row per process (RSS at the end of the warm-up and at the end, growth after the
 warm-up, trend, max) and the requests by kind, writes the samples to
 bench/results/soak-<date>-<commit>.json, and exits 1 when any process grew more than the threshold
@@ -97,7 +97,7 @@ class Sampler:
                 continue
             if role.group:
                 self.groups.add(name)
-            self.samples.setdefault(name, []).append(Sample(t, reading.rss, reading.uss))
+            self.samples.setdefault(name, []).append(Sample(t, reading.rss, reading.anon))
             seen = self.pids.setdefault(name, [])
             if not seen or seen[-1] != reading.pids:
                 seen.append(reading.pids)
@@ -175,14 +175,11 @@ def results(
         "passed": not failures(rows, args.threshold_mb),
         "growth": [{**row.__dict__, "judged_mb": row.judged_mb} for row in rows],
         "requests": {kind: c.__dict__ for kind, c in traffic.counts.items()},
-        # [seconds, RSS MB, USS MB] per reading: small enough to keep with the results.
+        # [seconds, RSS MB, anonymous MB] per reading: small enough to keep with the results.
         "samples": {
             role: {
                 "pids": [list(p) for p in sampler.pids[role]],
-                "readings": [
-                    [round(s.t, 1), round(s.rss / MB, 2), None if s.uss is None else round(s.uss / MB, 2)]
-                    for s in samples
-                ],
+                "readings": [[round(s.t, 1), round(s.rss / MB, 2), round(s.anon / MB, 2)] for s in samples],
             }
             for role, samples in sampler.samples.items()
         },
@@ -214,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"traffic done after {seconds / 60:.1f} min; stopping ferry")
     warmup_s = args.warmup_minutes * 60
     rows = [
-        growth(name, s, warmup_s, restarted=sampler.restarted(name), by_uss=name in sampler.groups)
+        growth(name, s, warmup_s, restarted=sampler.restarted(name), by_anon=name in sampler.groups)
         for name, s in sorted(sampler.samples.items())
     ]
     failed = failures(rows, args.threshold_mb)

@@ -65,10 +65,10 @@ def test_a_restarted_process_fails_whatever_its_memory() -> None:
     assert "RESTARTED" in table([row], 20)
 
 
-def test_a_group_sharing_memory_is_judged_on_uss() -> None:
-    # PostgreSQL's backends touching more shared buffers: summed RSS grows, private memory does not.
+def test_a_group_sharing_memory_is_judged_on_anonymous_memory() -> None:
+    # PostgreSQL's backends touching more shared buffers: summed RSS grows, their heaps do not.
     samples = [Sample(0, 120 * MB, 40 * MB), Sample(60, 125 * MB, 40 * MB), Sample(600, 160 * MB, 41 * MB)]
-    row = growth("postgres children", samples, 60, by_uss=True)
+    row = growth("postgres children", samples, 60, by_anon=True)
     assert row.growth_mb == pytest.approx(35)
     assert row.judged_mb == pytest.approx(1)
     assert not row.exceeds(20)
