@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from backends.llamacpp.contract import EngineErrorCode, EngineFault
 from services.common.errors import Reason, RpcError, invalid_argument, rpc_error
-from services.inference.engine import (
+from services.inference.domain import FieldSpelling
+from services.inference.engine_interface import (
     EngineError,
     EngineFaulted,
     EngineRefused,
     EngineTimedOut,
     EngineUnreachable,
 )
-from services.inference.generation import FieldSpelling
 
 
 def caller_error(err: EngineError, spelling: FieldSpelling, *, model_ready: bool = True) -> RpcError:

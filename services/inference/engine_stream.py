@@ -9,9 +9,9 @@ from typing import Protocol
 
 from services.common.errors import Reason, rpc_error
 from services.inference.deadline import Deadline
-from services.inference.engine import Engine, EngineError, EngineRefused
+from services.inference.domain import Exchange, Piece
 from services.inference.engine_errors import caller_error
-from services.inference.generation import Exchange, Piece
+from services.inference.engine_interface import Engine, EngineError, EngineRefused
 
 # The engine's deadline is the caller's minus this much, so the failure reaches us (and we can tell
 # the caller what happened, e.g. as an SSE error event) before the caller's own deadline fires.

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from services.common.errors import invalid_argument
-from services.inference.generation import Message
+from services.inference.domain import Message
 
 # `developer` is OpenAI's newer name for `system`; templates only know `system`.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

@@ -11,7 +11,7 @@ from services.common.auth import principal_var
 from services.common.errors import RpcError
 from services.common.interceptor import current_call
 from services.inference import metrics
-from services.inference.generation import UNKNOWN_MODEL, Api, Exchange, Piece
+from services.inference.domain import UNKNOWN_MODEL, Api, Exchange, Piece
 
 
 class GenerationObserver:

@@ -20,9 +20,9 @@ from services.common.config import InferenceSettings
 from services.common.errors import RpcError
 from services.inference.admission import Admissions
 from services.inference.deadline import Deadline
-from services.inference.engine import Engine
+from services.inference.domain import Exchange, GenerationRequest, Outcome, Piece
+from services.inference.engine_interface import Engine
 from services.inference.engine_stream import EngineStream, Readiness
-from services.inference.generation import Exchange, GenerationRequest, Outcome, Piece
 from services.inference.observers import GenerationObserver
 from services.inference.record import NoTransactionLog, RecordOnce, TransactionLog
 from services.inference.render import Render

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from services.inference.generation import Exchange
+from services.inference.domain import Exchange
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ the model's chat template."""
 from __future__ import annotations
 
 from services.common.triton import ModelInfo
-from services.inference.generation import GenerationRequest
+from services.inference.domain import GenerationRequest
 from services.inference.templates import ChatTemplates
 
 

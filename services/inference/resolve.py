@@ -9,7 +9,7 @@ from ferry.auth.v1.auth_pb2 import Principal
 
 from services.common.config import InferenceSettings
 from services.common.triton import ModelInfo
-from services.inference.generation import GenerationRequest
+from services.inference.domain import GenerationRequest
 from services.inference.policy import admissible
 
 

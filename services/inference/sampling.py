@@ -16,7 +16,7 @@ from pydantic_core import ErrorDetails
 
 from backends.llamacpp.contract import SamplingParameters
 from services.common.errors import RpcError, invalid_argument
-from services.inference.generation import FieldSpelling
+from services.inference.domain import FieldSpelling
 
 _RANGE_ERRORS = frozenset({"greater_than", "greater_than_equal", "less_than", "less_than_equal"})
 

@@ -18,7 +18,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from services.common.errors import Reason, invalid_argument, rpc_error
-from services.inference.generation import Message
+from services.inference.domain import Message
 
 
 class TemplateRejected(TemplateError):

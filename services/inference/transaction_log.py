@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from services.common.interceptor import current_call
 from services.common.telemetry import current_trace_id
-from services.inference.generation import Exchange
+from services.inference.domain import Exchange
 from services.recording import Recorder
 
 

@@ -21,7 +21,8 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from backends.llamacpp.contract import EngineFault, SamplingParameters
-from services.inference.engine import (
+from services.inference.domain import Piece, TokenLogprob
+from services.inference.engine_interface import (
     EngineBroken,
     EngineError,
     EngineFaulted,
@@ -29,7 +30,6 @@ from services.inference.engine import (
     EngineTimedOut,
     EngineUnreachable,
 )
-from services.inference.generation import Piece, TokenLogprob
 
 log = logging.getLogger(__name__)
 

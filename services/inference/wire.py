@@ -1,5 +1,5 @@
 """A request as one API received it, before parsing: what the parse stage needs of every API's parser
-(`openai.chat.ChatWire`, `openai.completions.CompletionWire`, `native.request.GenerateWire`)."""
+(`openai.chat.ChatWire`, `openai.completions.CompletionWire`, `native.generate.GenerateWire`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from services.inference.generation import Api, FieldSpelling, GenerationRequest
+from services.inference.domain import Api, FieldSpelling, GenerationRequest
 from services.inference.sampling import sampling_parameters
 
 

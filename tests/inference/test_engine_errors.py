@@ -8,7 +8,8 @@ import pytest
 
 from backends.llamacpp.contract import EngineErrorCode, EngineFault
 from services.common.errors import CATALOGUE, Reason, RpcError
-from services.inference.engine import (
+from services.inference.engine_errors import caller_error
+from services.inference.engine_interface import (
     EngineBroken,
     EngineError,
     EngineFaulted,
@@ -16,7 +17,6 @@ from services.inference.engine import (
     EngineTimedOut,
     EngineUnreachable,
 )
-from services.inference.engine_errors import caller_error
 from services.inference.triton_engine import stream_error
 from tests.inference.test_wire_parsing import chat, completion, generate
 

@@ -20,9 +20,9 @@ from services.common.config import InferenceSettings
 from services.common.errors import RpcError, not_found
 from services.common.triton import ModelInfo
 from services.inference.admission import Admissions
-from services.inference.engine import EngineError, EngineFaulted, EngineRefused
+from services.inference.domain import UNKNOWN_MODEL, Api, Exchange, GenerationRequest, Piece
+from services.inference.engine_interface import EngineError, EngineFaulted, EngineRefused
 from services.inference.engine_stream import DEADLINE_MARGIN_SECONDS, EngineStream
-from services.inference.generation import UNKNOWN_MODEL, Api, Exchange, GenerationRequest, Piece
 from services.inference.observers import GenerationObserver, MetricsObserver, UsageReporter
 from services.inference.pipeline import Pipeline
 from services.inference.record import RecordOnce

@@ -17,8 +17,8 @@ from backends.llamacpp.contract import EngineErrorCode, EngineFault
 from services.common.config import InferenceSettings
 from services.common.errors import RpcError
 from services.common.triton import ModelInfo
-from services.inference.engine import EngineError, EngineFaulted, EngineUnreachable
-from services.inference.generation import Piece
+from services.inference.domain import Piece
+from services.inference.engine_interface import EngineError, EngineFaulted, EngineUnreachable
 from services.inference.native.servicer import InferenceServicer
 from services.inference.openai.servicer import OpenAIServicer
 from services.inference.pipeline import Pipeline

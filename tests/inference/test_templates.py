@@ -9,7 +9,7 @@ from tritonclient.grpc import model_config_pb2
 
 from services.common.config import REPO_ROOT
 from services.common.errors import RpcError
-from services.inference.generation import Message
+from services.inference.domain import Message
 from services.inference.templates import ChatTemplates
 
 # Gemma's turn format, as in Google's Gemma 3 template (system folded into the first user turn).

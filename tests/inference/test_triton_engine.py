@@ -18,8 +18,8 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import serialize_byte_tensor
 
 from backends.llamacpp.contract import EngineErrorCode, EngineFault, SamplingParameters
-from services.inference.engine import EngineFaulted
-from services.inference.generation import Piece, TokenLogprob, TopLogprob
+from services.inference.domain import Piece, TokenLogprob, TopLogprob
+from services.inference.engine_interface import EngineFaulted
 from services.inference.triton_engine import TritonEngine, decode
 
 LOGPROBS = [{"token": " é", "logprob": -0.5, "top_logprobs": [{"token": " é", "logprob": -0.5}]}]

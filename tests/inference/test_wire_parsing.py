@@ -17,8 +17,8 @@ from ferry.openai.v1 import openai_pb2
 from google.protobuf import json_format
 
 from services.common.errors import RpcError
-from services.inference.generation import Api, GenerationRequest, Message
-from services.inference.native.request import GenerateWire
+from services.inference.domain import Api, GenerationRequest, Message
+from services.inference.native.generate import GenerateWire
 from services.inference.openai.chat import ChatWire
 from services.inference.openai.completions import CompletionWire
 

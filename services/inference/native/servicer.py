@@ -16,8 +16,8 @@ from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.common.context import accept_request_id, request_id_var
 from services.common.errors import invalid_argument
 from services.inference.deadline import RequestDeadline
-from services.inference.generation import Exchange
-from services.inference.native.request import GenerateWire
+from services.inference.domain import Exchange
+from services.inference.native.generate import GenerateWire
 from services.inference.pipeline import Pipeline
 
 _FINISH = {

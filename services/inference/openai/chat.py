@@ -8,7 +8,7 @@ from ferry.openai.v1 import openai_pb2
 from google.protobuf import struct_pb2
 
 from services.common.errors import invalid_argument
-from services.inference.generation import Api, FieldSpelling, GenerationRequest
+from services.inference.domain import Api, FieldSpelling, GenerationRequest
 from services.inference.messages import parse_messages
 from services.inference.openai import fields
 from services.inference.sampling import same_named

@@ -19,7 +19,7 @@ from ferry.openai.v1 import openai_pb2
 from services.common.context import request_id_var
 from services.common.errors import Reason, RpcError, internal_error, rpc_error
 from services.inference.deadline import Deadline
-from services.inference.generation import Exchange, Outcome, Piece
+from services.inference.domain import Exchange, Outcome, Piece
 from services.inference.pipeline import Pipeline
 from services.inference.wire import WireRequest
 

@@ -9,7 +9,7 @@ from ferry.inference.v1 import inference_pb2
 
 from services.common.errors import invalid_argument
 from services.common.names import model_id_from_name
-from services.inference.generation import Api, FieldSpelling, GenerationRequest, Message
+from services.inference.domain import Api, FieldSpelling, GenerationRequest, Message
 from services.inference.messages import parse_messages
 from services.inference.sampling import SAME_NAMED, same_named
 from services.inference.wire import WireRequest

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from backends.llamacpp.contract import EngineFault, SamplingParameters
-from services.inference.generation import Piece
+from services.inference.domain import Piece
 
 
 class EngineError(Exception):
