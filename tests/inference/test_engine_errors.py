@@ -17,7 +17,7 @@ from services.inference.engine_interface import (
     EngineTimedOut,
     EngineUnreachable,
 )
-from services.inference.triton_engine import stream_error
+from services.inference.triton_engine import rpc_error, stream_error
 from tests.inference.test_wire_parsing import chat, completion, generate
 
 CHAT = chat(max_completion_tokens=5).spelling
@@ -136,3 +136,19 @@ def test_stream_errors_are_read_by_the_contract_never_by_their_wording() -> None
 
 def test_an_unmapped_error_is_still_an_rpc_error() -> None:
     assert isinstance(caller_error(EngineError("anything"), CHAT), RpcError)
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, EngineUnreachable),
+        (grpc.StatusCode.CANCELLED, EngineUnreachable),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, EngineTimedOut),
+        (grpc.StatusCode.INTERNAL, EngineRefused),
+    ],
+)
+def test_a_failed_triton_stream_is_typed_by_its_grpc_code(
+    code: grpc.StatusCode, kind: type[EngineError]
+) -> None:
+    err = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="x")
+    assert type(rpc_error(err)) is kind
