@@ -277,17 +277,22 @@ def test_a_stopping_service_reports_not_serving_before_it_exits(stack: RunningSt
     stack.wait_serving("models")
 
 
-@pytest.mark.stack
-def test_a_second_launcher_fails_fast_with_a_clear_message(stack: RunningStack) -> None:
-    started = time.monotonic()
-    result = subprocess.run(
+def _launch(settings: Settings) -> subprocess.CompletedProcess[str]:
+    """`python -m launcher` with these settings, to its end (one that should refuse to start)."""
+    return subprocess.run(
         [sys.executable, "-m", "launcher"],
-        env=python_env(stack.settings),
+        env=python_env(settings),
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+@pytest.mark.stack
+def test_a_second_launcher_fails_fast_with_a_clear_message(stack: RunningStack) -> None:
+    started = time.monotonic()
+    result = _launch(stack.settings)
     assert result.returncode == 1
     assert "another ferry is already running" in result.stdout
     assert time.monotonic() - started < 15
@@ -297,14 +302,7 @@ def test_a_second_launcher_fails_fast_with_a_clear_message(stack: RunningStack) 
 @pytest.mark.stack
 def test_a_launcher_whose_ports_are_taken_fails_fast(stack: RunningStack, tmp_path: Path) -> None:
     other = stack_settings(tmp_path / "home", envoy={"port": stack.settings.envoy.port})
-    result = subprocess.run(
-        [sys.executable, "-m", "launcher"],
-        env=python_env(other),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _launch(other)
     assert result.returncode == 1
     assert "already in use" in result.stdout
     assert "envoy.port" in result.stdout and "FERRY_ENVOY__PORT" in result.stdout

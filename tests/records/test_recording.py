@@ -125,6 +125,14 @@ async def _health(address: str, service: str) -> int:
         return int(reply.status)
 
 
+async def _until_health(address: str, status: int, seconds: float, failure: str) -> None:
+    """Until the server's overall health is `status`; fails with `failure` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while await _health(address, "") != status:
+        assert time.monotonic() < deadline, failure
+        await asyncio.sleep(0.2)
+
+
 async def test_outage_spools_then_delivers_exactly_once(
     services: Services, transactions: Any, audit: Any
 ) -> None:
@@ -561,10 +569,12 @@ async def test_postgres_outage(private_postgres: PrivatePostgres, tmp_path: Path
         await recorder.start()
         private_postgres.stop()
         stopped = time.monotonic()
-        deadline = stopped + 20
-        while await _health(address, "") != health_pb2.HealthCheckResponse.NOT_SERVING:
-            assert time.monotonic() < deadline, "transactions stayed SERVING without its database"
-            await asyncio.sleep(0.2)
+        await _until_health(
+            address,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+            20,
+            "transactions stayed SERVING without its database",
+        )
         async with grpc.aio.insecure_channel(address) as channel:
             stub = transactions_pb2_grpc.TransactionsServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -578,10 +588,12 @@ async def test_postgres_outage(private_postgres: PrivatePostgres, tmp_path: Path
             print(f"NOT_SERVING {time.monotonic() - stopped:.1f} s after PostgreSQL stopped")
             private_postgres.start()
             back = time.monotonic()
-            deadline = back + 30
-            while await _health(address, "") != health_pb2.HealthCheckResponse.SERVING:
-                assert time.monotonic() < deadline, "transactions did not recover with its database"
-                await asyncio.sleep(0.2)
+            await _until_health(
+                address,
+                health_pb2.HealthCheckResponse.SERVING,
+                30,
+                "transactions did not recover with its database",
+            )
             print(f"SERVING again {time.monotonic() - back:.1f} s after PostgreSQL came back")
             assert await recorder.flush(30), recorder.depth()
             records = await _list(stub, "principal = pg-outage")
