@@ -22,6 +22,7 @@ from google.rpc import code_pb2
 
 from services.common.access import is_internal
 from services.common.interceptor import Call
+from services.common.names import model_name
 from services.common.telemetry import current_trace_id
 from services.common.timestamps import seconds_to_duration, to_timestamp
 from services.recording.recorder import Recorder
@@ -74,5 +75,5 @@ def _resource(request: Any) -> str:
         if field in descriptor.fields_by_name:
             value = getattr(request, field)
             if isinstance(value, str) and value:
-                return value if "/" in value or field != "model" else f"models/{value}"
+                return value if "/" in value or field != "model" else model_name(value)
     return ""
