@@ -31,14 +31,14 @@ from services.inference.templates import ChatTemplates
 from services.inference.wire import WireRequest
 
 
-class Catalog(Models, Readiness, Protocol):
-    pass
+class ModelCatalog(Models, Readiness, Protocol):
+    """What the pipeline asks about models (`catalog.Catalog` in the service)."""
 
 
 class Pipeline:
     def __init__(
         self,
-        catalog: Catalog,
+        catalog: ModelCatalog,
         engine: Engine,
         templates: ChatTemplates,
         settings: InferenceSettings,

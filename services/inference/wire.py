@@ -16,13 +16,13 @@ class _Named(Protocol):
     def model(self) -> str: ...
 
 
-Message = TypeVar("Message", bound=_Named)
+Received = TypeVar("Received", bound=_Named)
 
 
-class WireRequest(ABC, Generic[Message]):
+class WireRequest(ABC, Generic[Received]):
     api: ClassVar[Api]
 
-    def __init__(self, message: Message, *, stream: bool) -> None:
+    def __init__(self, message: Received, *, stream: bool) -> None:
         self.message = message
         self.stream = stream
 
