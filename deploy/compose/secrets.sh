@@ -12,7 +12,7 @@ for name in postgres_password service_token bootstrap_admin_key; do
         echo "kept    $file"
         continue
     fi
-    # API keys start with fry_ (services/common/auth.py), which secret scanners and people recognise.
+    # API keys start with fry_ (services/common/tokens.py), which secret scanners and people recognise.
     prefix=""
     [ "$name" = bootstrap_admin_key ] && prefix="fry_"
     # 32 random bytes as URL-safe text: no characters that need quoting in a URL, a shell or YAML.

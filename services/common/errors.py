@@ -156,7 +156,7 @@ CATALOGUE: Mapping[Reason, Entry] = {
         _Code.UNAVAILABLE, "Triton or the model stopped answering (e.g. unloaded mid-stream)", retryable=True
     ),
     Reason.TRITON_UNAVAILABLE: _entry(
-        _Code.UNAVAILABLE, "the Models service cannot reach Triton", retryable=True
+        _Code.UNAVAILABLE, "a service (Models, Inference) cannot reach Triton", retryable=True
     ),
     Reason.DATABASE_UNAVAILABLE: _entry(
         _Code.UNAVAILABLE, "PostgreSQL is not reachable, or not migrated yet", retryable=True

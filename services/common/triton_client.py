@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from services.common.config import TritonSettings
-from services.common.errors import RpcError
+from services.common.errors import Reason, RpcError, rpc_error
 
 
 @dataclass(frozen=True)
@@ -33,12 +32,7 @@ def connect(settings: TritonSettings) -> triton_aio.InferenceServerClient:
 
 
 def unavailable(err: InferenceServerException) -> RpcError:
-    return RpcError(
-        grpc.StatusCode.UNAVAILABLE,
-        f"Triton is not answering: {err.message()}",
-        "TRITON_UNAVAILABLE",
-        retry_after_seconds=1.0,
-    )
+    return rpc_error(Reason.TRITON_UNAVAILABLE, f"Triton is not answering: {err.message()}")
 
 
 async def repository_index(client: triton_aio.InferenceServerClient) -> list[dict[str, str]]:

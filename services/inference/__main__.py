@@ -13,10 +13,10 @@ import logging
 from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
 
-from services.common import triton
+from services.common import triton_client
 from services.common.config import get_settings
 from services.common.server import Runtime, serve
-from services.common.triton import ModelInfo
+from services.common.triton_client import ModelInfo
 from services.inference.catalog import Catalog
 from services.inference.native.servicer import InferenceServicer
 from services.inference.observers import GenerationObserver, MetricsObserver, UsageReporter
@@ -43,7 +43,7 @@ recorder = Recorder(get_settings(), "inference")
 async def setup(runtime: Runtime) -> None:
     settings = runtime.settings
     await recorder.start(runtime)
-    client = triton.connect(settings.triton)
+    client = triton_client.connect(settings.triton)
     catalog = Catalog(client)
     observers: list[GenerationObserver] = [MetricsObserver(catalog)]
     if runtime.auth is not None:

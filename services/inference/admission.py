@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 
 from services.common.config import InferenceSettings
 from services.common.errors import Reason, rpc_error
-from services.common.triton import ModelInfo
+from services.common.triton_client import ModelInfo
 from services.inference import metrics
 
 # Bounds of the Retry-After estimate, in seconds.

@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from services.common import triton
+from services.common import triton_client
 from services.common.errors import Reason, RpcError, not_found, rpc_error
-from services.common.triton import ModelInfo
+from services.common.triton_client import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,8 @@ class Catalog:
             ready = await self.client.is_model_ready(name)
         except InferenceServerException as err:
             self._ready.pop(name, None)
-            raise triton.unavailable(err) from err
-        info = await triton.model_info(self.client, name) if ready else None
+            raise triton_client.unavailable(err) from err
+        info = await triton_client.model_info(self.client, name) if ready else None
         if info is None:
             self._ready.pop(name, None)
             return None
@@ -64,7 +64,7 @@ class Catalog:
         info = await self._refresh(name)
         if info is not None:
             return info
-        for entry in await triton.repository_index(self.client):
+        for entry in await triton_client.repository_index(self.client):
             if entry.get("name") == name:
                 state = entry.get("state") or "not loaded"
                 reason = entry.get("reason")
@@ -80,7 +80,7 @@ class Catalog:
 
     async def ready_models(self) -> list[ModelInfo]:
         out: list[ModelInfo] = []
-        for entry in await triton.repository_index(self.client):
+        for entry in await triton_client.repository_index(self.client):
             name = entry.get("name", "")
             if entry.get("state") == "READY" and name:
                 try:

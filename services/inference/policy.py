@@ -10,7 +10,7 @@ from ferry.auth.v1.auth_pb2 import Principal
 
 from services.common.config import InferenceSettings
 from services.common.errors import invalid_argument
-from services.common.triton import ModelInfo
+from services.common.triton_client import ModelInfo
 from services.inference.domain import GenerationRequest
 
 

@@ -3,7 +3,7 @@ the model's chat template."""
 
 from __future__ import annotations
 
-from services.common.triton import ModelInfo
+from services.common.triton_client import ModelInfo
 from services.inference.domain import GenerationRequest
 from services.inference.templates import ChatTemplates
 

@@ -8,7 +8,7 @@ from typing import Protocol
 from ferry.auth.v1.auth_pb2 import Principal
 
 from services.common.config import InferenceSettings
-from services.common.triton import ModelInfo
+from services.common.triton_client import ModelInfo
 from services.inference.domain import GenerationRequest
 from services.inference.policy import admissible
 

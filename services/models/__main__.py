@@ -9,7 +9,7 @@ import logging
 from ferry.models.v1 import models_pb2, models_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from services.common import triton
+from services.common import triton_client
 from services.common.server import Runtime
 from services.models.servicer import ModelsServicer
 from services.recording import Recorder
@@ -36,7 +36,7 @@ async def watch_triton(runtime: Runtime, servicer: ModelsServicer) -> None:
 
 
 async def setup(runtime: Runtime, recorder: Recorder) -> None:
-    servicer = ModelsServicer(triton.connect(runtime.settings.triton))
+    servicer = ModelsServicer(triton_client.connect(runtime.settings.triton))
     models_pb2_grpc.add_ModelsServiceServicer_to_server(servicer, runtime.server)
     await runtime.set_serving(False)
     watcher = asyncio.create_task(watch_triton(runtime, servicer))

@@ -9,7 +9,7 @@ from ferry.models.v1 import models_pb2, models_pb2_grpc
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
-from services.common import listing, triton
+from services.common import listing, triton_client
 from services.common.errors import Reason, not_found, rpc_error
 from services.common.names import model_id_from_name, model_name
 
@@ -33,7 +33,7 @@ class ModelsServicer(models_pb2_grpc.ModelsServiceServicer):
         # Keyset by model id, like every List RPC: a model loaded or removed between pages
         # shifts no other model onto or off the next page.
         page = listing.page(request.page_size, request.page_token, query=("models",), key=("text",))
-        index = sorted(await triton.repository_index(self.client), key=lambda m: m["name"])
+        index = sorted(await triton_client.repository_index(self.client), key=lambda m: m["name"])
         if page.after is not None:
             index = [entry for entry in index if entry["name"] > page.after[0]]
         shown, token = page.split(index[: page.limit], lambda entry: (entry["name"],))
@@ -70,12 +70,12 @@ class ModelsServicer(models_pb2_grpc.ModelsServiceServicer):
         try:
             await self.client.unload_model(model_id)
         except InferenceServerException as err:
-            raise triton.unavailable(err) from err
+            raise triton_client.unavailable(err) from err
         log.info("model %s unloaded", model_id)
         return await self._get(model_id)
 
     async def _get(self, model_id: str) -> models_pb2.Model:
-        for entry in await triton.repository_index(self.client):
+        for entry in await triton_client.repository_index(self.client):
             if entry["name"] == model_id:
                 return await self._model(entry)
         raise not_found("model", model_name(model_id))
@@ -91,7 +91,7 @@ class ModelsServicer(models_pb2_grpc.ModelsServiceServicer):
             version=entry.get("version", "") if state == models_pb2.Model.STATE_READY else "",
         )
         if state == models_pb2.Model.STATE_READY:
-            info = await triton.model_info(self.client, model_id)
+            info = await triton_client.model_info(self.client, model_id)
             if info:
                 model.context_length = info.context_length
                 model.max_tokens = info.max_tokens

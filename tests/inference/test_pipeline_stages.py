@@ -18,7 +18,7 @@ from backends.llamacpp.contract import EngineErrorCode, EngineFault, SamplingPar
 from services.common.auth import principal_var
 from services.common.config import InferenceSettings
 from services.common.errors import RpcError, not_found
-from services.common.triton import ModelInfo
+from services.common.triton_client import ModelInfo
 from services.inference.admission import Admissions
 from services.inference.domain import UNKNOWN_MODEL, Api, Exchange, GenerationRequest, Piece
 from services.inference.engine_interface import EngineError, EngineFaulted, EngineRefused

@@ -10,7 +10,7 @@ from ferry.auth.v1.auth_pb2 import Limits, Principal
 
 from services.common.config import InferenceSettings
 from services.common.errors import RpcError
-from services.common.triton import ModelInfo
+from services.common.triton_client import ModelInfo
 from services.inference.policy import admissible, apply_caller_limits, check_against_model
 from tests.inference.test_wire_parsing import chat, completion, generate
 

@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from backends.llamacpp.contract import EngineErrorCode, EngineFault
 from services.common.config import InferenceSettings
 from services.common.errors import RpcError
-from services.common.triton import ModelInfo
+from services.common.triton_client import ModelInfo
 from services.inference.domain import Piece
 from services.inference.engine_interface import EngineError, EngineFaulted, EngineUnreachable
 from services.inference.native.servicer import InferenceServicer

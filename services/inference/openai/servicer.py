@@ -15,7 +15,7 @@ import grpc
 from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
 
 from services.common.context import request_id_var
-from services.common.triton import ModelInfo
+from services.common.triton_client import ModelInfo
 from services.inference.deadline import RequestDeadline
 from services.inference.domain import Exchange, Piece, chat_logprobs, completion_logprobs
 from services.inference.openai import fields
