@@ -26,7 +26,8 @@ PYTRITON_DIR = _pytriton_dir()
 TRITONSERVER = PYTRITON_DIR / "bin" / "tritonserver"
 CACHE_DIR = PYTRITON_DIR / "caches"
 PYTRITON_LIBS = PYTRITON_DIR.parents[1] / "nvidia_pytriton.libs"
-# Built by `python -m launcher.setup`; tritonserver looks for the Python backend stub only here.
+# Built by `python -m launcher.setup`: the Python backend (library, stub) and the python-based llamacpp
+# backend (backends/llamacpp/model.py) that every model in triton_models/ names.
 BACKEND_DIR = REPO_ROOT / "build" / "triton" / "backends"
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
@@ -62,7 +63,7 @@ def triton_env(settings: Settings) -> dict[str, str]:
     return {
         "LD_LIBRARY_PATH": os.pathsep.join(library_path),
         "PATH": os.pathsep.join([str(venv_bin), os.environ.get("PATH", "/usr/bin:/bin")]),
-        # model.py resolves its model file relative to FERRY_HOME.
+        # The llamacpp backend finds assembled GGUF files under $FERRY_HOME/models.
         "FERRY_HOME": str(settings.home),
     }
 

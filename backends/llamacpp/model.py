@@ -27,6 +27,7 @@ from backends.llamacpp.generation import Generation, Piece
 from backends.llamacpp.gguf import gguf_path
 from backends.llamacpp.metrics import EngineMetrics
 from backends.llamacpp.request import completion_request, with_defaults
+from backends.llamacpp.shutdown import ShutdownMonitor, server_live_url
 from backends.llamacpp.watchdog import start_watchdog
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -107,9 +108,11 @@ class TritonPythonModel:
         started = time.monotonic()
         self.server = start_engine(self.params, gguf)
         self.metrics = EngineMetrics(self.name, args["model_version"], self.params)
-        self.stopping = False
+        # Set by finalize() (the model unloads) or by the monitor (tritonserver is shutting down).
+        self.unloading = False
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
+        self.shutdown = ShutdownMonitor(busy=lambda: bool(self._threads), url=server_live_url())
         start_watchdog()
         print(
             f"{self.name}: loaded {gguf} in {time.monotonic() - started:.2f} s (slots={self.params.n_parallel}, "
@@ -117,6 +120,11 @@ class TritonPythonModel:
             f"gpu_layers={self.params.n_gpu_layers}, prompt cache={self.params.prompt_cache_mib} MiB)",
             flush=True,
         )
+
+    @property
+    def stopping(self) -> bool:
+        """Generations in flight end at their next token, and new requests are refused, with MODEL_UNLOADING."""
+        return self.unloading or self.shutdown.exiting.is_set()
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -167,7 +175,8 @@ class TritonPythonModel:
     def finalize(self) -> None:
         # Running generations stop at their next token with MODEL_UNLOADING; the engine is freed only
         # after they return.
-        self.stopping = True
+        self.unloading = True
+        self.shutdown.close()
         deadline = time.monotonic() + DRAIN_SECONDS
         with self._lock:
             threads = list(self._threads)

@@ -1,8 +1,10 @@
 """The llamacpp backend's parts that need no Triton: model parameters, GGUF location, the llama.cpp
-request, and one generation's chunk-to-piece state (driven with chunks shaped like llama.cpp's)."""
+request, one generation's chunk-to-piece state (driven with chunks shaped like llama.cpp's), and the
+shutdown monitor."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from backends.llamacpp.faults import FaultError
 from backends.llamacpp.generation import Generation, Piece, Usage
 from backends.llamacpp.gguf import gguf_path
 from backends.llamacpp.request import RANDOM_SEED, completion_request, with_defaults
+from backends.llamacpp.shutdown import POLL_SECONDS, ShutdownMonitor, live_url, server_is_exiting
+from launcher.ports import free_ports
 from launcher.setup import llamacpp_models
 from services.common.config import REPO_ROOT
 
@@ -262,3 +266,46 @@ def test_an_engine_exception_is_engine_failed() -> None:
     generation.run(engine, {})
     assert [f.code for f in sink.faults] == [EngineErrorCode.ENGINE_FAILED]
     assert "boom" in sink.faults[0].message
+
+
+# --- noticing that tritonserver stops ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "url"),
+    [
+        (
+            ["tritonserver", "--http-port=8123", "--http-address=127.0.0.1"],
+            "http://127.0.0.1:8123/v2/health/live",
+        ),
+        (["tritonserver", "--http-port", "9000"], "http://127.0.0.1:9000/v2/health/live"),
+        (["tritonserver", "--model-repository=/models"], "http://127.0.0.1:8000/v2/health/live"),
+        (["tritonserver", "--http-address=::1", "--http-port=1"], "http://[::1]:1/v2/health/live"),
+        (["tritonserver", "--allow-http=false"], None),
+    ],
+)
+def test_the_servers_liveness_url_comes_from_its_command_line(argv: list[str], url: str | None) -> None:
+    assert live_url(argv) == url
+
+
+def test_a_refused_connection_means_the_server_is_exiting() -> None:
+    assert server_is_exiting(f"http://127.0.0.1:{free_ports(1)[0]}/v2/health/live")
+
+
+def test_the_monitor_checks_only_while_generations_are_in_flight() -> None:
+    busy = threading.Event()
+    checks: list[str] = []
+
+    def check(url: str) -> bool:
+        checks.append(url)
+        return True
+
+    monitor = ShutdownMonitor(busy=busy.is_set, url="http://triton/live", check=check)
+    try:
+        assert not monitor.exiting.wait(3 * POLL_SECONDS)
+        assert checks == []
+        busy.set()
+        assert monitor.exiting.wait(10 * POLL_SECONDS)
+        assert checks == ["http://triton/live"]
+    finally:
+        monitor.close()
