@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from backends.llamacpp.contract import SamplingParameters
 
 BACKEND_NAME = "llamacpp"
-# A host-memory prompt cache of this size keeps a few full-context slot states of a small model and
-# cannot grow past it (llama.cpp's own default is 8192 MiB, which let the model process grow for hours).
+# Host memory for llama.cpp's prompt cache: ~20 short conversation states of a small model, and a bound
+# (llama.cpp's own default, 8192 MiB, grew the model process by ~1.2 MB per distinct prompt).
 DEFAULT_PROMPT_CACHE_MIB = 32
 
 

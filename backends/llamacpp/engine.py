@@ -29,7 +29,7 @@ def start_engine(params: ModelParameters, gguf: Path) -> Any:
     engine.cpuparams.n_threads = params.n_threads
     engine.cpuparams_batch.n_threads = params.n_threads
     # Bounded caches (see README.md, "Memory"): the host-memory prompt cache (llama.cpp's default
-    # 8192 MiB grew the model process by ~0.14 MB per distinct prompt) and the per-slot checkpoints.
+    # 8192 MiB grew the model process by ~1.2 MB per distinct prompt) and the per-slot checkpoints.
     engine.cache_ram_mib = params.prompt_cache_mib
     engine.n_ctx_checkpoints = params.ctx_checkpoints
     # xllamacpp also serves llama.cpp's HTTP API on a random port: keep it on loopback.
