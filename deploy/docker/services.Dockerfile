@@ -41,6 +41,8 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build /src/build/gen /app/build/gen
 COPY services/ /app/services/
 COPY gateway/ /app/gateway/
+# The engine contract (backends/llamacpp/contract.py) the inference service shares with the Triton backend.
+COPY backends/ /app/backends/
 COPY deploy/docker/healthcheck.py /app/healthcheck.py
 COPY --chmod=0755 deploy/docker/entrypoint.sh /usr/local/bin/ferry-entrypoint
 # FERRY_HOME holds the runtime data; the recording spool (spool/) is the part to keep on a volume.
