@@ -66,7 +66,7 @@ test-unit: proto
 lint: proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services gateway launcher tests bench
+	$(VENV)/bin/mypy services gateway launcher tests bench backends
 
 bench: setup
 	$(PY) -m bench

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench import aiperf_run, platform, prompts, raw_engine, report, sidecar
 from bench.clients import Client, GrpcClient, SseClient, TritonClient, run_load
-from bench.engine_params import MODEL_NAME, engine_params
+from bench.engine_params import MODEL_NAME, engine_params, engine_summary
 from bench.metrics import Record, combine, summarize
 from launcher.setup import ensure_backend, ensure_model, model_path
 from services.common.config import REPO_ROOT, get_settings
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = Loads()
     loads.sample()
     results: dict[str, Any] = {}
-    engine_meta = engine_params().as_dict()
+    engine_meta = engine_summary(engine_params())
     if not args.skip_engine:
         comparison = engine_comparison(args, model, run_dir, loads)
         results["engine"] = comparison["cells"]

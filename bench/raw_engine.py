@@ -22,28 +22,15 @@ from typing import Any
 
 import httpx
 
-from bench.engine_params import MODEL_NAME, engine_params
+from backends.llamacpp.engine import engine_settings
+from bench.engine_params import MODEL_NAME, engine_params, engine_summary
 
 
 def build_params(model: Path, port: int) -> Any:
-    import xllamacpp  # after OMP_WAIT_POLICY is set (see main)
-
-    engine = engine_params()
-    params = xllamacpp.CommonParams()
-    params.model.path = str(model)
-    params.n_parallel = engine.n_parallel
-    params.n_ctx = engine.n_ctx
-    # As the model does: each slot gets an equal share of the context, batched continuously.
-    params.kv_unified = False
-    params.cont_batching = True
-    params.cpuparams.n_threads = engine.n_threads
-    params.cpuparams_batch.n_threads = engine.n_threads
-    if engine.n_batch:
-        params.n_batch = engine.n_batch
-    if engine.n_ubatch:
-        params.n_ubatch = engine.n_ubatch
-    params.hostnames = ["127.0.0.1"]
+    """The model's own engine settings (backends.llamacpp.engine), with llama.cpp's OpenAI listener open."""
+    params = engine_settings(engine_params(), model)
     params.port = port
+    params.api_keys = []
     # A set: a plain string would become a set of its characters.
     params.model_alias = {MODEL_NAME}
     return params
@@ -57,12 +44,12 @@ def main() -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    # OpenMP reads its wait policy when the library loads: set it before xllamacpp is imported.
-    os.environ["OMP_WAIT_POLICY"] = engine_params().omp_wait_policy
+    # build_params sets OpenMP's wait policy before xllamacpp is imported (it is read at load).
+    params = build_params(args.model, args.port)
     import xllamacpp
 
-    server = xllamacpp.Server(build_params(args.model, args.port))
-    print(json.dumps({"ready": True, "engine": engine_params().as_dict()}), flush=True)
+    server = xllamacpp.Server(params)
+    print(json.dumps({"ready": True, "engine": engine_summary(engine_params())}), flush=True)
     stop.wait()
     del server
 

@@ -10,8 +10,9 @@ from typing import Any
 from backends.llamacpp.config import ModelParameters
 
 
-def start_engine(params: ModelParameters, gguf: Path) -> Any:
-    """Load the GGUF file into a llama.cpp server with continuous batching over `n_parallel` slots."""
+def engine_settings(params: ModelParameters, gguf: Path) -> Any:
+    """llama.cpp's settings (xllamacpp.CommonParams) for a model directory; bench's raw-engine peer runs
+    the same ones, with its HTTP listener opened instead of locked."""
     # llama.cpp's OpenMP threads spin while they wait by default. On a CPU shared with Triton, the
     # services and Envoy, that collapses decoding (measured 4 vs 25 tok/s under load). OpenMP reads
     # this when the library loads, so xllamacpp is imported only after it is set.
@@ -39,4 +40,12 @@ def start_engine(params: ModelParameters, gguf: Path) -> Any:
     engine.api_keys = [secrets.token_urlsafe(32)]
     engine.cors_origins = ""
     engine.verbosity = params.log_verbosity
-    return xllamacpp.Server(engine)
+    return engine
+
+
+def start_engine(params: ModelParameters, gguf: Path) -> Any:
+    """Load the GGUF file into a llama.cpp server with continuous batching over `n_parallel` slots."""
+    settings = engine_settings(params, gguf)
+    import xllamacpp
+
+    return xllamacpp.Server(settings)
