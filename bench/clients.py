@@ -100,13 +100,7 @@ class SseClient:
                 if response.status_code != 200:
                     text = (await response.aread()).decode(errors="replace")[:300]
                     return Record(start, time.perf_counter(), None, 0, f"HTTP {response.status_code}: {text}")
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    event = json.loads(data)
+                async for event in sse_events(response):
                     if event.get("error"):
                         return Record(
                             start, time.perf_counter(), ttft, chunks, f"stream error: {event['error']}"
@@ -124,6 +118,17 @@ class SseClient:
 
     async def close(self) -> None:
         await self.http.aclose()
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of an OpenAI server-sent-event stream, until `[DONE]` or the end of the body."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
 
 
 def _string_input(name: str, value: str) -> InferInput:

@@ -13,7 +13,6 @@ the client closes its connection (REST) or cancels the call (gRPC) while tokens 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from typing import Any
 import grpc
 import httpx
 from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
+
+from bench.clients import sse_events
 
 KINDS = ("chat", "chat-stream", "completion", "completion-stream", "generate", "generate-stream", "invalid")
 STREAM_KINDS = frozenset(k for k in KINDS if k.endswith("-stream"))
@@ -163,13 +164,7 @@ class Traffic:
         async with http.stream("POST", path, json=body) as response:
             if response.status_code != 200:
                 raise Outcome(message=f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
+            async for event in sse_events(response):
                 if event.get("error"):
                     raise Outcome(message=f"stream error: {event['error']}")
                 chunks += 1
