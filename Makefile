@@ -12,7 +12,6 @@ FERRY_CLI := $(VENV)/bin/ferry
 GEN := build/gen
 DESCRIPTOR := build/ferry.pb
 PROTOS := $(shell find protos -name '*.proto')
-MODEL_FILE := $(FERRY_HOME)/models/gemma-3-270m-q4_k_m.gguf
 
 .PHONY: install proto setup run test test-unit lint bench soak clean
 
