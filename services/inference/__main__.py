@@ -20,7 +20,7 @@ from services.common.triton_client import ModelInfo
 from services.inference.catalog import Catalog
 from services.inference.native.servicer import InferenceServicer
 from services.inference.observers import GenerationObserver, MetricsObserver, UsageReporter
-from services.inference.openai.servicer import OpenAIServicer
+from services.inference.openai_api.servicer import OpenAIServicer
 from services.inference.pipeline import Pipeline
 from services.inference.templates import ChatTemplates
 from services.inference.transaction_log import SpoolTransactionLog

@@ -37,13 +37,13 @@ log = logging.getLogger(__name__)
 END_OF_STREAM_SECONDS = 5.0
 
 
-def stream_error(message: str) -> EngineError:
+def engine_error_from_stream(message: str) -> EngineError:
     """An error response on the stream: the backend's fault, or Triton's own refusal."""
     fault = EngineFault.from_message(message)
     return EngineFaulted(fault) if fault is not None else EngineRefused(message)
 
 
-def rpc_error(err: grpc.aio.AioRpcError) -> EngineError:
+def engine_error_from_rpc(err: grpc.aio.AioRpcError) -> EngineError:
     """The stream itself failed, with a gRPC code."""
     code = err.code()
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -51,7 +51,7 @@ def rpc_error(err: grpc.aio.AioRpcError) -> EngineError:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         # We never see our own cancellations here (we stop reading first): Triton went away or stopped us.
         return EngineUnreachable(f"Triton {code.name.lower()}: {err.details()}")
-    return stream_error(err.details() or code.name)
+    return engine_error_from_stream(err.details() or code.name)
 
 
 # Fixed-size integer tensors as Triton puts them in `raw_output_contents` (little-endian).
@@ -170,7 +170,7 @@ class TritonEngine:
         try:
             async for result, error in responses:
                 if error is not None:
-                    raise stream_error(
+                    raise engine_error_from_stream(
                         error.message() if isinstance(error, InferenceServerException) else str(error)
                     )
                 piece = decode(result)
@@ -180,7 +180,7 @@ class TritonEngine:
                     return
             raise EngineBroken("Triton ended the stream without a final response")
         except grpc.aio.AioRpcError as err:
-            raise rpc_error(err) from err
+            raise engine_error_from_rpc(err) from err
         finally:
             finished.set()
             if completed:

@@ -17,7 +17,7 @@ from services.inference.engine_interface import (
     EngineTimedOut,
     EngineUnreachable,
 )
-from services.inference.triton_engine import rpc_error, stream_error
+from services.inference.triton_engine import engine_error_from_rpc, engine_error_from_stream
 from tests.inference.test_wire_parsing import chat, completion, generate
 
 CHAT = chat(max_completion_tokens=5).spelling
@@ -124,14 +124,14 @@ def test_stream_errors_are_read_by_the_contract_never_by_their_wording() -> None
     sent = EngineFault(
         code=EngineErrorCode.MODEL_UNLOADING, message="the model is being unloaded", retry_after_seconds=1
     )
-    parsed = stream_error(sent.to_message())
+    parsed = engine_error_from_stream(sent.to_message())
     assert isinstance(parsed, EngineFaulted) and parsed.fault == sent
     # Prose, even prose that looks like the old prefixes, is Triton's own error, not a fault.
     for text in (
         "Request for unknown model: 'm' is not found",
         "[PROMPT_TOO_LONG prompt_tokens=9 context_length=8]",
     ):
-        assert isinstance(stream_error(text), EngineRefused)
+        assert isinstance(engine_error_from_stream(text), EngineRefused)
 
 
 def test_an_unmapped_error_is_still_an_rpc_error() -> None:
@@ -151,4 +151,4 @@ def test_a_failed_triton_stream_is_typed_by_its_grpc_code(
     code: grpc.StatusCode, kind: type[EngineError]
 ) -> None:
     err = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details="x")
-    assert type(rpc_error(err)) is kind
+    assert type(engine_error_from_rpc(err)) is kind

@@ -343,7 +343,7 @@ async def test_refusals_before_admission_are_not_recorded() -> None:
 async def test_a_request_that_does_not_parse_is_counted_by_the_observers() -> None:
     from ferry.openai.v1 import openai_pb2
 
-    from services.inference.openai.chat import ChatWire
+    from services.inference.openai_api.chat import ChatWire
 
     built, _, watcher = pipeline(Engine())
     wire = ChatWire(openai_pb2.CreateChatCompletionRequest(model="m"), stream=False)

@@ -20,7 +20,7 @@ from services.common.triton_client import ModelInfo
 from services.inference.domain import Piece
 from services.inference.engine_interface import EngineError, EngineFaulted, EngineUnreachable
 from services.inference.native.servicer import InferenceServicer
-from services.inference.openai.servicer import OpenAIServicer
+from services.inference.openai_api.servicer import OpenAIServicer
 from services.inference.pipeline import Pipeline
 from services.inference.templates import ChatTemplates
 
@@ -85,9 +85,9 @@ async def drain(stream: Any) -> tuple[list[Any], RpcError]:
 
 
 async def test_chat_stream_failing_midway_ends_with_an_error_event_and_status() -> None:
-    openai_api, _ = servicers(2, failed("llama_decode failed"))
+    openai_servicer, _ = servicers(2, failed("llama_decode failed"))
     context: Any = Context()
-    chunks, err = await drain(openai_api.CreateChatCompletionStream(CHAT, context))
+    chunks, err = await drain(openai_servicer.CreateChatCompletionStream(CHAT, context))
     assert [c.choices[0].delta.content for c in chunks[:3]] == ["", "t0", "t1"]
     last = chunks[-1]
     assert last.HasField("error") and not last.choices
@@ -97,9 +97,9 @@ async def test_chat_stream_failing_midway_ends_with_an_error_event_and_status() 
 
 
 async def test_completion_stream_failing_midway_ends_with_an_error_event() -> None:
-    openai_api, _ = servicers(1, EngineUnreachable("Triton unavailable: Socket closed"))
+    openai_servicer, _ = servicers(1, EngineUnreachable("Triton unavailable: Socket closed"))
     context: Any = Context()
-    chunks, err = await drain(openai_api.CreateCompletionStream(COMPLETION, context))
+    chunks, err = await drain(openai_servicer.CreateCompletionStream(COMPLETION, context))
     assert chunks[0].choices[0].text == "t0"
     last = chunks[-1].error
     assert "Socket closed" in last.message and (last.type, last.code) == (
@@ -117,9 +117,9 @@ async def test_failure_before_the_first_piece_is_a_plain_status() -> None:
         context_length=4096,
         limit="model",
     )
-    openai_api, _ = servicers(0, EngineFaulted(too_long))
+    openai_servicer, _ = servicers(0, EngineFaulted(too_long))
     context: Any = Context()
-    chunks, err = await drain(openai_api.CreateChatCompletionStream(CHAT, context))
+    chunks, err = await drain(openai_servicer.CreateChatCompletionStream(CHAT, context))
     assert chunks == [] and err.code == grpc.StatusCode.INVALID_ARGUMENT
 
 

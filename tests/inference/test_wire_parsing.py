@@ -19,8 +19,8 @@ from google.protobuf import json_format
 from services.common.errors import RpcError
 from services.inference.domain import Api, GenerationRequest, Message
 from services.inference.native.generate import GenerateWire
-from services.inference.openai.chat import ChatWire
-from services.inference.openai.completions import CompletionWire
+from services.inference.openai_api.chat import ChatWire
+from services.inference.openai_api.completions import CompletionWire
 
 USER = [{"role": "user", "content": "Hi"}]
 

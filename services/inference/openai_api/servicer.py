@@ -1,7 +1,7 @@
 """OpenAIService: OpenAI's chat completions, completions and models, in OpenAI's shapes.
 
 Envoy transcodes these RPCs to OpenAI's REST paths; `"stream": true` bodies are routed to the
-*Stream RPCs, whose messages become Server-Sent Events (`services.inference.openai.chunks`).
+*Stream RPCs, whose messages become Server-Sent Events (`services.inference.openai_api.chunks`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from services.common.context import request_id_var
 from services.common.triton_client import ModelInfo
 from services.inference.deadline import RequestDeadline
 from services.inference.domain import Exchange, Piece, chat_logprobs, completion_logprobs
-from services.inference.openai import fields
-from services.inference.openai.chat import ChatWire
-from services.inference.openai.chunks import finish_reason, stream_chunks
-from services.inference.openai.completions import CompletionWire
+from services.inference.openai_api import fields
+from services.inference.openai_api.chat import ChatWire
+from services.inference.openai_api.chunks import finish_reason, stream_chunks
+from services.inference.openai_api.completions import CompletionWire
 from services.inference.pipeline import Pipeline
 
 CHAT_OBJECT = "chat.completion"

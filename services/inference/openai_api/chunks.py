@@ -35,7 +35,7 @@ def finish_reason(outcome: Outcome) -> str:
     )
 
 
-def stream_error(err: Exception) -> openai_pb2.StreamError:
+def openai_stream_error(err: Exception) -> openai_pb2.StreamError:
     """The `error` object of a stream's last event."""
     rpc = err if isinstance(err, RpcError) else internal_error(err)
     return openai_pb2.StreamError(message=rpc.message, type=rpc.openai_type, code=rpc.reason.lower())
@@ -84,5 +84,5 @@ async def stream_chunks(
             yield chunks.usage(exchange.outcome.openai_usage())
     except Exception as err:
         if started:
-            yield chunks.error(stream_error(err))
+            yield chunks.error(openai_stream_error(err))
         raise

@@ -10,7 +10,7 @@ from google.protobuf import struct_pb2
 from services.common.errors import invalid_argument
 from services.inference.domain import Api, FieldSpelling, GenerationRequest
 from services.inference.messages import parse_messages
-from services.inference.openai import fields
+from services.inference.openai_api import fields
 from services.inference.sampling import same_named
 from services.inference.wire import WireRequest
 
