@@ -33,6 +33,7 @@ class Reason(StrEnum):
     INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"
     FILTER_TOO_LONG = "FILTER_TOO_LONG"
     PROMPT_TOO_LONG = "PROMPT_TOO_LONG"
+    MODEL_CAPABILITY_MISSING = "MODEL_CAPABILITY_MISSING"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     SCOPE_MISSING = "SCOPE_MISSING"
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
@@ -118,7 +119,13 @@ CATALOGUE: Mapping[Reason, Entry] = {
         _Code.INVALID_ARGUMENT, "`filter` is over 1024 characters or 16 comparisons"
     ),
     Reason.PROMPT_TOO_LONG: _entry(
-        _Code.INVALID_ARGUMENT, "the prompt and `max_tokens` do not fit the model's context"
+        _Code.INVALID_ARGUMENT,
+        "the prompt alone is longer than the model's context per slot, or than the key's `max_prompt_tokens`",
+    ),
+    Reason.MODEL_CAPABILITY_MISSING: _entry(
+        _Code.INVALID_ARGUMENT,
+        "the model's `capabilities` lack what the request asks for: `chat` (messages), `completion`"
+        " (a prompt) or `logprobs`; BadRequest names the field",
     ),
     Reason.UNAUTHENTICATED: _entry(
         _Code.UNAUTHENTICATED, "no API key, or one that is unknown, revoked or expired"

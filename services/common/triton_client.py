@@ -1,12 +1,14 @@
 """Triton access shared by the services: one client per process and the model metadata we read.
 
-Model metadata (context length, max tokens, owner, chat template, engine slots) lives in the model's
-config.pbtxt `parameters`, so services read it through Triton's API and work with a remote Triton.
+Model metadata (context length, max tokens, owner, chat template, engine slots, capabilities) lives in
+the model's config.pbtxt `parameters`, so services read it through Triton's API and work with a remote
+Triton.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from tritonclient.grpc import aio as triton_aio
@@ -14,6 +16,18 @@ from tritonclient.utils import InferenceServerException
 
 from services.common.config import TritonSettings
 from services.common.errors import Reason, RpcError, rpc_error
+
+
+class Capability(StrEnum):
+    """What a model can be asked for: its config's `capabilities` parameter, comma-separated."""
+
+    COMPLETION = "completion"  # a plain prompt
+    CHAT = "chat"  # messages, rendered through the model's chat template
+    LOGPROBS = "logprobs"  # token log probabilities
+
+
+# A model whose config declares no `capabilities` (written before the parameter existed) can do all.
+ALL_CAPABILITIES: frozenset[str] = frozenset(Capability)
 
 
 @dataclass(frozen=True)
@@ -25,6 +39,7 @@ class ModelInfo:
     owned_by: str
     chat_template: str
     engine_slots: int
+    capabilities: frozenset[str] = ALL_CAPABILITIES
 
 
 def connect(settings: TritonSettings) -> triton_aio.InferenceServerClient:
@@ -60,7 +75,15 @@ async def model_info(client: triton_aio.InferenceServerClient, name: str) -> Mod
         owned_by=params.get("owned_by", "ferry"),
         chat_template=params.get("chat_template", ""),
         engine_slots=_int(params.get("n_parallel"), default=1),
+        capabilities=_capabilities(params.get("capabilities")),
     )
+
+
+def _capabilities(value: str | None) -> frozenset[str]:
+    """`completion,chat,logprobs` -> those names; an absent parameter means every capability."""
+    if value is None:
+        return ALL_CAPABILITIES
+    return frozenset(name.strip().lower() for name in value.split(",") if name.strip())
 
 
 def _int(value: str | None, default: int = 0) -> int:

@@ -1,6 +1,7 @@
 """What a request may ask of a model: the caller's limits (global settings and the API key's) and the
-model's own (its `max_tokens`, whether it has a chat template). Refusals name the field as the caller
-spelled it; the sampling ranges themselves are the engine contract's (`services.inference.sampling`)."""
+model's own (its `capabilities`, its `max_tokens`, whether it has a chat template). Refusals name the
+field as the caller spelled it; the sampling ranges themselves are the engine contract's
+(`services.inference.sampling`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from dataclasses import replace
 from ferry.auth.v1.auth_pb2 import Principal
 
 from services.common.config import InferenceSettings
-from services.common.errors import invalid_argument
-from services.common.triton_client import ModelInfo
+from services.common.errors import Reason, invalid_argument
+from services.common.triton_client import Capability, ModelInfo
 from services.inference.domain import GenerationRequest
 
 
@@ -47,6 +48,7 @@ def _tightest(*limits: int) -> int:
 
 def check_against_model(request: GenerationRequest, model: ModelInfo) -> None:
     """Limits that come from the model's metadata."""
+    check_capabilities(request, model)
     limit = model.max_tokens
     asked = request.sampling.max_tokens
     if limit and asked is not None and asked > limit:
@@ -58,6 +60,25 @@ def check_against_model(request: GenerationRequest, model: ModelInfo) -> None:
         raise invalid_argument(
             request.spelling.input, f"model '{model.name}' has no chat template; send a prompt instead"
         )
+
+
+def check_capabilities(request: GenerationRequest, model: ModelInfo) -> None:
+    """What the request asks for (a conversation or a prompt, logprobs) must be among the model's
+    `capabilities`; a refusal names the caller's field that asked for it."""
+    spelling = request.spelling
+    wanted = [(Capability.CHAT if request.messages is not None else Capability.COMPLETION, spelling.input)]
+    if request.sampling.logprobs:
+        wanted.append((Capability.LOGPROBS, spelling.field("logprobs")))
+    for capability, field in wanted:
+        if capability not in model.capabilities:
+            err = invalid_argument(
+                field,
+                f"model '{model.name}' does not support {capability}"
+                f" (its capabilities: {', '.join(sorted(model.capabilities)) or 'none'})",
+                Reason.MODEL_CAPABILITY_MISSING,
+            )
+            err.metadata.update(model=model.name, capability=capability)
+            raise err
 
 
 def admissible(

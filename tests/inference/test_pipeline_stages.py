@@ -99,10 +99,14 @@ class Transactions:
 class Watcher(GenerationObserver):
     def __init__(self) -> None:
         self.refusals: list[tuple[Api, str, str]] = []
+        self.admissions: list[str] = []
         self.ended_with: list[str] = []
 
     def refused(self, api: Api, model: str, err: RpcError) -> None:
         self.refusals.append((api, model, err.code.name))
+
+    def admitted(self, exchange: Exchange, waited: float) -> None:
+        self.admissions.append(exchange.request_id)
 
     def ended(self, exchange: Exchange) -> None:
         self.ended_with.append(exchange.outcome.error_code or "ok")
@@ -338,6 +342,29 @@ async def test_refusals_before_admission_are_not_recorded() -> None:
     # r1 only (cancelled when closed); r2 and r3 never reached the record stage.
     assert transactions.events == [("started", ""), ("finished", "CANCELLED")]
     assert watcher.ended_with == ["RESOURCE_EXHAUSTED", "CANCELLED", "INVALID_ARGUMENT"]
+
+
+class CompletionOnlyCatalog(Catalog):
+    async def resolve(self, name: str) -> ModelInfo:
+        model = await super().resolve(name)
+        return ModelInfo(**{**model.__dict__, "capabilities": frozenset({"completion"})})
+
+
+async def test_a_request_the_model_is_not_capable_of_is_neither_admitted_nor_recorded() -> None:
+    engine = Engine()
+    built, transactions, watcher = pipeline(engine, catalog=CompletionOnlyCatalog())
+    with pytest.raises(RpcError) as err:
+        await built.collect(Exchange("r1", request()), Deadline())
+    assert (err.value.code, err.value.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "MODEL_CAPABILITY_MISSING",
+    )
+    assert err.value.field_violations[0][0] == "messages"
+    assert engine.calls == [] and transactions.events == [] and watcher.admissions == []
+    assert watcher.ended_with == ["INVALID_ARGUMENT"]
+    # The same model answers a prompt.
+    await built.collect(Exchange("r2", completion(model="m")), Deadline())
+    assert watcher.admissions == ["r2"] and len(engine.calls) == 1
 
 
 async def test_a_request_that_does_not_parse_is_counted_by_the_observers() -> None:

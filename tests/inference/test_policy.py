@@ -10,7 +10,8 @@ from ferry.auth.v1.auth_pb2 import Limits, Principal
 
 from services.common.config import InferenceSettings
 from services.common.errors import RpcError
-from services.common.triton_client import ModelInfo
+from services.common.triton_client import ALL_CAPABILITIES, ModelInfo
+from services.inference.domain import GenerationRequest
 from services.inference.policy import admissible, apply_caller_limits, check_against_model
 from tests.inference.test_wire_parsing import chat, completion, generate
 
@@ -106,3 +107,52 @@ def test_admissible_applies_the_model_then_the_caller() -> None:
     with pytest.raises(RpcError) as err:
         admissible(chat(max_tokens=2000), MODEL, InferenceSettings(), key(max_tokens=4000))
     assert "for model" in err.value.message
+
+
+# --- the model's capabilities ---------------------------------------------------------------------------
+
+
+def capable_of(*capabilities: str) -> ModelInfo:
+    return ModelInfo(**{**MODEL.__dict__, "capabilities": frozenset(capabilities)})
+
+
+USER = {"messages": [{"role": "user", "content": "x"}]}
+
+
+@pytest.mark.parametrize(
+    ("request_", "model", "field"),
+    [
+        (chat(), capable_of("completion", "logprobs"), "messages"),
+        (generate(messages=USER), capable_of("completion", "logprobs"), "messages.messages"),
+        (completion(), capable_of("chat", "logprobs"), "prompt"),
+        (generate(prompt="Once"), capable_of("chat", "logprobs"), "prompt"),
+        (chat(logprobs=True), capable_of("chat", "completion"), "logprobs"),
+        (completion(logprobs=0), capable_of("chat", "completion"), "logprobs"),
+        (generate(prompt="x", sampling={"logprobs": True}), capable_of("completion"), "sampling.logprobs"),
+    ],
+)
+def test_a_request_the_model_is_not_capable_of_is_refused_naming_the_field(
+    request_: GenerationRequest, model: ModelInfo, field: str
+) -> None:
+    with pytest.raises(RpcError) as err:
+        check_against_model(request_, model)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.reason == "MODEL_CAPABILITY_MISSING" and err.value.openai_type == "invalid_request_error"
+    assert err.value.field_violations[0][0] == field
+    assert err.value.metadata["model"] == "gemma-3-270m"
+    assert "does not support" in err.value.message
+
+
+def test_what_the_model_is_capable_of_passes() -> None:
+    check_against_model(chat(logprobs=True, top_logprobs=2), capable_of("chat", "logprobs"))
+    check_against_model(completion(), capable_of("completion"))
+    check_against_model(generate(messages=USER), capable_of("chat"))
+    # A model whose config declares no capabilities can do everything.
+    assert MODEL.capabilities == ALL_CAPABILITIES == {"completion", "chat", "logprobs"}
+    check_against_model(completion(logprobs=5), MODEL)
+
+
+def test_a_capability_refusal_comes_before_the_callers_limits() -> None:
+    with pytest.raises(RpcError) as err:
+        admissible(chat(max_tokens=50), capable_of("completion"), InferenceSettings(), key(max_tokens=8))
+    assert err.value.reason == "MODEL_CAPABILITY_MISSING"
