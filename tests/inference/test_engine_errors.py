@@ -3,12 +3,14 @@ Triton's own failures, to a gRPC code and catalogue reason, fields named as each
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
 
 from backends.llamacpp.contract import EngineErrorCode, EngineFault
 from services.common.errors import CATALOGUE, Reason, RpcError
-from services.inference.engine_errors import caller_error
+from services.inference.engine_errors import FAULT_REASONS, caller_error, markdown_table
 from services.inference.engine_interface import (
     EngineBroken,
     EngineError,
@@ -58,9 +60,16 @@ TABLE: list[tuple[EngineError, grpc.StatusCode, Reason, bool]] = [
 ]
 
 
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
+
+
 def test_the_table_covers_every_code_of_the_contract() -> None:
     covered = {err.fault.code for err, *_ in TABLE if isinstance(err, EngineFaulted)}
-    assert covered == set(EngineErrorCode)
+    assert covered == set(EngineErrorCode) == set(FAULT_REASONS)
+
+
+def test_docs_show_the_mapping() -> None:
+    assert markdown_table() in DOCS.read_text(), "regenerate: python -m services.inference.engine_errors"
 
 
 @pytest.mark.parametrize(("err", "code", "reason", "retryable"), TABLE)
