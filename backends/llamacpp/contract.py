@@ -49,8 +49,9 @@ class SamplingParameters(BaseModel):
     """What one generation request asks of the engine; the limits are defined here only.
 
     The service validates callers with it and serialises it with `to_json()` into the
-    `sampling_parameters` tensor; the backend validates that tensor with `from_json()`. `None` (or an
-    absent field) means the model's default.
+    `sampling_parameters` tensor; the backend validates that tensor with `from_json()`. A field the
+    tensor leaves out means the model's default (its `default_sampling_parameters`, else llama.cpp's);
+    a field it holds wins over that default, even `false`, `[]` or `0`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -14,11 +14,19 @@ BOS_TEXT = "<bos>"
 
 
 def with_defaults(request: SamplingParameters, defaults: SamplingParameters) -> SamplingParameters:
-    """The request's parameters, the model's defaults filling the fields it leaves out."""
-    if defaults == SamplingParameters():
+    """The request's parameters, the model's defaults filling the fields it leaves out.
+
+    A field the request sets wins even when it sets the type's default (`ignore_eos: false`, `stop: []`
+    switch a model default off): fields are merged by whether they were set, not by their values.
+    """
+    if not defaults.model_fields_set:
         return request
-    given = request.model_dump(exclude_defaults=True)
-    return SamplingParameters.model_validate({**defaults.model_dump(exclude_defaults=True), **given})
+    given = request.model_dump(include=request.model_fields_set)
+    filled = defaults.model_dump(include=defaults.model_fields_set)
+    if "logprobs" in given:
+        # top_logprobs goes with logprobs: a request that switches logprobs off takes no default for it.
+        filled.pop("top_logprobs", None)
+    return SamplingParameters.model_validate({**filled, **given})
 
 
 def completion_request(prompt: str, params: SamplingParameters, max_tokens_limit: int) -> dict[str, Any]:

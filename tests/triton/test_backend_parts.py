@@ -5,7 +5,10 @@ shutdown monitor."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,13 @@ from backends.llamacpp.faults import FaultError
 from backends.llamacpp.generation import Generation, Piece, Usage
 from backends.llamacpp.gguf import gguf_path
 from backends.llamacpp.request import RANDOM_SEED, completion_request, with_defaults
-from backends.llamacpp.shutdown import POLL_SECONDS, ShutdownMonitor, live_url, server_is_exiting
+from backends.llamacpp.shutdown import (
+    CONFIRM_SECONDS,
+    POLL_SECONDS,
+    ShutdownMonitor,
+    live_url,
+    server_is_exiting,
+)
 from launcher.ports import free_ports
 from launcher.setup import llamacpp_models
 from services.common.config import REPO_ROOT
@@ -118,6 +127,21 @@ def test_model_defaults_fill_only_what_the_request_leaves_out() -> None:
     defaults = SamplingParameters(temperature=0.2, top_p=0.9)
     merged = with_defaults(SamplingParameters(temperature=1.0, max_tokens=5), defaults)
     assert (merged.temperature, merged.top_p, merged.max_tokens) == (1.0, 0.9, 5)
+
+
+def test_a_request_switches_a_model_default_off_by_setting_it() -> None:
+    defaults = SamplingParameters.from_json(
+        '{"ignore_eos": true, "logprobs": true, "top_logprobs": 3, "stop": ["END"]}'
+    )
+    # The sampling_parameters tensor as the backend receives it.
+    sent = '{"ignore_eos": false, "logprobs": false, "stop": []}'
+    merged = with_defaults(SamplingParameters.from_json(sent), defaults)
+    assert (merged.ignore_eos, merged.logprobs, merged.top_logprobs, merged.stop) == (False, False, 0, ())
+    request = completion_request("x", merged, max_tokens_limit=100)
+    assert "ignore_eos" not in request and "n_probs" not in request and "stop" not in request
+    # Left out, the same fields take the model's defaults.
+    unset = with_defaults(SamplingParameters.from_json("{}"), defaults)
+    assert (unset.ignore_eos, unset.logprobs, unset.top_logprobs, unset.stop) == (True, True, 3, ("END",))
 
 
 # --- one generation ------------------------------------------------------------------------------
@@ -281,6 +305,8 @@ def test_an_engine_exception_is_engine_failed() -> None:
         (["tritonserver", "--http-port", "9000"], "http://127.0.0.1:9000/v2/health/live"),
         (["tritonserver", "--model-repository=/models"], "http://127.0.0.1:8000/v2/health/live"),
         (["tritonserver", "--http-address=::1", "--http-port=1"], "http://[::1]:1/v2/health/live"),
+        (["tritonserver", "--http-address=0.0.0.0", "--http-port=2"], "http://127.0.0.1:2/v2/health/live"),
+        (["tritonserver", "--http-address", "::", "--http-port=3"], "http://[::1]:3/v2/health/live"),
         (["tritonserver", "--allow-http=false"], None),
     ],
 )
@@ -288,24 +314,104 @@ def test_the_servers_liveness_url_comes_from_its_command_line(argv: list[str], u
     assert live_url(argv) == url
 
 
+class _Answer(BaseHTTPRequestHandler):
+    """Every GET is answered with the server's `answer` (status, body)."""
+
+    server: _AnswerServer
+
+    def do_GET(self) -> None:
+        status, body = self.server.answer
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _AnswerServer(ThreadingHTTPServer):
+    answer: tuple[int, bytes]
+
+
+@contextmanager
+def http_answering(status: int, body: bytes = b"") -> Iterator[str]:
+    """A local HTTP server answering every request with `status` and `body`; yields its liveness URL."""
+    server = _AnswerServer(("127.0.0.1", 0), _Answer)
+    server.answer = (status, body)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v2/health/live"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+EXITING = (503, b'{"error":"Server exiting"}')
+
+
 def test_a_refused_connection_means_the_server_is_exiting() -> None:
     assert server_is_exiting(f"http://127.0.0.1:{free_ports(1)[0]}/v2/health/live")
 
 
-def test_the_monitor_checks_only_while_generations_are_in_flight() -> None:
-    busy = threading.Event()
+def test_tritons_exiting_answer_means_the_server_is_exiting() -> None:
+    with http_answering(*EXITING) as url:
+        assert server_is_exiting(url)
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(200, b""), (403, b"Forbidden"), (502, b"Bad Gateway"), (400, b""), (503, b'{"error":"other"}')],
+)
+def test_other_answers_are_not_an_exit(status: int, body: bytes) -> None:
+    with http_answering(status, body) as url:
+        assert not server_is_exiting(url)
+
+
+@pytest.mark.parametrize("variable", ["http_proxy", "HTTP_PROXY", "all_proxy"])
+def test_a_proxy_in_the_environment_is_not_used(variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with http_answering(403, b"proxy says no") as proxy, http_answering(200) as live:
+        monkeypatch.setenv(variable, proxy.removesuffix("/v2/health/live"))
+        assert not server_is_exiting(live), "the proxy's 403 was taken for an exit"
+        # A refused proxy is not the server's refused port either.
+        monkeypatch.setenv(variable, f"http://127.0.0.1:{free_ports(1)[0]}")
+        assert not server_is_exiting(live)
+
+
+def _monitor(
+    answers: list[bool], busy: Callable[[], bool] = lambda: True
+) -> tuple[ShutdownMonitor, list[str]]:
+    """A monitor whose checks return `answers` in turn (then False); also the URLs it checked."""
     checks: list[str] = []
 
     def check(url: str) -> bool:
         checks.append(url)
-        return True
+        return answers[len(checks) - 1] if len(checks) <= len(answers) else False
 
-    monitor = ShutdownMonitor(busy=busy.is_set, url="http://triton/live", check=check)
+    return ShutdownMonitor(busy=busy, url="http://triton/live", check=check), checks
+
+
+def test_the_monitor_checks_only_while_generations_are_in_flight() -> None:
+    busy = threading.Event()
+    monitor, checks = _monitor([True, True], busy.is_set)
     try:
         assert not monitor.exiting.wait(3 * POLL_SECONDS)
         assert checks == []
         busy.set()
         assert monitor.exiting.wait(10 * POLL_SECONDS)
-        assert checks == ["http://triton/live"]
+        assert checks == ["http://triton/live"] * 2
+    finally:
+        monitor.close()
+
+
+def test_one_exiting_answer_between_healthy_ones_is_a_blip() -> None:
+    monitor, checks = _monitor([True, False, True, False])
+    try:
+        assert not monitor.exiting.wait(POLL_SECONDS * 4 + CONFIRM_SECONDS * 2)
+        assert len(checks) >= 4, "kept checking after each blip"
     finally:
         monitor.close()
