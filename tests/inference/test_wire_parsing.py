@@ -7,6 +7,7 @@ the wire accepts (`stop` as a string or a list, `content` as a string or a list 
 
 from __future__ import annotations
 
+import contextvars
 import json
 from typing import Any
 
@@ -17,8 +18,10 @@ from ferry.openai.v1 import openai_pb2
 from google.protobuf import json_format
 
 from services.common.errors import RpcError
+from services.common.names import REQUEST_ID_RULE
 from services.inference.domain import Api, GenerationRequest, Message
 from services.inference.native.generate import GenerateWire
+from services.inference.native.servicer import request_id
 from services.inference.openai_api.chat import ChatWire
 from services.inference.openai_api.completions import CompletionWire
 
@@ -263,6 +266,17 @@ def test_completion_refusals_name_the_field(body: dict[str, Any], field: str) ->
     assert field_of(refused(completion, **body)) == field
 
 
+@pytest.mark.parametrize("logprobs", [-1, 6])
+def test_completion_logprobs_outside_this_apis_range_say_its_range(logprobs: int) -> None:
+    err = refused(completion, logprobs=logprobs)
+    assert err.field_violations == [("logprobs", f"must be in [0, 5], got {logprobs}")]
+
+
+@pytest.mark.parametrize("logprobs", [0, 5])
+def test_completion_logprobs_at_the_ends_of_the_range_are_accepted(logprobs: int) -> None:
+    assert completion(logprobs=logprobs).sampling.top_logprobs == logprobs
+
+
 def test_completion_without_prompt_is_refused() -> None:
     request = openai_pb2.CreateCompletionRequest(model="gemma-3-270m")
     with pytest.raises(RpcError) as err:
@@ -308,3 +322,15 @@ def test_native_messages() -> None:
 )
 def test_native_refusals_name_the_field(body: dict[str, Any], field: str) -> None:
     assert field_of(refused(generate, **body)) == field
+
+
+def test_a_native_request_id_follows_the_shared_id_rule() -> None:
+    def accepted(value: str) -> str:
+        return request_id(inference_pb2.GenerateRequest(request_id=value))
+
+    # request_id() sets the request's context variable: run it in a context of its own.
+    assert contextvars.copy_context().run(accepted, "trace-1:a.b_c") == "trace-1:a.b_c"
+    for bad in ("has space", "x" * 129):
+        with pytest.raises(RpcError) as err:
+            contextvars.copy_context().run(accepted, bad)
+        assert err.value.field_violations == [("request_id", f"must be {REQUEST_ID_RULE}")]

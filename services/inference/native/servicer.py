@@ -13,8 +13,9 @@ from contextlib import aclosing
 import grpc
 from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from services.common.context import accept_request_id, request_id_var
+from services.common.context import request_id_var
 from services.common.errors import invalid_argument
+from services.common.names import REQUEST_ID_RULE, is_request_id
 from services.inference.deadline import RequestDeadline
 from services.inference.domain import Exchange
 from services.inference.native.generate import GenerateWire
@@ -35,8 +36,8 @@ def request_id(request: inference_pb2.GenerateRequest) -> str:
     """The body's request_id (AIP-155) wins over the x-request-id header; logs follow it."""
     if not request.request_id:
         return request_id_var.get()
-    if accept_request_id(request.request_id) != request.request_id:
-        raise invalid_argument("request_id", "must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+    if not is_request_id(request.request_id):
+        raise invalid_argument("request_id", f"must be {REQUEST_ID_RULE}")
     request_id_var.set(request.request_id)
     return request.request_id
 

@@ -53,8 +53,9 @@ class CompletionWire(WireRequest[openai_pb2.CreateCompletionRequest]):
             raise invalid_argument(
                 "echo", "cannot be combined with logprobs (prompt logprobs are not returned)"
             )
-        if logprobs is not None and logprobs > MAX_COMPLETION_LOGPROBS:
-            raise invalid_argument("logprobs", f"must be at most {MAX_COMPLETION_LOGPROBS}, got {logprobs}")
+        if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
+            # Tighter than the contract's top_logprobs range, so the refusal states this API's own.
+            raise invalid_argument("logprobs", f"must be in [0, {MAX_COMPLETION_LOGPROBS}], got {logprobs}")
         stop, single_stop = fields.stop(request)
         spelling = FieldSpelling(
             input="prompt",
