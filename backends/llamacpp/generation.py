@@ -15,7 +15,7 @@ from backends.llamacpp.contract import EngineFault
 
 
 @dataclass(frozen=True)
-class Piece:
+class OutputPiece:
     """One streamed response: the text since the previous one and what it counts."""
 
     text: str
@@ -37,12 +37,12 @@ class Usage:
 
 class ResponseSink(Protocol):
     def is_cancelled(self) -> bool: ...
-    def send(self, piece: Piece, final: bool) -> None: ...
+    def send(self, piece: OutputPiece, final: bool) -> None: ...
     def fail(self, fault: EngineFault) -> None: ...
 
 
 # Runs one llama.cpp completion request, calling the callback for every chunk until it returns True.
-Engine = Callable[[dict[str, Any], Callable[[dict[str, Any]], bool]], Any]
+CompletionFn = Callable[[dict[str, Any], Callable[[dict[str, Any]], bool]], Any]
 
 
 @dataclass
@@ -68,10 +68,10 @@ class Generation:
     fault: EngineFault | None = None
     cancelled: bool = False
 
-    def run(self, engine: Engine, request: dict[str, Any]) -> None:
+    def run(self, complete: CompletionFn, request: dict[str, Any]) -> None:
         """Stream the request through the engine to the sink."""
         try:
-            engine(request, self.on_chunk)
+            complete(request, self.on_chunk)
         except Exception as exc:  # an engine failure must not take the model down
             self.sink.fail(faults.engine_failed(f"the engine failed: {exc}"))
             return
@@ -130,7 +130,7 @@ class Generation:
         self._send(final=True)
 
     def _send(self, final: bool) -> None:
-        piece = Piece(
+        piece = OutputPiece(
             text=self.pending_text,
             tokens=self.pending_tokens,
             prompt_tokens=self.prompt_tokens,

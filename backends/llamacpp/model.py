@@ -23,7 +23,7 @@ from backends.llamacpp.config import ConfigError, ModelParameters, ferry_home
 from backends.llamacpp.contract import EngineFault, SamplingParameters
 from backends.llamacpp.engine import start_engine
 from backends.llamacpp.faults import FaultError
-from backends.llamacpp.generation import Generation, Piece
+from backends.llamacpp.generation import Generation, OutputPiece
 from backends.llamacpp.gguf import gguf_path
 from backends.llamacpp.metrics import EngineMetrics
 from backends.llamacpp.request import completion_request, with_defaults
@@ -52,7 +52,7 @@ class TritonSink:
     def is_cancelled(self) -> bool:
         return bool(self.sender.is_cancelled())
 
-    def send(self, piece: Piece, final: bool) -> None:
+    def send(self, piece: OutputPiece, final: bool) -> None:
         logprobs = json.dumps(piece.logprobs) if piece.logprobs is not None else ""
         response = pb_utils.InferenceResponse(
             output_tensors=[

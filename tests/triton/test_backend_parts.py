@@ -17,7 +17,7 @@ import pytest
 from backends.llamacpp.config import ConfigError, GgufSource, ModelParameters
 from backends.llamacpp.contract import EngineErrorCode, EngineFault, SamplingParameters
 from backends.llamacpp.faults import FaultError
-from backends.llamacpp.generation import Generation, Piece, Usage
+from backends.llamacpp.generation import Generation, OutputPiece, Usage
 from backends.llamacpp.gguf import gguf_path
 from backends.llamacpp.request import RANDOM_SEED, completion_request, with_defaults
 from backends.llamacpp.shutdown import (
@@ -150,13 +150,13 @@ def test_a_request_switches_a_model_default_off_by_setting_it() -> None:
 @dataclass
 class Sink:
     cancelled: bool = False
-    pieces: list[tuple[Piece, bool]] = field(default_factory=list)
+    pieces: list[tuple[OutputPiece, bool]] = field(default_factory=list)
     faults: list[EngineFault] = field(default_factory=list)
 
     def is_cancelled(self) -> bool:
         return self.cancelled
 
-    def send(self, piece: Piece, final: bool) -> None:
+    def send(self, piece: OutputPiece, final: bool) -> None:
         self.pieces.append((piece, final))
 
     def fail(self, fault: EngineFault) -> None:
