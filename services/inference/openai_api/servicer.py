@@ -20,13 +20,15 @@ from services.inference.deadline import RequestDeadline
 from services.inference.domain import Exchange, Piece, chat_logprobs, completion_logprobs
 from services.inference.openai_api import fields
 from services.inference.openai_api.chat import ChatWire
-from services.inference.openai_api.chunks import finish_reason, stream_chunks
+from services.inference.openai_api.chunks import StampedChunks, finish_reason, stream_chunks
 from services.inference.openai_api.completions import CompletionWire
 from services.inference.pipeline import Pipeline
 
 CHAT_OBJECT = "chat.completion"
 CHUNK_OBJECT = "chat.completion.chunk"
 COMPLETION_OBJECT = "text_completion"
+CHAT_ID_PREFIX = "chatcmpl"
+COMPLETION_ID_PREFIX = "cmpl"
 
 
 class ModelList(Protocol):
@@ -37,21 +39,12 @@ class ModelList(Protocol):
     def created(self, name: str) -> int: ...
 
 
-class ChatChunks:
+class ChatChunks(StampedChunks[openai_pb2.ChatCompletionChunk]):
     """Chat completion chunks of one stream: the role first, then content deltas."""
 
-    def __init__(self, exchange: Exchange) -> None:
-        self.exchange = exchange
-        self.created = int(time.time())
-
-    def _chunk(self, **fields: object) -> openai_pb2.ChatCompletionChunk:
-        return openai_pb2.ChatCompletionChunk(
-            id=f"chatcmpl-{self.exchange.request_id}",
-            object=CHUNK_OBJECT,
-            created=self.created,
-            model=self.exchange.request.model,
-            **fields,  # type: ignore[arg-type]
-        )
+    message = openai_pb2.ChatCompletionChunk
+    object_name = CHUNK_OBJECT
+    id_prefix = CHAT_ID_PREFIX
 
     def opening(self) -> list[openai_pb2.ChatCompletionChunk]:
         delta = openai_pb2.ChunkDelta(role="assistant", content="")
@@ -73,30 +66,18 @@ class ChatChunks:
         )
         return self._chunk(choices=[choice])
 
-    def usage(self, usage: openai_pb2.Usage) -> openai_pb2.ChatCompletionChunk:
-        return self._chunk(choices=[], usage=usage)
 
-    def error(self, error: openai_pb2.StreamError) -> openai_pb2.ChatCompletionChunk:
-        return self._chunk(error=error)
-
-
-class CompletionChunks:
+class CompletionChunks(StampedChunks[openai_pb2.Completion]):
     """Completion chunks of one stream: the echoed prompt first (when asked), then text."""
 
+    message = openai_pb2.Completion
+    object_name = COMPLETION_OBJECT
+    id_prefix = COMPLETION_ID_PREFIX
+
     def __init__(self, exchange: Exchange) -> None:
-        self.exchange = exchange
-        self.created = int(time.time())
+        super().__init__(exchange)
         # Characters sent so far: the legacy logprobs' `text_offset` counts from here.
         self.offset = 0
-
-    def _chunk(self, **fields: object) -> openai_pb2.Completion:
-        return openai_pb2.Completion(
-            id=f"cmpl-{self.exchange.request_id}",
-            object=COMPLETION_OBJECT,
-            created=self.created,
-            model=self.exchange.request.model,
-            **fields,  # type: ignore[arg-type]
-        )
 
     def opening(self) -> list[openai_pb2.Completion]:
         request = self.exchange.request
@@ -116,12 +97,6 @@ class CompletionChunks:
 
     def finish(self, reason: str) -> openai_pb2.Completion:
         return self._chunk(choices=[openai_pb2.CompletionChoice(text="", index=0, finish_reason=reason)])
-
-    def usage(self, usage: openai_pb2.Usage) -> openai_pb2.Completion:
-        return self._chunk(choices=[], usage=usage)
-
-    def error(self, error: openai_pb2.StreamError) -> openai_pb2.Completion:
-        return self._chunk(error=error)
 
 
 def model_message(models: ModelList, name: str, owned_by: str) -> openai_pb2.Model:
@@ -146,7 +121,7 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         if exchange.request.sampling.logprobs:
             choice.logprobs.CopyFrom(chat_logprobs(outcome.logprobs))
         return openai_pb2.ChatCompletion(
-            id=f"chatcmpl-{exchange.request_id}",
+            id=f"{CHAT_ID_PREFIX}-{exchange.request_id}",
             object=CHAT_OBJECT,
             created=int(time.time()),
             model=exchange.request.model,
@@ -177,7 +152,7 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         if gen.sampling.logprobs:
             choice.logprobs.CopyFrom(completion_logprobs(outcome.logprobs, 0))
         return openai_pb2.Completion(
-            id=f"cmpl-{exchange.request_id}",
+            id=f"{COMPLETION_ID_PREFIX}-{exchange.request_id}",
             object=COMPLETION_OBJECT,
             created=int(time.time()),
             model=gen.model,
