@@ -12,8 +12,31 @@ from backends.llamacpp.generation import Usage
 MIB = 1 << 20
 
 
+# name -> (kind, description) of each metric family the backend exports.
+_FAMILIES = {
+    "ferry_engine_prompt_cache_limit_bytes": (
+        "GAUGE",
+        "Host memory llama.cpp may use for its prompt cache (parameter prompt_cache_mib)",
+    ),
+    "ferry_engine_ctx_checkpoints_limit": (
+        "GAUGE",
+        "Context checkpoints llama.cpp keeps per slot (parameter ctx_checkpoints)",
+    ),
+    "ferry_engine_prompt_tokens_total": ("COUNTER", "Prompt tokens of finished generations"),
+    "ferry_engine_prompt_tokens_cached_total": (
+        "COUNTER",
+        "Prompt tokens served from llama.cpp's caches instead of being evaluated",
+    ),
+}
+
+
 class EngineMetrics:
-    """Prompt-cache bound and use, labelled with the model's name and version.
+    """The bounds of llama.cpp's caches and the prompt tokens they served, labelled with the model's name
+    and version.
+
+    How much of the prompt cache is in use is not exported: llama.cpp reports it only in its log ("cache
+    state: N prompts, X MiB"), and xllamacpp's metrics handler has tokens, timings and requests but not
+    the cache's size; so the cache's memory is held by its bound, not measured.
 
     Updates are serialised: a pb_utils Metric rewrites its own shared-memory message on every update,
     so two generation threads updating at once crashed tritonserver (SIGSEGV in the metric increment).
@@ -23,31 +46,16 @@ class EngineMetrics:
         self._lock = threading.Lock()
         labels = {"model": model, "version": version}
         self._families = {
-            "limit": pb_utils.MetricFamily(
-                name="ferry_engine_prompt_cache_limit_bytes",
-                description="Host memory llama.cpp may use for its prompt cache (parameter prompt_cache_mib)",
-                kind=pb_utils.MetricFamily.GAUGE,
-            ),
-            "checkpoints": pb_utils.MetricFamily(
-                name="ferry_engine_ctx_checkpoints_limit",
-                description="Context checkpoints llama.cpp keeps per slot (parameter ctx_checkpoints)",
-                kind=pb_utils.MetricFamily.GAUGE,
-            ),
-            "prompt": pb_utils.MetricFamily(
-                name="ferry_engine_prompt_tokens_total",
-                description="Prompt tokens of finished generations",
-                kind=pb_utils.MetricFamily.COUNTER,
-            ),
-            "cached": pb_utils.MetricFamily(
-                name="ferry_engine_prompt_tokens_cached_total",
-                description="Prompt tokens served from llama.cpp's caches instead of being evaluated",
-                kind=pb_utils.MetricFamily.COUNTER,
-            ),
+            name: pb_utils.MetricFamily(
+                name=name, description=description, kind=getattr(pb_utils.MetricFamily, kind)
+            )
+            for name, (kind, description) in _FAMILIES.items()
         }
-        self._families["limit"].Metric(labels=labels).set(params.prompt_cache_mib * MIB)
-        self._families["checkpoints"].Metric(labels=labels).set(params.ctx_checkpoints)
-        self._prompt = self._families["prompt"].Metric(labels=labels)
-        self._cached = self._families["cached"].Metric(labels=labels)
+        metrics = {name: family.Metric(labels=labels) for name, family in self._families.items()}
+        metrics["ferry_engine_prompt_cache_limit_bytes"].set(params.prompt_cache_mib * MIB)
+        metrics["ferry_engine_ctx_checkpoints_limit"].set(params.ctx_checkpoints)
+        self._prompt = metrics["ferry_engine_prompt_tokens_total"]
+        self._cached = metrics["ferry_engine_prompt_tokens_cached_total"]
 
     def record(self, usage: Usage) -> None:
         with self._lock:
