@@ -1,16 +1,17 @@
 """Triton stopping while generations stream: every caller gets a retryable UNAVAILABLE, and the stack
 recovers once Triton is back.
 
-What each client actually gets when Triton is stopped (SIGTERM through the stack's supervisor) under a
-stream that has started:
+What each client gets when Triton is stopped (SIGTERM through the stack's supervisor) under a stream
+that has started. The backend's shutdown monitor (backends/llamacpp/shutdown.py) sees the server exiting
+within about half a second and ends every stream in flight with its MODEL_UNLOADING fault ("the model is
+being unloaded; retry shortly"). In about one run in seven Triton's gRPC server closes the connection
+first (GOAWAY), and the service answers that the engine stopped answering. Both paths are the same
+code (UNAVAILABLE), reason (ENGINE_UNAVAILABLE) and retry hint; the test accepts either and prints which
+one each client took.
 - REST (SSE): the response is already `200 text/event-stream`, so the failure arrives as a last event
-  `{"error": {"type": "server_error", "code": "engine_unavailable", "message": "the model is being
-  unloaded; retry shortly"}}` (the backend's MODEL_UNLOADING fault, sent to every stream in flight once
-  Triton's exit timeout has passed and it unloads the model; in about one run in seven Triton's gRPC
-  server closes the connection first, GOAWAY, and the message says the engine stopped answering: the
-  same code, reason and retry hint); there is no
-  Retry-After header on a stream that has started (the headers are gone). A request sent while Triton is
-  down is a plain `503` with `Retry-After` (reason TRITON_UNAVAILABLE).
+  `{"error": {"type": "server_error", "code": "engine_unavailable", "message": ...}}`; there is no
+  Retry-After header on a stream that has started (the headers are gone). A request sent while Triton
+  is down is a plain `503` with `Retry-After` (reason TRITON_UNAVAILABLE).
 - OpenAI SDK: raises `openai.APIError` from the iterator, `body["code"] == "engine_unavailable"`.
 - native gRPC: the stream ends with UNAVAILABLE, ErrorInfo reason ENGINE_UNAVAILABLE, RetryInfo and a
   `retry-after` trailer.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +37,8 @@ from ferry.inference.v1 import inference_pb2 as pb
 from ferry.inference.v1 import inference_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.errors import error_details
+from backends.llamacpp.faults import RETRY_AFTER_SECONDS, model_unloading
+from services.common.errors import DEFAULT_RETRY_AFTER_SECONDS, error_details
 from tests.stack import RunningStack
 
 pytestmark = pytest.mark.stack
@@ -43,6 +46,24 @@ pytestmark = pytest.mark.stack
 LONG = 4000  # tokens: far more than a stream produces before Triton is stopped under it
 STARTED_WITHIN = 60.0
 ENDED_WITHIN = 60.0
+
+# The two ways a stream in flight learns that Triton stops, by the caller's message.
+UNLOADING = "MODEL_UNLOADING fault"
+CONNECTION_CLOSED = "connection closed first (GOAWAY)"
+# The service's message when Triton's stream breaks (engine_errors.FAILURES, EngineUnreachable).
+STOPPED_ANSWERING = "the engine stopped answering"
+
+
+def path_taken(client: str, message: str) -> str:
+    """Which of the two paths a client's error came by (printed: `pytest -s` shows it)."""
+    if message == model_unloading().message:
+        path = UNLOADING
+    elif message.startswith(STOPPED_ANSWERING):
+        path = CONNECTION_CLOSED
+    else:
+        raise AssertionError(f"{client}: neither the backend's fault nor a closed connection: {message!r}")
+    print(f"{client}: {path}: {message}")
+    return path
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
@@ -146,19 +167,24 @@ async def test_stopping_triton_under_streams_is_a_retryable_unavailable(
             await asyncio.to_thread(stack.wait_ready, 60)
 
     assert status == 200 and any(e.get("choices") for e in events), "the REST stream had started"
-    last = events[-1]
-    assert last["error"]["code"] == "engine_unavailable" and last["error"]["type"] == "server_error"
-    message = last["error"]["message"]
-    assert "unloaded" in message or "stopped answering" in message, message
+    rest_error = events[-1]["error"]
+    path_taken("REST", rest_error["message"])
+    assert (rest_error["code"], rest_error["type"]) == ("engine_unavailable", "server_error"), rest_error
 
-    assert isinstance(sdk_error.body, dict) and sdk_error.body["code"] == "engine_unavailable"
+    assert isinstance(sdk_error.body, dict), sdk_error
+    path_taken("OpenAI SDK", sdk_error.body["message"])
+    assert (sdk_error.body["code"], sdk_error.body["type"]) == ("engine_unavailable", "server_error")
 
+    native_path = path_taken("native gRPC", grpc_error.details() or "")
     assert grpc_error.code() == grpc.StatusCode.UNAVAILABLE, grpc_error.details()
     details = error_details(grpc_error)
     assert details["ErrorInfo"].reason == "ENGINE_UNAVAILABLE"  # type: ignore[attr-defined]
-    assert details["RetryInfo"].retry_delay.seconds >= 1  # type: ignore[attr-defined]
+    # The fault's own delay, or the catalogue's default for a retryable reason: both one second today.
+    expected_delay = RETRY_AFTER_SECONDS if native_path == UNLOADING else DEFAULT_RETRY_AFTER_SECONDS
+    delay = details["RetryInfo"].retry_delay.ToTimedelta().total_seconds()  # type: ignore[attr-defined]
+    assert delay == expected_delay, (native_path, delay)
     trailers = dict(grpc_error.trailing_metadata() or ())
-    assert int(trailers["retry-after"]) >= 1
+    assert int(trailers["retry-after"]) == math.ceil(expected_delay), (native_path, trailers)
 
     assert refused.status_code == 503, refused.text
     assert int(refused.headers["retry-after"]) >= 1
