@@ -10,10 +10,9 @@ and the gRPC stream then ends with the error status too.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ferry.openai.v1 import openai_pb2
 
@@ -58,36 +57,6 @@ class ChunkFormat(Protocol, Generic[Chunk]):
     def usage(self, usage: openai_pb2.Usage) -> Chunk: ...
 
     def error(self, error: openai_pb2.StreamError) -> Chunk: ...
-
-
-class StampedChunks(Generic[Chunk]):
-    """What both APIs' chunk formats share: every chunk of a stream carries the same id, object, creation
-    time and model; the usage chunk has no choices; the error chunk only the error."""
-
-    # The chunk's message type, its `object` and its id's prefix (`chatcmpl`, `cmpl`).
-    message: ClassVar[Callable[..., Any]]
-    object_name: ClassVar[str]
-    id_prefix: ClassVar[str]
-
-    def __init__(self, exchange: Exchange) -> None:
-        self.exchange = exchange
-        self.created = int(time.time())
-
-    def _chunk(self, **fields: object) -> Chunk:
-        chunk: Chunk = type(self).message(
-            id=f"{self.id_prefix}-{self.exchange.request_id}",
-            object=self.object_name,
-            created=self.created,
-            model=self.exchange.request.model,
-            **fields,
-        )
-        return chunk
-
-    def usage(self, usage: openai_pb2.Usage) -> Chunk:
-        return self._chunk(choices=[], usage=usage)
-
-    def error(self, error: openai_pb2.StreamError) -> Chunk:
-        return self._chunk(error=error)
 
 
 async def stream_chunks(

@@ -7,9 +7,9 @@ Envoy transcodes these RPCs to OpenAI's REST paths; `"stream": true` bodies are 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from typing import Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import grpc
 from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
@@ -20,7 +20,7 @@ from services.inference.deadline import RequestDeadline
 from services.inference.domain import Exchange, Piece, chat_logprobs, completion_logprobs
 from services.inference.openai_api import fields
 from services.inference.openai_api.chat import ChatWire
-from services.inference.openai_api.chunks import StampedChunks, finish_reason, stream_chunks
+from services.inference.openai_api.chunks import finish_reason, stream_chunks
 from services.inference.openai_api.completions import CompletionWire
 from services.inference.pipeline import Pipeline
 
@@ -29,6 +29,9 @@ CHUNK_OBJECT = "chat.completion.chunk"
 COMPLETION_OBJECT = "text_completion"
 CHAT_ID_PREFIX = "chatcmpl"
 COMPLETION_ID_PREFIX = "cmpl"
+
+# An OpenAI response or chunk message.
+Message = TypeVar("Message")
 
 
 class ModelList(Protocol):
@@ -39,10 +42,53 @@ class ModelList(Protocol):
     def created(self, name: str) -> int: ...
 
 
+def stamped(
+    kind: Callable[..., Message],
+    object_name: str,
+    id_prefix: str,
+    exchange: Exchange,
+    created: int,
+    **fields: object,
+) -> Message:
+    """An OpenAI response or chunk: `{id_prefix}-{request id}`, its object, creation time and model, and `fields`."""
+    return kind(
+        id=f"{id_prefix}-{exchange.request_id}",
+        object=object_name,
+        created=created,
+        model=exchange.request.model,
+        **fields,
+    )
+
+
+class StampedChunks(Generic[Message]):
+    """What both APIs' chunk formats share: every chunk of a stream carries the same id, object, creation
+    time and model; the usage chunk has no choices; the error chunk only the error."""
+
+    # The chunk's message type, its `object` and its id's prefix.
+    kind: ClassVar[Callable[..., Any]]
+    object_name: ClassVar[str]
+    id_prefix: ClassVar[str]
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.created = int(time.time())
+
+    def _chunk(self, **fields: object) -> Message:
+        return stamped(
+            type(self).kind, self.object_name, self.id_prefix, self.exchange, self.created, **fields
+        )
+
+    def usage(self, usage: openai_pb2.Usage) -> Message:
+        return self._chunk(choices=[], usage=usage)
+
+    def error(self, error: openai_pb2.StreamError) -> Message:
+        return self._chunk(error=error)
+
+
 class ChatChunks(StampedChunks[openai_pb2.ChatCompletionChunk]):
     """Chat completion chunks of one stream: the role first, then content deltas."""
 
-    message = openai_pb2.ChatCompletionChunk
+    kind = openai_pb2.ChatCompletionChunk
     object_name = CHUNK_OBJECT
     id_prefix = CHAT_ID_PREFIX
 
@@ -70,7 +116,7 @@ class ChatChunks(StampedChunks[openai_pb2.ChatCompletionChunk]):
 class CompletionChunks(StampedChunks[openai_pb2.Completion]):
     """Completion chunks of one stream: the echoed prompt first (when asked), then text."""
 
-    message = openai_pb2.Completion
+    kind = openai_pb2.Completion
     object_name = COMPLETION_OBJECT
     id_prefix = COMPLETION_ID_PREFIX
 
@@ -120,11 +166,12 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         )
         if exchange.request.sampling.logprobs:
             choice.logprobs.CopyFrom(chat_logprobs(outcome.logprobs))
-        return openai_pb2.ChatCompletion(
-            id=f"{CHAT_ID_PREFIX}-{exchange.request_id}",
-            object=CHAT_OBJECT,
-            created=int(time.time()),
-            model=exchange.request.model,
+        return stamped(
+            openai_pb2.ChatCompletion,
+            CHAT_OBJECT,
+            CHAT_ID_PREFIX,
+            exchange,
+            int(time.time()),
             choices=[choice],
             usage=outcome.openai_usage(),
         )
@@ -151,11 +198,12 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         )
         if gen.sampling.logprobs:
             choice.logprobs.CopyFrom(completion_logprobs(outcome.logprobs, 0))
-        return openai_pb2.Completion(
-            id=f"{COMPLETION_ID_PREFIX}-{exchange.request_id}",
-            object=COMPLETION_OBJECT,
-            created=int(time.time()),
-            model=gen.model,
+        return stamped(
+            openai_pb2.Completion,
+            COMPLETION_OBJECT,
+            COMPLETION_ID_PREFIX,
+            exchange,
+            int(time.time()),
             choices=[choice],
             usage=outcome.openai_usage(),
         )
