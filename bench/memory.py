@@ -11,10 +11,17 @@ touched it, which is growth of nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 MB = 1024 * 1024
+# Host memory one saved slot state takes in llama.cpp's prompt cache: Gemma 3 270M, prompts of up to 400
+# characters (its log "making room for prompt cache entry ... size = 1.195 MiB"; 1.22 MB per request
+# with the cache unbounded). See backends/llamacpp/README.md, "Memory".
+CACHED_STATE_MB = 1.2
+# Requests per cached state a warm-up must see: states of short prompts are smaller than the average.
+FILL_MARGIN = 2
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,26 @@ def baseline(samples: Sequence[Sample], warmup_s: float) -> Sample:
         raise ValueError("no samples")
     before = [s for s in samples if s.t <= warmup_s]
     return before[-1] if before else samples[0]
+
+
+def requests_to_fill_cache(prompt_cache_mib: int, slots: int) -> int:
+    """Finished requests after which llama.cpp's prompt cache has reached its bound (with a margin).
+
+    A slot's state is saved to the cache when the slot takes a new prompt, so the first request on each
+    slot saves nothing; each later one saves about CACHED_STATE_MB.
+    """
+    return slots + FILL_MARGIN * math.ceil(prompt_cache_mib / CACHED_STATE_MB)
+
+
+def warmup_end(min_s: float, need: int, finished: Sequence[tuple[float, int]]) -> float | None:
+    """When the warm-up ends: `min_s`, or later if by then fewer than `need` requests had finished (the
+    first reading of (seconds, finished requests) that has them). None when no reading has them: the
+    run was too short to judge.
+    """
+    for t, count in finished:
+        if count >= need:
+            return max(t, min_s)
+    return None
 
 
 def slope_per_minute(points: Sequence[tuple[float, float]]) -> float:

@@ -75,8 +75,8 @@ def discover(stack: Stack) -> dict[str, Role]:
     """Role -> processes, found now (so a restarted process shows up under its new pid).
 
     Each supervisord program is a row; so is each Triton backend stub (`triton stub <instance>`).
-    Anything else a program forks (the stub's parent watchdog shell and its `sleep`) is summed into
-    `<program> helpers`.
+    Anything else a program forks (the watchdog shell each stub starts, the stub's child, and its
+    `sleep`) is summed into `<program> helpers`.
     """
     found: dict[str, Role] = {}
     supervisord = _process(_pid_file(stack.settings.run_dir / "supervisord.pid"))

@@ -6,7 +6,9 @@ every ~10 s reads the resident memory (RSS, and its anonymous part) of every fer
 end it prints one row per process (RSS at the end of the warm-up and at the end, growth after the
 warm-up, trend, max) and the requests by kind, writes the samples to
 bench/results/soak-<date>-<commit>.json, and exits 1 when any process grew more than the threshold
-after the warm-up (or was restarted). The warm-up is part of the N minutes.
+after the warm-up (or was restarted). The warm-up is part of the N minutes: `--warmup-minutes`, or
+longer until enough requests have finished to fill llama.cpp's prompt cache to its bound
+(`prompt_cache_mib`), which may legitimately grow the model process until then.
 """
 
 from __future__ import annotations
@@ -24,8 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import platform, report
-from bench.engine_params import MODEL_NAME
-from bench.memory import MB, Growth, Sample, failures, growth, table
+from bench.engine_params import MODEL_NAME, engine_params
+from bench.memory import (
+    MB,
+    Growth,
+    Sample,
+    failures,
+    growth,
+    requests_to_fill_cache,
+    table,
+    warmup_end,
+)
 from bench.processes import discover, read
 from bench.soak_traffic import KINDS, Traffic
 from launcher.setup import ensure_backend, ensure_model, model_path
@@ -46,7 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--minutes", type=float, default=10.0, help="traffic time, warm-up included")
-    p.add_argument("--warmup-minutes", type=float, default=1.0, help="growth is measured from its end")
+    p.add_argument(
+        "--warmup-minutes",
+        type=float,
+        default=1.0,
+        help="growth is measured from its end (later if the prompt cache has not filled by then)",
+    )
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument(
         "--threshold-mb", type=float, default=THRESHOLD_MB, help="largest growth allowed per process"
@@ -63,15 +79,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Sampler:
-    """Reads every ferry process's memory every `every` seconds on a thread of its own.
+    """Reads every ferry process's memory every `every` seconds on a thread of its own, and with each
+    reading how many requests had finished (`finished`).
 
     Processes are looked up again at each reading, so a restarted one is noticed (its pid changes).
     """
 
-    def __init__(self, stack: Stack, every: float, on_sample: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        every: float,
+        finished: Callable[[], int],
+        on_sample: Callable[[], None] | None = None,
+    ) -> None:
         self.stack = stack
         self.every = every
         self.on_sample = on_sample
+        self._finished = finished
+        # (seconds, requests finished by then), one per reading.
+        self.finished: list[tuple[float, int]] = []
         self.samples: dict[str, list[Sample]] = {}
         self.pids: dict[str, list[tuple[int, ...]]] = {}
         self.groups: set[str] = set()
@@ -91,6 +117,7 @@ class Sampler:
 
     def sample(self) -> None:
         t = time.monotonic() - self.started
+        self.finished.append((t, self._finished()))
         for name, role in discover(self.stack).items():
             reading = read(role.processes)
             if reading is None:
@@ -136,6 +163,11 @@ def progress(sampler: Sampler, traffic: Traffic) -> Callable[[], None]:
     return line
 
 
+def engine_requests(traffic: Traffic) -> int:
+    """Requests finished that ran on the engine: answered or dropped mid-stream, not the invalid ones."""
+    return sum(c.ok + c.dropped for kind, c in traffic.counts.items() if kind != "invalid")
+
+
 def requests_table(traffic: Traffic) -> str:
     lines = ["| requests | sent | ok | dropped on purpose | failed |", "|---|---:|---:|---:|---:|"]
     total = [0, 0, 0, 0]
@@ -155,6 +187,8 @@ def results(
     rows: list[Growth],
     seconds: float,
     seed: int,
+    warmup_s: float | None,
+    fill_requests: int,
 ) -> dict[str, Any]:
     return {
         "meta": {
@@ -165,6 +199,9 @@ def results(
             "model": MODEL_NAME,
             "minutes": args.minutes,
             "warmup_minutes": args.warmup_minutes,
+            # When the warm-up ended (None: never, too few requests), and the requests it waited for.
+            "warmup_s": warmup_s,
+            "cache_fill_requests": fill_requests,
             "concurrency": args.concurrency,
             "threshold_mb": args.threshold_mb,
             "sample_seconds": args.sample_seconds,
@@ -172,7 +209,7 @@ def results(
             "traffic_seconds": seconds,
             "load_avg": os.getloadavg(),
         },
-        "passed": not failures(rows, args.threshold_mb),
+        "passed": warmup_s is not None and not failures(rows, args.threshold_mb),
         "growth": [{**row.__dict__, "judged_mb": row.judged_mb} for row in rows],
         "requests": {kind: c.__dict__ for kind, c in traffic.counts.items()},
         # [seconds, RSS MB, anonymous MB] per reading: small enough to keep with the results.
@@ -192,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     say(ensure_model(settings))
     say(ensure_backend())
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+    engine = engine_params()
+    fill_requests = requests_to_fill_cache(engine.prompt_cache_mib, engine.n_parallel)
     say(
         f"starting ferry; then {args.minutes:g} min of traffic at concurrency {args.concurrency} (seed {seed})"
     )
@@ -199,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         traffic = Traffic(
             stack.endpoints.rest, stack.endpoints.grpc, MODEL_NAME, platform.api_key(stack), seed
         )
-        sampler = Sampler(stack, args.sample_seconds)
+        sampler = Sampler(stack, args.sample_seconds, lambda: engine_requests(traffic))
         sampler.on_sample = progress(sampler, traffic)
         sampler.start()
         started = time.monotonic()
@@ -209,19 +248,26 @@ def main(argv: list[str] | None = None) -> int:
             sampler.stop()
         seconds = time.monotonic() - started
         say(f"traffic done after {seconds / 60:.1f} min; stopping ferry")
-    warmup_s = args.warmup_minutes * 60
+    warmup_s = warmup_end(args.warmup_minutes * 60, fill_requests, sampler.finished)
     rows = [
-        growth(name, s, warmup_s, restarted=sampler.restarted(name), by_anon=name in sampler.groups)
+        growth(
+            name,
+            s,
+            warmup_s if warmup_s is not None else seconds,
+            restarted=sampler.restarted(name),
+            by_anon=name in sampler.groups,
+        )
         for name, s in sorted(sampler.samples.items())
     ]
     failed = failures(rows, args.threshold_mb)
-    data = results(args, sampler, traffic, rows, seconds, seed)
+    data = results(args, sampler, traffic, rows, seconds, seed, warmup_s, fill_requests)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     meta = data["meta"]
     path = args.results_dir / f"soak-{meta['date']}-{meta['commit']['sha']}.json"
     path.write_text(json.dumps(report.finite(data), indent=1) + "\n")
     print()
-    print(f"Memory after {args.warmup_minutes:g} min of warm-up, {args.minutes:g} min in all (MB = MiB):\n")
+    warmup = f"{warmup_s / 60:.1f} min" if warmup_s is not None else "a warm-up that never ended"
+    print(f"Memory after {warmup} of warm-up, {args.minutes:g} min in all (MB = MiB):\n")
     print(table(rows, args.threshold_mb))
     print()
     print(requests_table(traffic))
@@ -230,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         for error in c.errors:
             say(f"{kind} failed: {error}")
     say(f"samples: {path}")
+    if warmup_s is None:
+        say(
+            f"FAIL: the warm-up never ended: {engine_requests(traffic)} requests finished, fewer than the "
+            f"{fill_requests} that fill the {engine.prompt_cache_mib} MiB prompt cache; run longer"
+        )
+        return 1
     if failed:
         names = ", ".join(
             f"{r.process} ({'restarted' if r.restarted else f'{r.growth_mb:+.1f} MB'})" for r in failed

@@ -10,7 +10,17 @@ import random
 
 import pytest
 
-from bench.memory import MB, Sample, baseline, failures, growth, slope_per_minute, table
+from bench.memory import (
+    MB,
+    Sample,
+    baseline,
+    failures,
+    growth,
+    requests_to_fill_cache,
+    slope_per_minute,
+    table,
+    warmup_end,
+)
 from bench.processes import stub_instance
 from bench.soak_traffic import PROMPT_CHARS, prompt
 
@@ -103,10 +113,34 @@ def test_the_table_has_a_row_per_process_with_its_verdict() -> None:
     )
 
 
+def test_the_warm_up_waits_for_enough_requests_to_fill_the_prompt_cache() -> None:
+    # gemma-3-270m: 4 slots, 32 MiB of ~1.2 MiB states, twice over.
+    need = requests_to_fill_cache(prompt_cache_mib=32, slots=4)
+    assert need == 4 + 2 * 27
+    # A slow machine: 20 requests a minute, so the cache is still filling after one minute.
+    slow = [(t, t // 3) for t in range(0, 601, 10)]
+    end = warmup_end(60, need, slow)
+    assert end is not None and end > 60 and end // 3 >= need
+    # Baseline at that reading: the growth up to it (the cache filling) is not judged.
+    cache_filling = [Sample(t, int((500 + min(t, end) * 32 / end) * MB)) for t, _ in slow]
+    assert growth("triton stub x_0_0", cache_filling, end).growth_mb == pytest.approx(0)
+    assert growth("triton stub x_0_0", cache_filling, 60).growth_mb > 20, "a 1-minute warm-up would fail"
+
+
+def test_a_fast_machine_keeps_the_one_minute_warm_up() -> None:
+    fast = [(t, t * 2) for t in range(0, 601, 10)]
+    assert warmup_end(60, requests_to_fill_cache(32, 4), fast) == 60
+
+
+def test_a_run_that_never_fills_the_cache_has_no_end_of_warm_up() -> None:
+    assert warmup_end(60, requests_to_fill_cache(32, 4), [(t, 1) for t in range(0, 121, 10)]) is None
+    assert requests_to_fill_cache(prompt_cache_mib=0, slots=4) == 4, "cache off: the slots only"
+
+
 def test_a_backend_stub_is_named_by_its_model_instance() -> None:
     argv = [
         "/work/build/triton/backends/python/triton_python_backend_stub",
-        "/work/triton_models/gemma-3-270m/1/model.py",
+        "/work/build/triton/backends/llamacpp/model.py",
         "triton_python_backend_shm_region_ferry1_abc",
         "1048576",
         "1048576",
