@@ -1,7 +1,9 @@
 """Build the runtime assets that are not committed: every model's GGUF file and Triton's backend directory.
 
 Run as `python -m launcher.setup` (`make setup` does). Idempotent: when everything is in place it
-only compares file sizes, so it returns in milliseconds.
+compares each GGUF file's size (not a hash: they are hundreds of MB) and each backend file's bytes (a
+few MB, so an edited model.py is copied again even at the same size), and returns in tens of
+milliseconds.
 
 Each directory of the model repository whose config.pbtxt says `backend: "llamacpp"` names where its
 GGUF file comes from (parameters gguf_source, gguf_package, gguf_file; see backends/llamacpp/README.md),
