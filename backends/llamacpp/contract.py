@@ -82,8 +82,9 @@ class SamplingParameters(BaseModel):
         return value
 
     def to_json(self) -> str:
-        """Compact JSON of the fields that differ from their defaults (the `sampling_parameters` tensor)."""
-        return self.model_dump_json(exclude_defaults=True)
+        """Compact JSON of the fields that were set (the `sampling_parameters` tensor): an explicit `false`
+        or `[]` stays, so it still overrides the model's default in the backend."""
+        return self.model_dump_json(exclude_unset=True)
 
     @classmethod
     def from_json(cls, text: str) -> SamplingParameters:

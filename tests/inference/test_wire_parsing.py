@@ -334,3 +334,17 @@ def test_a_native_request_id_follows_the_shared_id_rule() -> None:
         with pytest.raises(RpcError) as err:
             contextvars.copy_context().run(accepted, bad)
         assert err.value.field_violations == [("request_id", f"must be {REQUEST_ID_RULE}")]
+
+
+def test_only_fields_the_caller_set_reach_the_engine_so_model_defaults_apply_to_the_rest() -> None:
+    # A model's default_sampling_parameters fill what the request leaves out; an explicit false or
+    # empty list must still reach the backend to switch such a default off.
+    assert generate(prompt="x").sampling.to_json() == "{}"
+    assert completion().sampling.to_json() == "{}"
+    explicit = generate(prompt="x", sampling={"logprobs": False, "ignore_eos": False, "top_logprobs": 0})
+    assert json.loads(explicit.sampling.to_json()) == {
+        "logprobs": False,
+        "ignore_eos": False,
+        "top_logprobs": 0,
+    }
+    assert json.loads(chat(stop=[]).sampling.to_json()) == {"stop": []}

@@ -46,10 +46,9 @@ class GenerateWire(WireRequest[inference_pb2.GenerateRequest]):
         )
         s = request.sampling
         sampling: dict[str, Any] = {
-            **same_named(s, (*SAME_NAMED, "max_tokens")),
-            "stop": tuple(s.stop),
-            "logprobs": s.logprobs,
-            "top_logprobs": s.top_logprobs,
-            "ignore_eos": s.ignore_eos,
+            # Unset optional fields are None: the model's default applies; an explicit false overrides it.
+            **same_named(s, (*SAME_NAMED, "max_tokens", "logprobs", "top_logprobs", "ignore_eos")),
+            # A repeated field cannot tell "absent" from "empty": no sequences means the model's default.
+            "stop": tuple(s.stop) or None,
         }
         return self._request(model, sampling, spelling, prompt=prompt, messages=messages)

@@ -65,7 +65,7 @@ class CompletionWire(WireRequest[openai_pb2.CreateCompletionRequest]):
         sampling: dict[str, Any] = {
             **same_named(request, (*fields.OPENAI_SAME_NAMED, "max_tokens")),
             "stop": stop,
-            "logprobs": logprobs is not None,
+            "logprobs": True if logprobs is not None else None,
             "top_logprobs": logprobs,
         }
         return self._request(

@@ -26,13 +26,14 @@ def model_name(model: str) -> str:
     return model
 
 
-def stop(message: Any) -> tuple[tuple[str, ...], bool]:
-    """`stop`: null, a string, or a list of strings -> (sequences, whether a single string was sent).
-    How many and whether empty is the contract's to say."""
+def stop(message: Any) -> tuple[tuple[str, ...] | None, bool]:
+    """`stop`: null, a string, or a list of strings -> (sequences, whether a single string was sent);
+    None when absent or null (the model's default applies). How many and whether empty is the contract's
+    to say."""
     value: struct_pb2.Value | None = message.stop if message.HasField("stop") else None
     kind = value.WhichOneof("kind") if value is not None else None
     if value is None or kind in (None, "null_value"):
-        return (), False
+        return None, False
     if kind == "string_value":
         return (value.string_value,), True
     if kind != "list_value":
