@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -50,6 +50,34 @@ class TritonSettings(BaseModel):
     @property
     def grpc_address(self) -> str:
         return f"{self.host}:{self.grpc_port}"
+
+
+class UpstreamModel(BaseModel):
+    """A model served by an OpenAI-compatible upstream server (LM Studio, vLLM, llama.cpp's server,
+    OpenAI) instead of Triton. Its API key is never in a config file: an environment variable or a
+    secret file names where it is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # e.g. http://127.0.0.1:8081/v1 (the prefix the OpenAI SDK would take as base_url).
+    base_url: str
+    # The model's name at the upstream (default: ferry's name for it).
+    upstream_model: str = ""
+    api_key_env: str = ""
+    api_key_file: Path | None = None
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    # Longest gap between two bytes of an answer (a whole generation may take longer).
+    read_timeout_seconds: float = Field(default=60.0, gt=0)
+    # Retries on connection errors, 429 and 5xx before the first byte, with exponential backoff.
+    max_retries: int = Field(default=2, ge=0)
+    max_connections: int = Field(default=16, ge=1)
+    # Metadata the registry shows and the policy enforces, as a Triton model's config.pbtxt says it.
+    context_length: int = Field(default=4096, ge=1)
+    max_tokens: int = Field(default=4096, ge=1)
+    owned_by: str = "upstream"
+    capabilities: list[str] = Field(default_factory=lambda: ["completion", "chat"])
+    # Requests in flight at the upstream at once (the admission gate's slots).
+    max_in_flight: int = Field(default=4, ge=1)
 
 
 class EnvoySettings(BaseModel):
@@ -208,6 +236,13 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     triton: TritonSettings = Field(default_factory=TritonSettings)
+    # Model names clients may use; empty: every model. Others are hidden from lists and refused
+    # (NOT_FOUND, as for a model that does not exist).
+    allowed_models: list[str] = Field(default_factory=list)
+    # Extra names that resolve to a model (for clients that hard-code a model name): alias -> model.
+    model_aliases: dict[str, str] = Field(default_factory=dict)
+    # Models served by OpenAI-compatible upstream servers: ferry's model name -> where and how.
+    upstream_models: dict[str, UpstreamModel] = Field(default_factory=dict)
     envoy: EnvoySettings = Field(default_factory=EnvoySettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)

@@ -30,6 +30,13 @@ class Capability(StrEnum):
 ALL_CAPABILITIES: frozenset[str] = frozenset(Capability)
 
 
+class Provider(StrEnum):
+    """What serves a model: ferry's Triton, or an OpenAI-compatible upstream server."""
+
+    TRITON = "triton"
+    UPSTREAM = "upstream"
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
@@ -40,6 +47,11 @@ class ModelInfo:
     chat_template: str
     engine_slots: int
     capabilities: frozenset[str] = ALL_CAPABILITIES
+    provider: Provider = Provider.TRITON
+    # What the model is (config.pbtxt parameters `family`, `parameter_count`, `quantization`; "" unknown).
+    family: str = ""
+    parameter_count: str = ""
+    quantization: str = ""
 
 
 def connect(settings: TritonSettings) -> triton_aio.InferenceServerClient:
