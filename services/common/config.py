@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from services.common.model_names import config_problems
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -247,6 +249,16 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     recording: RecordingSettings = Field(default_factory=RecordingSettings)
+
+    @model_validator(mode="after")
+    def _check_model_names(self) -> Settings:
+        # A name no request could ever use is a mistake in the config: refused at start, by every process.
+        problems = config_problems(
+            self.allowed_models, self.model_aliases, self.upstream_models, self.triton.load_models
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -40,6 +40,7 @@ class Reason(StrEnum):
     KEY_NOT_FOUND = "KEY_NOT_FOUND"
     TRANSACTION_NOT_FOUND = "TRANSACTION_NOT_FOUND"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
+    MODEL_NOT_MANAGED = "MODEL_NOT_MANAGED"
     KEY_COLLISION = "KEY_COLLISION"
     GENERATION_ABORTED = "GENERATION_ABORTED"
     RATE_LIMITED = "RATE_LIMITED"
@@ -135,6 +136,9 @@ CATALOGUE: Mapping[Reason, Entry] = {
     Reason.KEY_NOT_FOUND: _entry(_Code.NOT_FOUND, "no API key of that name"),
     Reason.TRANSACTION_NOT_FOUND: _entry(_Code.NOT_FOUND, "no transaction with that request id"),
     Reason.MODEL_LOAD_FAILED: _entry(_Code.FAILED_PRECONDITION, "Triton could not load the model"),
+    Reason.MODEL_NOT_MANAGED: _entry(
+        _Code.FAILED_PRECONDITION, "load or unload of a model an upstream server serves (not Triton)"
+    ),
     Reason.KEY_COLLISION: _entry(
         _Code.ABORTED, "a new key's hash matched an existing one (never in practice)", retryable=True
     ),

@@ -1,7 +1,8 @@
 """Inference service process: the native InferenceService and the OpenAI-compatible OpenAIService.
 
-Both report NOT_SERVING (grpc.health.v1) until the default model is READY in Triton, so probes and
-Envoy's readiness cover the model; the process itself ("" service) stays SERVING while it runs.
+Both report NOT_SERVING (grpc.health.v1) until every model configured to load at start
+(`triton.load_models`) is READY in Triton (with none configured: until Triton answers), so probes and
+Envoy's readiness cover the models; the process itself ("" service) stays SERVING while it runs.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
 
 from services.common import triton_client
 from services.common.config import get_settings
+from services.common.model_names import ModelNames
 from services.common.server import Runtime, serve
-from services.common.triton_client import ModelInfo
 from services.inference.catalog import Catalog
 from services.inference.native.servicer import InferenceServicer
 from services.inference.observers import GenerationObserver, MetricsObserver, UsageReporter
@@ -44,7 +45,7 @@ async def setup(runtime: Runtime) -> None:
     settings = runtime.settings
     await recorder.start(runtime)
     client = triton_client.connect(settings.triton)
-    catalog = Catalog(client)
+    catalog = Catalog(client, ModelNames.of(settings))
     observers: list[GenerationObserver] = [MetricsObserver(catalog)]
     if runtime.auth is not None:
         observers.append(UsageReporter(runtime.auth))
@@ -62,13 +63,14 @@ async def setup(runtime: Runtime) -> None:
     for name in SERVICE_NAMES:
         await runtime.set_serving(False, name)
 
-    async def on_change(ready: bool, info: ModelInfo | None) -> None:
-        if info is not None:
-            pipeline.admissions.gate(info)  # creates the gate (and its gauges) or applies a new slot count
+    async def on_ready(ready: bool) -> None:
         for name in SERVICE_NAMES:
             await runtime.set_serving(ready, name)
 
-    watcher = asyncio.create_task(catalog.watch(settings.triton.default_model, on_change))
+    # `on_model` creates a model's gate (and its gauges) or applies a new slot count after a reload.
+    watcher = asyncio.create_task(
+        catalog.watch(settings.triton.load_models, on_ready, on_model=pipeline.admissions.gate)
+    )
 
     async def stop() -> None:
         watcher.cancel()

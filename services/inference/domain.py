@@ -87,6 +87,8 @@ class GenerationRequest:
     user: str = ""
     stream: bool = False
     include_usage: bool = False
+    # The alias the caller named (`model_aliases`) when `model` is the model it resolved to.
+    model_alias: str = ""
 
     def recorded_parameters(self) -> dict[str, Any]:
         """What the transaction record keeps of the request besides its input."""
@@ -99,6 +101,8 @@ class GenerationRequest:
             parameters["user"] = self.user
         if self.echo:
             parameters["echo"] = True
+        if self.model_alias:
+            parameters["model_alias"] = self.model_alias
         return parameters
 
 

@@ -10,6 +10,7 @@ from ferry.models.v1 import models_pb2, models_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from services.common import triton_client
+from services.common.model_names import ModelNames
 from services.common.server import Runtime
 from services.models.servicer import ModelsServicer
 from services.recording import Recorder
@@ -36,7 +37,8 @@ async def watch_triton(runtime: Runtime, servicer: ModelsServicer) -> None:
 
 
 async def setup(runtime: Runtime, recorder: Recorder) -> None:
-    servicer = ModelsServicer(triton_client.connect(runtime.settings.triton))
+    settings = runtime.settings
+    servicer = ModelsServicer(triton_client.connect(settings.triton), ModelNames.of(settings))
     models_pb2_grpc.add_ModelsServiceServicer_to_server(servicer, runtime.server)
     await runtime.set_serving(False)
     watcher = asyncio.create_task(watch_triton(runtime, servicer))

@@ -9,6 +9,7 @@ import pytest
 from ferry.models.v1 import models_pb2
 
 from services.common.errors import RpcError
+from services.common.model_names import ModelNames
 from services.common.names import model_id_from_name
 from services.models.servicer import ModelsServicer
 
@@ -58,14 +59,14 @@ async def list_all(servicer: ModelsServicer, size: int) -> list[list[str]]:
 
 async def test_models_are_listed_in_pages_by_name() -> None:
     repository = RepositoryStub(["e", "c", "a", "d", "b"])
-    servicer = ModelsServicer(repository)  # type: ignore[arg-type]
+    servicer = ModelsServicer(repository, ModelNames())  # type: ignore[arg-type]
     assert await list_all(servicer, 2) == [["a", "b"], ["c", "d"], ["e"]]
     assert await list_all(servicer, 0) == [["a", "b", "c", "d", "e"]]
 
 
 async def test_a_model_added_between_pages_shifts_nothing() -> None:
     repository = RepositoryStub(["b", "d", "f"])
-    servicer = ModelsServicer(repository)  # type: ignore[arg-type]
+    servicer = ModelsServicer(repository, ModelNames())  # type: ignore[arg-type]
     first = await servicer.ListModels(models_pb2.ListModelsRequest(page_size=2), None)  # type: ignore[arg-type]
     repository.names.append("a")  # sorts before the page already seen
     rest = await servicer.ListModels(
@@ -77,7 +78,7 @@ async def test_a_model_added_between_pages_shifts_nothing() -> None:
 
 @pytest.mark.parametrize("token", ["garbage!", "bW9kZWxzOng="])
 async def test_malformed_page_token_is_invalid_argument(token: str) -> None:
-    servicer = ModelsServicer(RepositoryStub(["a"]))  # type: ignore[arg-type]
+    servicer = ModelsServicer(RepositoryStub(["a"]), ModelNames())  # type: ignore[arg-type]
     with pytest.raises(RpcError) as err:
         await servicer.ListModels(models_pb2.ListModelsRequest(page_token=token), None)  # type: ignore[arg-type]
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -37,7 +37,9 @@ Message = TypeVar("Message")
 class ModelList(Protocol):
     async def resolve(self, name: str) -> ModelInfo: ...
 
-    async def ready_models(self) -> list[ModelInfo]: ...
+    async def listing(self) -> list[tuple[str, ModelInfo]]:
+        """(name, model) of every name clients may use now, aliases included."""
+        ...
 
     def created(self, name: str) -> int: ...
 
@@ -220,13 +222,15 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     async def ListModels(
         self, request: openai_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> openai_pb2.ListModelsResponse:
-        models = await self.models.ready_models()
+        # An alias is listed under its own id with its model's owner, as OpenAI and vLLM list theirs.
+        listed = await self.models.listing()
         return openai_pb2.ListModelsResponse(
-            object="list", data=[model_message(self.models, m.name, m.owned_by) for m in models]
+            object="list", data=[model_message(self.models, name, m.owned_by) for name, m in listed]
         )
 
     async def RetrieveModel(
         self, request: openai_pb2.RetrieveModelRequest, context: grpc.aio.ServicerContext
     ) -> openai_pb2.Model:
-        info = await self.models.resolve(fields.model_name(request.model))
-        return model_message(self.models, info.name, info.owned_by)
+        name = fields.model_name(request.model)
+        info = await self.models.resolve(name)
+        return model_message(self.models, name, info.owned_by)
