@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, SecretStr
+from pydantic_core import to_jsonable_python
 
 from services.common.config import Settings
 
@@ -27,8 +28,8 @@ def _encode(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str | int | float):
         return str(value)
-    # Lists and mappings: pydantic-settings parses complex values from JSON.
-    return json.dumps(value, default=str)
+    # Lists and mappings (of models too, e.g. `upstream_models`): pydantic-settings parses JSON.
+    return json.dumps(to_jsonable_python(value))
 
 
 def _flatten(prefix: str, model: BaseModel, out: dict[str, str]) -> None:
