@@ -45,16 +45,19 @@ class Reason(StrEnum):
     GENERATION_ABORTED = "GENERATION_ABORTED"
     RATE_LIMITED = "RATE_LIMITED"
     OVERLOADED = "OVERLOADED"
+    UPSTREAM_RATE_LIMITED = "UPSTREAM_RATE_LIMITED"
     QUEUE_TIMEOUT = "QUEUE_TIMEOUT"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     CANCELLED = "CANCELLED"
     MODEL_NOT_READY = "MODEL_NOT_READY"
     ENGINE_UNAVAILABLE = "ENGINE_UNAVAILABLE"
     TRITON_UNAVAILABLE = "TRITON_UNAVAILABLE"
+    UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
     DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
     AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
     DRAINING = "DRAINING"
     ENGINE_ERROR = "ENGINE_ERROR"
+    UPSTREAM_AUTH_FAILED = "UPSTREAM_AUTH_FAILED"
     CHAT_TEMPLATE_INVALID = "CHAT_TEMPLATE_INVALID"
     CHAT_TEMPLATE_FAILED = "CHAT_TEMPLATE_FAILED"
     INTERNAL = "INTERNAL"
@@ -151,6 +154,11 @@ CATALOGUE: Mapping[Reason, Entry] = {
     Reason.OVERLOADED: _entry(
         _Code.RESOURCE_EXHAUSTED, "the model's slots and its wait queue are all taken", retryable=True
     ),
+    Reason.UPSTREAM_RATE_LIMITED: _entry(
+        _Code.RESOURCE_EXHAUSTED,
+        "a model's upstream server kept answering 429 (too many requests) after ferry's retries",
+        retryable=True,
+    ),
     Reason.QUEUE_TIMEOUT: _entry(
         _Code.DEADLINE_EXCEEDED, "the deadline passed while waiting for a free slot of the model"
     ),
@@ -169,6 +177,11 @@ CATALOGUE: Mapping[Reason, Entry] = {
     Reason.TRITON_UNAVAILABLE: _entry(
         _Code.UNAVAILABLE, "a service (Models, Inference) cannot reach Triton", retryable=True
     ),
+    Reason.UPSTREAM_UNAVAILABLE: _entry(
+        _Code.UNAVAILABLE,
+        "a model's upstream server is unreachable, answered 5xx, or dropped the connection mid-answer",
+        retryable=True,
+    ),
     Reason.DATABASE_UNAVAILABLE: _entry(
         _Code.UNAVAILABLE, "PostgreSQL is not reachable, or not migrated yet", retryable=True
     ),
@@ -177,6 +190,10 @@ CATALOGUE: Mapping[Reason, Entry] = {
     ),
     Reason.DRAINING: _entry(_Code.UNAVAILABLE, "the service is shutting down", retryable=True),
     Reason.ENGINE_ERROR: _entry(_Code.INTERNAL, "the engine failed a generation"),
+    Reason.UPSTREAM_AUTH_FAILED: _entry(
+        _Code.INTERNAL,
+        "a model's upstream server refused ferry's API key (401/403), or the key is not set: a config error",
+    ),
     Reason.CHAT_TEMPLATE_INVALID: _entry(_Code.INTERNAL, "the model's chat template does not compile"),
     Reason.CHAT_TEMPLATE_FAILED: _entry(_Code.INTERNAL, "the model's chat template raised on these messages"),
     Reason.INTERNAL: _entry(_Code.INTERNAL, "a bug: an unexpected exception in a service"),

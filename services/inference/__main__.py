@@ -18,7 +18,9 @@ from services.common import triton_client
 from services.common.config import get_settings
 from services.common.model_names import ModelNames
 from services.common.server import Runtime, serve
+from services.common.triton_client import Provider
 from services.inference.catalog import Catalog
+from services.inference.engine_interface import EngineRouter
 from services.inference.native.servicer import InferenceServicer
 from services.inference.observers import GenerationObserver, MetricsObserver, UsageReporter
 from services.inference.openai_api.servicer import OpenAIServicer
@@ -26,6 +28,7 @@ from services.inference.pipeline import Pipeline
 from services.inference.templates import ChatTemplates
 from services.inference.transaction_log import SpoolTransactionLog
 from services.inference.triton_engine import TritonEngine
+from services.inference.upstream_engine import UpstreamEngine
 from services.recording import Recorder
 from services.recording.audit_observer import AuditObserver
 
@@ -49,9 +52,12 @@ async def setup(runtime: Runtime) -> None:
     observers: list[GenerationObserver] = [MetricsObserver(catalog)]
     if runtime.auth is not None:
         observers.append(UsageReporter(runtime.auth))
+    # One engine per provider: Triton's models, and those of OpenAI-compatible upstream servers.
+    upstream = UpstreamEngine(settings.upstream_models)
+    engine = EngineRouter({Provider.TRITON: TritonEngine(client), Provider.UPSTREAM: upstream})
     pipeline = Pipeline(
         catalog,
-        TritonEngine(client),
+        engine,
         ChatTemplates(),
         settings.inference,
         SpoolTransactionLog(recorder),
@@ -77,6 +83,7 @@ async def setup(runtime: Runtime) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await client.close()
+        await upstream.aclose()
 
     runtime.on_stop.append(stop)
 

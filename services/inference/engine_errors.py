@@ -1,7 +1,7 @@
 """Every engine failure -> the error its caller gets, mapped once, to the error catalogue's reasons.
 
 `FAULT_REASONS` maps each fault of the engine contract, `FAILURES` everything else (Triton's own
-refusals, the transport); `docs/errors.md` shows both as a table (`python -m
+refusals, an upstream server's answers, the transport); `docs/errors.md` shows both as a table (`python -m
 services.inference.engine_errors` prints it; a test keeps the two equal).
 
 Fields are named as the caller spelled them (`request.spelling`): a prompt too long names `messages`,
@@ -25,6 +25,10 @@ from services.inference.engine_interface import (
     EngineRefused,
     EngineTimedOut,
     EngineUnreachable,
+    UpstreamAuthFailed,
+    UpstreamRateLimited,
+    UpstreamRefused,
+    UpstreamUnreachable,
 )
 
 # The backend's faults (a TritonError whose message is the contract's JSON).
@@ -72,6 +76,30 @@ FAILURES: tuple[Failure, ...] = (
         model_ready=True,
     ),
     Failure(
+        UpstreamUnreachable,
+        Reason.UPSTREAM_UNAVAILABLE,
+        "the model's upstream server is unavailable: {}",
+        "an upstream server unreachable, answering 5xx (after retries), or dropping the connection",
+    ),
+    Failure(
+        UpstreamRateLimited,
+        Reason.UPSTREAM_RATE_LIMITED,
+        "the model's upstream server is busy: {}",
+        "an upstream server answering 429 after ferry's retries (the hint is its Retry-After)",
+    ),
+    Failure(
+        UpstreamAuthFailed,
+        Reason.UPSTREAM_AUTH_FAILED,
+        "the model's upstream server is misconfigured: {}",
+        "an upstream server refusing ferry's API key (401/403), or the key not set",
+    ),
+    Failure(
+        UpstreamRefused,
+        Reason.ENGINE_ERROR,
+        "the model's upstream server refused the request: {}",
+        "an upstream server refusing with another 4xx (e.g. 404: it does not know the model name)",
+    ),
+    Failure(
         EngineUnreachable,
         Reason.ENGINE_UNAVAILABLE,
         "the engine stopped answering: {}",
@@ -81,7 +109,8 @@ FAILURES: tuple[Failure, ...] = (
         EngineTimedOut,
         Reason.DEADLINE_EXCEEDED,
         "generation did not finish before the request deadline",
-        "the request's deadline passed while generating (gRPC DEADLINE_EXCEEDED)",
+        "the request's deadline passed while generating (gRPC DEADLINE_EXCEEDED), or an upstream server"
+        " sent nothing for longer than its read timeout",
     ),
     Failure(
         EngineBroken,
@@ -99,7 +128,8 @@ def caller_error(err: EngineError, spelling: FieldSpelling, *, model_ready: bool
     if isinstance(err, EngineFaulted):
         return _fault_error(err.fault, spelling)
     failure = next(f for f in FAILURES if f.matches(err, model_ready))
-    return rpc_error(failure.reason, failure.message.format(err.message))
+    retry_after = err.retry_after_seconds if CATALOGUE[failure.reason].retryable else None
+    return rpc_error(failure.reason, failure.message.format(err.message), retry_after_seconds=retry_after)
 
 
 def _fault_error(fault: EngineFault, spelling: FieldSpelling) -> RpcError:

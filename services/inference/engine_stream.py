@@ -8,6 +8,7 @@ from contextlib import aclosing
 from typing import Protocol
 
 from services.common.errors import Reason, rpc_error
+from services.common.triton_client import ModelInfo
 from services.inference.deadline import Deadline
 from services.inference.domain import Exchange, Piece
 from services.inference.engine_errors import caller_error
@@ -28,9 +29,10 @@ class EngineStream:
         self.readiness = readiness
 
     async def __call__(
-        self, exchange: Exchange, model: str, deadline: Deadline
+        self, exchange: Exchange, model: ModelInfo, deadline: Deadline
     ) -> AsyncGenerator[Piece, None]:
-        """The engine's pieces for the exchange's prompt; closing early cancels the generation."""
+        """The engine's pieces for the exchange's prompt (and the caller's messages, for engines that
+        render them themselves); closing early cancels the generation."""
         remaining = deadline.time_remaining()
         if remaining is not None and remaining <= DEADLINE_MARGIN_SECONDS:
             raise rpc_error(Reason.DEADLINE_EXCEEDED, "the request deadline left no time to generate")
@@ -39,6 +41,7 @@ class EngineStream:
             model,
             exchange.prompt,
             request.sampling,
+            messages=request.messages,
             request_id=exchange.request_id,
             timeout=None if remaining is None else remaining - DEADLINE_MARGIN_SECONDS,
         )
@@ -48,5 +51,5 @@ class EngineStream:
                     yield piece
             except EngineError as err:
                 # Triton's own refusal is worth a retry only when the model is no longer ready.
-                ready = not isinstance(err, EngineRefused) or await self.readiness.is_ready(model)
+                ready = not isinstance(err, EngineRefused) or await self.readiness.is_ready(model.name)
                 raise caller_error(err, request.spelling, model_ready=ready) from err

@@ -77,7 +77,7 @@ class Pipeline:
                 for observer in self.observers:
                     observer.admitted(exchange, waited)
                 await record.start()
-                async with aclosing(self.generate(exchange, model.name, deadline)) as pieces:
+                async with aclosing(self.generate(exchange, model, deadline)) as pieces:
                     async for piece in pieces:
                         gap = outcome.add(piece, time.monotonic())
                         for observer in self.observers:

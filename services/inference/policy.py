@@ -11,7 +11,7 @@ from ferry.auth.v1.auth_pb2 import Principal
 
 from services.common.config import InferenceSettings
 from services.common.errors import Reason, invalid_argument
-from services.common.triton_client import Capability, ModelInfo
+from services.common.triton_client import Capability, ModelInfo, Provider
 from services.inference.domain import GenerationRequest
 
 
@@ -56,7 +56,8 @@ def check_against_model(request: GenerationRequest, model: ModelInfo) -> None:
             request.spelling.field("max_tokens"),
             f"must be at most {limit} for model '{model.name}', got {asked}",
         )
-    if request.messages is not None and not model.chat_template:
+    # An upstream server renders conversations with its own template.
+    if request.messages is not None and not model.chat_template and model.provider is Provider.TRITON:
         raise invalid_argument(
             request.spelling.input, f"model '{model.name}' has no chat template; send a prompt instead"
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -21,7 +21,8 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from backends.llamacpp.contract import EngineFault, SamplingParameters
-from services.inference.domain import Piece, TokenLogprob
+from services.common.triton_client import ModelInfo
+from services.inference.domain import Message, Piece, TokenLogprob
 from services.inference.engine_interface import (
     EngineBroken,
     EngineError,
@@ -133,15 +134,17 @@ class TritonEngine:
 
     async def generate(
         self,
-        model: str,
+        model: ModelInfo,
         prompt: str,
         sampling: SamplingParameters,
         *,
+        messages: Sequence[Message] | None = None,
         request_id: str = "",
         timeout: float | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> AsyncGenerator[Piece, None]:
-        """Yields the model's pieces until the one carrying a finish reason.
+        """Yields the model's pieces until the one carrying a finish reason. The prompt is already
+        rendered through the model's chat template (`messages` is not needed).
 
         Closing this generator early (the caller was cancelled or stopped reading) cancels the
         Triton stream, which is what frees the engine slot; after the final piece the stream ends
@@ -151,7 +154,7 @@ class TritonEngine:
         propagate.inject(carrier)  # W3C trace context, so Triton's spans join the request's trace
         finished = asyncio.Event()
         request = {
-            "model_name": model,
+            "model_name": model.name,
             "inputs": [
                 _string_input("text_input", prompt),
                 _string_input("sampling_parameters", sampling.to_json()),

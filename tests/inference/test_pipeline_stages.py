@@ -5,7 +5,7 @@ cannot be made to take at will)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -20,7 +20,7 @@ from services.common.config import InferenceSettings
 from services.common.errors import RpcError, not_found
 from services.common.triton_client import ModelInfo
 from services.inference.admission import Admissions
-from services.inference.domain import UNKNOWN_MODEL, Api, Exchange, GenerationRequest, Piece
+from services.inference.domain import UNKNOWN_MODEL, Api, Exchange, GenerationRequest, Message, Piece
 from services.inference.engine_interface import EngineError, EngineFaulted, EngineRefused
 from services.inference.engine_stream import DEADLINE_MARGIN_SECONDS, EngineStream
 from services.inference.observers import GenerationObserver, MetricsObserver, UsageReporter
@@ -59,9 +59,24 @@ class Engine:
         self.closed_early = False
 
     async def generate(
-        self, model: str, prompt: str, sampling: SamplingParameters, *, request_id: str, timeout: float | None
+        self,
+        model: ModelInfo,
+        prompt: str,
+        sampling: SamplingParameters,
+        *,
+        messages: Sequence[Message] | None = None,
+        request_id: str,
+        timeout: float | None,
     ) -> AsyncGenerator[Piece, None]:
-        self.calls.append({"model": model, "prompt": prompt, "sampling": sampling, "timeout": timeout})
+        self.calls.append(
+            {
+                "model": model.name,
+                "prompt": prompt,
+                "messages": messages,
+                "sampling": sampling,
+                "timeout": timeout,
+            }
+        )
         finished = False
         try:
             for i in range(self.pieces):
@@ -191,7 +206,7 @@ def test_one_gate_per_model_resized_when_its_slots_change() -> None:
 async def test_stream_gives_the_engine_the_contracts_parameters_and_the_deadline_less_a_margin() -> None:
     engine = Engine()
     exchange = Exchange("r1", request(temperature=0.5), prompt="p")
-    pieces = [p async for p in EngineStream(engine, Catalog())(exchange, "m", Deadline(10.0))]
+    pieces = [p async for p in EngineStream(engine, Catalog())(exchange, MODEL, Deadline(10.0))]
     assert [p.text for p in pieces] == ["t0", "t1", "t2"]
     call = engine.calls[0]
     assert call["sampling"] == SamplingParameters(temperature=0.5) and call["prompt"] == "p"
@@ -201,7 +216,7 @@ async def test_stream_gives_the_engine_the_contracts_parameters_and_the_deadline
 async def test_stream_refuses_when_the_deadline_leaves_no_time() -> None:
     engine = Engine()
     with pytest.raises(RpcError) as err:
-        async for _ in EngineStream(engine, Catalog())(Exchange("r", request()), "m", Deadline(0.1)):
+        async for _ in EngineStream(engine, Catalog())(Exchange("r", request()), MODEL, Deadline(0.1)):
             pass
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and engine.calls == []
 
@@ -218,14 +233,16 @@ async def test_tritons_own_refusal_is_retryable_only_when_the_model_is_not_ready
 ) -> None:
     engine = Engine(pieces=1, error=EngineRefused("Request for unknown model"))
     with pytest.raises(RpcError) as err:
-        async for _ in EngineStream(engine, Catalog(ready=ready))(Exchange("r", request()), "m", Deadline()):
+        async for _ in EngineStream(engine, Catalog(ready=ready))(
+            Exchange("r", request()), MODEL, Deadline()
+        ):
             pass
     assert (err.value.code, err.value.reason) == (code, reason)
 
 
 async def test_closing_the_stream_early_closes_the_engines_generation() -> None:
     engine = Engine(pieces=10)
-    stream = EngineStream(engine, Catalog())(Exchange("r", request()), "m", Deadline())
+    stream = EngineStream(engine, Catalog())(Exchange("r", request()), MODEL, Deadline())
     async with aclosing(stream):
         await anext(stream)
     assert engine.closed_early

@@ -18,9 +18,12 @@ from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import serialize_byte_tensor
 
 from backends.llamacpp.contract import EngineErrorCode, EngineFault, SamplingParameters
+from services.common.triton_client import ModelInfo
 from services.inference.domain import Piece, TokenLogprob, TopLogprob
 from services.inference.engine_interface import EngineFaulted
 from services.inference.triton_engine import TritonEngine, decode
+
+MODEL = ModelInfo("m", "python", 4096, 1024, "ferry", "", 1)
 
 LOGPROBS = [{"token": " é", "logprob": -0.5, "top_logprobs": [{"token": " é", "logprob": -0.5}]}]
 
@@ -114,7 +117,7 @@ async def test_finished_generation_ends_the_stream_without_cancelling_it(
 ) -> None:
     model, engine = triton
     sampling = SamplingParameters(temperature=0.5, stop=("\n",))
-    pieces = [piece async for piece in engine.generate("m", "prompt", sampling, request_id="r")]
+    pieces = [piece async for piece in engine.generate(MODEL, "prompt", sampling, request_id="r")]
     assert pieces == [_piece(i, last=i == 3) for i in range(4)]
     assert await asyncio.wait_for(model.cancelled.get(), 5) is False
     assert model.sampling_parameters == [sampling.to_json()]
@@ -125,7 +128,7 @@ async def test_abandoned_generation_cancels_the_stream(
 ) -> None:
     model, engine = triton
     model.pieces = 1_000_000  # more than flow control lets through
-    stream = engine.generate("m", "prompt", SamplingParameters(), request_id="r")
+    stream = engine.generate(MODEL, "prompt", SamplingParameters(), request_id="r")
     first = await anext(stream)
     assert first == _piece(0, last=False)
     await stream.aclose()  # the caller went away
@@ -140,6 +143,6 @@ async def test_a_fault_on_the_stream_is_a_typed_engine_error(
     model.error_message = fault.to_message()
     received: list[Piece] = []
     with pytest.raises(EngineFaulted) as err:
-        async for piece in engine.generate("m", "prompt", SamplingParameters(), request_id="r"):
+        async for piece in engine.generate(MODEL, "prompt", SamplingParameters(), request_id="r"):
             received.append(piece)
     assert err.value.fault == fault and len(received) == 3
