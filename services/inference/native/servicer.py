@@ -54,7 +54,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         outcome = await self.pipeline.collect(exchange, RequestDeadline(context))
         return inference_pb2.GenerateResponse(
             request_id=exchange.request_id,
-            model=f"models/{gen.model}",
+            model=f"models/{exchange.request.model}",  # the model that served it (an alias's model)
             text="".join(outcome.text),
             finish_reason=finish_reason(outcome.finish_reason),
             usage=outcome.native_usage(),
