@@ -14,6 +14,7 @@ key travels only in the Authorization header: no log line, error or record holds
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -58,6 +59,8 @@ RETRY_MAX_SECONDS = 4.0
 # How much of an upstream's error body is read and quoted (they are short; a proxy's HTML page is not).
 ERROR_BODY_BYTES = 4096
 ERROR_MESSAGE_CHARS = 300
+# How long the end of a stream (`[DONE]`) is waited for after its usage chunk.
+DRAIN_SECONDS = 0.5
 
 # Contract fields llama.cpp's server (and others) accept beyond OpenAI's own, by their names there.
 # Sent only when the caller set them: OpenAI itself refuses fields it does not know.
@@ -446,11 +449,21 @@ async def _pieces(
                 counted += tokens
                 yield Piece(text, tokens, 0, "", logprobs)
         if usage is not None and final is not None:
+            await _drain(events)
             yield _with_usage(final, usage, counted)
             return
     if final is None:
         raise UpstreamUnreachable("its answer ended before the finish reason")
     yield final  # an upstream that sends no usage: the tokens counted are all there is
+
+
+async def _drain(events: AsyncIterator[dict[str, Any]]) -> None:
+    """Reads what follows the usage (`[DONE]`), so the connection goes back to the pool instead of
+    being closed; an upstream that sends nothing more within moments is not waited for."""
+    with contextlib.suppress(TimeoutError, EngineError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _event in events:
+                pass
 
 
 def _with_usage(final: Piece, usage: Mapping[str, Any], counted: int) -> Piece:

@@ -4,7 +4,9 @@ real server cannot be made to take at will. tests/inference/test_upstream_stack.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from typing import Any
@@ -67,8 +69,8 @@ def info(cfg: UpstreamModel | None = None) -> ModelInfo:
 class Body(httpx.AsyncByteStream):
     """A streamed response body that remembers whether the client closed it."""
 
-    def __init__(self, chunks: Iterable[bytes], then: Exception | None = None) -> None:
-        self.chunks, self.then = list(chunks), then
+    def __init__(self, chunks: Iterable[bytes], then: Exception | None = None, stall: bool = False) -> None:
+        self.chunks, self.then, self.stall = list(chunks), then, stall
         self.closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -76,6 +78,8 @@ class Body(httpx.AsyncByteStream):
             yield chunk
         if self.then is not None:
             raise self.then
+        if self.stall:
+            await asyncio.sleep(60)
 
     async def aclose(self) -> None:
         self.closed = True
@@ -246,6 +250,14 @@ async def test_legacy_completion_logprobs_keep_only_the_alternatives_asked_for()
     assert pieces[0].logprobs[0].token == "a" and pieces[0].logprobs[0].top_logprobs == ()
     # No usage chunk (an upstream without include_usage): the counted tokens stand.
     assert sum(p.tokens for p in pieces) == 1
+
+
+async def test_the_end_of_the_stream_is_read_but_not_waited_for_long_after_the_usage() -> None:
+    body = Body(chat_chunks("a")[:-1], stall=True)  # usage, then neither [DONE] nor the end
+    started = time.monotonic()
+    pieces = await run(Upstream(ok(body)).engine())
+    assert pieces[-1].finish_reason == "stop" and time.monotonic() - started < 5
+    assert body.closed
 
 
 async def test_closing_the_stream_early_closes_the_upstream_response() -> None:
