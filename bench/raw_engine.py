@@ -2,6 +2,7 @@
 
 `python -m bench.raw_engine --model FILE --port N` serves /v1/completions on 127.0.0.1:N with the
 slots, context and threads of ferry's model config, prints `ready` and serves until SIGTERM/SIGINT.
+With `$RAW_ENGINE_API_KEY` set it requires that key (tests of ferry's upstream providers).
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ import httpx
 from backends.llamacpp.engine import engine_settings
 from bench.engine_params import MODEL_NAME, engine_params, engine_summary
 
+# The API key the server requires (none when unset); an environment variable keeps it off the command line.
+API_KEY_ENV = "RAW_ENGINE_API_KEY"
+
 
 def build_params(model: Path, port: int) -> Any:
     """The model's own engine settings (backends.llamacpp.engine), with llama.cpp's OpenAI listener open."""
     params = engine_settings(engine_params(), model)
     params.port = port
-    params.api_keys = []
+    key = os.environ.get(API_KEY_ENV, "")
+    params.api_keys = [key] if key else []
     # A set: a plain string would become a set of its characters.
     params.model_alias = {MODEL_NAME}
     return params
@@ -61,8 +66,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(model: Path, log: Path, timeout_s: float = 120) -> Iterator[str]:
-    """Runs the peer in its own process (as a real server would be); yields its base URL."""
+def serving(model: Path, log: Path, timeout_s: float = 120, api_key: str = "") -> Iterator[str]:
+    """Runs the peer in its own process (as a real server would be); yields its base URL. With
+    `api_key` it answers only requests that bear it."""
     port = free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
@@ -70,7 +76,7 @@ def serving(model: Path, log: Path, timeout_s: float = 120) -> Iterator[str]:
             [sys.executable, "-m", "bench.raw_engine", "--model", str(model), "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_WAIT_POLICY": engine_params().omp_wait_policy},
+            env={**os.environ, "OMP_WAIT_POLICY": engine_params().omp_wait_policy, API_KEY_ENV: api_key},
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -79,7 +85,8 @@ def serving(model: Path, log: Path, timeout_s: float = 120) -> Iterator[str]:
             if proc.poll() is not None:
                 raise RuntimeError(f"raw engine exited with {proc.returncode}; see {log}")
             try:
-                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+                if httpx.get(f"{url}/v1/models", headers=headers, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

@@ -188,6 +188,11 @@ class UpstreamEngine:
                     return await _send(upstream.client, request, key)
         except _RetryableAnswer as err:
             raise err.failure from None
+        except UpstreamAuthFailed as err:
+            # Where the key comes from (never the key) is what the operator needs to fix it.
+            raise UpstreamAuthFailed(
+                f"{err.message}; the key comes from {_key_source(upstream.cfg)}"
+            ) from None
         raise AssertionError("tenacity ended without an answer")  # pragma: no cover
 
 
@@ -242,9 +247,18 @@ def _key(upstream: _Upstream) -> str | None:
     key = upstream_models.api_key(upstream.cfg)
     cfg = upstream.cfg
     if key is None and (cfg.api_key_env or cfg.api_key_file is not None):
-        where = f"environment variable {cfg.api_key_env}" if cfg.api_key_env else "its api_key_file"
-        raise UpstreamAuthFailed(f"the API key of model '{upstream.name}' is not set ({where} is empty)")
+        raise UpstreamAuthFailed(
+            f"the API key of model '{upstream.name}' is not set ({_key_source(cfg)} is empty or missing)"
+        )
     return key
+
+
+def _key_source(cfg: UpstreamModel) -> str:
+    if cfg.api_key_env:
+        return f"environment variable {cfg.api_key_env}"
+    if cfg.api_key_file is not None:
+        return f"file {cfg.api_key_file}"
+    return "nowhere (no api_key_env or api_key_file configured)"
 
 
 def _wait(state: RetryCallState) -> float:
@@ -320,9 +334,7 @@ def failure_from_answer(status: int, body: bytes, retry_after: str | None, key: 
         return UpstreamUnreachable(f"it answered HTTP {status}", retry_after_seconds=hint)
     if status in (httpx.codes.UNAUTHORIZED, httpx.codes.FORBIDDEN):
         # Its message may quote the key it got: not repeated.
-        return UpstreamAuthFailed(
-            f"it refused ferry's API key (HTTP {status}); check the model's api_key_env"
-        )
+        return UpstreamAuthFailed(f"it refused ferry's API key (HTTP {status})")
     if status == httpx.codes.BAD_REQUEST or status == httpx.codes.UNPROCESSABLE_ENTITY:
         return EngineFaulted(_bad_request(error, message))
     return UpstreamRefused(f"HTTP {status}{f': {message}' if message else ''}")

@@ -323,6 +323,7 @@ async def test_a_refused_key_is_a_config_error_that_never_repeats_the_key() -> N
     assert isinstance(err, UpstreamAuthFailed) and len(upstream.requests) == 1  # not retried
     rpc = status(err)
     assert (rpc.code, rpc.reason) == (grpc.StatusCode.INTERNAL, "UPSTREAM_AUTH_FAILED")
+    assert f"environment variable {KEY_ENV}" in rpc.message
     assert KEY not in rpc.message and KEY not in str(rpc.to_status())
 
 
