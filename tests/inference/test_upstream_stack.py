@@ -201,7 +201,21 @@ def test_hanging_up_frees_the_upstreams_slot(upstream: Upstream, rest: httpx.Cli
     assert upstream.busy_slots() == 0
 
 
-def test_each_request_is_recorded_as_a_transaction(upstream: Upstream, rest: httpx.Client) -> None:
+def test_the_native_api_serves_it_too(rest: httpx.Client) -> None:
+    messages = {"messages": [{"role": "user", "content": "Say hello."}]}
+    reply = rest.post(
+        f"/api/v1/models/{UPSTREAM}:generate",
+        json={"messages": messages, "sampling": {"max_tokens": 4, "ignore_eos": True}},
+    )
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["text"] and body["finish_reason"] == "FINISH_REASON_LENGTH"
+    assert body["usage"]["completion_tokens"] == 4
+
+
+def test_each_request_is_recorded_as_a_transaction_and_audited(
+    upstream: Upstream, rest: httpx.Client
+) -> None:
     request_id = f"upstream-record-{time.time_ns()}"
     body = {"model": UPSTREAM, "messages": HI, "max_tokens": 5, "seed": 9}
     reply = rest.post("/v1/chat/completions", json=body, headers={"x-request-id": request_id})
@@ -218,6 +232,13 @@ def test_each_request_is_recorded_as_a_transaction(upstream: Upstream, rest: htt
     assert record["output"] == reply.json()["choices"][0]["message"]["content"]
     assert record["usage"]["completion_tokens"] == reply.json()["usage"]["completion_tokens"] > 0
     assert record["messages"][0]["content"] == HI[0]["content"]
+    audited: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not audited:
+        found = rest.get("/api/v1/audit/events", params={"filter": f"request_id = {request_id}"})
+        audited = found.json().get("events", [])
+        time.sleep(0.2)
+    assert any(event.get("method", "").endswith("CreateChatCompletion") for event in audited), audited
 
 
 def test_a_key_the_upstream_refuses_is_a_server_error_naming_no_key(
