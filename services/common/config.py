@@ -46,8 +46,8 @@ class TritonSettings(BaseModel):
     metrics_port: int = 8002
     repository: Path = REPO_ROOT / "triton_models"
     default_model: str = "gemma-3-270m"
-    # Models loaded at start-up (explicit model control).
-    load_models: list[str] = Field(default_factory=lambda: ["gemma-3-270m"])
+    # Models loaded at start-up (explicit model control): Gemma 3 (base) and SmolLM2 (instruction-tuned).
+    load_models: list[str] = Field(default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct"])
 
     @property
     def grpc_address(self) -> str:

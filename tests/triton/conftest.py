@@ -1,4 +1,5 @@
-"""A real tritonserver with the real Gemma model, started once per session for the tests in this folder.
+"""A real tritonserver with the real models (Gemma 3 and SmolLM2), started once per session for the tests
+in this folder.
 
 It is launched exactly as `make run` launches it (`launcher.triton.triton_program`), on free ports.
 Set FERRY_TEST_TRITON_GRPC=host:port to test a Triton that is already running instead.
@@ -25,6 +26,9 @@ from launcher.triton import cleanup_shm, triton_program
 from services.common.config import REPO_ROOT, Settings, TritonSettings
 
 MODEL = "gemma-3-270m"
+SMOLLM2 = "smollm2-135m-instruct"
+# The models of the session's Triton: every model the repository ships.
+SESSION_MODELS = (MODEL, SMOLLM2)
 READY_TIMEOUT_SECONDS = 120.0
 
 
@@ -136,10 +140,22 @@ def start_triton(
 
 
 @pytest.fixture(scope="session")
-def triton() -> Iterator[TritonServer]:
+def tritons() -> Iterator[dict[str, TritonServer]]:
+    """The session's Triton, as one TritonServer per loaded model."""
     external = os.environ.get("FERRY_TEST_TRITON_GRPC")
     if external:
-        yield TritonServer(external, _wait_ready(external, [MODEL], None, None)[MODEL])
+        parameters = _wait_ready(external, list(SESSION_MODELS), None, None)
+        yield {model: TritonServer(external, parameters[model]) for model in SESSION_MODELS}
         return
-    with start_triton() as running:
-        yield running.server()
+    with start_triton(models=SESSION_MODELS) as running:
+        yield {model: running.server(model) for model in SESSION_MODELS}
+
+
+@pytest.fixture(scope="session")
+def triton(tritons: dict[str, TritonServer]) -> TritonServer:
+    return tritons[MODEL]
+
+
+@pytest.fixture(scope="session")
+def smollm2(tritons: dict[str, TritonServer]) -> TritonServer:
+    return tritons[SMOLLM2]
