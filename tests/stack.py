@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from ferry.keys.v1 import keys_pb2, keys_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from launcher.ports import free_ports, is_free, needed_ports
+from launcher.setup import ensure_backend, ensure_model
 from launcher.stack import SERVICES, Stack
 from launcher.supervisor import SupervisorClient
 from launcher.triton import SHM_DIR, shm_prefix
@@ -55,6 +58,45 @@ def share_model_files(home: Path, source: Path) -> None:
     link = home / "models"
     if not link.exists():
         link.symlink_to(source, target_is_directory=True)
+
+
+def scratch_home(prefix: str) -> tuple[Path, Path]:
+    """(scratch folder, home inside it) for a stack of a test's own; the home shares the repository's
+    model files (assembled once by `make setup`).
+
+    Not under pytest's tmp dir: pytest keeps its root 0700 (and resets it when other sessions start),
+    but PostgreSQL runs as the `pgserver` user when we are root and must reach its data.
+    """
+    repository_home = Settings()
+    ensure_model(repository_home)
+    ensure_backend()
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    home = scratch / "home"
+    share_model_files(home, repository_home.model_dir)
+    return scratch, home
+
+
+@contextmanager
+def running_stack(settings: Settings, ready_timeout: float) -> Iterator[RunningStack]:
+    """Starts the launcher's own `Stack` for `settings`, yields it once ready, stops it, and checks
+    what `make run` promises too: stopping leaves no process, port or shm file behind."""
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    footprint: Footprint | None = None
+    with (settings.log_dir / "supervisord.out").open("w") as output:
+        stack = Stack(settings, supervisor_output=output)
+        stack.start()
+        running: RunningStack | None = None
+        try:
+            running = RunningStack(stack, settings, stack.wait_ready(ready_timeout))
+            yield running
+        finally:
+            if running is not None:
+                running.close_channels()
+                footprint = Footprint.of(running)
+            stack.stop()
+    if footprint is not None:
+        leftovers = footprint.leftovers()
+        assert not leftovers, f"the stopped stack left behind: {leftovers}"
 
 
 def bearer(key: str) -> dict[str, str]:

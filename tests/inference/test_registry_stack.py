@@ -10,10 +10,8 @@ Triton yet must look to every client exactly like a model that does not exist.
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,11 +25,8 @@ from google.protobuf import struct_pb2
 from openai.types.chat import ChatCompletionMessageParam
 
 from launcher.ports import free_ports
-from launcher.setup import ensure_backend, ensure_model
-from launcher.stack import Stack
-from services.common.config import Settings
 from services.common.errors import error_details
-from tests.stack import RunningStack, share_model_files, stack_settings
+from tests.stack import RunningStack, running_stack, scratch_home, stack_settings
 
 pytestmark = pytest.mark.stack
 
@@ -48,12 +43,7 @@ READY_TIMEOUT_SECONDS = 180.0
 
 @pytest.fixture(scope="module")
 def registry() -> Iterator[RunningStack]:
-    repository_home = Settings()
-    ensure_model(repository_home)
-    ensure_backend()
-    scratch = Path(tempfile.mkdtemp(prefix="ferry-registry-"))
-    home = scratch / "home"
-    share_model_files(home, repository_home.model_dir)
+    scratch, home = scratch_home("ferry-registry-")
     # A port nothing listens on: the upstream models' server (never asked in these tests).
     (closed,) = free_ports(1)
     upstream = {"base_url": f"http://127.0.0.1:{closed}/v1", "owned_by": "lab"}
@@ -64,18 +54,8 @@ def registry() -> Iterator[RunningStack]:
         upstream_models={REMOTE: upstream, HIDDEN_REMOTE: upstream},
     )
     settings.triton.load_models = [GEMMA, SMOLLM2]
-    settings.log_dir.mkdir(parents=True, exist_ok=True)
-    with (settings.log_dir / "supervisord.out").open("w") as output:
-        stack = Stack(settings, supervisor_output=output)
-        stack.start()
-        running: RunningStack | None = None
-        try:
-            running = RunningStack(stack, settings, stack.wait_ready(READY_TIMEOUT_SECONDS))
-            yield running
-        finally:
-            if running is not None:
-                running.close_channels()
-            stack.stop()
+    with running_stack(settings, READY_TIMEOUT_SECONDS) as running:
+        yield running
     shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 import contextlib
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,10 +23,9 @@ import pytest
 
 from bench import raw_engine
 from bench.engine_params import MODEL_NAME
-from launcher.setup import ensure_backend, ensure_model, model_path
-from launcher.stack import Stack
+from launcher.setup import model_path
 from services.common.config import Settings
-from tests.stack import Footprint, RunningStack, share_model_files, stack_settings
+from tests.stack import RunningStack, running_stack, scratch_home, stack_settings
 
 pytestmark = pytest.mark.stack
 
@@ -72,12 +69,7 @@ class Upstream:
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[Upstream]:
-    repository_home = Settings()
-    ensure_model(repository_home)
-    ensure_backend()
-    scratch = Path(tempfile.mkdtemp(prefix="ferry-upstream-test-"))
-    home = scratch / "home"
-    share_model_files(home, repository_home.model_dir)
+    scratch, home = scratch_home("ferry-upstream-test-")
     key, wrong_key = f"sk-upstream-{secrets.token_hex(16)}", f"sk-wrong-{secrets.token_hex(16)}"
     with contextlib.ExitStack() as cleanup, pytest.MonkeyPatch.context() as env:
         # The stack's processes inherit the environment: that is where the keys come from.
@@ -86,7 +78,7 @@ def upstream() -> Iterator[Upstream]:
         upstream_server = contextlib.ExitStack()
         cleanup.callback(upstream_server.close)
         url = upstream_server.enter_context(
-            raw_engine.serving(model_path(repository_home), scratch / "upstream.log", api_key=key)
+            raw_engine.serving(model_path(Settings()), scratch / "upstream.log", api_key=key)
         )
         entry: dict[str, Any] = {
             "base_url": f"{url}/v1",
@@ -105,17 +97,9 @@ def upstream() -> Iterator[Upstream]:
         )
         # Only the upstream is exercised here: Triton loads nothing (less CPU and memory).
         settings.triton.load_models = []
-        settings.log_dir.mkdir(parents=True, exist_ok=True)
-        output = cleanup.enter_context((settings.log_dir / "supervisord.out").open("w"))
-        stack = Stack(settings, supervisor_output=output)
-        stack.start()
-        cleanup.callback(stack.stop)
-        seconds = stack.wait_ready(READY_TIMEOUT_SECONDS)
-        running = RunningStack(stack, settings, seconds)
-        cleanup.callback(running.close_channels)
+        # Stopped (and checked for leftovers) before the upstream server closes.
+        running = cleanup.enter_context(running_stack(settings, READY_TIMEOUT_SECONDS))
         yield Upstream(running, url, key, wrong_key, upstream_server.close)
-        footprint = Footprint.of(running)
-    assert not footprint.leftovers(), "the stopped stack left processes, ports or files behind"
     shutil.rmtree(scratch, ignore_errors=True)
 
 
