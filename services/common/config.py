@@ -11,8 +11,17 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -22,6 +31,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from services.common.capabilities import Capability
 from services.common.model_names import config_problems
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +90,39 @@ class UpstreamModel(BaseModel):
     capabilities: list[str] = Field(default_factory=lambda: ["completion", "chat"])
     # Requests in flight at the upstream at once (the admission gate's slots).
     max_in_flight: int = Field(default=4, ge=1)
+
+    # Settings that would fail every request are refused at start, naming the field.
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "base_url must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8081/v1"
+            )
+        return value.strip()
+
+    @field_validator("capabilities")
+    @classmethod
+    def _known_capabilities(cls, value: list[str]) -> list[str]:
+        known = ", ".join(Capability)
+        names = [name.strip().lower() for name in value if name.strip()]
+        unknown = [name for name in names if name not in {c.value for c in Capability}]
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))} unknown; each capability is one of {known}")
+        if not names:
+            raise ValueError(f"capabilities must name at least one of {known}")
+        return names
+
+    @model_validator(mode="after")
+    def _a_connection_per_request(self) -> UpstreamModel:
+        # Each request in flight holds one pooled connection for its whole answer.
+        if self.max_in_flight > self.max_connections:
+            raise ValueError(
+                f"max_in_flight ({self.max_in_flight}) must be at most max_connections"
+                f" ({self.max_connections}): each request in flight holds a connection"
+            )
+        return self
 
 
 class EnvoySettings(BaseModel):

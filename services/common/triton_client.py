@@ -14,20 +14,11 @@ from typing import Any
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
+# Re-exported: the model metadata's capabilities (their list lives apart so the config can use it).
+from services.common.capabilities import ALL_CAPABILITIES as ALL_CAPABILITIES
+from services.common.capabilities import Capability as Capability
 from services.common.config import TritonSettings
 from services.common.errors import Reason, RpcError, rpc_error
-
-
-class Capability(StrEnum):
-    """What a model can be asked for: its config's `capabilities` parameter, comma-separated."""
-
-    COMPLETION = "completion"  # a plain prompt
-    CHAT = "chat"  # messages, rendered through the model's chat template
-    LOGPROBS = "logprobs"  # token log probabilities
-
-
-# A model whose config declares no `capabilities` (written before the parameter existed) can do all.
-ALL_CAPABILITIES: frozenset[str] = frozenset(Capability)
 
 
 class Provider(StrEnum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from services.common.config import Settings
 
@@ -94,3 +95,54 @@ def test_bootstrap_admin_key_is_read_and_never_shown(monkeypatch: pytest.MonkeyP
     assert s.bootstrap_admin_key is not None
     assert s.bootstrap_admin_key.get_secret_value() == "fry_not-a-real-key-but-long-enough"
     assert "fry_not-a-real" not in repr(s)
+
+
+# --- upstream model entries: settings that would fail every request are refused at start -----------
+
+
+def upstream_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str) -> Settings:
+    config = tmp_path / "upstreams.yaml"
+    config.write_text(f"upstream_models:\n  remote:\n    base_url: http://10.0.0.7:8081/v1\n{entry}")
+    monkeypatch.setenv("FERRY_CONFIG", str(config))
+    return Settings()
+
+
+def refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry: str) -> str:
+    with pytest.raises(ValidationError) as err:
+        upstream_config(tmp_path, monkeypatch, entry)
+    return str(err.value)
+
+
+def test_a_valid_upstream_entry_is_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = "    capabilities: [Chat, ' logprobs ']\n    max_in_flight: 8\n    max_connections: 8\n"
+    remote = upstream_config(tmp_path, monkeypatch, entry).upstream_models["remote"]
+    assert remote.capabilities == ["chat", "logprobs"] and remote.max_in_flight == 8
+
+
+def test_an_unknown_capability_is_refused_naming_the_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = refusal(tmp_path, monkeypatch, "    capabilities: [completions, chat]\n")
+    assert "upstream_models.remote.capabilities" in message
+    assert "'completions'" in message and "completion, chat, logprobs" in message
+    assert "at least one" in refusal(tmp_path, monkeypatch, "    capabilities: []\n")
+
+
+@pytest.mark.parametrize("url", ["localhost:8081/v1", "10.0.0.7:8081", "ftp://host/v1", "http:///v1"])
+def test_a_base_url_without_an_http_scheme_and_host_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    config = tmp_path / "upstreams.yaml"
+    config.write_text(f"upstream_models:\n  remote:\n    base_url: '{url}'\n")
+    monkeypatch.setenv("FERRY_CONFIG", str(config))
+    with pytest.raises(ValidationError) as err:
+        Settings()
+    assert "upstream_models.remote.base_url" in str(err.value) and "http://" in str(err.value)
+
+
+def test_more_requests_in_flight_than_connections_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = refusal(tmp_path, monkeypatch, "    max_in_flight: 9\n    max_connections: 4\n")
+    assert "upstream_models.remote" in message
+    assert "max_in_flight (9) must be at most max_connections (4)" in message

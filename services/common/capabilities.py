@@ -1,0 +1,19 @@
+"""What a model can be asked for. Its own module so that the config (which validates an upstream
+model's `capabilities`) and the Triton client (which reads a model's config.pbtxt) share one list
+without importing each other."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Capability(StrEnum):
+    """What a model can be asked for: its config's `capabilities` parameter, comma-separated."""
+
+    COMPLETION = "completion"  # a plain prompt
+    CHAT = "chat"  # messages, rendered through the model's chat template
+    LOGPROBS = "logprobs"  # token log probabilities
+
+
+# A model whose config declares no `capabilities` (written before the parameter existed) can do all.
+ALL_CAPABILITIES: frozenset[str] = frozenset(Capability)
