@@ -4,8 +4,8 @@ A chat request goes to `{base_url}/chat/completions` with the caller's messages 
 its own chat template), a prompt to `{base_url}/completions`; always streamed, with usage in the last
 chunk. Each configured model has its own pooled HTTP client (its connection limit and timeouts).
 
-Opening a request is retried with exponential backoff on connection errors, 429 and 5xx; once the
-upstream answers 200 nothing is retried (it is generating). Closing the generator closes the HTTP
+Opening a request is retried with exponential backoff on connection errors, 429 and 5xx, all of it
+within the caller's deadline; once the upstream answers 200 nothing is retried (it is generating). Closing the generator closes the HTTP
 response, so the upstream sees the disconnect and stops generating. The upstream's answers become the
 engine's typed failures (`services.inference.engine_errors` maps them to the caller's errors). The API
 key travels only in the Authorization header: no log line, error or record holds it.
@@ -142,7 +142,7 @@ class UpstreamEngine:
         key = _key(upstream)
         chat = messages is not None
         body = request_body(
-            upstream_models.upstream_name(model.name, upstream.cfg), sampling, prompt, messages
+            model, upstream_models.upstream_name(model.name, upstream.cfg), sampling, prompt, messages
         )
         headers = {"Accept": "text/event-stream"}
         if request_id:
@@ -151,14 +151,8 @@ class UpstreamEngine:
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         deadline = None if timeout is None else time.monotonic() + timeout
-        request = upstream.client.build_request(
-            "POST",
-            "chat/completions" if chat else "completions",
-            json=body,
-            headers=headers,
-            timeout=_timeouts(upstream.cfg, timeout),
-        )
-        response = await self._open(upstream, request, deadline, key)
+        path = "chat/completions" if chat else "completions"
+        response = await self._open(upstream, path, body, headers, deadline, key)
         try:
             async for piece in _pieces(_events(response, deadline, key), chat, sampling.top_logprobs):
                 yield piece
@@ -167,14 +161,19 @@ class UpstreamEngine:
             await response.aclose()
 
     async def _open(
-        self, upstream: _Upstream, request: httpx.Request, deadline: float | None, key: str | None
+        self,
+        upstream: _Upstream,
+        path: str,
+        body: Mapping[str, Any],
+        headers: Mapping[str, str],
+        deadline: float | None,
+        key: str | None,
     ) -> httpx.Response:
-        """Sends the request until the upstream answers 200 (retrying what is worth it); the response's
-        body is not read yet."""
-        budget = None if deadline is None else max(0.0, deadline - time.monotonic())
+        """Sends the request until the upstream answers 200 (retrying what is worth it), all of it
+        within the deadline; the response's body is not read yet."""
         stop: stop_base = stop_after_attempt(upstream.cfg.max_retries + 1)
-        if budget is not None:
-            stop = stop | stop_before_delay(budget)
+        if deadline is not None:
+            stop = stop | stop_before_delay(max(0.0, deadline - time.monotonic()))
         retrying = AsyncRetrying(
             stop=stop,
             wait=_wait,
@@ -183,25 +182,41 @@ class UpstreamEngine:
             reraise=True,
         )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    return await _send(upstream.client, request, key)
+            # httpx's timeouts bound each phase of an attempt (connect, write, each read), not their
+            # sum nor the attempts together: the deadline bounds them all.
+            async with asyncio.timeout_at(None if deadline is None else _loop_time(deadline)):
+                async for attempt in retrying:
+                    with attempt:
+                        left = None if deadline is None else deadline - time.monotonic()
+                        request = upstream.client.build_request(
+                            "POST", path, json=body, headers=headers, timeout=_timeouts(upstream.cfg, left)
+                        )
+                        return await _send(upstream, request, key)
+        except TimeoutError as err:
+            raise EngineTimedOut("the upstream did not answer before the request's deadline") from err
         except _RetryableAnswer as err:
             raise err.failure from None
         except UpstreamAuthFailed as err:
-            # Where the key comes from (never the key) is what the operator needs to fix it.
-            raise UpstreamAuthFailed(
-                f"{err.message}; the key comes from {_key_source(upstream.cfg)}"
-            ) from None
+            raise _auth_failed(upstream, err.message) from None
         raise AssertionError("tenacity ended without an answer")  # pragma: no cover
 
 
 def request_body(
-    model: str, sampling: SamplingParameters, prompt: str, messages: Sequence[Message] | None
+    model: ModelInfo,
+    upstream_name: str,
+    sampling: SamplingParameters,
+    prompt: str,
+    messages: Sequence[Message] | None,
 ) -> dict[str, Any]:
-    """The OpenAI request for a generation: the fields the caller set, by their OpenAI names."""
+    """The OpenAI request for a generation: the fields the caller set, by their OpenAI names, and
+    always `max_tokens` (the model's when the caller set none: an upstream's own default may be its
+    whole context, or 16)."""
     chat = messages is not None
-    body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True}}
+    body: dict[str, Any] = {
+        "model": upstream_name,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if chat:
         body["messages"] = [{"role": m.role, "content": m.content} for m in messages or ()]
     else:
@@ -210,6 +225,9 @@ def request_body(
     for name in OPENAI_FIELDS:
         if given.get(name) is not None:
             body[name] = given[name]
+    max_tokens = sampling.max_tokens or model.max_tokens
+    if max_tokens:
+        body["max_tokens"] = max_tokens
     if sampling.stop:
         body["stop"] = list(sampling.stop)
     if sampling.logprobs:
@@ -229,8 +247,8 @@ def request_body(
 
 
 def _timeouts(cfg: UpstreamModel, timeout: float | None) -> httpx.Timeout:
-    """The config's connect and read timeouts, none longer than the request's deadline; waiting for a
-    pooled connection is bounded by the deadline only."""
+    """The config's connect and read timeouts, none longer than what is left of the request's deadline.
+    Getting one of ferry's pooled connections is part of connecting: bounded by the connect timeout."""
 
     def capped(seconds: float) -> float:
         return seconds if timeout is None else max(0.001, min(seconds, timeout))
@@ -239,7 +257,7 @@ def _timeouts(cfg: UpstreamModel, timeout: float | None) -> httpx.Timeout:
         connect=capped(cfg.connect_timeout_seconds),
         read=capped(cfg.read_timeout_seconds),
         write=capped(cfg.read_timeout_seconds),
-        pool=None if timeout is None else max(0.001, timeout),
+        pool=capped(cfg.connect_timeout_seconds),
     )
 
 
@@ -247,10 +265,30 @@ def _key(upstream: _Upstream) -> str | None:
     key = upstream_models.api_key(upstream.cfg)
     cfg = upstream.cfg
     if key is None and (cfg.api_key_env or cfg.api_key_file is not None):
+        log.warning(
+            "upstream of model %s: its API key is not set (%s is empty or missing); nothing was sent",
+            upstream.name,
+            _key_source(cfg),
+        )
         raise UpstreamAuthFailed(
-            f"the API key of model '{upstream.name}' is not set ({_key_source(cfg)} is empty or missing)"
+            f"ferry has no credentials for the upstream of model '{upstream.name}'; "
+            "see the inference service log"
         )
     return key
+
+
+def _auth_failed(upstream: _Upstream, refusal: str) -> UpstreamAuthFailed:
+    """The upstream refused the key: where the key comes from (never the key) goes to the log, for the
+    operator; the caller learns only that it is a configuration matter."""
+    log.warning(
+        "upstream of model %s: %s; the key comes from %s",
+        upstream.name,
+        refusal,
+        _key_source(upstream.cfg),
+    )
+    return UpstreamAuthFailed(
+        f"the upstream refused ferry's credentials for model '{upstream.name}'; see the inference service log"
+    )
 
 
 def _key_source(cfg: UpstreamModel) -> str:
@@ -282,11 +320,26 @@ def _log_retry(name: str, state: RetryCallState) -> None:
     )
 
 
-async def _send(client: httpx.AsyncClient, request: httpx.Request, key: str | None) -> httpx.Response:
+async def _send(upstream: _Upstream, request: httpx.Request, key: str | None) -> httpx.Response:
     """One attempt: the response when the upstream answers 200, else the typed failure (raised as
     `_RetryableAnswer` when another attempt may succeed)."""
     try:
-        response = await client.send(request, stream=True)
+        response = await upstream.client.send(request, stream=True)
+    except httpx.PoolTimeout as err:
+        # Not the upstream: ferry's own connections to it were all busy (more requests admitted than
+        # max_connections, e.g. through inference.max_in_flight). Not retried: a config matter.
+        cfg = upstream.cfg
+        log.warning(
+            "upstream of model %s: all %d of ferry's pooled connections stayed busy for %.1f s"
+            " (max_connections is below the requests admitted; check inference.max_in_flight)",
+            upstream.name,
+            cfg.max_connections,
+            cfg.connect_timeout_seconds,
+        )
+        raise EngineError(
+            f"all {cfg.max_connections} of ferry's connections to the upstream are in use"
+            " (its connection pool, not the upstream, is exhausted)"
+        ) from err
     except httpx.TimeoutException as err:
         if isinstance(err, httpx.ConnectTimeout):
             raise _RetryableAnswer(
@@ -454,10 +507,11 @@ async def _pieces(
             text = _text(choice, chat)
             logprobs = _logprobs(choice.get("logprobs"), top_logprobs)
             reason = choice.get("finish_reason") or ""
+            tokens = max(1, len(logprobs)) if text or logprobs else 0
             if reason:
-                final = Piece(text, 0, 0, _finish_reason(reason), logprobs)
-            elif text or logprobs:
-                tokens = max(1, len(logprobs))
+                # Its tokens stand unless a usage chunk follows (which then sets the total).
+                final = Piece(text, tokens, 0, _finish_reason(reason), logprobs)
+            elif tokens:
                 counted += tokens
                 yield Piece(text, tokens, 0, "", logprobs)
         if usage is not None and final is not None:

@@ -134,6 +134,7 @@ async def run(
     messages: tuple[Message, ...] | None = HI,
     sampling: SamplingParameters | None = None,
     prompt: str = "",
+    timeout: float = 10.0,
 ) -> list[Piece]:
     stream = engine.generate(
         info(engine.models["remote"]),
@@ -141,7 +142,7 @@ async def run(
         sampling or SamplingParameters(),
         messages=messages,
         request_id="req-1",
-        timeout=10.0,
+        timeout=timeout,
     )
     async with aclosing(stream):
         return [piece async for piece in stream]
@@ -152,7 +153,7 @@ async def run(
 
 def test_only_the_fields_the_caller_set_are_sent_by_their_openai_names() -> None:
     sampling = SamplingParameters(temperature=0.2, max_tokens=5, stop=("\n",), seed=3, top_k=4)
-    body = request_body("their-model", sampling, "", HI)
+    body = request_body(info(), "their-model", sampling, "", HI)
     assert body == {
         "model": "their-model",
         "stream": True,
@@ -164,18 +165,28 @@ def test_only_the_fields_the_caller_set_are_sent_by_their_openai_names() -> None
         "seed": 3,
         "top_k": 4,
     }
-    plain = request_body("m", SamplingParameters(), "Once", None)
+    plain = request_body(info(), "m", SamplingParameters(), "Once", None)
     assert plain["prompt"] == "Once" and "messages" not in plain
     assert not {"top_k", "min_p", "repeat_penalty", "ignore_eos", "temperature"} & plain.keys()
 
 
+async def test_the_models_max_tokens_is_sent_when_the_caller_sets_none() -> None:
+    # Else the upstream's own default applies: llama.cpp generates to the end of its context,
+    # OpenAI's legacy completions stop at 16.
+    upstream = Upstream(ok(Body(chat_chunks("x"))), ok(Body(chat_chunks("y"))))
+    await run(upstream.engine(config(max_tokens=321)))
+    assert upstream.body()["max_tokens"] == 321
+    await run(upstream.engine(config(max_tokens=321)), sampling=SamplingParameters(max_tokens=7))
+    assert upstream.body()["max_tokens"] == 7
+
+
 def test_llama_cpp_extras_and_logprobs_in_each_apis_form() -> None:
     sampling = SamplingParameters(repetition_penalty=1.1, min_p=0.05, ignore_eos=True, logprobs=True)
-    chat_body = request_body("m", sampling.model_copy(update={"top_logprobs": 2}), "", HI)
+    chat_body = request_body(info(), "m", sampling.model_copy(update={"top_logprobs": 2}), "", HI)
     assert chat_body["repeat_penalty"] == 1.1 and chat_body["min_p"] == 0.05 and chat_body["ignore_eos"]
     assert (chat_body["logprobs"], chat_body["top_logprobs"]) == (True, 2)
     # The legacy completions API takes a number; at least one so every server returns the chosen token.
-    assert request_body("m", sampling, "p", None)["logprobs"] == 1
+    assert request_body(info(), "m", sampling, "p", None)["logprobs"] == 1
 
 
 async def test_chat_goes_to_chat_completions_with_the_key_and_the_request_id() -> None:
@@ -252,6 +263,21 @@ async def test_legacy_completion_logprobs_keep_only_the_alternatives_asked_for()
     assert sum(p.tokens for p in pieces) == 1
 
 
+async def test_without_usage_the_text_that_comes_with_the_finish_reason_is_counted_too() -> None:
+    events: list[dict[str, Any]] = [
+        {"choices": [{"text": "Once", "finish_reason": None}]},
+        {"choices": [{"text": " upon", "finish_reason": None}]},
+        {"choices": [{"text": " a", "finish_reason": "length"}]},
+    ]
+    pieces = await run(Upstream(ok(Body(sse(*events)))).engine(), messages=None, prompt="p")
+    assert "".join(p.text for p in pieces) == "Once upon a"
+    assert sum(p.tokens for p in pieces) == 3 and pieces[-1].tokens == 1
+    # With usage, the total is the upstream's, whatever was counted on the way.
+    with_usage = [*events, {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 5}}]
+    pieces = await run(Upstream(ok(Body(sse(*with_usage)))).engine(), messages=None, prompt="p")
+    assert sum(p.tokens for p in pieces) == 5
+
+
 async def test_the_end_of_the_stream_is_read_but_not_waited_for_long_after_the_usage() -> None:
     body = Body(chat_chunks("a")[:-1], stall=True)  # usage, then neither [DONE] nor the end
     started = time.monotonic()
@@ -280,8 +306,12 @@ def status(err: EngineError) -> RpcError:
 
 
 async def failure(upstream: Upstream, **kwargs: Any) -> EngineError:
+    return await failure_of(upstream.engine(), **kwargs)
+
+
+async def failure_of(engine: UpstreamEngine, **kwargs: Any) -> EngineError:
     with pytest.raises(EngineError) as err:
-        await run(upstream.engine(), **kwargs)
+        await run(engine, **kwargs)
     return err.value
 
 
@@ -323,15 +353,31 @@ async def test_a_refused_key_is_a_config_error_that_never_repeats_the_key() -> N
     assert isinstance(err, UpstreamAuthFailed) and len(upstream.requests) == 1  # not retried
     rpc = status(err)
     assert (rpc.code, rpc.reason) == (grpc.StatusCode.INTERNAL, "UPSTREAM_AUTH_FAILED")
-    assert f"environment variable {KEY_ENV}" in rpc.message
+    assert "model 'remote'" in rpc.message and "see the inference service log" in rpc.message
     assert KEY not in rpc.message and KEY not in str(rpc.to_status())
 
 
-async def test_a_key_that_is_not_set_fails_before_anything_is_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_where_the_key_comes_from_is_logged_for_the_operator_not_told_to_the_caller(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger=upstream_engine.__name__):
+        err = await failure(Upstream(httpx.Response(403, json={"error": {"message": KEY}})))
+    assert KEY_ENV not in status(err).message
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"environment variable {KEY_ENV}" in logged and "model remote" in logged
+    assert KEY not in logged
+
+
+async def test_a_key_that_is_not_set_fails_before_anything_is_sent(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.delenv(KEY_ENV)
     upstream = Upstream(ok(Body(chat_chunks("x"))))
-    err = await failure(upstream)
-    assert isinstance(err, UpstreamAuthFailed) and KEY_ENV in err.message and upstream.requests == []
+    with caplog.at_level("WARNING", logger=upstream_engine.__name__):
+        err = await failure(upstream)
+    assert isinstance(err, UpstreamAuthFailed) and upstream.requests == []
+    assert KEY_ENV not in err.message and "see the inference service log" in err.message
+    assert KEY_ENV in "\n".join(record.getMessage() for record in caplog.records)
 
 
 async def test_a_400_names_the_parameter_the_upstream_names_as_the_caller_spelled_it() -> None:
@@ -391,6 +437,38 @@ async def test_an_answer_that_ends_without_a_finish_reason_is_unavailable() -> N
 async def test_an_error_event_in_the_stream_is_mapped_like_an_answer() -> None:
     body = Body(sse({"error": {"code": 503, "message": "slot crashed"}}, done=False))
     assert isinstance(await failure(Upstream(ok(body))), UpstreamUnreachable)
+
+
+async def test_retries_against_a_slow_failing_upstream_end_by_the_deadline() -> None:
+    async def slow_503(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.2)
+        return httpx.Response(503)
+
+    engine = UpstreamEngine({"remote": config(max_retries=50)}, transport=httpx.MockTransport(slow_503))
+    started = time.monotonic()
+    err = await failure_of(engine, timeout=0.7)
+    assert time.monotonic() - started < 0.7 + 0.15
+    assert isinstance(err, EngineTimedOut | UpstreamUnreachable)
+
+
+async def test_an_upstream_that_never_answers_ends_at_the_deadline() -> None:
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(60)
+        raise AssertionError("not reached")
+
+    engine = UpstreamEngine({"remote": config()}, transport=httpx.MockTransport(hang))
+    started = time.monotonic()
+    err = await failure_of(engine, timeout=0.3)
+    assert time.monotonic() - started < 0.3 + 0.15
+    assert isinstance(err, EngineTimedOut) and status(err).code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_ferrys_own_pool_exhausted_is_not_the_upstream_being_down() -> None:
+    upstream = Upstream(httpx.PoolTimeout("no connection available"))
+    err = await failure(upstream)
+    assert len(upstream.requests) == 1  # not retried: more requests than connections is a config matter
+    assert not isinstance(err, UpstreamUnreachable | EngineTimedOut)
+    assert "ferry's connections" in err.message and status(err).reason == "ENGINE_ERROR"
 
 
 async def test_a_read_timeout_is_deadline_exceeded() -> None:
