@@ -4,7 +4,7 @@ Gemma's GGUF file, requiring an API key, fronted by a ferry stack of its own con
 not, with usage, exactly as the upstream itself answers; hanging up frees the upstream's slot; each
 request is recorded; an upstream that is down is a 503 with Retry-After; the key is nowhere.
 
-The tests run in file order: the upstream is stopped by the second-to-last one.
+The tests run in file order: the upstream is stopped by the last two (either can run alone).
 """
 
 from __future__ import annotations
@@ -60,6 +60,9 @@ class Upstream:
         return httpx.Client(
             base_url=f"{self.url}/v1", headers={"Authorization": f"Bearer {self.key}"}, timeout=60
         )
+
+    def inference_log(self) -> str:
+        return (self.stack.settings.log_dir / "inference.log").read_text()
 
     def busy_slots(self) -> int:
         with httpx.Client(timeout=5) as client:
@@ -233,7 +236,14 @@ def test_a_key_the_upstream_refuses_is_a_server_error_naming_no_key(
     )
     upstream.error_bodies.append(reply.text)
     assert reply.status_code == 500 and reason(reply) == "UPSTREAM_AUTH_FAILED"
-    assert WRONG_KEY_ENV in reply.json()["message"], "it names where the key comes from"
+    message = reply.json()["message"]
+    assert WRONG_KEY_MODEL in message and "see the inference service log" in message
+    # Where the key comes from is for the operator, in the log; no caller learns it.
+    assert WRONG_KEY_ENV not in message
+    deadline = time.monotonic() + 5
+    while f"environment variable {WRONG_KEY_ENV}" not in upstream.inference_log():
+        assert time.monotonic() < deadline, "the inference log says where the refused key comes from"
+        time.sleep(0.1)
 
 
 def test_a_stopped_upstream_is_503_with_retry_after(upstream: Upstream, rest: httpx.Client) -> None:
@@ -251,7 +261,36 @@ def test_a_stopped_upstream_is_503_with_retry_after(upstream: Upstream, rest: ht
     assert streamed.status_code == 503 and "retry-after" in streamed.headers
 
 
+def recorded(rest: httpx.Client, request_id: str) -> None:
+    """Waits until the request's transaction record is final (succeeded or failed)."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        found = rest.get(f"/api/v1/transactions/{request_id}")
+        if found.status_code == 200 and found.json()["status"] in ("STATUS_SUCCEEDED", "STATUS_FAILED"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no final transaction record for {request_id}")
+
+
 def test_the_upstream_key_is_in_no_log_record_or_answer(upstream: Upstream, rest: httpx.Client) -> None:
+    # Its own requests, so that it checks something when run alone: one that an upstream running
+    # answers, one it refuses for the key, one after it is stopped (retried, logged).
+    requests = [
+        (UPSTREAM, True),
+        (WRONG_KEY_MODEL, True),
+        (UPSTREAM, False),
+    ]
+    for number, (model, running) in enumerate(requests):
+        if not running:
+            upstream.stop_upstream()
+        request_id = f"upstream-key-{number}-{time.time_ns()}"
+        reply = rest.post(
+            "/v1/chat/completions",
+            json={"model": model, "messages": HI, "max_tokens": 2},
+            headers={"x-request-id": request_id},
+        )
+        upstream.error_bodies.append(reply.text)
+        recorded(rest, request_id)
     for key in (upstream.key, upstream.wrong_key):
         for body in upstream.error_bodies:
             assert key not in body
