@@ -124,16 +124,19 @@ class TokenLogprob:
         if not raw:
             return ()
         items: list[dict[str, Any]] = json.loads(raw)
-        return tuple(
-            cls(
-                token=str(item.get("token", "")),
-                logprob=float(item.get("logprob", 0.0)),
-                top_logprobs=tuple(
-                    TopLogprob(str(top.get("token", "")), float(top.get("logprob", 0.0)))
-                    for top in item.get("top_logprobs") or ()
-                ),
-            )
-            for item in items
+        return tuple(cls.from_dict(item) for item in items)
+
+    @classmethod
+    def from_dict(cls, item: dict[str, Any], top: int | None = None) -> TokenLogprob:
+        """One {token, logprob, top_logprobs: [{token, logprob}]} entry (the backend's and OpenAI chat's
+        shape), keeping at most `top` alternatives."""
+        return cls(
+            token=str(item.get("token", "")),
+            logprob=float(item.get("logprob", 0.0)),
+            top_logprobs=tuple(
+                TopLogprob(str(alt.get("token", "")), float(alt.get("logprob", 0.0)))
+                for alt in (item.get("top_logprobs") or ())[:top]
+            ),
         )
 
     def to_native(self) -> inference_pb2.TokenLogprob:

@@ -557,18 +557,7 @@ def _logprobs(raw: Any, top: int) -> tuple[TokenLogprob, ...]:
         return ()
     content = raw.get("content")
     if isinstance(content, list):
-        return tuple(
-            TokenLogprob(
-                token=str(item.get("token", "")),
-                logprob=float(item.get("logprob", 0.0)),
-                top_logprobs=tuple(
-                    TopLogprob(str(alt.get("token", "")), float(alt.get("logprob", 0.0)))
-                    for alt in (item.get("top_logprobs") or ())[:top]
-                ),
-            )
-            for item in content
-            if isinstance(item, dict)
-        )
+        return tuple(TokenLogprob.from_dict(item, top) for item in content if isinstance(item, dict))
     tokens = raw.get("tokens") or []
     values = raw.get("token_logprobs") or []
     tops = raw.get("top_logprobs") or []
