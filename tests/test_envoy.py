@@ -29,6 +29,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from ferry.auth.v1 import auth_pb2
 from ferry.models.v1 import models_pb2, models_pb2_grpc
 from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
+from google.api import httpbody_pb2
 from google.protobuf import descriptor_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -49,6 +50,7 @@ from launcher.envoy import (
 from services.common import access
 from services.common.config import Settings
 from services.common.errors import RpcError
+from services.inference.openai_api import sse
 from tests.stack import RunningStack, stack_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -189,9 +191,10 @@ class Scripted(openai_pb2_grpc.OpenAIServiceServicer, models_pb2_grpc.ModelsServ
     def CreateCompletionStream(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._seen(context)
         for i in range(3):
-            yield openai_pb2.Completion(id=f"chunk-{i}", model=request.model)
+            yield sse.event(openai_pb2.Completion(id=f"chunk-{i}", model=request.model))
             if request.prompt.string_value == "fail-midway" and i == 1:
                 context.abort(grpc.StatusCode.INTERNAL, "engine died")
+        yield httpbody_pb2.HttpBody(content_type=sse.CONTENT_TYPE, data=sse.DONE)
 
     def CreateChatCompletion(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._seen(context)
@@ -200,7 +203,8 @@ class Scripted(openai_pb2_grpc.OpenAIServiceServicer, models_pb2_grpc.ModelsServ
     def CreateChatCompletionStream(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._seen(context)
         for i in range(2):
-            yield openai_pb2.ChatCompletionChunk(id=f"chat-chunk-{i}")
+            yield sse.event(openai_pb2.ChatCompletionChunk(id=f"chat-chunk-{i}"))
+        yield httpbody_pb2.HttpBody(content_type=sse.CONTENT_TYPE, data=sse.DONE)
 
     def ListModels(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._seen(context)
@@ -362,11 +366,12 @@ def test_openai_stream_flag_selects_the_streaming_rpc(edge: Edge, body: Any, str
     if streamed:
         assert response.headers["content-type"] == "text/event-stream"
         events = [e for e in response.text.split("\n\n") if e]
-        assert [json.loads(e.removeprefix("data: "))["id"] for e in events] == [
+        assert [json.loads(e.removeprefix("data: "))["id"] for e in events[:-1]] == [
             "chunk-0",
             "chunk-1",
             "chunk-2",
         ]
+        assert events[-1] == "data: [DONE]"
     else:
         assert response.headers["content-type"] == "application/json"
         assert response.json()["id"] == "unary"
@@ -378,8 +383,8 @@ def test_chat_completions_stream_as_server_sent_events(edge: Edge) -> None:
     assert response.headers["content-type"] == "text/event-stream"
     # OpenAI's framing: `data: <json>` and a blank line per event.
     events = response.text.split("\n\n")
-    assert events[-1] == ""
-    assert [json.loads(e.removeprefix("data: "))["id"] for e in events[:-1]] == [
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert [json.loads(e.removeprefix("data: "))["id"] for e in events[:-2]] == [
         "chat-chunk-0",
         "chat-chunk-1",
     ]
@@ -480,7 +485,14 @@ def test_native_grpc_passes_through_the_same_listener(edge: Edge) -> None:
         )
     assert [m.name for m in models.models] == ["models/scripted"]
     assert edge.upstream.metadata[-2]["x-request-id"] == "native-1"
-    assert [c.id for c in chunks] == ["chunk-0", "chunk-1", "chunk-2"]
+    # Native gRPC callers of the streaming RPC get the same Server-Sent Events, one per message.
+    assert [c.content_type for c in chunks] == ["text/event-stream"] * 4
+    assert [json.loads(c.data.removeprefix(b"data: "))["id"] for c in chunks[:3]] == [
+        "chunk-0",
+        "chunk-1",
+        "chunk-2",
+    ]
+    assert chunks[3].data == sse.DONE
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import pytest
 from ferry.inference.v1 import inference_pb2
 from ferry.openai.v1 import openai_pb2
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from backends.llamacpp.contract import EngineErrorCode, EngineFault
 from services.common.config import InferenceSettings
@@ -84,10 +85,22 @@ async def drain(stream: Any) -> tuple[list[Any], RpcError]:
     return received, err.value
 
 
+async def drain_events(stream: Any, kind: type[Message]) -> tuple[list[Any], RpcError]:
+    """An OpenAI stream's Server-Sent Events, each parsed back into its chunk message."""
+    events, err = await drain(stream)
+    assert all(e.content_type == "text/event-stream" for e in events)
+    # A failed stream never says it is done.
+    assert all(e.data != b"data: [DONE]\n\n" for e in events)
+    chunks = [json_format.Parse(e.data.removeprefix(b"data: ").strip(), kind()) for e in events]
+    return chunks, err
+
+
 async def test_chat_stream_failing_midway_ends_with_an_error_event_and_status() -> None:
     openai_servicer, _ = servicers(2, failed("llama_decode failed"))
     context: Any = Context()
-    chunks, err = await drain(openai_servicer.CreateChatCompletionStream(CHAT, context))
+    chunks, err = await drain_events(
+        openai_servicer.CreateChatCompletionStream(CHAT, context), openai_pb2.ChatCompletionChunk
+    )
     assert [c.choices[0].delta.content for c in chunks[:3]] == ["", "t0", "t1"]
     last = chunks[-1]
     assert last.HasField("error") and not last.choices
@@ -99,7 +112,9 @@ async def test_chat_stream_failing_midway_ends_with_an_error_event_and_status() 
 async def test_completion_stream_failing_midway_ends_with_an_error_event() -> None:
     openai_servicer, _ = servicers(1, EngineUnreachable("Triton unavailable: Socket closed"))
     context: Any = Context()
-    chunks, err = await drain(openai_servicer.CreateCompletionStream(COMPLETION, context))
+    chunks, err = await drain_events(
+        openai_servicer.CreateCompletionStream(COMPLETION, context), openai_pb2.Completion
+    )
     assert chunks[0].choices[0].text == "t0"
     last = chunks[-1].error
     assert "Socket closed" in last.message and (last.type, last.code) == (
@@ -119,7 +134,9 @@ async def test_failure_before_the_first_piece_is_a_plain_status() -> None:
     )
     openai_servicer, _ = servicers(0, EngineFaulted(too_long))
     context: Any = Context()
-    chunks, err = await drain(openai_servicer.CreateChatCompletionStream(CHAT, context))
+    chunks, err = await drain_events(
+        openai_servicer.CreateChatCompletionStream(CHAT, context), openai_pb2.ChatCompletionChunk
+    )
     assert chunks == [] and err.code == grpc.StatusCode.INVALID_ARGUMENT
 
 

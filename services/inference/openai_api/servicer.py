@@ -1,7 +1,8 @@
 """OpenAIService: OpenAI's chat completions, completions and models, in OpenAI's shapes.
 
 Envoy transcodes these RPCs to OpenAI's REST paths; `"stream": true` bodies are routed to the
-*Stream RPCs, whose messages become Server-Sent Events (`services.inference.openai_api.chunks`).
+*Stream RPCs, which write OpenAI's Server-Sent Events themselves (`chunks` says what is sent,
+`sse` how), ending with `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import grpc
 from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
+from google.api import httpbody_pb2
 
 from services.common.context import request_id_var
 from services.common.triton_client import ModelInfo
 from services.inference.deadline import RequestDeadline
 from services.inference.domain import Exchange, Piece, chat_logprobs, completion_logprobs
-from services.inference.openai_api import fields
+from services.inference.openai_api import fields, sse
 from services.inference.openai_api.chat import ChatWire
 from services.inference.openai_api.chunks import finish_reason, stream_chunks
 from services.inference.openai_api.completions import CompletionWire
@@ -180,13 +182,13 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
 
     async def CreateChatCompletionStream(
         self, request: openai_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[openai_pb2.ChatCompletionChunk, None]:
+    ) -> AsyncGenerator[httpbody_pb2.HttpBody, None]:
         chunks = stream_chunks(
             self.pipeline, ChatWire(request, stream=True), RequestDeadline(context), ChatChunks
         )
-        async with aclosing(chunks):
-            async for chunk in chunks:
-                yield chunk
+        async with aclosing(sse.events(chunks)) as events:
+            async for event in events:
+                yield event
 
     async def CreateCompletion(
         self, request: openai_pb2.CreateCompletionRequest, context: grpc.aio.ServicerContext
@@ -212,12 +214,12 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
 
     async def CreateCompletionStream(
         self, request: openai_pb2.CreateCompletionRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[openai_pb2.Completion, None]:
+    ) -> AsyncGenerator[httpbody_pb2.HttpBody, None]:
         wire = CompletionWire(request, stream=True)
         chunks = stream_chunks(self.pipeline, wire, RequestDeadline(context), CompletionChunks)
-        async with aclosing(chunks):
-            async for chunk in chunks:
-                yield chunk
+        async with aclosing(sse.events(chunks)) as events:
+            async for event in events:
+                yield event
 
     async def ListModels(
         self, request: openai_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,45 @@
+"""OpenAI's Server-Sent Events, written by the service: the streaming RPCs return `google.api.HttpBody`
+messages, which Envoy's transcoder passes through as they are, so the stream can end the way OpenAI's
+does, with `data: [DONE]` (the transcoder's own SSE framing cannot add it).
+
+Each chunk is printed as the transcoder prints unary answers (proto field names, fields without
+presence always printed), so a streamed chunk and a unary answer spell their fields alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+
+from google.api import httpbody_pb2
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+CONTENT_TYPE = "text/event-stream"
+DONE = b"data: [DONE]\n\n"
+
+
+def chunk_json(chunk: Message) -> str:
+    return json_format.MessageToJson(
+        chunk,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        indent=None,
+        ensure_ascii=False,
+    )
+
+
+def event(chunk: Message) -> httpbody_pb2.HttpBody:
+    """One `data: {json}` event."""
+    data = b"data: " + chunk_json(chunk).encode() + b"\n\n"
+    return httpbody_pb2.HttpBody(content_type=CONTENT_TYPE, data=data)
+
+
+async def events(chunks: AsyncGenerator[Message, None]) -> AsyncGenerator[httpbody_pb2.HttpBody, None]:
+    """The chunks as events, then `[DONE]` after a stream that ended well. After an error event the
+    stream ends with the error status instead (the exception propagates), as OpenAI's does. Closing
+    this closes `chunks` at once, so a client that goes away frees the engine slot."""
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            yield event(chunk)
+    yield httpbody_pb2.HttpBody(content_type=CONTENT_TYPE, data=DONE)
