@@ -27,6 +27,9 @@ from pydantic import (
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit; one number for both sides
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 1024
+# A grammar's text (GBNF or Lark) or a JSON Schema's JSON, at most (bytes of UTF-8).
+MAX_CONSTRAINT_BYTES = 256 * 1024
 INT64_MIN = -(1 << 63)
 UINT64_MAX = (1 << 64) - 1
 
@@ -43,6 +46,45 @@ Number = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 # A JSON integer; 1.5 is refused by pydantic's int, true and "3" by the check before it.
 Integer = Annotated[int, BeforeValidator(_integer_input)]
 StopSequence = Annotated[StrictStr, Field(min_length=1)]
+
+
+class ConstraintKind(StrEnum):
+    """What the generated text must follow."""
+
+    # Any JSON object.
+    JSON_OBJECT = "json_object"
+    # JSON valid against `json_schema` (the service checks the schema first: docs/structured-output.md).
+    JSON_SCHEMA = "json_schema"
+    # A GBNF grammar (llama.cpp's syntax) in `grammar`.
+    GBNF = "gbnf"
+    # A Lark grammar (llguidance's syntax) in `grammar`.
+    LARK = "lark"
+
+
+class OutputConstraint(BaseModel):
+    """A constraint on the output, enforced by the engine while it samples. A constraint the engine
+    cannot compile is INVALID_PARAMETER with field "constraint": the engine never generates
+    unconstrained instead."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ConstraintKind
+    json_schema: dict[str, Any] | None = None
+    grammar: StrictStr | None = Field(default=None, min_length=1, max_length=MAX_CONSTRAINT_BYTES)
+
+    @field_validator("grammar")
+    @classmethod
+    def _grammar_goes_with_its_kind(cls, value: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("kind")
+        if kind in (ConstraintKind.GBNF, ConstraintKind.LARK) and value is None:
+            raise ValueError(f"a {kind} constraint needs its grammar")
+        if kind not in (ConstraintKind.GBNF, ConstraintKind.LARK) and value is not None:
+            raise ValueError(f"a {kind} constraint takes no grammar")
+        return value
+
+    def model_post_init(self, context: Any) -> None:
+        if (self.kind is ConstraintKind.JSON_SCHEMA) != (self.json_schema is not None):
+            raise ValueError("json_schema goes with kind json_schema, and only with it")
 
 
 class SamplingParameters(BaseModel):
@@ -72,6 +114,13 @@ class SamplingParameters(BaseModel):
     ignore_eos: StrictBool = False
     # The caller's (API key's) prompt-length limit; a longer prompt is PROMPT_TOO_LONG with limit="caller".
     max_prompt_tokens: Integer | None = Field(default=None, ge=1)
+    # OpenAI's logit_bias: token id -> bias added to its logit, -100 (never) to 100 (always). A token id
+    # outside the model's vocabulary is INVALID_PARAMETER (field "logit_bias").
+    logit_bias: dict[Annotated[int, Field(ge=0)], Annotated[Number, Field(ge=-100, le=100)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS_ENTRIES
+    )
+    # Constrained output (JSON, a JSON Schema, a grammar); None: free text.
+    constraint: OutputConstraint | None = None
 
     @field_validator("top_logprobs")
     @classmethod
