@@ -39,6 +39,10 @@ class Reason(StrEnum):
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     KEY_NOT_FOUND = "KEY_NOT_FOUND"
     TRANSACTION_NOT_FOUND = "TRANSACTION_NOT_FOUND"
+    GRAMMAR_NOT_FOUND = "GRAMMAR_NOT_FOUND"
+    GRAMMAR_INVALID = "GRAMMAR_INVALID"
+    GRAMMAR_ALREADY_EXISTS = "GRAMMAR_ALREADY_EXISTS"
+    ETAG_MISMATCH = "ETAG_MISMATCH"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
     MODEL_NOT_MANAGED = "MODEL_NOT_MANAGED"
     KEY_COLLISION = "KEY_COLLISION"
@@ -138,6 +142,17 @@ CATALOGUE: Mapping[Reason, Entry] = {
     Reason.MODEL_NOT_FOUND: _entry(_Code.NOT_FOUND, "no model of that name in the repository"),
     Reason.KEY_NOT_FOUND: _entry(_Code.NOT_FOUND, "no API key of that name"),
     Reason.TRANSACTION_NOT_FOUND: _entry(_Code.NOT_FOUND, "no transaction with that request id"),
+    Reason.GRAMMAR_NOT_FOUND: _entry(
+        _Code.NOT_FOUND, "no grammar of that name (never created, or deleted); a request naming one too"
+    ),
+    Reason.GRAMMAR_INVALID: _entry(
+        _Code.INVALID_ARGUMENT,
+        "the engine cannot compile the grammar's definition (its message says why); nothing was stored",
+    ),
+    Reason.GRAMMAR_ALREADY_EXISTS: _entry(_Code.ALREADY_EXISTS, "a grammar with that `grammar_id` exists"),
+    Reason.ETAG_MISMATCH: _entry(
+        _Code.ABORTED, "the `etag` sent is not the resource's current one: it changed since it was read"
+    ),
     Reason.MODEL_LOAD_FAILED: _entry(_Code.FAILED_PRECONDITION, "Triton could not load the model"),
     Reason.MODEL_NOT_MANAGED: _entry(
         _Code.FAILED_PRECONDITION, "load or unload of a model an upstream server serves (not Triton)"
