@@ -58,6 +58,7 @@ class Reason(StrEnum):
     TRITON_UNAVAILABLE = "TRITON_UNAVAILABLE"
     UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
     DATABASE_UNAVAILABLE = "DATABASE_UNAVAILABLE"
+    GRAMMARS_UNAVAILABLE = "GRAMMARS_UNAVAILABLE"
     AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
     DRAINING = "DRAINING"
     ENGINE_ERROR = "ENGINE_ERROR"
@@ -190,7 +191,7 @@ CATALOGUE: Mapping[Reason, Entry] = {
         _Code.UNAVAILABLE, "Triton or the model stopped answering (e.g. unloaded mid-stream)", retryable=True
     ),
     Reason.TRITON_UNAVAILABLE: _entry(
-        _Code.UNAVAILABLE, "a service (Models, Inference) cannot reach Triton", retryable=True
+        _Code.UNAVAILABLE, "a service (Models, Inference, Grammars) cannot reach Triton", retryable=True
     ),
     Reason.UPSTREAM_UNAVAILABLE: _entry(
         _Code.UNAVAILABLE,
@@ -199,6 +200,11 @@ CATALOGUE: Mapping[Reason, Entry] = {
     ),
     Reason.DATABASE_UNAVAILABLE: _entry(
         _Code.UNAVAILABLE, "PostgreSQL is not reachable, or not migrated yet", retryable=True
+    ),
+    Reason.GRAMMARS_UNAVAILABLE: _entry(
+        _Code.UNAVAILABLE,
+        "a request names a stored grammar and the grammar registry did not answer",
+        retryable=True,
     ),
     Reason.AUTH_UNAVAILABLE: _entry(
         _Code.UNAVAILABLE, "the gateway did not answer, or its key store is not ready", retryable=True
