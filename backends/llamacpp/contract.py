@@ -30,6 +30,8 @@ MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024
 # A grammar's text (GBNF or Lark) or a JSON Schema's JSON, at most (bytes of UTF-8).
 MAX_CONSTRAINT_BYTES = 256 * 1024
+# How llama.cpp tells an llguidance grammar (Lark, or JSON Schema through `%json`) from GBNF.
+LLGUIDANCE_HEADER = "%llguidance {}"
 INT64_MIN = -(1 << 63)
 UINT64_MAX = (1 << 64) - 1
 
@@ -85,6 +87,18 @@ class OutputConstraint(BaseModel):
     def model_post_init(self, context: Any) -> None:
         if (self.kind is ConstraintKind.JSON_SCHEMA) != (self.json_schema is not None):
             raise ValueError("json_schema goes with kind json_schema, and only with it")
+
+    def engine_grammar(self) -> str:
+        """The grammar llama.cpp is given: GBNF as it is; everything else as an llguidance grammar
+        (a JSON Schema as llguidance's `%json`, which is what xllamacpp.json_schema_to_grammar writes).
+        llama.cpp's `json_schema` field is not used: a schema it cannot compile silently runs
+        unconstrained there, while a grammar is checked first (backends/llamacpp/constraints.py)."""
+        if self.kind is ConstraintKind.GBNF:
+            return self.grammar or ""
+        if self.kind is ConstraintKind.LARK:
+            return f"{LLGUIDANCE_HEADER}\n{self.grammar}"
+        schema = self.json_schema if self.kind is ConstraintKind.JSON_SCHEMA else {"type": "object"}
+        return f"{LLGUIDANCE_HEADER}\nstart: %json {json.dumps(schema, separators=(',', ':'))}"
 
 
 class SamplingParameters(BaseModel):

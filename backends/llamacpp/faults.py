@@ -64,6 +64,9 @@ def from_engine_error(error: dict[str, Any], context_length: int) -> EngineFault
         )
     message = str(error.get("message", error))
     if error.get("code") == 400:
-        # llama.cpp refused the request itself (a parameter it cannot honour).
-        return invalid_parameter("sampling_parameters", message)
+        # llama.cpp refused the request itself (a parameter it cannot honour). Its one 400 about the
+        # grammar is a GBNF constraint that does not parse ("failed to parse grammar"); its details go
+        # only to the engine's log.
+        field = "constraint" if "grammar" in message else "sampling_parameters"
+        return invalid_parameter(field, message)
     return engine_failed(message)

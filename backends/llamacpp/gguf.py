@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import struct
 from pathlib import Path
 
 from backends.llamacpp.config import ConfigError, GgufSource, ModelParameters
@@ -58,3 +59,54 @@ def ensure_gguf(params: ModelParameters, home: Path) -> str:
     finally:
         partial.unlink(missing_ok=True)
     return f"assembled {target} ({expected_size / 1e6:.0f} MB)"
+
+
+# GGUF metadata value types (ggml's gguf.h): their sizes in bytes, for the fixed-size ones.
+_FIXED_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+_VOCABULARY_KEY = "tokenizer.ggml.tokens"
+
+
+def vocabulary_size(path: Path) -> int:
+    """How many tokens the model's vocabulary has (the length of `tokenizer.ggml.tokens`).
+
+    Reads only the metadata at the head of the file, skipping values up to that key (gguf's own
+    GGUFReader maps every tensor and took 16 s on Gemma's 262,144-token vocabulary).
+    """
+    with path.open("rb") as f:
+
+        def read(fmt: str) -> int:
+            size = struct.calcsize(fmt)
+            (value,) = struct.unpack(fmt, f.read(size))
+            return int(value)
+
+        def skip_string() -> None:
+            f.seek(read("<Q"), os.SEEK_CUR)
+
+        def skip_value(kind: int) -> None:
+            if kind in _FIXED_SIZES:
+                f.seek(_FIXED_SIZES[kind], os.SEEK_CUR)
+            elif kind == _STRING:
+                skip_string()
+            elif kind == _ARRAY:
+                item_kind, count = read("<I"), read("<Q")
+                if item_kind in _FIXED_SIZES:
+                    f.seek(_FIXED_SIZES[item_kind] * count, os.SEEK_CUR)
+                else:
+                    for _ in range(count):
+                        skip_value(item_kind)
+            else:
+                raise ConfigError(f"{path}: unknown GGUF value type {kind}")
+
+        if f.read(4) != b"GGUF":
+            raise ConfigError(f"{path} is not a GGUF file")
+        read("<I")  # version
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key = f.read(read("<Q")).decode("utf-8", "replace")
+            kind = read("<I")
+            if key == _VOCABULARY_KEY and kind == _ARRAY:
+                read("<I")
+                return read("<Q")
+            skip_value(kind)
+    raise ConfigError(f"{path} has no {_VOCABULARY_KEY}")

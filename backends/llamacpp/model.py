@@ -24,7 +24,7 @@ from backends.llamacpp.contract import EngineFault, SamplingParameters
 from backends.llamacpp.engine import start_engine
 from backends.llamacpp.faults import FaultError
 from backends.llamacpp.generation import Generation, OutputPiece
-from backends.llamacpp.gguf import gguf_path
+from backends.llamacpp.gguf import gguf_path, vocabulary_size
 from backends.llamacpp.metrics import EngineMetrics
 from backends.llamacpp.request import completion_request, with_defaults
 from backends.llamacpp.shutdown import ShutdownMonitor, server_live_url
@@ -105,6 +105,11 @@ class TritonPythonModel:
                 f"model {self.name}: GGUF file {gguf} is missing: run `python -m launcher.setup` (make setup)"
             )
         self.defaults = self.params.default_sampling
+        try:
+            # logit_bias ids are checked against it: llama.cpp ignores ids past the vocabulary silently.
+            self.vocabulary_size = vocabulary_size(gguf)
+        except ConfigError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from None
         started = time.monotonic()
         self.server = start_engine(self.params, gguf)
         self.metrics = EngineMetrics(self.name, args["model_version"], self.params)
@@ -146,7 +151,9 @@ class TritonPythonModel:
                 sampling = with_defaults(SamplingParameters.from_json(raw), self.defaults)
             except ValidationError as exc:
                 raise FaultError(faults.from_validation_error(exc, "sampling_parameters")) from None
-            engine_request = completion_request(prompt, sampling, self.params.max_output_tokens)
+            engine_request = completion_request(
+                prompt, sampling, self.params.max_output_tokens, self.vocabulary_size
+            )
         except FaultError as exc:
             sink.fail(exc.fault)
             return

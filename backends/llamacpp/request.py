@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from backends.llamacpp.constraints import constraint_problem
 from backends.llamacpp.contract import SamplingParameters
 from backends.llamacpp.faults import FaultError, invalid_parameter
 
@@ -29,10 +30,14 @@ def with_defaults(request: SamplingParameters, defaults: SamplingParameters) -> 
     return SamplingParameters.model_validate({**filled, **given})
 
 
-def completion_request(prompt: str, params: SamplingParameters, max_tokens_limit: int) -> dict[str, Any]:
+def completion_request(
+    prompt: str, params: SamplingParameters, max_tokens_limit: int, vocabulary_size: int
+) -> dict[str, Any]:
     """The llama.cpp completion request (streamed) for one generation.
 
-    Fields left None keep llama.cpp's own defaults. Raises FaultError when max_tokens exceeds the model's.
+    Fields left None keep llama.cpp's own defaults. Raises FaultError when max_tokens exceeds the
+    model's, when a constraint does not compile, or when logit_bias names a token the model lacks
+    (llama.cpp would silently ignore both).
     """
     if params.max_tokens is not None and params.max_tokens > max_tokens_limit:
         raise FaultError(
@@ -69,4 +74,19 @@ def completion_request(prompt: str, params: SamplingParameters, max_tokens_limit
     if params.logprobs:
         # llama.cpp reports the chosen token's logprob only when n_probs > 0; extra entries are trimmed.
         request["n_probs"] = max(params.top_logprobs, 1)
+    if params.logit_bias:
+        unknown = sorted(token for token in params.logit_bias if token >= vocabulary_size)
+        if unknown:
+            raise FaultError(
+                invalid_parameter(
+                    "logit_bias",
+                    f"token id {unknown[0]} is not in the model's vocabulary (ids 0 to {vocabulary_size - 1})",
+                )
+            )
+        request["logit_bias"] = [[token, bias] for token, bias in params.logit_bias.items()]
+    if params.constraint is not None:
+        problem = constraint_problem(params.constraint)
+        if problem is not None:
+            raise FaultError(invalid_parameter("constraint", problem))
+        request["grammar"] = params.constraint.engine_grammar()
     return request

@@ -104,7 +104,7 @@ def test_request_translates_the_contract_to_llama_cpp() -> None:
         logprobs=True,
         ignore_eos=True,
     )
-    request = completion_request("<bos>Hello", params, max_tokens_limit=100)
+    request = completion_request("<bos>Hello", params, max_tokens_limit=100, vocabulary_size=1000)
     assert request["prompt"] == "Hello", "llama.cpp adds BOS itself"
     assert request["n_predict"] == 100
     assert request["temperature"] == 0.5
@@ -118,7 +118,9 @@ def test_request_translates_the_contract_to_llama_cpp() -> None:
 
 def test_max_tokens_above_the_models_is_an_invalid_parameter() -> None:
     with pytest.raises(FaultError) as info:
-        completion_request("x", SamplingParameters(max_tokens=101), max_tokens_limit=100)
+        completion_request(
+            "x", SamplingParameters(max_tokens=101), max_tokens_limit=100, vocabulary_size=1000
+        )
     assert info.value.fault.code is EngineErrorCode.INVALID_PARAMETER
     assert info.value.fault.field == "max_tokens"
 
@@ -137,7 +139,7 @@ def test_a_request_switches_a_model_default_off_by_setting_it() -> None:
     sent = '{"ignore_eos": false, "logprobs": false, "stop": []}'
     merged = with_defaults(SamplingParameters.from_json(sent), defaults)
     assert (merged.ignore_eos, merged.logprobs, merged.top_logprobs, merged.stop) == (False, False, 0, ())
-    request = completion_request("x", merged, max_tokens_limit=100)
+    request = completion_request("x", merged, max_tokens_limit=100, vocabulary_size=1000)
     assert "ignore_eos" not in request and "n_probs" not in request and "stop" not in request
     # Left out, the same fields take the model's defaults.
     unset = with_defaults(SamplingParameters.from_json("{}"), defaults)
