@@ -37,9 +37,61 @@ class Api(StrEnum):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the assistant made: its id (`call_...`), the function and its arguments (JSON text)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Message:
     role: str
     content: str
+    # Assistant turns: the calls it made. `tool` turns: the id of the call answered.
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+
+
+@dataclass(frozen=True)
+class FunctionTool:
+    """A function the model may call; `parameters` is the JSON Schema of its arguments (an object)."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any] = field(compare=False, hash=False)
+
+
+class ToolChoice(StrEnum):
+    NONE = "none"
+    AUTO = "auto"
+    REQUIRED = "required"
+    # One function, named in `ToolUse.function`.
+    FUNCTION = "function"
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools a chat request offers and what it asks of them (docs/tools.md)."""
+
+    tools: tuple[FunctionTool, ...]
+    choice: ToolChoice
+    function: str = ""
+    # OpenAI's `parallel_tool_calls`: false = at most one call per answer.
+    parallel: bool = True
+
+    @property
+    def offered(self) -> bool:
+        return bool(self.tools) and self.choice is not ToolChoice.NONE
+
+    @property
+    def forced(self) -> bool:
+        """A call is required (generation is constrained to one)."""
+        return self.choice in (ToolChoice.REQUIRED, ToolChoice.FUNCTION)
+
+    def tool(self, name: str) -> FunctionTool | None:
+        return next((t for t in self.tools if t.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -54,6 +106,8 @@ class FieldSpelling:
     renamed: Mapping[str, str] = field(default_factory=dict, hash=False)
     # List fields the caller sent as a single value (OpenAI's `"stop": "END"`): no index in errors.
     single: frozenset[str] = frozenset()
+    # Map fields (`logit_bias`): an error's key is written `.key`, as the caller wrote the entry.
+    keyed: frozenset[str] = frozenset({"logit_bias"})
 
     def field(self, name: str) -> str:
         """The caller's name of a contract field (or of an input tensor of the engine)."""
@@ -67,7 +121,10 @@ class FieldSpelling:
             return self.field("sampling_parameters")
         name = str(loc[0])
         where = self.field(name)
-        if name not in self.single:
+        if name in self.keyed:
+            # pydantic marks an error in a key (not its value) with a trailing "[key]".
+            where += "".join(f".{key}" for key in loc[1:] if key != "[key]")
+        elif name not in self.single:
             where += "".join(f"[{index}]" for index in loc[1:])
         return where
 
@@ -89,20 +146,33 @@ class GenerationRequest:
     include_usage: bool = False
     # The alias the caller named (`model_aliases`) when `model` is the model it resolved to.
     model_alias: str = ""
+    # Chat only: the tools offered and `tool_choice` (None: no tools sent).
+    tool_use: ToolUse | None = None
+    # A stored grammar (`grammars/{id}`) the output must follow; a pipeline stage resolves it into
+    # `sampling.constraint` before the engine sees the request.
+    grammar_name: str = ""
 
     def recorded_parameters(self) -> dict[str, Any]:
         """What the transaction record keeps of the request besides its input."""
         parameters: dict[str, Any] = {
             "api": self.api.value,
             "stream": self.stream,
-            **self.sampling.model_dump(mode="json", exclude_defaults=True),
+            **self.sampling.model_dump(mode="json", exclude_defaults=True, exclude={"constraint"}),
         }
+        # A schema or grammar may be 256 KiB: the record keeps what kind of constraint applied.
+        if self.sampling.constraint is not None:
+            parameters["constraint"] = self.sampling.constraint.kind.value
+        if self.grammar_name:
+            parameters["grammar"] = self.grammar_name
         if self.user:
             parameters["user"] = self.user
         if self.echo:
             parameters["echo"] = True
         if self.model_alias:
             parameters["model_alias"] = self.model_alias
+        if self.tool_use is not None:
+            parameters["tool_choice"] = self.tool_use.function or self.tool_use.choice.value
+            parameters["tools"] = [t.name for t in self.tool_use.tools]
         return parameters
 
 
