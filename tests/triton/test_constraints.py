@@ -13,7 +13,11 @@ import jsonschema
 import pytest
 from tritonclient.grpc import aio as triton_aio
 
-from backends.llamacpp.contract import EngineErrorCode
+from backends.llamacpp.contract import ConstraintKind, EngineErrorCode, OutputConstraint
+from launcher.ports import free_ports
+from services.common.config import TritonSettings
+from services.common.constraint_check import check_constraint
+from services.common.errors import Reason, RpcError
 from tests.triton.conftest import SMOLLM2, TritonServer
 from tests.triton.test_gemma_model import MODEL, generate
 
@@ -133,3 +137,22 @@ async def test_logit_bias_outside_the_vocabulary_is_refused(client: triton_aio.I
     # SmolLM2's vocabulary is smaller: an id Gemma has is outside it.
     run = await generate(client, CHAT_PROMPT, {"max_tokens": 2, "logit_bias": {"50000": 5}}, model=SMOLLM2)
     assert run.fault.field == "logit_bias" and "49151" in run.fault.message
+
+
+async def test_the_registry_check_asks_the_engine(triton: TritonServer) -> None:
+    host, port = triton.grpc_target.rsplit(":", 1)
+    settings = TritonSettings(host=host, grpc_port=int(port))
+    good = OutputConstraint(kind=ConstraintKind.GBNF, grammar='root ::= "a" | "b"')
+    assert await check_constraint(settings, MODEL, good) is None
+    broken = OutputConstraint(kind=ConstraintKind.GBNF, grammar="root ::= (")
+    assert "failed to parse grammar" in (await check_constraint(settings, MODEL, broken) or "")
+    lark = OutputConstraint(kind=ConstraintKind.LARK, grammar='start: "a" | (')
+    assert "line 1" in (await check_constraint(settings, MODEL, lark) or "")
+
+
+async def test_the_registry_check_is_unavailable_without_an_engine() -> None:
+    settings = TritonSettings(host="127.0.0.1", grpc_port=free_ports(1)[0])
+    good = OutputConstraint(kind=ConstraintKind.GBNF, grammar='root ::= "a"')
+    with pytest.raises(RpcError) as err:
+        await check_constraint(settings, MODEL, good)
+    assert err.value.reason == Reason.ENGINE_UNAVAILABLE
