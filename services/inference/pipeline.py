@@ -27,6 +27,7 @@ from services.inference.observers import GenerationObserver
 from services.inference.record import NoTransactionLog, RecordOnce, TransactionLog
 from services.inference.render import Render
 from services.inference.resolve import Models, Resolve
+from services.inference.structured import check_answer
 from services.inference.templates import ChatTemplates
 from services.inference.wire import WireRequest
 
@@ -83,6 +84,8 @@ class Pipeline:
                         for observer in self.observers:
                             observer.piece(exchange, piece, gap)
                         if piece.finish_reason:
+                            # A constrained answer is checked before any caller sees its end.
+                            check_answer(exchange.request, outcome)
                             # Recorded before the caller gets the last piece: answered means recorded.
                             await record.finish()
                         yield piece

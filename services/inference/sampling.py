@@ -41,12 +41,16 @@ def refusal(err: ValidationError, spelling: FieldSpelling) -> RpcError:
 def describe(error: ErrorDetails) -> str:
     """What was wrong with a value, in words a caller can act on."""
     kind, ctx = error["type"], error.get("ctx") or {}
-    if kind in _RANGE_ERRORS and error["loc"]:
+    if kind in _RANGE_ERRORS and len(error["loc"]) == 1:
         return f"must be {_range(str(error['loc'][0]))}, got {_number(error['input'])}"
+    if kind in _RANGE_ERRORS:
+        # A value inside a field (a logit_bias entry): the bound is in the error itself.
+        return f"must be {_bound(kind, ctx)}, got {_number(error['input'])}"
     if kind == "finite_number":
         return "must be a finite number"
     if kind == "too_long":
-        return f"at most {ctx.get('max_length')} values are allowed, got {ctx.get('actual_length')}"
+        got = ctx.get("actual_length")
+        return f"at most {ctx.get('max_length')} values are allowed" + (f", got {got}" if got else "")
     if kind == "string_too_short":
         return "must not be empty"
     if kind == "value_error" and "error" in ctx:
@@ -71,6 +75,17 @@ def _range(field: str) -> str:
     if low:
         return f"at least {low[1:]}" if low.startswith("[") else f"greater than {low[1:]}"
     return f"at most {high[:-1]}" if high.endswith("]") else f"less than {high[:-1]}"
+
+
+def _bound(kind: str, ctx: Mapping[str, Any]) -> str:
+    words = {
+        "greater_than": ("greater than", "gt"),
+        "greater_than_equal": ("at least", "ge"),
+        "less_than": ("less than", "lt"),
+        "less_than_equal": ("at most", "le"),
+    }
+    word, key = words[kind]
+    return f"{word} {_number(ctx.get(key))}"
 
 
 def _number(value: object) -> str:

@@ -35,7 +35,13 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from backends.llamacpp.contract import EngineErrorCode, EngineFault, SamplingParameters
+from backends.llamacpp.contract import (
+    ConstraintKind,
+    EngineErrorCode,
+    EngineFault,
+    OutputConstraint,
+    SamplingParameters,
+)
 from services.common import upstream_models
 from services.common.config import UpstreamModel
 from services.common.triton_client import ModelInfo
@@ -72,6 +78,7 @@ PARAM_FIELDS = {
     "prompt": "input",
     "max_completion_tokens": "max_tokens",
     "repeat_penalty": "repetition_penalty",
+    "response_format": "constraint",
 }
 
 
@@ -243,7 +250,37 @@ def request_body(
             body[upstream_name] = given[name]
     if sampling.ignore_eos:
         body["ignore_eos"] = True
+    if sampling.logit_bias:
+        # Token ids of the upstream's own vocabulary, as OpenAI takes them.
+        body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias.items()}
+    if sampling.constraint is not None:
+        body["response_format"] = _response_format(sampling.constraint, model.name, chat)
     return body
+
+
+def _response_format(constraint: OutputConstraint, model: str, chat: bool) -> dict[str, Any]:
+    """A JSON constraint as OpenAI's chat `response_format`; anything else is refused rather than sent
+    where it would be ignored (grammars are not OpenAI's; legacy completions take no response_format)."""
+    if chat and constraint.kind is ConstraintKind.JSON_OBJECT:
+        return {"type": "json_object"}
+    if chat and constraint.kind is ConstraintKind.JSON_SCHEMA:
+        # Without ferry's engine options (llguidance's `x-guidance`): another server may refuse them.
+        plain = {k: v for k, v in (constraint.json_schema or {}).items() if k != "x-guidance"}
+        schema = {"name": "response", "schema": plain, "strict": True}
+        return {"type": "json_schema", "json_schema": schema}
+    what = (
+        f"{constraint.kind} grammars"
+        if constraint.kind in (ConstraintKind.GBNF, ConstraintKind.LARK)
+        else ("response_format on completions")
+    )
+    raise EngineFaulted(
+        EngineFault(
+            code=EngineErrorCode.INVALID_PARAMETER,
+            message=f"model '{model}' is served by an upstream server, which is not sent {what}"
+            " (only response_format on chat completions)",
+            field="constraint",
+        )
+    )
 
 
 def _timeouts(cfg: UpstreamModel, timeout: float | None) -> httpx.Timeout:

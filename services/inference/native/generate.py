@@ -9,6 +9,7 @@ from ferry.inference.v1 import inference_pb2
 
 from services.common.errors import invalid_argument
 from services.common.names import model_id_from_name
+from services.inference import structured
 from services.inference.domain import Api, FieldSpelling, GenerationRequest, Message
 from services.inference.messages import parse_messages
 from services.inference.sampling import SAME_NAMED, same_named
@@ -41,8 +42,11 @@ class GenerateWire(WireRequest[inference_pb2.GenerateRequest]):
             )
         else:
             raise invalid_argument("prompt", "one of prompt or messages is required")
+        constraint = structured.native_constraint(request.constraint)
         spelling = FieldSpelling(
-            input="messages.messages" if messages is not None else "prompt", prefix="sampling."
+            input="messages.messages" if messages is not None else "prompt",
+            prefix="sampling.",
+            renamed=constraint.renamed,
         )
         s = request.sampling
         sampling: dict[str, Any] = {
@@ -50,5 +54,9 @@ class GenerateWire(WireRequest[inference_pb2.GenerateRequest]):
             **same_named(s, (*SAME_NAMED, "max_tokens", "logprobs", "top_logprobs", "ignore_eos")),
             # A repeated field cannot tell "absent" from "empty": no sequences means the model's default.
             "stop": tuple(s.stop) or None,
+            "logit_bias": structured.native_logit_bias(s.logit_bias),
+            "constraint": constraint.output,
         }
-        return self._request(model, sampling, spelling, prompt=prompt, messages=messages)
+        return self._request(
+            model, sampling, spelling, prompt=prompt, messages=messages, grammar_name=constraint.grammar_name
+        )

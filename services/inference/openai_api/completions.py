@@ -8,6 +8,7 @@ from ferry.openai.v1 import openai_pb2
 from google.protobuf import struct_pb2
 
 from services.common.errors import invalid_argument
+from services.inference import structured
 from services.inference.domain import Api, FieldSpelling, GenerationRequest
 from services.inference.openai_api import fields
 from services.inference.sampling import same_named
@@ -57,9 +58,10 @@ class CompletionWire(WireRequest[openai_pb2.CreateCompletionRequest]):
             # Tighter than the contract's top_logprobs range, so the refusal states this API's own.
             raise invalid_argument("logprobs", f"must be in [0, {MAX_COMPLETION_LOGPROBS}], got {logprobs}")
         stop, single_stop = fields.stop(request)
+        constraint = structured.openai_constraint(request)
         spelling = FieldSpelling(
             input="prompt",
-            renamed={"top_logprobs": "logprobs"},
+            renamed={"top_logprobs": "logprobs", **constraint.renamed},
             single=frozenset({"stop"} if single_stop else ()),
         )
         sampling: dict[str, Any] = {
@@ -67,12 +69,15 @@ class CompletionWire(WireRequest[openai_pb2.CreateCompletionRequest]):
             "stop": stop,
             "logprobs": True if logprobs is not None else None,
             "top_logprobs": logprobs,
+            "logit_bias": structured.openai_logit_bias(request.logit_bias),
+            "constraint": constraint.output,
         }
         return self._request(
             model,
             sampling,
             spelling,
             prompt=prompt,
+            grammar_name=constraint.grammar_name,
             echo=request.echo,
             user=request.user,
             include_usage=fields.include_usage(request, self.stream),
