@@ -97,6 +97,7 @@ def upstreams(settings: Settings) -> list[Upstream]:
         Upstream("models", settings.models, ("ferry.models.v1.ModelsService",)),
         Upstream("transactions", settings.transactions, ("ferry.transactions.v1.TransactionsService",)),
         Upstream("audit", settings.audit, ("ferry.audit.v1.AuditService",)),
+        Upstream("grammars", settings.grammars, ("ferry.grammars.v1.GrammarsService",)),
         Upstream("gateway", settings.gateway, GATEWAY_SERVICES),
     ]
 

@@ -29,7 +29,7 @@ def needed_ports(settings: Settings) -> list[PortUse]:
         PortUse("envoy.port", settings.envoy.host, settings.envoy.port),
         PortUse("envoy.admin_port", "127.0.0.1", settings.envoy.admin_port),
     ]
-    for name in ("inference", "models", "transactions", "audit"):
+    for name in ("inference", "models", "transactions", "audit", "grammars"):
         service = getattr(settings, name)
         uses.append(PortUse(f"{name}.port", service.host, service.port))
         uses.append(PortUse(f"{name}.metrics_port", service.host, service.metrics_port))

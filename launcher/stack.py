@@ -42,7 +42,7 @@ from services.common.config import REPO_ROOT, Settings
 
 LOCK_NAME = "ferry.lock"
 # Start order (supervisord priority): Triton, then the services that call it, then the edge.
-SERVICES = ("models", "inference", "transactions", "audit", "gateway")
+SERVICES = ("models", "inference", "transactions", "audit", "grammars", "gateway")
 # The Python module each one runs as (`python -m ...`).
 MODULES = {name: f"services.{name}" for name in SERVICES} | {"gateway": "gateway"}
 # Only the gateway needs the bootstrap admin key; the other children do not get it.

@@ -22,6 +22,7 @@ CONTAINER_HOSTS = {
     "models": "models",
     "transactions": "transactions",
     "audit": "audit",
+    "grammars": "grammars",
     "gateway": "gateway",
     "triton": "triton",
 }

@@ -9,6 +9,7 @@ from functools import lru_cache
 
 from ferry.audit.v1 import audit_pb2
 from ferry.auth.v1 import auth_pb2
+from ferry.grammars.v1 import grammars_pb2
 from ferry.inference.v1 import inference_pb2
 from ferry.keys.v1 import keys_pb2
 from ferry.models.v1 import models_pb2
@@ -26,6 +27,7 @@ KEY_SCOPES = (INFERENCE, READ, ADMIN)
 PROTO_FILES = (
     audit_pb2,
     auth_pb2,
+    grammars_pb2,
     inference_pb2,
     keys_pb2,
     models_pb2,

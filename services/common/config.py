@@ -172,6 +172,13 @@ class AuditServiceSettings(ServiceSettings):
     metrics_port: int = 9104
 
 
+class GrammarsServiceSettings(ServiceSettings):
+    """The grammar registry: grammars that generation requests name, checked by the engine on change."""
+
+    port: int = 50056
+    metrics_port: int = 9106
+
+
 class GatewaySettings(ServiceSettings):
     """The gateway process: API keys, authorization decisions, rate limits, Envoy's ext_authz."""
 
@@ -278,6 +285,7 @@ class Settings(BaseSettings):
     models: ModelsServiceSettings = Field(default_factory=ModelsServiceSettings)
     transactions: TransactionsServiceSettings = Field(default_factory=TransactionsServiceSettings)
     audit: AuditServiceSettings = Field(default_factory=AuditServiceSettings)
+    grammars: GrammarsServiceSettings = Field(default_factory=GrammarsServiceSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     triton: TritonSettings = Field(default_factory=TritonSettings)

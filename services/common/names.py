@@ -1,7 +1,7 @@
 """Ids and resource names (AIP-122): the rules every service applies, written once.
 
 A resource name is `{collection}/{id}`: `models/gemma-3-270m`, `transactions/{request id}`,
-`keys/{key id}`. Request ids double as transaction and audit event ids.
+`keys/{key id}`, `grammars/{grammar id}`. Request ids double as transaction and audit event ids.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ REQUEST_ID_RULE = "1-128 characters of A-Z a-z 0-9 . _ : -"
 # A model's id is its directory name in Triton's model repository.
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A grammar's id (AIP-122's recommended form): what `grammars/{grammar}` may hold.
+GRAMMAR_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
+GRAMMAR_ID_RULE = "1-63 characters of a-z 0-9 -, starting with a letter"
 
-MODELS, TRANSACTIONS, KEYS = "models", "transactions", "keys"
+MODELS, TRANSACTIONS, KEYS, GRAMMARS = "models", "transactions", "keys", "grammars"
 
 
 def is_request_id(value: str) -> bool:

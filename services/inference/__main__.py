@@ -21,6 +21,7 @@ from services.common.server import Runtime, serve
 from services.common.triton_client import Provider
 from services.inference.catalog import Catalog
 from services.inference.engine_interface import EngineRouter
+from services.inference.grammar_resolve import GrammarsClient, ResolveGrammar
 from services.inference.native.servicer import InferenceServicer
 from services.inference.observers import GenerationObserver, MetricsObserver, UsageReporter
 from services.inference.openai_api.servicer import OpenAIServicer
@@ -62,6 +63,7 @@ async def setup(runtime: Runtime) -> None:
         settings.inference,
         SpoolTransactionLog(recorder),
         observers,
+        grammars=ResolveGrammar(GrammarsClient(settings)),
     )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(pipeline), runtime.server)
     openai_pb2_grpc.add_OpenAIServiceServicer_to_server(OpenAIServicer(pipeline, catalog), runtime.server)

@@ -1,5 +1,5 @@
-"""The generation path every API shares, as stages: parse -> resolve -> render -> admit -> stream,
-with the record stage around the admitted part and observers (metrics, usage) watching.
+"""The generation path every API shares, as stages: parse -> grammar -> resolve -> render -> admit ->
+stream, with the record stage around the admitted part and observers (metrics, usage) watching.
 
 A servicer parses its wire request (`Pipeline.parse`), makes an `Exchange` and reads the pieces of
 `Pipeline.stream`; it must close the stream (`contextlib.aclosing`) so that a caller going away cancels
@@ -23,6 +23,7 @@ from services.inference.deadline import Deadline
 from services.inference.domain import Exchange, GenerationRequest, Outcome, Piece
 from services.inference.engine_interface import Engine
 from services.inference.engine_stream import EngineStream, Readiness
+from services.inference.grammar_resolve import ResolveGrammar
 from services.inference.observers import GenerationObserver
 from services.inference.record import NoTransactionLog, RecordOnce, TransactionLog
 from services.inference.render import Render
@@ -45,7 +46,10 @@ class Pipeline:
         settings: InferenceSettings,
         transactions: TransactionLog | None = None,
         observers: Sequence[GenerationObserver] = (),
+        grammars: ResolveGrammar | None = None,
     ) -> None:
+        # Without a registry, a request naming a stored grammar is refused (never run unconstrained).
+        self.grammars = grammars or ResolveGrammar(None)
         self.resolve = Resolve(catalog, settings)
         self.render = Render(templates)
         self.admissions = Admissions(settings)
@@ -71,7 +75,8 @@ class Pipeline:
         outcome = exchange.outcome
         record = RecordOnce(self.transactions, exchange)
         try:
-            request, model = await self.resolve(exchange.request, principal_var.get())
+            request = await self.grammars(exchange.request, principal_var.get())
+            request, model = await self.resolve(request, principal_var.get())
             exchange.request, exchange.model_label = request, model.name
             exchange.prompt = self.render(request, model)
             async with self.admissions.gate(model).slot(deadline.time_remaining()) as waited:
