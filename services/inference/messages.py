@@ -3,7 +3,7 @@ turn the way the caller wrote it (`messages[1].role`, `messages.messages[0].cont
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from services.common.errors import invalid_argument
@@ -11,6 +11,8 @@ from services.inference.domain import Message
 
 # `developer` is OpenAI's newer name for `system`; templates only know `system`.
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# OpenAI chat also has tool results (`tool` turns answer an assistant's tool calls).
+CHAT_ROLES = {**ROLES, "tool": "tool"}
 
 Content = TypeVar("Content")
 
@@ -19,8 +21,10 @@ def parse_messages(
     items: Sequence[tuple[str, Content]],
     field: str,
     content_text: Callable[[Content, str, str], str],
+    roles: Mapping[str, str] = ROLES,
 ) -> tuple[Message, ...]:
-    """(role, content) pairs -> messages; `content_text(content, its field, role)` reads a content."""
+    """(role, content) pairs -> messages; `content_text(content, its field, role)` reads a content;
+    `roles`: the roles the API accepts -> the role templates are given."""
     if not items:
         raise invalid_argument(field, "must contain at least one message")
     out: list[Message] = []
@@ -28,7 +32,7 @@ def parse_messages(
         where = f"{field}[{i}]"
         if not role:
             raise invalid_argument(f"{where}.role", "is required")
-        if role not in ROLES:
-            raise invalid_argument(f"{where}.role", f"'{role}' is not one of {', '.join(sorted(ROLES))}")
-        out.append(Message(ROLES[role], content_text(content, f"{where}.content", role)))
+        if role not in roles:
+            raise invalid_argument(f"{where}.role", f"'{role}' is not one of {', '.join(sorted(roles))}")
+        out.append(Message(roles[role], content_text(content, f"{where}.content", role)))
     return tuple(out)

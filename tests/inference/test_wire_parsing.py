@@ -156,7 +156,7 @@ def test_top_k_minus_one_is_accepted() -> None:
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "", "content": "x"}]}, "messages[0].role"),
-        ({"messages": [*USER, {"role": "tool", "content": "x"}]}, "messages[1].role"),
+        ({"messages": [*USER, {"role": "tool", "content": "x"}]}, "messages[1].tool_call_id"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),

@@ -10,8 +10,8 @@ from google.protobuf import struct_pb2
 from services.common.errors import invalid_argument
 from services.inference import structured
 from services.inference.domain import Api, FieldSpelling, GenerationRequest
-from services.inference.messages import parse_messages
-from services.inference.openai_api import fields
+from services.inference.messages import CHAT_ROLES, parse_messages
+from services.inference.openai_api import fields, tools
 from services.inference.sampling import same_named
 from services.inference.wire import WireRequest
 
@@ -58,11 +58,15 @@ class ChatWire(WireRequest[openai_pb2.CreateChatCompletionRequest]):
             [(m.role, m.content if m.HasField("content") else struct_pb2.Value()) for m in request.messages],
             "messages",
             content_text,
+            CHAT_ROLES,
         )
+        messages = tools.with_tool_turns(messages, request.messages)
         fields.one_choice(fields.opt(request, "n"), "n")
         fields.refuse_unhonoured(request)
         stop, single_stop = fields.stop(request)
         constraint = structured.openai_constraint(request)
+        tool_use = tools.tool_use(request)
+        constraint = tools.with_forced_call(constraint, tool_use)
         renamed: dict[str, str] = {**constraint.renamed}
         # `max_completion_tokens` (current name) wins over `max_tokens` (deprecated) when both are set.
         max_tokens = fields.opt(request, "max_completion_tokens")
@@ -86,6 +90,7 @@ class ChatWire(WireRequest[openai_pb2.CreateChatCompletionRequest]):
             spelling,
             messages=messages,
             grammar_name=constraint.grammar_name,
+            tool_use=tool_use,
             user=request.user,
             include_usage=fields.include_usage(request, self.stream),
         )

@@ -20,7 +20,10 @@ from services.common.context import request_id_var
 from services.common.triton_client import ModelInfo
 from services.inference.deadline import RequestDeadline
 from services.inference.domain import Exchange, Piece, chat_logprobs, completion_logprobs
-from services.inference.openai_api import fields, sse
+from services.inference.embeddings import responses as embedding_responses
+from services.inference.embeddings import wire as embedding_wire
+from services.inference.embeddings.service import Embeddings
+from services.inference.openai_api import fields, sse, tools
 from services.inference.openai_api.chat import ChatWire
 from services.inference.openai_api.chunks import finish_reason, stream_chunks
 from services.inference.openai_api.completions import CompletionWire
@@ -90,30 +93,39 @@ class StampedChunks(Generic[Message]):
 
 
 class ChatChunks(StampedChunks[openai_pb2.ChatCompletionChunk]):
-    """Chat completion chunks of one stream: the role first, then content deltas."""
+    """Chat completion chunks of one stream: the role first, then content or tool-call deltas."""
 
     kind = openai_pb2.ChatCompletionChunk
     object_name = CHUNK_OBJECT
     id_prefix = CHAT_ID_PREFIX
 
+    def __init__(self, exchange: Exchange) -> None:
+        super().__init__(exchange)
+        self.tools = tools.ToolCallDeltas(exchange.request.tool_use)
+
     def opening(self) -> list[openai_pb2.ChatCompletionChunk]:
-        delta = openai_pb2.ChunkDelta(role="assistant", content="")
+        # With tools offered the answer may be calls, whose content is null: no empty content first.
+        delta = openai_pb2.ChunkDelta(role="assistant")
+        if not self.tools.offered:
+            delta.content = ""
         return [self._chunk(choices=[openai_pb2.ChatCompletionChunkChoice(index=0, delta=delta)])]
 
     def piece(self, piece: Piece) -> openai_pb2.ChatCompletionChunk | None:
-        if not (piece.text or piece.logprobs):
+        delta: openai_pb2.ChunkDelta | None = openai_pb2.ChunkDelta(content=piece.text)
+        if self.tools.offered:
+            delta = self.tools.piece(piece.text)
+        if delta is None or not (piece.text or piece.logprobs):
             return None
-        choice = openai_pb2.ChatCompletionChunkChoice(
-            index=0, delta=openai_pb2.ChunkDelta(content=piece.text)
-        )
+        choice = openai_pb2.ChatCompletionChunkChoice(index=0, delta=delta)
         if self.exchange.request.sampling.logprobs:
             choice.logprobs.CopyFrom(chat_logprobs(piece.logprobs))
         return self._chunk(choices=[choice])
 
     def finish(self, reason: str) -> openai_pb2.ChatCompletionChunk:
-        choice = openai_pb2.ChatCompletionChunkChoice(
-            index=0, delta=openai_pb2.ChunkDelta(), finish_reason=reason
-        )
+        delta = self.tools.finish() if self.tools.offered else openai_pb2.ChunkDelta()
+        if self.tools.made_calls and reason == "stop":
+            reason = "tool_calls"
+        choice = openai_pb2.ChatCompletionChunkChoice(index=0, delta=delta, finish_reason=reason)
         return self._chunk(choices=[choice])
 
 
@@ -154,20 +166,25 @@ def model_message(models: ModelList, name: str, owned_by: str) -> openai_pb2.Mod
 
 
 class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
-    def __init__(self, pipeline: Pipeline, models: ModelList) -> None:
+    def __init__(self, pipeline: Pipeline, models: ModelList, embeddings: Embeddings | None = None) -> None:
         self.pipeline = pipeline
         self.models = models
+        self.embeddings = embeddings
 
     async def CreateChatCompletion(
         self, request: openai_pb2.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> openai_pb2.ChatCompletion:
         exchange = Exchange(request_id_var.get(), self.pipeline.parse(ChatWire(request, stream=False)))
         outcome = await self.pipeline.collect(exchange, RequestDeadline(context))
-        choice = openai_pb2.ChatCompletionChoice(
-            index=0,
-            message=openai_pb2.AssistantMessage(role="assistant", content="".join(outcome.text)),
-            finish_reason=finish_reason(outcome),
-        )
+        content, calls = tools.answer(exchange.request.tool_use, "".join(outcome.text))
+        reason = finish_reason(outcome)
+        message = openai_pb2.AssistantMessage(role="assistant")
+        if calls:
+            message.tool_calls.extend(tools.tool_call_message(call) for call in calls)
+            reason = "tool_calls" if reason == "stop" else reason
+        else:
+            message.content = content or ""
+        choice = openai_pb2.ChatCompletionChoice(index=0, message=message, finish_reason=reason)
         if exchange.request.sampling.logprobs:
             choice.logprobs.CopyFrom(chat_logprobs(outcome.logprobs))
         return stamped(
@@ -220,6 +237,17 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         async with aclosing(sse.events(chunks)) as events:
             async for event in events:
                 yield event
+
+    async def CreateEmbedding(
+        self, request: openai_pb2.CreateEmbeddingRequest, context: grpc.aio.ServicerContext
+    ) -> openai_pb2.CreateEmbeddingResponse:
+        embeddings = self.embeddings
+        if embeddings is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "embeddings are not served by this process")
+            raise AssertionError("abort raises")
+        parsed = embeddings.parse(embedding_wire.parse_openai, request, request.model)
+        call = await embeddings.run(parsed, request_id_var.get(), RequestDeadline(context))
+        return embedding_responses.openai_response(call)
 
     async def ListModels(
         self, request: openai_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
