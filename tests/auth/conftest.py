@@ -25,7 +25,8 @@ def model(stack: RunningStack) -> str:
 
 @pytest.fixture(scope="session")
 def subjects(stack: RunningStack, model: str) -> Subjects:
-    """A recorded generation (for GetTransaction) and a key to revoke (for RevokeKey)."""
+    """A recorded generation (for GetTransaction), a key to revoke (for RevokeKey) and grammars (one to
+    read and update, fresh ones to delete)."""
     request_id = f"auth-subject-{uuid.uuid4().hex[:10]}"
     with stack.http() as http:
         reply = http.post(
@@ -39,4 +40,17 @@ def subjects(stack: RunningStack, model: str) -> Subjects:
             assert time.monotonic() < deadline, "the subject generation was not recorded"
             time.sleep(0.2)
     victim = stack.new_key(["read"], display_name="to-revoke")
-    return Subjects(model=model, transaction=f"transactions/{request_id}", victim_key=victim.name)
+
+    def new_grammar() -> str:
+        with stack.http() as http:
+            made = http.post("/api/v1/grammars", json={"syntax": "SYNTAX_GBNF", "definition": 'root ::= "x"'})
+            assert made.status_code == 200, made.text
+            return str(made.json()["name"])
+
+    return Subjects(
+        model=model,
+        transaction=f"transactions/{request_id}",
+        victim_key=victim.name,
+        grammar=new_grammar(),
+        new_grammar=new_grammar,
+    )

@@ -15,13 +15,14 @@ from typing import Any
 import grpc
 import httpx
 from ferry.audit.v1 import audit_pb2
+from ferry.grammars.v1 import grammars_pb2
 from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from ferry.keys.v1 import keys_pb2
 from ferry.models.v1 import models_pb2
 from ferry.openai.v1 import openai_pb2
 from ferry.transactions.v1 import transactions_pb2
 from google.api import annotations_pb2, http_pb2
-from google.protobuf import descriptor, json_format, message, message_factory, struct_pb2
+from google.protobuf import descriptor, field_mask_pb2, json_format, message, message_factory, struct_pb2
 
 from services.common.access import PROTO_FILES, required_scopes
 from tests.stack import keyed_channel
@@ -33,6 +34,7 @@ SERVED_BY = {
     "ferry.models.v1.ModelsService": "models",
     "ferry.transactions.v1.TransactionsService": "transactions",
     "ferry.audit.v1.AuditService": "audit",
+    "ferry.grammars.v1.GrammarsService": "grammars",
     "ferry.keys.v1.KeysService": "gateway",
     "ferry.auth.v1.AuthService": "gateway",
 }
@@ -91,6 +93,8 @@ class Subjects:
     model: str  # `gemma-3-270m`
     transaction: str  # `transactions/{request_id}` of a recorded generation
     victim_key: str  # `keys/{id}` of a key that may be revoked (again)
+    grammar: str  # `grammars/{id}` of a stored grammar
+    new_grammar: Callable[[], str]  # stores another grammar (for DeleteGrammar) and names it
 
 
 def _prompt(text: str) -> struct_pb2.Value:
@@ -109,6 +113,20 @@ def _chat(s: Subjects, stream: bool) -> openai_pb2.CreateChatCompletionRequest:
 def _completion(s: Subjects, stream: bool) -> openai_pb2.CreateCompletionRequest:
     return openai_pb2.CreateCompletionRequest(
         model=s.model, prompt=_prompt("Hi"), max_tokens=1, stream=stream
+    )
+
+
+YES_NO = 'root ::= "yes" | "no"'
+
+
+def _grammar(name: str = "") -> grammars_pb2.Grammar:
+    return grammars_pb2.Grammar(name=name, syntax=grammars_pb2.Grammar.Syntax.SYNTAX_GBNF, definition=YES_NO)
+
+
+def _update_grammar(s: Subjects) -> grammars_pb2.UpdateGrammarRequest:
+    # REST sends no update_mask (it would be a query parameter): the whole grammar, unchanged.
+    return grammars_pb2.UpdateGrammarRequest(
+        grammar=_grammar(s.grammar), update_mask=field_mask_pb2.FieldMask(paths=["description"])
     )
 
 
@@ -152,6 +170,17 @@ REQUESTS: dict[str, Callable[[Subjects], message.Message]] = {
     "/ferry.keys.v1.KeysService/ListKeys": lambda s: keys_pb2.ListKeysRequest(page_size=1),
     "/ferry.keys.v1.KeysService/GetKey": lambda s: keys_pb2.GetKeyRequest(name=s.victim_key),
     "/ferry.keys.v1.KeysService/RevokeKey": lambda s: keys_pb2.RevokeKeyRequest(name=s.victim_key),
+    "/ferry.grammars.v1.GrammarsService/CreateGrammar": lambda s: grammars_pb2.CreateGrammarRequest(
+        grammar=_grammar()
+    ),
+    "/ferry.grammars.v1.GrammarsService/GetGrammar": lambda s: grammars_pb2.GetGrammarRequest(name=s.grammar),
+    "/ferry.grammars.v1.GrammarsService/ListGrammars": lambda s: grammars_pb2.ListGrammarsRequest(
+        page_size=1
+    ),
+    "/ferry.grammars.v1.GrammarsService/UpdateGrammar": _update_grammar,
+    "/ferry.grammars.v1.GrammarsService/DeleteGrammar": lambda s: grammars_pb2.DeleteGrammarRequest(
+        name=s.new_grammar()
+    ),
 }
 
 
