@@ -13,14 +13,29 @@
 -- puts in grpc-message for gRPC callers: they get the plain message instead, and the gateway's
 -- `x-ferry-grpc-status` replaces Envoy's status where its HTTP mapping is wrong (429 -> 14, not 8).
 --
--- Not done here: OpenAI's closing `data: [DONE]` event. Envoy's Lua filter cannot add bytes after
--- a body it has streamed, and buffering would defeat streaming; OpenAI SDKs end cleanly without it.
-
+-- OpenAI's paths (/v1/*): every error answer is OpenAI's error object,
+-- `{"error": {"message", "type", "param", "code"}}` (codes: services/common/errors.py).
+-- * A service error carries it ready-made in `x-ferry-openai-error` (its trailing metadata, which
+--   Envoy makes a header): it becomes the body and the header goes.
+-- * The edge's own refusals are worded here: the transcoder's plain-text 400s (a body that is not
+--   JSON: invalid_json; a field of the wrong JSON type: invalid_type naming it; an unknown query
+--   parameter: unknown_parameter), its 404 for an unknown path (unknown_url, OpenAI's
+--   "Invalid URL (POST /v1/x)"), Envoy's own 5xx (service_unreachable, deadline_exceeded), and any
+--   google.rpc.Status JSON without the header (typed by its code, coded by its ErrorInfo reason).
+-- * Bodies already in OpenAI's shape (the key check's refusals, the 413) pass as they are.
+-- Only error answers (status >= 400) are read whole; a 200 stream passes untouched. A stream's
+-- error after it started is its last event, written by the service (openai_api/chunks.py).
+-- ferry's own /api/v1/* keep google.rpc.Status JSON, and gRPC callers their rich status.
 local OPENAI_STREAMING = {
   ["/v1/chat/completions"] = "/v1/chat/completions:stream",
   ["/v1/completions"] = "/v1/completions:stream",
 }
 local DEFAULT_RETRY_AFTER = "1"
+local OPENAI_PREFIX = "/v1/"
+local OPENAI_ERROR_HEADER = "x-ferry-openai-error"
+-- Dynamic metadata (this filter's namespace) marking an OpenAI request for the response: "POST /v1/x".
+local METADATA_NAMESPACE = "envoy.filters.http.lua"
+local OPENAI_REQUEST = "openai_request"
 
 -- Index just past the closing quote of the JSON string that opens at `start`, or nil.
 local function string_end(body, start)
@@ -107,11 +122,15 @@ function envoy_on_request(handle)
     -- The route adds a fresh one when none is present (request_headers_to_add: %UNIQUE_ID%).
     headers:remove("x-request-id")
   end
-  if headers:get(":method") ~= "POST" then
-    return
-  end
+  local method = headers:get(":method") or ""
   local path = headers:get(":path") or ""
   local bare, query = string.match(path, "^([^?]*)(.*)$")
+  if string.sub(bare, 1, #OPENAI_PREFIX) == OPENAI_PREFIX then
+    handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, OPENAI_REQUEST, method .. " " .. bare)
+  end
+  if method ~= "POST" then
+    return
+  end
   local streaming_path = OPENAI_STREAMING[bare]
   if streaming_path == nil then
     return
@@ -147,41 +166,190 @@ local function error_message(text)
   return (string.gsub(escaped, "\\(.)", { n = " ", t = " ", ['"'] = '"', ["\\"] = "\\", ["/"] = "/" }))
 end
 
+-- A JSON string literal of `text` (quotes, backslashes and control characters escaped).
+local function json_string(text)
+  local escaped = string.gsub(text, '[%c"\\]', function(c)
+    local named = { ['"'] = '\\"', ["\\"] = "\\\\", ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" }
+    return named[c] or string.format("\\u%04x", string.byte(c))
+  end)
+  return '"' .. escaped .. '"'
+end
+
+local function openai_error_json(message, type, param, code)
+  local param_json = "null"
+  if param ~= nil and param ~= "" then
+    param_json = json_string(param)
+  end
+  return '{"error":{"message":' .. json_string(message) .. ',"type":' .. json_string(type)
+    .. ',"param":' .. param_json .. ',"code":' .. json_string(code) .. "}}"
+end
+
+-- OpenAI's error type for an HTTP status: errors.OPENAI_TYPE by the gRPC code Envoy maps to it
+-- (tests/test_envoy.py checks every code).
+local OPENAI_TYPES = { [403] = "permission_error", [429] = "rate_limit_error", [504] = "timeout" }
+local function openai_type(status)
+  if OPENAI_TYPES[status] ~= nil then
+    return OPENAI_TYPES[status]
+  elseif status == 400 or status == 401 or status == 404 or status == 413 then
+    return "invalid_request_error"
+  end
+  return "server_error" -- 409 (ALREADY_EXISTS, ABORTED), 499, 5xx
+end
+
+-- The code of an error without a ferry reason: the gRPC code's name, by number or by HTTP status.
+local GRPC_CODE_NAMES = {
+  [1] = "cancelled", [2] = "unknown", [3] = "invalid_argument", [4] = "deadline_exceeded",
+  [5] = "not_found", [6] = "already_exists", [7] = "permission_denied", [8] = "resource_exhausted",
+  [9] = "failed_precondition", [10] = "aborted", [11] = "out_of_range", [12] = "unimplemented",
+  [13] = "internal", [14] = "unavailable", [15] = "data_loss", [16] = "unauthenticated",
+}
+local HTTP_CODE_NAMES = {
+  [400] = "invalid_argument", [401] = "unauthenticated", [403] = "permission_denied",
+  [404] = "not_found", [409] = "aborted", [429] = "resource_exhausted", [499] = "cancelled",
+  [500] = "internal", [501] = "unimplemented", [503] = "service_unreachable", [504] = "deadline_exceeded",
+}
+
+-- What the transcoder's "for type X" expects, in JSON's words.
+local function expected(proto_type)
+  if string.sub(proto_type, 1, 5) ~= "TYPE_" then -- type.googleapis.com/<message>
+    return "a JSON object (" .. (string.match(proto_type, "([%w_]+)$") or proto_type) .. ")"
+  elseif proto_type == "TYPE_DOUBLE" or proto_type == "TYPE_FLOAT" then
+    return "a number"
+  elseif proto_type == "TYPE_BOOL" then
+    return "a boolean"
+  elseif proto_type == "TYPE_STRING" or proto_type == "TYPE_BYTES" then
+    return "a string"
+  end
+  return "an integer" -- TYPE_INT32, TYPE_UINT64, TYPE_SINT32, TYPE_FIXED64...
+end
+
+-- The field as the caller wrote it: a map entry (`logit_bias[0].value`) is its map (`logit_bias`);
+-- ferry's OpenAI messages have no repeated message with a `key` or `value` field (tests/test_envoy.py).
+local function caller_field(path)
+  return string.match(path, "^(.*)%[%d+%]%.key$") or string.match(path, "^(.*)%[%d+%]%.value$") or path
+end
+
+-- OpenAI's error JSON for an answer the transcoder or Envoy made (plain text), or a google.rpc.Status
+-- JSON without ferry's header. `request` is "METHOD /path".
+local function openai_body(status, text, request)
+  local first_line = string.match(text, "^[^\n]*")
+  if string.sub(text, 1, 1) == "{" then
+    local code = string.match(text, '"reason"%s*:%s*"([%w_]+)"')
+    local number = tonumber(string.match(text, '^{%s*"code"%s*:%s*(%d+)'))
+    return openai_error_json(
+      error_message(text) or first_line,
+      openai_type(status),
+      string.match(text, '"field"%s*:%s*"([^"\\]*)"'),
+      code and string.lower(code) or GRPC_CODE_NAMES[number] or HTTP_CODE_NAMES[status] or "http_" .. status
+    )
+  end
+  if status == 400 then
+    local unknown = string.match(first_line, '^Could not find field "([^"]*)" in the type')
+    if unknown ~= nil then
+      return openai_error_json(
+        "unrecognized request argument supplied: " .. unknown, "invalid_request_error", unknown, "unknown_parameter"
+      )
+    end
+    -- "<field path>: <what>", the path empty for the body itself.
+    local path, what = string.match(first_line, "^([%w_%.%[%]]*): (.+)$")
+    if path ~= nil then
+      local field = caller_field(path)
+      local value, proto_type = string.match(what, "^invalid value (.+) for type (%S+)$")
+      local message
+      if field == "" then
+        message = "the request body must be a JSON object of the request's fields: " .. what
+      elseif value ~= nil then
+        message = "invalid type for '" .. field .. "': expected " .. expected(proto_type) .. ", got " .. value
+      else
+        message = "invalid type for '" .. field .. "': " .. what
+      end
+      return openai_error_json(message, "invalid_request_error", field, "invalid_type")
+    end
+    return openai_error_json(
+      "could not parse the JSON body of the request: " .. first_line, "invalid_request_error", nil, "invalid_json"
+    )
+  end
+  if status == 404 and string.find(first_line, "^Could not resolve ") then
+    return openai_error_json("Invalid URL (" .. request .. ")", "invalid_request_error", nil, "unknown_url")
+  end
+  -- Envoy's own: "no healthy upstream", "upstream request timeout", or nothing (the key check failed).
+  local code = HTTP_CODE_NAMES[status] or "http_" .. status
+  local message = first_line
+  if message == "" then
+    message = "the edge answered " .. status .. " (" .. code .. ")"
+  end
+  return openai_error_json(message, openai_type(status), nil, code)
+end
+
+-- True for a body already in OpenAI's error shape (the key check's refusals, the 413).
+local function is_openai_error(text)
+  return string.find(text, '^%s*{%s*"error"%s*:') ~= nil
+end
+
+-- The Retry-After a 429 (always) or a 503 (when the service said when) gets, or nil: the service's
+-- `retry-after` metadata is already the header; else its RetryInfo as the transcoder rendered it.
+local function missing_retry_after(status, headers, text)
+  if (status ~= 429 and status ~= 503) or headers:get("retry-after") ~= nil then
+    return nil
+  end
+  local delay = retry_delay(text)
+  if delay == nil and status == 429 then
+    delay = DEFAULT_RETRY_AFTER
+  end
+  return delay
+end
+
 function envoy_on_response(handle)
+  local headers = handle:headers()
   -- A refusal by the edge check names the gRPC code where Envoy's HTTP mapping has none (429).
-  local hint = handle:headers():get("x-ferry-grpc-status")
+  local hint = headers:get("x-ferry-grpc-status")
   if hint ~= nil then
-    handle:headers():remove("x-ferry-grpc-status")
-    if handle:headers():get("grpc-status") ~= nil then
-      handle:headers():replace("grpc-status", hint)
+    headers:remove("x-ferry-grpc-status")
+    if headers:get("grpc-status") ~= nil then
+      headers:replace("grpc-status", hint)
     else
-      handle:headers():remove("grpc-status-details-bin") -- REST: the JSON body says it all
+      headers:remove("grpc-status-details-bin") -- REST: the JSON body says it all
     end
   end
-  local grpc_message = handle:headers():get("grpc-message")
+  local grpc_message = headers:get("grpc-message")
   if grpc_message ~= nil then
     local message = error_message(grpc_message)
     if message ~= nil then
-      handle:headers():replace("grpc-message", message)
+      headers:replace("grpc-message", message)
     end
   end
-  local status = handle:headers():get(":status")
-  if status ~= "429" and status ~= "503" then
+  local openai_error = headers:get(OPENAI_ERROR_HEADER)
+  if openai_error ~= nil then
+    headers:remove(OPENAI_ERROR_HEADER)
+  end
+  local status = tonumber(headers:get(":status")) or 0
+  local content_type = headers:get("content-type") or ""
+  if status < 400 or string.find(content_type, "application/grpc", 1, true) then
     return
   end
-  if handle:headers():get("retry-after") ~= nil then
-    return -- the service said when (gRPC `retry-after` metadata arrives as a header)
+  local metadata = handle:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE)
+  local request = metadata and metadata[OPENAI_REQUEST]
+  if request == nil and status ~= 429 and status ~= 503 then
+    return
   end
-  -- Error bodies are small: read the google.rpc.RetryInfo the transcoder rendered, if any.
-  local delay = nil
-  local body = handle:body()
-  if body ~= nil and body:length() > 0 then
-    delay = retry_delay(body:getBytes(0, body:length()))
-  end
-  if delay == nil and status == "429" then
-    delay = DEFAULT_RETRY_AFTER
-  end
+  -- Error bodies are small: read it whole (true: a buffer even when the answer has no body).
+  local body = handle:body(true)
+  local text = body:getBytes(0, body:length())
+  headers = handle:headers() -- wrappers taken before body() are dead once it has waited
+  local delay = missing_retry_after(status, headers, text)
   if delay ~= nil then
-    handle:headers():add("retry-after", delay)
+    headers:add("retry-after", delay)
   end
+  if request == nil or (openai_error == nil and is_openai_error(text)) then
+    return
+  end
+  local envoy_made = openai_error == nil and string.sub(text, 1, 1) ~= "{"
+  if status == 503 and envoy_made and headers:get("retry-after") == nil then
+    -- Envoy's own 503 (service_unreachable) is worth retrying, as the catalogue says.
+    headers:add("retry-after", DEFAULT_RETRY_AFTER)
+  end
+  local json = openai_error or openai_body(status, text, request)
+  body:setBytes(json)
+  headers:replace("content-type", "application/json")
+  headers:replace("content-length", tostring(#json))
 end

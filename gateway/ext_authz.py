@@ -4,9 +4,10 @@ Envoy asks after its transcoder, so the request path is the gRPC method for REST
 is the request's one decision: authenticate, check the scope, count it against the rate limits. An
 allowed request goes on with the caller's Principal (`x-ferry-principal`), which the service trusts
 because Envoy also sends it the service token, so it does not ask the gateway again.
-A refusal carries an HTTP status and an OpenAI-shaped JSON body; for gRPC requests Envoy turns the
-status into grpc-status (401 -> UNAUTHENTICATED, 403 -> PERMISSION_DENIED); `x-ferry-grpc-status`
-tells the Lua filter the right code where Envoy's mapping has none (429 -> RESOURCE_EXHAUSTED).
+A refusal carries an HTTP status and OpenAI's error JSON as its body (errors.openai_error); for gRPC
+requests Envoy turns the status into grpc-status (401 -> UNAUTHENTICATED, 403 -> PERMISSION_DENIED);
+`x-ferry-grpc-status` tells the Lua filter the right code where Envoy's mapping has none
+(429 -> RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from services.common.context import (
     bearer_token,
 )
 from services.common.edge import encode_principal
-from services.common.errors import RpcError
+from services.common.errors import RpcError, openai_error
 from services.recording import Recorder
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,6 @@ def denied(err: RpcError) -> external_auth_pb2.CheckResponse:
     http_status = err.http_status
     if http_status >= 500:
         log.warning("edge check failed: %s %s", err.code.name, err.message)
-    body = {"error": {"message": err.message, "type": err.openai_type, "code": err.reason.lower()}}
     headers = [("content-type", "application/json")]
     if http_status == 401:
         headers.append(("www-authenticate", 'Bearer realm="ferry"'))
@@ -122,6 +122,6 @@ def denied(err: RpcError) -> external_auth_pb2.CheckResponse:
             headers=[
                 base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v)) for k, v in headers
             ],
-            body=json.dumps(body),
+            body=json.dumps(openai_error(err)),
         ),
     )

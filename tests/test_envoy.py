@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 import httpx
+import openai
 import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -49,8 +50,17 @@ from launcher.envoy import (
 )
 from services.common import access
 from services.common.config import Settings
-from services.common.errors import RpcError
+from services.common.errors import (
+    OPENAI_ERROR_METADATA,
+    OPENAI_TYPE,
+    RpcError,
+    invalid_argument,
+    openai_error,
+    openai_error_json,
+    rate_limited,
+)
 from services.inference.openai_api import sse
+from services.inference.openai_api.chunks import openai_stream_error
 from tests.stack import RunningStack, stack_settings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -62,6 +72,8 @@ HEALTH_NAMES = [
 SERVICE_TOKEN = "edge-test-service-token"
 KEY = "fry_edge-test-key"
 READ_ONLY_KEY = "fry_edge-test-read-only"
+# The scripted check fails (an error, not a decision) for this key: Envoy answers 503 itself.
+BROKEN_CHECK_KEY = "fry_edge-test-broken-check"
 ORIGIN = "https://app.example"
 MAX_REQUEST_BYTES = 64 * 1024
 
@@ -186,13 +198,26 @@ class Scripted(openai_pb2_grpc.OpenAIServiceServicer, models_pb2_grpc.ModelsServ
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
         if prompt == "unavailable":
             context.abort(grpc.StatusCode.UNAVAILABLE, "try later")
+        if prompt in SERVICE_ERRORS:
+            _abort_as_ferry(context, SERVICE_ERRORS[prompt])
+        if prompt.startswith("bare-"):
+            # An error without ferry's reason or OpenAI JSON (grpc's own, or a relayed one).
+            code = grpc.StatusCode[prompt.removeprefix("bare-")]
+            context.abort_with_status(RpcError(code, f"bare {code.name}", code.name).to_status())
         return openai_pb2.Completion(id="unary", model=request.model)
 
     def CreateCompletionStream(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         self._seen(context)
+        if request.prompt.string_value in SERVICE_ERRORS:
+            _abort_as_ferry(context, SERVICE_ERRORS[request.prompt.string_value])
         for i in range(3):
             yield sse.event(openai_pb2.Completion(id=f"chunk-{i}", model=request.model))
             if request.prompt.string_value == "fail-midway" and i == 1:
+                context.abort(grpc.StatusCode.INTERNAL, "engine died")
+            if request.prompt.string_value == "error-event" and i == 1:
+                # As chunks.stream_chunks ends a stream that fails after it started.
+                error = openai_stream_error(RpcError(grpc.StatusCode.INTERNAL, "engine died", "ENGINE_ERROR"))
+                yield sse.event(openai_pb2.Completion(id="chunk-error", error=error))
                 context.abort(grpc.StatusCode.INTERNAL, "engine died")
         yield httpbody_pb2.HttpBody(content_type=sse.CONTENT_TYPE, data=sse.DONE)
 
@@ -208,7 +233,27 @@ class Scripted(openai_pb2_grpc.OpenAIServiceServicer, models_pb2_grpc.ModelsServ
 
     def ListModels(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._seen(context)
+        if request.page_token == "busy":
+            error = RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", "BUSY", retry_after_seconds=2.5)
+            context.abort_with_status(error.to_status())
+        if request.page_token == "bad":
+            context.abort_with_status(invalid_argument("page_token", "cannot parse").to_status())
         return models_pb2.ListModelsResponse(models=[models_pb2.Model(name="models/scripted")])
+
+
+def _abort_as_ferry(context: grpc.ServicerContext, error: RpcError) -> None:
+    """As the serving interceptor fails an OpenAI call: the rich status and OpenAI's error JSON."""
+    status = error.to_status()
+    metadata = (*status.trailing_metadata, (OPENAI_ERROR_METADATA, openai_error_json(error)))
+    context.abort_with_status(status._replace(trailing_metadata=metadata))
+
+
+# Errors the scripted OpenAI service answers as a ferry service does, by prompt.
+SERVICE_ERRORS = {
+    "bad-temperature": invalid_argument("temperature", "must be in [0, 2], got 3"),
+    "rate-limited": rate_limited("requests per minute", 2.5),
+    "long-message": invalid_argument("messages[0].role", "'" + "x" * 5000 + "' is not one of user"),
+}
 
 
 class ScriptedCheck(external_auth_pb2_grpc.AuthorizationServicer):
@@ -226,6 +271,8 @@ class ScriptedCheck(external_auth_pb2_grpc.AuthorizationServicer):
         self.seen.append(({k: v for k, v in context.invocation_metadata()}, http.path, headers))
         self.sources.append(client_address(request))
         presented = headers.get("authorization", "")
+        if presented == f"Bearer {BROKEN_CHECK_KEY}":
+            context.abort(grpc.StatusCode.INTERNAL, "the key store is broken")
         if presented == f"Bearer {KEY}":
             return external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(code=code_pb2.OK), ok_response=external_auth_pb2.OkHttpResponse()
@@ -427,15 +474,199 @@ def test_retry_after(edge: Edge, prompt: str, status: int, retry_after: str | No
     assert response.status_code == status
     assert response.headers.get("retry-after") == retry_after
     assert response.headers["content-type"] == "application/json"
-    assert response.json()["message"] in {"busy", "try later"}
+    assert response.json()["error"]["message"] in {"busy", "try later"}
 
 
-def test_error_details_are_rendered_as_json(edge: Edge) -> None:
-    response = _post(edge, "/v1/completions", {"model": "m", "prompt": "busy-with-retry-info"})
+def test_ferry_api_errors_keep_the_google_rpc_status_json(edge: Edge) -> None:
+    """/api/v1/* is ferry's own API: its errors stay google.rpc.Status JSON, details rendered."""
+    response = edge.get("/api/v1/models", params={"page_token": "busy"})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "3"
+    assert (response.json()["code"], response.json()["message"]) == (8, "busy")
     details = {d["@type"].rsplit("/", 1)[1]: d for d in response.json()["details"]}
     assert details["google.rpc.ErrorInfo"]["reason"] == "BUSY"
     assert details["google.rpc.ErrorInfo"]["domain"] == "ferry.dev"
     assert details["google.rpc.RetryInfo"]["retry_delay"] == "2.500s"
+
+
+# -- OpenAI's error object on /v1/* (ferry.lua) ----------------------------------------------------
+
+OPENAI_PATHS: dict[str, dict[str, Any]] = {
+    "/v1/chat/completions": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/completions": {"model": "m", "prompt": "hi"},
+}
+
+
+def _openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
+    """The `error` object of an OpenAI error answer, checked for OpenAI's shape."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert OPENAI_ERROR_METADATA not in response.headers
+    body = response.json()
+    assert list(body) == ["error"] and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["message"]
+    return dict(body["error"])
+
+
+@pytest.mark.parametrize("path", list(OPENAI_PATHS))
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("body", "code", "param", "words"),
+    [
+        ('{"model": "m", ', "invalid_json", None, "could not parse the JSON body"),
+        ("not json", "invalid_json", None, "Unexpected token"),
+        ("[1, 2]", "invalid_type", None, "must be a JSON object"),
+        ({"temperature": "hot"}, "invalid_type", "temperature", 'expected a number, got "hot"'),
+        ({"max_tokens": 1.5}, "invalid_type", "max_tokens", "expected an integer, got 1.5"),
+        ({"model": 5}, "invalid_type", "model", "expected a string, got 5"),
+        ({"presence_penalty": True}, "invalid_type", "presence_penalty", "expected a number, got true"),
+        ({"seed": 1e30}, "invalid_type", "seed", "expected an integer"),
+        ({"stream_options": 3}, "invalid_type", "stream_options", "expected a JSON object"),
+        (
+            {"stream_options": {"include_usage": "x"}},
+            "invalid_type",
+            "stream_options.include_usage",
+            "boolean",
+        ),
+        # A map entry is named by its map, as the caller wrote it.
+        ({"logit_bias": {"50256": "x"}}, "invalid_type", "logit_bias", "expected a number"),
+    ],
+)
+def test_transcoder_refusals_are_openai_errors(
+    edge: Edge, path: str, stream: bool, body: dict[str, Any] | str, code: str, param: str | None, words: str
+) -> None:
+    if isinstance(body, dict):
+        body = json.dumps({**OPENAI_PATHS[path], **body, "stream": stream})
+    error = _openai_error(_post(edge, path, body), 400)
+    assert (error["type"], error["code"], error["param"]) == ("invalid_request_error", code, param)
+    assert words in error["message"]
+    if param:
+        assert f"'{param}'" in error["message"]
+
+
+def test_a_wrong_type_deep_in_a_message_names_its_path(edge: Edge) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x", "name": 3}]}
+    error = _openai_error(_post(edge, "/v1/chat/completions", body), 400)
+    assert (error["code"], error["param"]) == ("invalid_type", "messages[0].name")
+    error = _openai_error(_post(edge, "/v1/chat/completions", {"model": "m", "messages": "hi"}), 400)
+    assert (error["code"], error["param"]) == ("invalid_type", "messages")
+
+
+def test_only_map_entries_end_in_key_or_value() -> None:
+    """ferry.lua names `x[0].key` / `x[0].value` by the map `x`: no repeated message field of the
+    OpenAI API has a field called `key` or `value`, so that path is always a map entry."""
+    seen: set[str] = set()
+
+    def walk(message: Any) -> None:
+        if message.full_name in seen:
+            return
+        seen.add(message.full_name)
+        for field in message.fields:
+            if field.message_type is None:
+                continue
+            if field.is_repeated and not field.message_type.GetOptions().map_entry:
+                assert not {"key", "value"} & {f.name for f in field.message_type.fields}, field.full_name
+            walk(field.message_type)
+
+    for method in openai_pb2.DESCRIPTOR.services_by_name["OpenAIService"].methods:
+        walk(method.input_type)
+
+
+def test_unknown_query_parameters_paths_and_methods_are_openai_errors(edge: Edge) -> None:
+    body = json.dumps(OPENAI_PATHS["/v1/completions"])
+    error = _openai_error(_post(edge, "/v1/completions?foo=1", body), 400)
+    assert (error["code"], error["param"]) == ("unknown_parameter", "foo")
+    for method, path in [("POST", "/v1/nothing"), ("GET", "/v1/chat/completions"), ("DELETE", "/v1/models")]:
+        response = httpx.request(method, f"{edge.base}{path}", headers=AUTHORIZED)
+        error = _openai_error(response, 404)
+        assert error == {
+            "message": f"Invalid URL ({method} {path})",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "unknown_url",
+        }
+    # ferry's own API keeps the transcoder's answer.
+    assert edge.get("/api/v1/nothing-here").headers["content-type"] == "text/plain"
+
+
+@pytest.mark.parametrize("prompt", list(SERVICE_ERRORS))
+def test_a_service_error_is_the_json_the_service_sent(edge: Edge, prompt: str) -> None:
+    expected = SERVICE_ERRORS[prompt]
+    for stream in (False, True):
+        response = _post(edge, "/v1/completions", {"model": "m", "prompt": prompt, "stream": stream})
+        error = _openai_error(response, expected.http_status)
+        assert error == {**openai_error(expected)["error"], "message": error["message"]}
+        assert error["message"] == expected.message or (
+            len(error["message"]) < len(expected.message) and error["message"].endswith("...")
+        )
+        if expected.retry_after_seconds is not None:
+            assert response.headers["retry-after"] == "3"
+
+
+def test_the_sdk_raises_with_the_error_fields(edge: Edge) -> None:
+    sdk = openai.OpenAI(base_url=f"{edge.base}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.completions.create(model="m", prompt="bad-temperature")
+    assert (bad.value.param, bad.value.code, bad.value.type) == (
+        "temperature",
+        "invalid_value",
+        "invalid_request_error",
+    )
+    assert "must be in [0, 2], got 3" in bad.value.message
+    with pytest.raises(openai.BadRequestError) as wrong_type:
+        sdk.completions.create(model="m", prompt="x", extra_body={"temperature": "hot"})
+    assert (wrong_type.value.param, wrong_type.value.code) == ("temperature", "invalid_type")
+    with pytest.raises(openai.RateLimitError) as limited:
+        sdk.completions.create(model="m", prompt="rate-limited")
+    assert limited.value.code == "rate_limit_exceeded"
+    assert limited.value.response.headers["retry-after"] == "3"
+    with pytest.raises(openai.APIError) as mid_stream:
+        list(sdk.completions.create(model="m", prompt="error-event", stream=True))
+    assert "engine died" in mid_stream.value.message
+    assert mid_stream.value.body == {
+        "message": "engine died",
+        "type": "server_error",
+        "code": "engine_error",
+    }
+
+
+@pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c is not grpc.StatusCode.OK])
+def test_an_error_without_openai_json_is_typed_by_its_code(edge: Edge, code: grpc.StatusCode) -> None:
+    """A gRPC error that is not ferry's own (no reason, no OpenAI JSON) is still OpenAI's object."""
+    if code is grpc.StatusCode.CANCELLED:
+        pytest.skip("a CANCELLED answer is one nobody receives")
+    response = _post(edge, "/v1/completions", {"model": "m", "prompt": f"bare-{code.name}"})
+    error = _openai_error(response, RpcError(code, "", "").http_status)
+    assert error["message"] == f"bare {code.name}"
+    assert error["type"] == OPENAI_TYPE.get(code, "server_error")
+    assert error["code"] == code.name.lower()
+
+
+def test_a_stream_that_fails_after_it_started_ends_with_an_error_event(edge: Edge) -> None:
+    response = _post(edge, "/v1/completions", {"model": "m", "prompt": "error-event", "stream": True})
+    assert response.status_code == 200
+    events = [e.removeprefix("data: ") for e in response.text.split("\n\n") if e]
+    assert [json.loads(e).get("id") for e in events] == ["chunk-0", "chunk-1", "chunk-error"]
+    assert json.loads(events[-1])["error"] == {
+        "message": "engine died",
+        "type": "server_error",
+        "code": "engine_error",
+    }
+    # No `[DONE]` after an error, as OpenAI's streams.
+    assert "[DONE]" not in response.text
+
+
+def test_envoys_own_errors_on_v1_are_openai_errors(edge: Edge) -> None:
+    """The key check failing (not refusing) is Envoy's own 503, with no body of its own."""
+    response = httpx.get(f"{edge.base}/v1/models", headers={"authorization": f"Bearer {BROKEN_CHECK_KEY}"})
+    error = _openai_error(response, 503)
+    assert error == {
+        "message": "the edge answered 503 (service_unreachable)",
+        "type": "server_error",
+        "param": None,
+        "code": "service_unreachable",
+    }
+    assert response.headers["retry-after"] == "1"
 
 
 def test_request_id_is_kept_when_well_formed_and_made_otherwise(edge: Edge) -> None:
@@ -535,6 +766,7 @@ def test_rest_with_a_key_lacking_the_scope_is_forbidden(edge: Edge) -> None:
     assert response.json()["error"] == {
         "message": "this key lacks the admin scope",
         "type": "permission_error",
+        "param": None,
         "code": "scope",
     }
 
@@ -656,9 +888,12 @@ def test_cors_lets_the_browser_read_refusals_but_only_for_allowed_origins(edge: 
 
 def test_a_rest_body_beyond_the_limit_is_413_with_a_clear_message(edge: Edge) -> None:
     response = _post(edge, "/v1/completions", {"model": "m", "prompt": "x" * MAX_REQUEST_BYTES})
-    assert response.status_code == 413
-    error = response.json()["error"]
-    assert error["code"] == "request_too_large"
+    error = _openai_error(response, 413)
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
     assert f"larger than {MAX_REQUEST_BYTES} bytes" in error["message"]
     # Just under the limit passes.
     assert _post(edge, "/v1/completions", {"model": "m", "prompt": "x" * 1000}).status_code == 200

@@ -1,17 +1,24 @@
 """Every error ferry answers, catalogued once, and rich gRPC errors (AIP-193) built from the catalogue.
 
 Each `Reason` (the ErrorInfo reason, UPPER_SNAKE) has one entry: its gRPC code, whether it carries a
-retry hint (RetryInfo and `retry-after`), the OpenAI error `type` its REST/SDK callers see, and when it
-happens. HTTP statuses follow from the gRPC code, the way Envoy's transcoder (`convert_grpc_status`)
-maps them. `docs/errors.md` is this catalogue as a table (`python -m services.common.errors`).
+retry hint (RetryInfo and `retry-after`), the OpenAI error `type` and `code` its /v1/* callers see, and
+when it happens. HTTP statuses follow from the gRPC code, the way Envoy's transcoder
+(`convert_grpc_status`) maps them. A few reasons are the edge's own (Envoy refuses the request before
+any service sees it; envoy/ferry.lua words them): they are listed so that every `code` a caller can get
+is here. `docs/errors.md` is this catalogue as a table (`python -m services.common.errors`).
+
+OpenAI callers get `openai_error(err)`: `{"error": {"message", "type", "param", "code"}}`. For /v1/*
+the service sends it ready-made as trailing metadata (`OPENAI_ERROR_METADATA`, see
+services/common/interceptor.py), which Envoy turns into a response header and ferry.lua into the body.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 import grpc
@@ -24,6 +31,12 @@ DOMAIN = "ferry.dev"
 DEFAULT_RETRY_AFTER_SECONDS = 1.0
 
 _Code = grpc.StatusCode
+
+# Trailing metadata holding the OpenAI error JSON of a failed OpenAI-API call: Envoy passes it on as a
+# response header; ferry.lua makes it the REST body and removes the header.
+OPENAI_ERROR_METADATA = "x-ferry-openai-error"
+# Metadata values travel in a header: messages beyond this are cut (the gRPC status keeps them whole).
+OPENAI_MESSAGE_LIMIT = 2000
 
 
 class Reason(StrEnum):
@@ -66,6 +79,13 @@ class Reason(StrEnum):
     CHAT_TEMPLATE_INVALID = "CHAT_TEMPLATE_INVALID"
     CHAT_TEMPLATE_FAILED = "CHAT_TEMPLATE_FAILED"
     INTERNAL = "INTERNAL"
+    # The edge's own (Envoy, worded by envoy/ferry.lua for /v1/*): no service sees these requests.
+    INVALID_JSON = "INVALID_JSON"
+    INVALID_TYPE = "INVALID_TYPE"
+    UNKNOWN_PARAMETER = "UNKNOWN_PARAMETER"
+    UNKNOWN_URL = "UNKNOWN_URL"
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+    SERVICE_UNREACHABLE = "SERVICE_UNREACHABLE"
 
 
 @dataclass(frozen=True)
@@ -73,7 +93,16 @@ class Entry:
     code: grpc.StatusCode
     retryable: bool
     openai_type: str
+    # OpenAI's own `error.code` where it has one for this (context_length_exceeded), else the reason
+    # in lower case.
+    openai_code: str
     when: str
+    # Only where the edge answers REST with another status than the code's (413).
+    http_status: int | None = None
+
+    @property
+    def http(self) -> int:
+        return self.http_status or http_status(self.code)
 
 
 # gRPC code -> HTTP status, as Envoy's gRPC-JSON transcoder answers REST callers
@@ -113,11 +142,28 @@ OPENAI_TYPE: Mapping[grpc.StatusCode, str] = {
 SERVER_ERROR = "server_error"
 
 
-def _entry(code: grpc.StatusCode, when: str, *, retryable: bool = False, openai_type: str = "") -> Entry:
-    return Entry(code, retryable, openai_type or OPENAI_TYPE.get(code, SERVER_ERROR), when)
+# OpenAI's own `error.code` values, where one says what a ferry reason says.
+OPENAI_CODE: Mapping[str, str] = {
+    "INVALID_ARGUMENT": "invalid_value",
+    "PROMPT_TOO_LONG": "context_length_exceeded",
+    "UNAUTHENTICATED": "invalid_api_key",
+    "RATE_LIMITED": "rate_limit_exceeded",
+}
 
 
-CATALOGUE: Mapping[Reason, Entry] = {
+def _entry(
+    code: grpc.StatusCode,
+    when: str,
+    *,
+    retryable: bool = False,
+    openai_type: str = "",
+    http_status: int | None = None,
+) -> Entry:
+    # The OpenAI code is filled in by reason below (an entry does not know its own reason).
+    return Entry(code, retryable, openai_type or OPENAI_TYPE.get(code, SERVER_ERROR), "", when, http_status)
+
+
+_ENTRIES: Mapping[Reason, Entry] = {
     Reason.INVALID_ARGUMENT: _entry(
         _Code.INVALID_ARGUMENT, "a request field is missing or out of range (BadRequest names it)"
     ),
@@ -218,6 +264,34 @@ CATALOGUE: Mapping[Reason, Entry] = {
     Reason.CHAT_TEMPLATE_INVALID: _entry(_Code.INTERNAL, "the model's chat template does not compile"),
     Reason.CHAT_TEMPLATE_FAILED: _entry(_Code.INTERNAL, "the model's chat template raised on these messages"),
     Reason.INTERNAL: _entry(_Code.INTERNAL, "a bug: an unexpected exception in a service"),
+    Reason.INVALID_JSON: _entry(
+        _Code.INVALID_ARGUMENT, "edge: a REST body is not JSON, or not a JSON object (Envoy's transcoder)"
+    ),
+    Reason.INVALID_TYPE: _entry(
+        _Code.INVALID_ARGUMENT,
+        "edge: a REST body field has the wrong JSON type (`param` names it; Envoy's transcoder)",
+    ),
+    Reason.UNKNOWN_PARAMETER: _entry(
+        _Code.INVALID_ARGUMENT, "edge: a REST query parameter the method does not have (`param` names it)"
+    ),
+    Reason.UNKNOWN_URL: _entry(
+        _Code.NOT_FOUND, "edge: no REST method has that path and HTTP method (OpenAI's `Invalid URL`)"
+    ),
+    Reason.REQUEST_TOO_LARGE: _entry(
+        _Code.RESOURCE_EXHAUSTED,
+        "edge: a request body beyond `envoy.max_request_bytes` (HTTP 413; gRPC RESOURCE_EXHAUSTED)",
+        openai_type="invalid_request_error",
+        http_status=413,
+    ),
+    Reason.SERVICE_UNREACHABLE: _entry(
+        _Code.UNAVAILABLE,
+        "edge: Envoy could not reach the service (no healthy instance, connection refused or reset)",
+        retryable=True,
+    ),
+}
+CATALOGUE: Mapping[Reason, Entry] = {
+    reason: replace(entry, openai_code=OPENAI_CODE.get(reason, reason.lower()))
+    for reason, entry in _ENTRIES.items()
 }
 
 
@@ -276,6 +350,17 @@ class RpcError(Exception):
         entry = catalogued(self.reason)
         return entry.openai_type if entry else openai_error_type(self.code)
 
+    @property
+    def openai_code(self) -> str:
+        """OpenAI's own code for the reason where it has one, else the reason in lower case."""
+        entry = catalogued(self.reason)
+        return entry.openai_code if entry else self.reason.lower()
+
+    @property
+    def param(self) -> str | None:
+        """The request field the error is about, as the caller spelled it (the first violation's)."""
+        return self.field_violations[0][0] if self.field_violations else None
+
     def to_status(self) -> grpc.Status:
         details: list[any_pb2.Any] = []
         info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
@@ -300,6 +385,27 @@ class RpcError(Exception):
         # that do not decode RetryInfo; Envoy passes it on as the REST answer's Retry-After header.
         retry_after = ("retry-after", str(max(1, math.ceil(self.retry_after_seconds))))
         return converted._replace(trailing_metadata=(*converted.trailing_metadata, retry_after))  # type: ignore[attr-defined, no-any-return]
+
+
+def openai_error(err: RpcError) -> dict[str, dict[str, str | None]]:
+    """OpenAI's error object for `err`: `{"error": {"message", "type", "param", "code"}}`."""
+    return {
+        "error": {
+            "message": err.message,
+            "type": err.openai_type,
+            "param": err.param,
+            "code": err.openai_code,
+        }
+    }
+
+
+def openai_error_json(err: RpcError) -> str:
+    """`openai_error(err)` as ASCII JSON fit for a metadata value (a long message is cut)."""
+    body = openai_error(err)
+    message = body["error"]["message"] or ""
+    if len(message) > OPENAI_MESSAGE_LIMIT:
+        body["error"]["message"] = message[: OPENAI_MESSAGE_LIMIT - 3] + "..."
+    return json.dumps(body, ensure_ascii=True, separators=(",", ":"))
 
 
 def rpc_error(
@@ -421,13 +527,14 @@ def relay_error(err: grpc.aio.AioRpcError | grpc.RpcError) -> RpcError:
 def markdown_table() -> str:
     """The catalogue as docs/errors.md shows it."""
     rows = [
-        "| reason | gRPC code | HTTP status | OpenAI type | retryable | when |",
-        "|---|---|---|---|---|---|",
+        "| reason | gRPC code | HTTP status | OpenAI type | OpenAI code | retryable | when |",
+        "|---|---|---|---|---|---|---|",
     ]
     for reason, e in CATALOGUE.items():
         retry = "yes" if e.retryable else "no"
         rows.append(
-            f"| `{reason}` | {e.code.name} | {http_status(e.code)} | {e.openai_type} | {retry} | {e.when} |"
+            f"| `{reason}` | {e.code.name} | {e.http} | {e.openai_type} | `{e.openai_code}` | {retry}"
+            f" | {e.when} |"
         )
     return "\n".join(rows) + "\n"
 

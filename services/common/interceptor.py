@@ -27,7 +27,14 @@ from services.common.context import (
     bearer_token,
     request_id_var,
 )
-from services.common.errors import Reason, RpcError, internal_error, rpc_error
+from services.common.errors import (
+    OPENAI_ERROR_METADATA,
+    Reason,
+    RpcError,
+    internal_error,
+    openai_error_json,
+    rpc_error,
+)
 from services.common.metrics import RPC_HANDLED, RPC_IN_FLIGHT, RPC_LATENCY
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,9 @@ UNOBSERVED_SERVICES = frozenset(
         "grpc.reflection.v1.ServerReflection",
     }
 )
+# Services whose REST paths are OpenAI's (/v1/*): their errors also carry OpenAI's error JSON
+# (errors.OPENAI_ERROR_METADATA), which ferry.lua makes the REST body.
+OPENAI_SERVICES = frozenset({"ferry.openai.v1.OpenAIService"})
 
 
 @dataclass
@@ -63,6 +73,8 @@ class Call:
     edge_principal: str = field(default="", repr=False)
     # The client's IP address as authentication established it.
     client_address: str = ""
+    # A response message went out: an error now ends a started response (a stream's trailers).
+    responded: bool = False
 
     @property
     def full_method(self) -> str:
@@ -201,6 +213,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         """
         async with self.observed(call, request, context):
             async for item in items:
+                call.responded = True
                 yield item
 
 
@@ -208,11 +221,12 @@ async def _abort(call: Call, context: grpc.aio.ServicerContext, err: RpcError) -
     call.code, call.message = err.code, err.message
     status = err.to_status()
     # abort replaces the trailing metadata set by `observed`: the request id goes with the status.
-    await context.abort_with_status(
-        status._replace(  # type: ignore[attr-defined]
-            trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_HEADER, call.request_id))
-        )
-    )
+    metadata = [*status.trailing_metadata, (REQUEST_ID_HEADER, call.request_id)]  # type: ignore[attr-defined]
+    # Before any response message the error is the whole REST answer; once a stream has started, its
+    # last event already carried the error (services/inference/openai_api/chunks.py).
+    if call.service in OPENAI_SERVICES and not call.responded:
+        metadata.append((OPENAI_ERROR_METADATA, openai_error_json(err)))
+    await context.abort_with_status(status._replace(trailing_metadata=tuple(metadata)))  # type: ignore[attr-defined]
 
 
 # Handler field and factory by (request streaming, response streaming).

@@ -387,7 +387,7 @@ async def test_ext_authz_check(
         assert headers["content-type"] == "application/json"
         assert ("www-authenticate" in headers) == (http_status == 401)
         body = json.loads(denied.denied_response.body)
-        assert set(body["error"]) == {"message", "type", "code"}
+        assert set(body["error"]) == {"message", "type", "param", "code"}
         assert "fry_wrong" not in denied.denied_response.body
 
     # Refusals at the edge are audited (no service sees them), without the presented key.

@@ -38,7 +38,9 @@ def finish_reason(outcome: Outcome) -> str:
 def openai_stream_error(err: Exception) -> openai_pb2.StreamError:
     """The `error` object of a stream's last event."""
     rpc = err if isinstance(err, RpcError) else internal_error(err)
-    return openai_pb2.StreamError(message=rpc.message, type=rpc.openai_type, code=rpc.reason.lower())
+    return openai_pb2.StreamError(
+        message=rpc.message, type=rpc.openai_type, code=rpc.openai_code, param=rpc.param
+    )
 
 
 class ChunkFormat(Protocol, Generic[Chunk]):
