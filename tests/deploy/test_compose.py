@@ -223,5 +223,5 @@ def test_dev_file_adds_a_database_browser_and_resets_the_database(compose_dev: d
     assert services["adminer"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     mode = DatabaseSettings.model_fields["migration_mode"]
     assert "drop_recreate" in get_args(mode.annotation)
-    for owner in ("transactions", "audit"):
+    for owner in ("transactions", "audit", "grammars"):
         assert services[owner]["environment"]["FERRY_DATABASE__MIGRATION_MODE"] == "drop_recreate"

@@ -181,10 +181,19 @@ def test_the_config_map_loads_as_settings(
     monkeypatch.setenv("FERRY_CONFIG", str(path))
     monkeypatch.setenv("FERRY_MODELS__HOST", "0.0.0.0")  # as the models pod sets it
     s = Settings()
-    assert (s.inference.host, s.transactions.host, s.audit.host, s.gateway.host, s.triton.host) == (
+    hosts = (
+        s.inference.host,
+        s.transactions.host,
+        s.audit.host,
+        s.grammars.host,
+        s.gateway.host,
+        s.triton.host,
+    )
+    assert hosts == (
         "inference",
         "transactions",
         "audit",
+        "grammars",
         "gateway",
         "triton",
     )
