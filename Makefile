@@ -69,6 +69,7 @@ lint: proto
 
 bench: setup
 	$(PY) -m bench
+	$(PY) -m bench.embeddings
 
 soak: setup
 	$(PY) -m bench.soak

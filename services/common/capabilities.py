@@ -13,7 +13,9 @@ class Capability(StrEnum):
     COMPLETION = "completion"  # a plain prompt
     CHAT = "chat"  # messages, rendered through the model's chat template
     LOGPROBS = "logprobs"  # token log probabilities
+    EMBEDDING = "embedding"  # one vector per input text (/v1/embeddings, :embed), and nothing else
 
 
-# A model whose config declares no `capabilities` (written before the parameter existed) can do all.
-ALL_CAPABILITIES: frozenset[str] = frozenset(Capability)
+# A model whose config declares no `capabilities` (written before the parameter existed) is a generation
+# model: it can do all of the above but embeddings. Upstream models are generation models too.
+ALL_CAPABILITIES: frozenset[str] = frozenset(Capability) - {Capability.EMBEDDING}

@@ -31,7 +31,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from services.common.capabilities import Capability
+from services.common.capabilities import ALL_CAPABILITIES
 from services.common.model_names import config_problems
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,8 +56,11 @@ class TritonSettings(BaseModel):
     metrics_port: int = 8002
     repository: Path = REPO_ROOT / "triton_models"
     default_model: str = "gemma-3-270m"
-    # Models loaded at start-up (explicit model control): Gemma 3 (base) and SmolLM2 (instruction-tuned).
-    load_models: list[str] = Field(default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct"])
+    # Models loaded at start-up (explicit model control): Gemma 3 (base), SmolLM2 (instruction-tuned) and
+    # all-MiniLM-L6-v2 (embeddings, ONNX).
+    load_models: list[str] = Field(
+        default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct", "all-minilm-l6-v2"]
+    )
 
     @property
     def grpc_address(self) -> str:
@@ -105,9 +108,10 @@ class UpstreamModel(BaseModel):
     @field_validator("capabilities")
     @classmethod
     def _known_capabilities(cls, value: list[str]) -> list[str]:
-        known = ", ".join(Capability)
+        # An upstream server is asked for generations only (ferry sends it no embedding requests).
+        known = ", ".join(sorted(ALL_CAPABILITIES))
         names = [name.strip().lower() for name in value if name.strip()]
-        unknown = [name for name in names if name not in {c.value for c in Capability}]
+        unknown = [name for name in names if name not in ALL_CAPABILITIES]
         if unknown:
             raise ValueError(f"{', '.join(map(repr, unknown))} unknown; each capability is one of {known}")
         if not names:
@@ -145,6 +149,18 @@ class TelemetrySettings(BaseModel):
     service_namespace: str = "ferry"
 
 
+class EmbeddingSettings(BaseModel):
+    """Limits of one embeddings request (/v1/embeddings, :embed) and what its record keeps."""
+
+    # Inputs per request (OpenAI's limit).
+    max_inputs: int = Field(default=2048, ge=1)
+    # UTF-8 bytes of all inputs together: a bound on the work one request asks for before any of it is
+    # tokenised (a token is ~4 bytes of English; the model's own limit is per input).
+    max_input_bytes: int = Field(default=1_000_000, ge=1)
+    # Keep the vectors in the transaction record (its `output`, JSON); off: the inputs and usage only.
+    record_vectors: bool = False
+
+
 class InferenceSettings(ServiceSettings):
     port: int = 50051
     metrics_port: int = 9101
@@ -155,6 +171,7 @@ class InferenceSettings(ServiceSettings):
     # Global input limits (0: only the model's own); a key's limits may be lower, never higher.
     max_prompt_tokens: int = 0
     max_tokens: int = 0
+    embeddings: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
 
 
 class ModelsServiceSettings(ServiceSettings):

@@ -43,6 +43,10 @@ class ModelInfo:
     family: str = ""
     parameter_count: str = ""
     quantization: str = ""
+    # Embedding models: the vector length (config parameter `dimension`) and how many inputs one Triton
+    # request may carry (the config's max_batch_size); 0 for generation models.
+    dimensions: int = 0
+    max_batch_size: int = 0
 
 
 def connect(settings: TritonSettings) -> triton_aio.InferenceServerClient:
@@ -77,11 +81,14 @@ async def model_info(client: triton_aio.InferenceServerClient, name: str) -> Mod
         max_tokens=_int(params.get("max_tokens")),
         owned_by=params.get("owned_by", "ferry"),
         chat_template=params.get("chat_template", ""),
-        engine_slots=_int(params.get("n_parallel"), default=1),
+        # Embedding models have no engine slots: `concurrent_requests` says how many to let in at once.
+        engine_slots=_int(params.get("n_parallel") or params.get("concurrent_requests"), default=1),
         capabilities=_capabilities(params.get("capabilities")),
         family=params.get("family", ""),
         parameter_count=params.get("parameter_count", ""),
         quantization=params.get("quantization", ""),
+        dimensions=_int(params.get("dimension")),
+        max_batch_size=_int(str(config.get("max_batch_size", 0))),
     )
 
 

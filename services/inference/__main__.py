@@ -20,10 +20,18 @@ from services.common.model_names import ModelNames
 from services.common.server import Runtime, serve
 from services.common.triton_client import Provider
 from services.inference.catalog import Catalog
+from services.inference.embeddings.record import EmbeddingLog
+from services.inference.embeddings.service import Embeddings
+from services.inference.embeddings.triton import TritonEmbedder
 from services.inference.engine_interface import EngineRouter
 from services.inference.grammar_resolve import GrammarsClient, ResolveGrammar
 from services.inference.native.servicer import InferenceServicer
-from services.inference.observers import GenerationObserver, MetricsObserver, UsageReporter
+from services.inference.observers import (
+    GenerationObserver,
+    MetricsObserver,
+    TracingObserver,
+    UsageReporter,
+)
 from services.inference.openai_api.servicer import OpenAIServicer
 from services.inference.pipeline import Pipeline
 from services.inference.templates import ChatTemplates
@@ -50,7 +58,7 @@ async def setup(runtime: Runtime) -> None:
     await recorder.start(runtime)
     client = triton_client.connect(settings.triton)
     catalog = Catalog(client, ModelNames.of(settings))
-    observers: list[GenerationObserver] = [MetricsObserver(catalog)]
+    observers: list[GenerationObserver] = [MetricsObserver(catalog), TracingObserver()]
     if runtime.auth is not None:
         observers.append(UsageReporter(runtime.auth))
     # One engine per provider: Triton's models, and those of OpenAI-compatible upstream servers.
@@ -65,8 +73,20 @@ async def setup(runtime: Runtime) -> None:
         observers,
         grammars=ResolveGrammar(GrammarsClient(settings)),
     )
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(pipeline), runtime.server)
-    openai_pb2_grpc.add_OpenAIServiceServicer_to_server(OpenAIServicer(pipeline, catalog), runtime.server)
+    # Embeddings share the catalog, the admission gates and the recorder with generation.
+    embeddings = Embeddings(
+        catalog,
+        TritonEmbedder(client),
+        pipeline.admissions,
+        settings.inference,
+        EmbeddingLog(recorder, settings.inference.embeddings.record_vectors),
+    )
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+        InferenceServicer(pipeline, embeddings), runtime.server
+    )
+    openai_pb2_grpc.add_OpenAIServiceServicer_to_server(
+        OpenAIServicer(pipeline, catalog, embeddings), runtime.server
+    )
 
     for name in SERVICE_NAMES:
         await runtime.set_serving(False, name)

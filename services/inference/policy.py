@@ -71,15 +71,24 @@ def check_capabilities(request: GenerationRequest, model: ModelInfo) -> None:
     if request.sampling.logprobs:
         wanted.append((Capability.LOGPROBS, spelling.field("logprobs")))
     for capability, field in wanted:
-        if capability not in model.capabilities:
-            err = invalid_argument(
-                field,
-                f"model '{model.name}' does not support {capability}"
-                f" (its capabilities: {', '.join(sorted(model.capabilities)) or 'none'})",
-                Reason.MODEL_CAPABILITY_MISSING,
-            )
-            err.metadata.update(model=model.name, capability=capability)
-            raise err
+        require_capability(model, capability, field)
+
+
+def require_capability(model: ModelInfo, capability: Capability, field: str) -> None:
+    """MODEL_CAPABILITY_MISSING (400) naming `field`, the model and the capability, unless the model's
+    `capabilities` include it: a chat request to an embedding model, embeddings from a chat model."""
+    if capability in model.capabilities:
+        return
+    is_embedder = capability is not Capability.EMBEDDING and Capability.EMBEDDING in model.capabilities
+    instead = "; it is an embedding model: use /v1/embeddings or :embed" if is_embedder else ""
+    err = invalid_argument(
+        field,
+        f"model '{model.name}' does not support {capability}"
+        f" (its capabilities: {', '.join(sorted(model.capabilities)) or 'none'}){instead}",
+        Reason.MODEL_CAPABILITY_MISSING,
+    )
+    err.metadata.update(model=model.name, capability=capability)
+    raise err
 
 
 def admissible(

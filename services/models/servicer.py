@@ -153,4 +153,5 @@ class ModelsServicer(models_pb2_grpc.ModelsServiceServicer):
         model.parameter_count = info.parameter_count
         model.quantization = info.quantization
         model.capabilities.extend(sorted(info.capabilities))
+        model.dimensions = info.dimensions
         return model

@@ -18,6 +18,9 @@ from services.common.errors import invalid_argument
 from services.common.names import REQUEST_ID_RULE, is_request_id
 from services.inference.deadline import RequestDeadline
 from services.inference.domain import Exchange
+from services.inference.embeddings import responses as embedding_responses
+from services.inference.embeddings import wire as embedding_wire
+from services.inference.embeddings.service import Embeddings
 from services.inference.native.generate import GenerateWire
 from services.inference.pipeline import Pipeline
 
@@ -32,7 +35,7 @@ def finish_reason(reason: str) -> inference_pb2.FinishReason.ValueType:
     return _FINISH.get(reason, inference_pb2.FINISH_REASON_UNSPECIFIED)
 
 
-def request_id(request: inference_pb2.GenerateRequest) -> str:
+def request_id(request: inference_pb2.GenerateRequest | inference_pb2.EmbedRequest) -> str:
     """The body's request_id (AIP-155) wins over the x-request-id header; logs follow it."""
     if not request.request_id:
         return request_id_var.get()
@@ -43,8 +46,9 @@ def request_id(request: inference_pb2.GenerateRequest) -> str:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, embeddings: Embeddings | None = None) -> None:
         self.pipeline = pipeline
+        self.embeddings = embeddings
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -79,3 +83,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     message.finish_reason = finish_reason(piece.finish_reason)
                     message.usage.CopyFrom(exchange.outcome.native_usage())
                 yield message
+
+    async def Embed(
+        self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.EmbedResponse:
+        embeddings = self.embeddings
+        if embeddings is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "embeddings are not served by this process")
+            raise AssertionError("abort raises")
+        parsed = embeddings.parse(embedding_wire.parse_native, request, request.model.removeprefix("models/"))
+        call = await embeddings.run(parsed, request_id(request), RequestDeadline(context))
+        return embedding_responses.native_response(call)

@@ -1,0 +1,256 @@
+"""`make bench` (embeddings): all-MiniLM-L6-v2 through ferry vs the same ONNX model in-process.
+
+Systems, one input (a sentence) per request:
+- in-process: backends.onnx.encoder.Encoder (onnxruntime + tokenizers, the very files and settings of
+  triton_models/all-minilm-l6-v2) called in this process; at concurrency N it embeds N sentences per
+  ONNX Runtime run, the best a batcher can do;
+- ferry-rest: POST /v1/embeddings through Envoy (base64, as the OpenAI SDK asks);
+- ferry-grpc: native InferenceService/Embed on Envoy's port.
+Concurrency 1 and 16; per level the systems alternate (A B C A B C ...). ferry runs on a stack of its
+own that loads only the embedding model (the generation models would only add noise), with
+authentication and recording on, as users run it. Results: bench/results/embeddings-<date>-<commit>.{json,md}.
+
+Run: `python -m bench.embeddings [--requests-c1 N] [--requests-c16 N] [--rounds N]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import tritonclient.grpc as triton_grpc
+from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
+
+from backends.llamacpp.config import ferry_home
+from backends.onnx.encoder import Encoder
+from bench import platform, prompts, report
+from launcher.setup import ensure_backend, ensure_model, onnx_models
+from services.common.config import REPO_ROOT, Settings
+
+MODEL = "all-minilm-l6-v2"
+SYSTEMS = ("in-process", "ferry-rest", "ferry-grpc")
+LEVELS = (1, 16)
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+
+def say(message: str) -> None:
+    print(f"bench.embeddings: {message}", flush=True)
+
+
+def sentences() -> list[str]:
+    """Sentences of the committed prompts (5 to 60 words each), in a fixed order."""
+    out: list[str] = []
+    for length in ("short", "medium"):
+        for text in prompts.load(length):
+            for part in text.replace("\n", " ").split(". "):
+                words = part.split()
+                if 5 <= len(words) <= 60:
+                    out.append(" ".join(words))
+    return out
+
+
+def reference_encoder() -> Encoder:
+    params = onnx_models(REPO_ROOT / "triton_models")[MODEL]
+    home = ferry_home(str(REPO_ROOT / "triton_models" / MODEL))
+    return Encoder(params, params.onnx_path(home), params.tokenizer_path(home))
+
+
+# One request: embeds one sentence; returns its latency in seconds.
+Call = Callable[[str], Awaitable[float]]
+
+
+async def run_load(call: Call, texts: Sequence[str], concurrency: int) -> dict[str, float]:
+    queue = list(texts)
+    latencies: list[float] = []
+
+    async def worker() -> None:
+        while queue:
+            latencies.append(await call(queue.pop()))
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    return {
+        "inputs": len(texts),
+        "seconds": wall,
+        "embeddings_per_s": len(texts) / wall,
+        "latency_p50_ms": 1000 * statistics.median(latencies),
+    }
+
+
+def in_process(encoder: Encoder, texts: Sequence[str], concurrency: int) -> dict[str, float]:
+    """`concurrency` sentences per ONNX Runtime run, one run after another."""
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for i in range(0, len(texts), concurrency):
+        t0 = time.perf_counter()
+        encoder.encode(texts[i : i + concurrency])
+        latencies.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - started
+    return {
+        "inputs": len(texts),
+        "seconds": wall,
+        "embeddings_per_s": len(texts) / wall,
+        "latency_p50_ms": 1000 * statistics.median(latencies),
+    }
+
+
+class RestClient:
+    def __init__(self, base_url: str, key: str | None) -> None:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        limits = httpx.Limits(max_connections=64)
+        self.http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=60, limits=limits)
+
+    async def __call__(self, text: str) -> float:
+        t0 = time.perf_counter()
+        body = {"model": MODEL, "input": text, "encoding_format": "base64"}
+        reply = await self.http.post("/v1/embeddings", json=body)
+        reply.raise_for_status()
+        return time.perf_counter() - t0
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+class GrpcClient:
+    def __init__(self, address: str, key: str | None) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {key}"),) if key else ()
+
+    async def __call__(self, text: str) -> float:
+        t0 = time.perf_counter()
+        request = inference_pb2.EmbedRequest(model=f"models/{MODEL}", inputs=[text])
+        await self.stub.Embed(request, metadata=self.metadata, timeout=60)
+        return time.perf_counter() - t0
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def ferry_run(
+    make: Callable[[], RestClient | GrpcClient], texts: Sequence[str], level: int
+) -> dict[str, float]:
+    client = make()
+    try:
+        await run_load(client, texts[: 2 * level], level)  # warm-up: connections, the admission gate
+        return await run_load(client, texts, level)
+    finally:
+        await client.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.embeddings", description=__doc__.split("\n")[0])
+    parser.add_argument("--requests-c1", type=int, default=200, help="requests per run at concurrency 1")
+    parser.add_argument("--requests-c16", type=int, default=800, help="requests per run at concurrency 16")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return parser.parse_args(argv)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    lines = [
+        f"# Embeddings: ferry vs the same ONNX model in-process — {meta['date']}, commit `{meta['commit']['sha']}`",
+        "",
+        f"all-MiniLM-L6-v2 (int8 ONNX, 384 dimensions), one sentence per request; {meta['machine']['cores']} cores "
+        f"({meta['machine']['cpu']}); load average during the runs {meta['load']['min']:.1f}-{meta['load']['max']:.1f}.",
+        "In-process at concurrency N = N sentences per ONNX Runtime run. ratio = ferry / in-process embeddings/s.",
+        "",
+        "| concurrency | system | embeddings/s | latency p50 (ms) | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for level in results["levels"]:
+        cells = results["cells"][str(level)]
+        base = cells["in-process"]["embeddings_per_s"]
+        for system in SYSTEMS:
+            cell = cells[system]
+            lines.append(
+                f"| {level} | {system} | {cell['embeddings_per_s']:.1f} | {cell['latency_p50_ms']:.2f} |"
+                f" {cell['embeddings_per_s'] / base:.2f} |"
+            )
+    lines += ["", f"Triton executions / inferences during the ferry runs: {results['triton_batching']}", ""]
+    return "\n".join(lines)
+
+
+def mean_cell(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.mean(run[key] for run in runs) for key in runs[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    home = Settings()
+    ensure_model(home)
+    ensure_backend()
+    texts = sentences()
+    encoder = reference_encoder()
+    encoder.encode(texts[:16])  # warm-up
+    loads: list[float] = []
+    runs: dict[tuple[int, str], list[dict[str, float]]] = {}
+    overrides: dict[str, Any] = {"triton": {"load_models": [MODEL], "default_model": MODEL}}
+    say("starting ferry with only the embedding model loaded")
+    with platform.running(home.model_dir, **overrides) as stack:
+        e = stack.endpoints
+        key = platform.api_key(stack)
+        makers: dict[str, Callable[[], RestClient | GrpcClient]] = {
+            "ferry-rest": lambda: RestClient(e.rest, key),
+            "ferry-grpc": lambda: GrpcClient(e.grpc, key),
+        }
+        triton = triton_grpc.InferenceServerClient(e.triton_grpc)
+        before = triton.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+        for level in LEVELS:
+            count = args.requests_c1 if level == 1 else args.requests_c16
+            for rnd in range(args.rounds):
+                for system in SYSTEMS:
+                    batch = [texts[(rnd * count + i) % len(texts)] for i in range(count)]
+                    loads.append(os.getloadavg()[0])
+                    if system == "in-process":
+                        cell = in_process(encoder, batch, level)
+                    else:
+                        cell = asyncio.run(ferry_run(makers[system], batch, level))
+                    loads.append(os.getloadavg()[0])
+                    runs.setdefault((level, system), []).append(cell)
+                    say(
+                        f"c={level} round {rnd + 1} {system:<10} {cell['embeddings_per_s']:7.1f} embeddings/s"
+                        f"  p50 {cell['latency_p50_ms']:6.2f} ms"
+                    )
+        after = triton.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+        triton.close()
+    executions = int(after.get("execution_count", 0)) - int(before.get("execution_count", 0))
+    inferences = int(after.get("inference_count", 0)) - int(before.get("inference_count", 0))
+    results: dict[str, Any] = {
+        "meta": {
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            "commit": report.commit(),
+            "machine": report.machine(),
+            "load": {"min": min(loads), "max": max(loads), "mean": statistics.mean(loads)},
+            "rounds": args.rounds,
+        },
+        "levels": list(LEVELS),
+        "cells": {
+            str(level): {system: mean_cell(runs[(level, system)]) for system in SYSTEMS} for level in LEVELS
+        },
+        "runs": {f"{level}/{system}": cells for (level, system), cells in runs.items()},
+        "triton_batching": f"{executions} executions for {inferences} inferences",
+    }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.results_dir / f"embeddings-{results['meta']['date']}-{results['meta']['commit']['sha']}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results))
+    say(f"wrote {stem}.json and .md")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
