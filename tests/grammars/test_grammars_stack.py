@@ -56,7 +56,10 @@ def _time(value: str) -> datetime:
 
 def _events(http: httpx.Client, action: str, resource: str, count: int) -> list[dict[str, Any]]:
     """The audit events of `action` on `resource`, waiting (bounded) until `count` are delivered."""
-    query = {"filter": f'action = "{action}" AND resource = "{resource}"', "page_size": 100}
+    query: dict[str, str | int] = {
+        "filter": f'action = "{action}" AND resource = "{resource}"',
+        "page_size": 100,
+    }
     deadline = time.monotonic() + 30
     while True:
         events: list[dict[str, Any]] = http.get("/api/v1/audit/events", params=query).json().get("events", [])
