@@ -36,6 +36,7 @@ SERVICE_NAMES = {
     "models": "ferry.models.v1.ModelsService",
     "transactions": "ferry.transactions.v1.TransactionsService",
     "audit": "ferry.audit.v1.AuditService",
+    "grammars": "ferry.grammars.v1.GrammarsService",
     "gateway": "ferry.keys.v1.KeysService",
 }
 DEFAULT_MODEL = "models/gemma-3-270m"
