@@ -28,11 +28,22 @@ from services.common.names import resource_id
 from services.inference.domain import GenerationRequest, Outcome
 from services.inference.json_schema import check_schema, validate_instance
 
-# llguidance's option (a keyword JSON Schema validators ignore): by default it allows any whitespace
-# between JSON tokens, and small models then write newlines until max_tokens instead of the next key
-# (seen on gemma-3-270m at temperature 0). A caller's own `x-guidance` wins.
+# What ferry adds to a caller's schema for the engine, each because small models otherwise write until
+# max_tokens (seen on gemma-3-270m and smollm2-135m-instruct at temperature 0):
+# - llguidance's options (a keyword validators ignore): it allows any whitespace between JSON tokens by
+#   default, and a model writes newlines instead of the next key. A caller's own `x-guidance` wins.
 ENGINE_OPTIONS = "x-guidance"
 COMPACT_JSON: dict[str, Any] = {ENGINE_OPTIONS: {"whitespace_flexible": False}}
+# - a bound on the decimals of a `number` that has no `multipleOf`: llguidance allows any number of
+#   digits, and a model writes `0.8000000000…` (llama.cpp's own schema converter allows 16). The answer
+#   is validated against the caller's schema, without it (a validator's float `multipleOf` is inexact).
+ENGINE_DECIMALS = 1e-8
+# - `"additionalProperties": false` on an object with `properties` that does not say (as vLLM's
+#   xgrammar does by default): JSON Schema allows any other property, and a model then invents keys until
+#   max_tokens. Answers are still valid for the caller's schema (they merely have no extra keys).
+_EXTRA_KEYWORDS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+# Keywords whose values are data, not schemas: not looked into.
+_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples"})
 # OpenAI's rule for `response_format.json_schema.name`.
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SCHEMA_NAME_RULE = "1-64 characters of a-z, A-Z, 0-9, _ and -"
@@ -83,7 +94,43 @@ def _json_schema(schema: struct_pb2.Struct, field: str) -> OutputConstraint:
     silently run unconstrained on a schema it cannot compile), and compact unless the caller said."""
     value = json_value(schema)
     check_schema(value, field)
-    return OutputConstraint(kind=ConstraintKind.JSON_SCHEMA, json_schema={**COMPACT_JSON, **value})
+    return OutputConstraint(kind=ConstraintKind.JSON_SCHEMA, json_schema=engine_schema(value))
+
+
+def engine_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The caller's (checked) schema as the engine is given it: compact, decimals bounded, no
+    properties beyond the named ones unless the schema says."""
+    return {**COMPACT_JSON, **_for_engine(schema, engine=True)}
+
+
+def answer_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """An engine schema without ferry's engine options and decimal bounds: what answers are validated
+    against, and what servers other than llguidance are sent. (A caller's own `multipleOf` of
+    ENGINE_DECIMALS goes too: the engine enforced it. The added `additionalProperties: false` stays:
+    the engine enforced that, and OpenAI's strict mode asks for it.)"""
+    plain = {key: value for key, value in schema.items() if key != ENGINE_OPTIONS}
+    return _for_engine(plain, engine=False)  # type: ignore[no-any-return]
+
+
+def _for_engine(value: Any, *, engine: bool) -> Any:
+    """Every subschema with ferry's engine additions (engine=True) or without its decimal bound."""
+    if isinstance(value, list):
+        return [_for_engine(item, engine=engine) for item in value]
+    if not isinstance(value, dict):
+        return value
+    out = {
+        key: item if key in _DATA_KEYWORDS else _for_engine(item, engine=engine)
+        for key, item in value.items()
+    }
+    kind = out.get("type")
+    is_number = kind == "number" or (isinstance(kind, list) and "number" in kind)
+    if engine and is_number and "multipleOf" not in out:
+        out["multipleOf"] = ENGINE_DECIMALS
+    if engine and isinstance(out.get("properties"), dict) and not any(k in out for k in _EXTRA_KEYWORDS):
+        out["additionalProperties"] = False
+    if not engine and is_number and out.get("multipleOf") == ENGINE_DECIMALS:
+        del out["multipleOf"]
+    return out
 
 
 def _grammar(kind: ConstraintKind, text: str, field: str) -> Constraint:
@@ -197,7 +244,7 @@ def follows(text: str, constraint: OutputConstraint) -> str | None:
     if constraint.kind is ConstraintKind.JSON_OBJECT:
         return validate_instance(text, None)
     if constraint.kind is ConstraintKind.JSON_SCHEMA and constraint.json_schema is not None:
-        return validate_instance(text, constraint.json_schema)
+        return validate_instance(text, answer_schema(constraint.json_schema))
     return None
 
 

@@ -56,6 +56,7 @@ from services.inference.engine_interface import (
     UpstreamRefused,
     UpstreamUnreachable,
 )
+from services.inference.structured import answer_schema
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +265,8 @@ def _response_format(constraint: OutputConstraint, model: str, chat: bool) -> di
     if chat and constraint.kind is ConstraintKind.JSON_OBJECT:
         return {"type": "json_object"}
     if chat and constraint.kind is ConstraintKind.JSON_SCHEMA:
-        # Without ferry's engine options (llguidance's `x-guidance`): another server may refuse them.
-        plain = {k: v for k, v in (constraint.json_schema or {}).items() if k != "x-guidance"}
+        # The caller's schema, without what ferry adds for its own engine (llguidance's options).
+        plain = answer_schema(constraint.json_schema or {})
         schema = {"name": "response", "schema": plain, "strict": True}
         return {"type": "json_schema", "json_schema": schema}
     what = (

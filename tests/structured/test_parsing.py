@@ -12,7 +12,7 @@ import pytest
 from backends.llamacpp.contract import ConstraintKind, OutputConstraint
 from services.common.errors import RpcError
 from services.inference.domain import Outcome
-from services.inference.structured import check_answer
+from services.inference.structured import ENGINE_DECIMALS, answer_schema, check_answer
 from tests.inference.test_wire_parsing import chat, completion, generate, refused
 
 SCHEMA = {
@@ -45,6 +45,47 @@ def test_json_schema_response_format_keeps_the_schema_as_written() -> None:
     # compact JSON (no free whitespace for a small model to ramble in).
     assert constraint.json_schema == {**SCHEMA, "x-guidance": {"whitespace_flexible": False}}
     assert isinstance(constraint.json_schema["properties"]["age"]["minimum"], int)
+
+
+def test_numbers_get_bounded_decimals_for_the_engine_but_answers_follow_the_callers_schema() -> None:
+    score = {"type": "number", "minimum": 0, "maximum": 1}
+    own = {"type": "number", "multipleOf": 0.5}
+    schema = {
+        "type": "object",
+        "properties": {"score": score, "half": own, "maybe": {"anyOf": [score, {"type": "null"}]}},
+        "required": ["score", "half", "maybe"],
+        "$defs": {"n": {"type": ["number", "null"]}, "e": {"enum": [{"type": "number"}]}},
+    }
+    body = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    engine = chat(response_format=body).sampling.constraint
+    assert engine is not None and engine.json_schema is not None
+    assert engine.json_schema["properties"]["score"]["multipleOf"] == ENGINE_DECIMALS
+    assert engine.json_schema["properties"]["half"]["multipleOf"] == 0.5
+    assert engine.json_schema["properties"]["maybe"]["anyOf"][0]["multipleOf"] == ENGINE_DECIMALS
+    assert engine.json_schema["$defs"]["n"]["multipleOf"] == ENGINE_DECIMALS
+    assert engine.json_schema["$defs"]["e"] == {"enum": [{"type": "number"}]}  # data, not a schema
+    assert engine.json_schema["additionalProperties"] is False
+    assert answer_schema(engine.json_schema) == {**schema, "additionalProperties": False}
+    # 0.3 is not a float multiple of 1e-8 to a validator (0.3 / 1e-8 is not integral): not checked.
+    check_answer(chat(response_format=body), answered('{"score": 0.3, "half": 1.5, "maybe": null}', "stop"))
+
+
+def test_objects_get_no_properties_beyond_the_named_ones_unless_the_schema_says() -> None:
+    named = {"type": "object", "properties": {"a": {"type": "string"}}}
+    free = {
+        "type": "object",
+        "properties": {"a": {"type": "string"}},
+        "additionalProperties": {"type": "integer"},
+    }
+    bare = {"type": "object"}
+    schema = {"type": "object", "properties": {"named": named, "free": free, "bare": bare}}
+    body = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    engine = chat(response_format=body).sampling.constraint
+    assert engine is not None and engine.json_schema is not None
+    properties = engine.json_schema["properties"]
+    assert properties["named"]["additionalProperties"] is False
+    assert properties["free"]["additionalProperties"] == {"type": "integer"}
+    assert properties["bare"] == bare
 
 
 def test_a_callers_own_engine_options_win() -> None:
