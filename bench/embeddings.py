@@ -31,7 +31,6 @@ import httpx
 import tritonclient.grpc as triton_grpc
 from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 
-from backends.llamacpp.config import ferry_home
 from backends.onnx.encoder import Encoder
 from bench import platform, prompts, report
 from launcher.setup import ensure_backend, ensure_model, onnx_models
@@ -59,14 +58,17 @@ def sentences() -> list[str]:
     return out
 
 
-def reference_encoder() -> Encoder:
-    params = onnx_models(REPO_ROOT / "triton_models")[MODEL]
-    home = ferry_home(str(REPO_ROOT / "triton_models" / MODEL))
-    return Encoder(params, params.onnx_path(home), params.tokenizer_path(home))
-
-
 # One request: embeds one sentence; returns its latency in seconds.
 Call = Callable[[str], Awaitable[float]]
+
+
+def summary(inputs: int, wall: float, latencies: Sequence[float]) -> dict[str, float]:
+    return {
+        "inputs": inputs,
+        "seconds": wall,
+        "embeddings_per_s": inputs / wall,
+        "latency_p50_ms": 1000 * statistics.median(latencies),
+    }
 
 
 async def run_load(call: Call, texts: Sequence[str], concurrency: int) -> dict[str, float]:
@@ -79,13 +81,7 @@ async def run_load(call: Call, texts: Sequence[str], concurrency: int) -> dict[s
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
-    return {
-        "inputs": len(texts),
-        "seconds": wall,
-        "embeddings_per_s": len(texts) / wall,
-        "latency_p50_ms": 1000 * statistics.median(latencies),
-    }
+    return summary(len(texts), time.perf_counter() - started, latencies)
 
 
 def in_process(encoder: Encoder, texts: Sequence[str], concurrency: int) -> dict[str, float]:
@@ -96,13 +92,7 @@ def in_process(encoder: Encoder, texts: Sequence[str], concurrency: int) -> dict
         t0 = time.perf_counter()
         encoder.encode(texts[i : i + concurrency])
         latencies.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - started
-    return {
-        "inputs": len(texts),
-        "seconds": wall,
-        "embeddings_per_s": len(texts) / wall,
-        "latency_p50_ms": 1000 * statistics.median(latencies),
-    }
+    return summary(len(texts), time.perf_counter() - started, latencies)
 
 
 class RestClient:
@@ -193,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_model(home)
     ensure_backend()
     texts = sentences()
-    encoder = reference_encoder()
+    encoder = Encoder.load(onnx_models(REPO_ROOT / "triton_models")[MODEL], home.home)
     encoder.encode(texts[:16])  # warm-up
     loads: list[float] = []
     runs: dict[tuple[int, str], list[dict[str, float]]] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -35,6 +35,9 @@ class GgufSource(StrEnum):
     PACKAGE_FILE = "package_file"
     # A file already on disk: `gguf_file` is absolute or relative to $FERRY_HOME.
     PATH = "path"
+
+
+Parameters = TypeVar("Parameters", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -107,19 +110,25 @@ class ModelParameters(BaseModel):
     @classmethod
     def from_strings(cls, name: str, values: dict[str, str]) -> ModelParameters:
         """Parse a model's `parameters` (each a string_value); raises ConfigError naming the model."""
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in error['loc']) or 'parameters'}: {error['msg']}"
-                for error in exc.errors()
-            )
-            raise ConfigError(f"model {name}: bad config.pbtxt parameters: {problems}") from None
+        return parse_parameters(cls, name, values)
 
     @classmethod
     def from_triton_config(cls, model_config: dict[str, Any]) -> ModelParameters:
         """From the model config Triton gives `initialize` (args["model_config"], parsed)."""
         return cls.from_strings(model_config.get("name", "?"), triton_parameters(model_config))
+
+
+def parse_parameters(cls: type[Parameters], name: str, values: dict[str, str]) -> Parameters:
+    """A model's `parameters` (each a string_value) as `cls` (every backend's parameters type); raises
+    ConfigError naming the model and each problem."""
+    try:
+        return cls.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'parameters'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ConfigError(f"model {name}: bad config.pbtxt parameters: {problems}") from None
 
 
 def triton_parameters(model_config: dict[str, Any]) -> dict[str, str]:

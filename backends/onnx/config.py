@@ -13,9 +13,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from backends.llamacpp.config import ConfigError, triton_parameters
+from backends.llamacpp.config import ConfigError, parse_parameters, triton_parameters
 from backends.llamacpp.gguf import _package_dir as package_dir
 
 BACKEND_NAME = "onnx"
@@ -90,14 +90,7 @@ class EmbeddingParameters(BaseModel):
     @classmethod
     def from_strings(cls, name: str, values: dict[str, str]) -> EmbeddingParameters:
         """Parse a model's `parameters` (each a string_value); raises ConfigError naming the model."""
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in error['loc']) or 'parameters'}: {error['msg']}"
-                for error in exc.errors()
-            )
-            raise ConfigError(f"model {name}: bad config.pbtxt parameters: {problems}") from None
+        return parse_parameters(cls, name, values)
 
     @classmethod
     def from_triton_config(cls, model_config: dict[str, Any]) -> EmbeddingParameters:

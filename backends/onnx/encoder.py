@@ -55,6 +55,11 @@ class Encoder:
         if isinstance(width, int) and width != params.dimension:
             raise ConfigError(f"{onnx_path} gives {width} dimensions, the config says {params.dimension}")
 
+    @classmethod
+    def load(cls, params: EmbeddingParameters, home: Path) -> Encoder:
+        """The encoder of a model directory's parameters (files found under `home` where they are paths)."""
+        return cls(params, params.onnx_path(home), params.tokenizer_path(home))
+
     def tokenize(self, texts: Sequence[str], truncate: Sequence[bool]) -> list[Tokens]:
         """Each text's tokens ([CLS] and [SEP] included); one over `max_tokens` is cut to it when its
         `truncate` says so, else marked `too_long`."""

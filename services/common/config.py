@@ -31,7 +31,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from services.common.capabilities import ALL_CAPABILITIES
+from services.common.capabilities import ALL_CAPABILITIES, Capability
 from services.common.model_names import config_problems
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +109,7 @@ class UpstreamModel(BaseModel):
     @classmethod
     def _known_capabilities(cls, value: list[str]) -> list[str]:
         # An upstream server is asked for generations only (ferry sends it no embedding requests).
-        known = ", ".join(sorted(ALL_CAPABILITIES))
+        known = ", ".join(c for c in Capability if c in ALL_CAPABILITIES)
         names = [name.strip().lower() for name in value if name.strip()]
         unknown = [name for name in names if name not in ALL_CAPABILITIES]
         if unknown:

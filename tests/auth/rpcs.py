@@ -136,6 +136,10 @@ def _generate(s: Subjects) -> inference_pb2.GenerateRequest:
     )
 
 
+# The embedding model of `triton.load_models` (embeddings from the generation model are refused).
+EMBEDDER = "all-minilm-l6-v2"
+
+
 # Minimal requests that succeed (cheap: one generated token; nothing destructive but UnloadModel,
 # whose success case the matrix undoes at once).
 REQUESTS: dict[str, Callable[[Subjects], message.Message]] = {
@@ -145,6 +149,12 @@ REQUESTS: dict[str, Callable[[Subjects], message.Message]] = {
     "/ferry.openai.v1.OpenAIService/CreateChatCompletionStream": lambda s: _chat(s, stream=True),
     "/ferry.openai.v1.OpenAIService/CreateCompletion": lambda s: _completion(s, stream=False),
     "/ferry.openai.v1.OpenAIService/CreateCompletionStream": lambda s: _completion(s, stream=True),
+    "/ferry.inference.v1.InferenceService/Embed": lambda s: inference_pb2.EmbedRequest(
+        model=f"models/{EMBEDDER}", inputs=["Hi"]
+    ),
+    "/ferry.openai.v1.OpenAIService/CreateEmbedding": lambda s: openai_pb2.CreateEmbeddingRequest(
+        model=EMBEDDER, input=_prompt("Hi")
+    ),
     "/ferry.openai.v1.OpenAIService/ListModels": lambda s: openai_pb2.ListModelsRequest(),
     "/ferry.openai.v1.OpenAIService/RetrieveModel": lambda s: openai_pb2.RetrieveModelRequest(model=s.model),
     "/ferry.models.v1.ModelsService/ListModels": lambda s: models_pb2.ListModelsRequest(),

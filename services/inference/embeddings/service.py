@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol, TypeVar
 
+import grpc
 import numpy as np
 
 from services.common.config import EmbeddingSettings, InferenceSettings
@@ -147,3 +148,11 @@ class Embeddings:
             metrics.E2E_LATENCY.labels(label).observe(outcome.latency)
         if outcome.prompt_tokens:
             metrics.PROMPT_TOKENS.labels(label).inc(outcome.prompt_tokens)
+
+
+async def served(embeddings: Embeddings | None, context: grpc.aio.ServicerContext) -> Embeddings:
+    """The process's embeddings path; UNIMPLEMENTED when it serves none (a servicer built without it)."""
+    if embeddings is None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "embeddings are not served by this process")
+        raise AssertionError("abort raises")
+    return embeddings

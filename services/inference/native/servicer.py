@@ -20,7 +20,7 @@ from services.inference.deadline import RequestDeadline
 from services.inference.domain import Exchange
 from services.inference.embeddings import responses as embedding_responses
 from services.inference.embeddings import wire as embedding_wire
-from services.inference.embeddings.service import Embeddings
+from services.inference.embeddings.service import Embeddings, served
 from services.inference.native.generate import GenerateWire
 from services.inference.pipeline import Pipeline
 
@@ -87,10 +87,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        embeddings = self.embeddings
-        if embeddings is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "embeddings are not served by this process")
-            raise AssertionError("abort raises")
+        embeddings = await served(self.embeddings, context)
         parsed = embeddings.parse(embedding_wire.parse_native, request, request.model.removeprefix("models/"))
         call = await embeddings.run(parsed, request_id(request), RequestDeadline(context))
         return embedding_responses.native_response(call)

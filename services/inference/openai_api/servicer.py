@@ -22,10 +22,7 @@ from services.inference.deadline import RequestDeadline
 from services.inference.domain import Exchange, Piece, chat_logprobs, completion_logprobs
 from services.inference.embeddings import responses as embedding_responses
 from services.inference.embeddings import wire as embedding_wire
-from services.inference.embeddings.service import Embeddings
-from services.inference.embeddings import responses as embedding_responses
-from services.inference.embeddings import wire as embedding_wire
-from services.inference.embeddings.service import Embeddings
+from services.inference.embeddings.service import Embeddings, served
 from services.inference.openai_api import fields, sse, tools
 from services.inference.openai_api.chat import ChatWire
 from services.inference.openai_api.chunks import finish_reason, stream_chunks
@@ -244,21 +241,7 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     async def CreateEmbedding(
         self, request: openai_pb2.CreateEmbeddingRequest, context: grpc.aio.ServicerContext
     ) -> openai_pb2.CreateEmbeddingResponse:
-        embeddings = self.embeddings
-        if embeddings is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "embeddings are not served by this process")
-            raise AssertionError("abort raises")
-        parsed = embeddings.parse(embedding_wire.parse_openai, request, request.model)
-        call = await embeddings.run(parsed, request_id_var.get(), RequestDeadline(context))
-        return embedding_responses.openai_response(call)
-
-    async def CreateEmbedding(
-        self, request: openai_pb2.CreateEmbeddingRequest, context: grpc.aio.ServicerContext
-    ) -> openai_pb2.CreateEmbeddingResponse:
-        embeddings = self.embeddings
-        if embeddings is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "embeddings are not served by this process")
-            raise AssertionError("abort raises")
+        embeddings = await served(self.embeddings, context)
         parsed = embeddings.parse(embedding_wire.parse_openai, request, request.model)
         call = await embeddings.run(parsed, request_id_var.get(), RequestDeadline(context))
         return embedding_responses.openai_response(call)
