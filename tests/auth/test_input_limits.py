@@ -37,7 +37,7 @@ def test_prompt_above_the_key_limit_is_refused_naming_the_field(stack: RunningSt
     with stack.http(key) as http:
         refused = http.post("/v1/completions", json={"model": model, "prompt": LONG_PROMPT, "max_tokens": 1})
         assert refused.status_code == 400, refused.text
-        assert "max_prompt_tokens" in refused.json()["message"]
+        assert "max_prompt_tokens" in refused.json()["error"]["message"]
         assert (
             http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1}).status_code
             == 200

@@ -149,8 +149,7 @@ async def test_overload_is_refused_at_once_with_a_retry_delay(
         assert time.monotonic() - started < 1.0
         assert refused.status_code == 429, refused.text
         assert int(refused.headers["retry-after"]) >= 1
-        info = next(d for d in refused.json()["details"] if d["@type"].endswith("ErrorInfo"))
-        assert info["reason"] == "OVERLOADED"
+        assert refused.json()["error"]["code"] == "overloaded"  # OpenAI's error object
 
         async with openai.AsyncOpenAI(
             base_url=f"{stack.rest}/v1", api_key=stack.admin_key, max_retries=0
@@ -238,7 +237,7 @@ def test_model_not_ready_is_unavailable_and_health_follows(
         wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 5)
         response = rest.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 1})
         assert response.status_code == 503, response.text
-        assert "not ready" in response.json()["message"]
+        assert "not ready" in response.json()["error"]["message"]
         wait_for(lambda: rest.get("/readyz").status_code == 503, 5)
     finally:
         triton.load_model(model)

@@ -11,7 +11,7 @@ import pytest
 from ferry.inference.v1 import inference_pb2 as pb
 from ferry.inference.v1 import inference_pb2_grpc
 
-from services.common.errors import Reason, error_details, http_status
+from services.common.errors import CATALOGUE, Reason, error_details, http_status
 
 pytestmark = pytest.mark.stack
 
@@ -45,8 +45,7 @@ def test_prompt_too_long_in_the_openai_sdk(client: openai.OpenAI, model: str) ->
             model=model, messages=[{"role": "user", "content": TOO_LONG}], max_tokens=1
         )
     assert err.value.status_code == http_status(grpc.StatusCode.INVALID_ARGUMENT) == 400
-    body = err.value.body
-    # Envoy's transcoded google.rpc.Status: the message names both counts, ErrorInfo the reason.
-    assert isinstance(body, dict) and "4096" in body["message"]
-    info = next(d for d in body["details"] if d["@type"].endswith("google.rpc.ErrorInfo"))
-    assert info["reason"] == Reason.PROMPT_TOO_LONG
+    # OpenAI's error object: the message names both counts, the code is OpenAI's own for it.
+    assert "4096" in err.value.message
+    assert (err.value.code, err.value.param) == (CATALOGUE[Reason.PROMPT_TOO_LONG].openai_code, "messages")
+    assert err.value.code == "context_length_exceeded"

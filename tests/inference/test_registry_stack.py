@@ -74,8 +74,11 @@ def sdk(registry: RunningStack) -> Iterator[openai.OpenAI]:
 
 
 def reason(response: httpx.Response) -> tuple[int, str]:
-    """(HTTP status, ErrorInfo reason) of a REST error."""
+    """(HTTP status, reason) of a REST error: on /v1/* OpenAI's `code` (the reason in lower case), on
+    ferry's own API the ErrorInfo reason."""
     body = response.json()
+    if "error" in body:
+        return response.status_code, str(body["error"]["code"]).upper()
     info = next(d for d in body.get("details", []) if d["@type"].endswith("ErrorInfo"))
     return response.status_code, info["reason"]
 

@@ -193,8 +193,9 @@ async def test_overload_of_one_model_is_refused_while_the_other_answers(
 
     assert refused.status_code == 429, refused.text
     assert int(refused.headers["retry-after"]) >= 1
-    info = next(d for d in refused.json()["details"] if d["@type"].endswith("ErrorInfo"))
-    assert info["reason"] == "OVERLOADED" and info["metadata"]["model"] == SMOLLM2
+    error = refused.json()["error"]  # OpenAI's error object (docs/errors.md)
+    assert (error["code"], error["type"]) == ("overloaded", "rate_limit_error")
+    assert SMOLLM2 in error["message"]
     assert answered.status_code == 200, answered.text
     assert answered.json()["choices"][0]["message"]["content"]
 

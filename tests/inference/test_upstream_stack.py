@@ -39,9 +39,8 @@ HI = [{"role": "user", "content": "Name three rivers."}]
 
 
 def reason(reply: httpx.Response) -> str:
-    """The ErrorInfo reason of a REST error answer (the gRPC status as JSON)."""
-    details = reply.json()["details"]
-    return str(next(d for d in details if d["@type"].endswith("google.rpc.ErrorInfo"))["reason"])
+    """The reason of an OpenAI error answer: its `code`, in the catalogue's spelling."""
+    return str(reply.json()["error"]["code"]).upper()
 
 
 @dataclass
@@ -236,7 +235,7 @@ def test_a_key_the_upstream_refuses_is_a_server_error_naming_no_key(
     )
     upstream.error_bodies.append(reply.text)
     assert reply.status_code == 500 and reason(reply) == "UPSTREAM_AUTH_FAILED"
-    message = reply.json()["message"]
+    message = reply.json()["error"]["message"]
     assert WRONG_KEY_MODEL in message and "see the inference service log" in message
     # Where the key comes from is for the operator, in the log; no caller learns it.
     assert WRONG_KEY_ENV not in message
