@@ -23,6 +23,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from ferry.auth.v1 import auth_pb2
 from google.rpc import code_pb2, status_pb2
+from opentelemetry import trace
 
 from gateway.authorizer import PUBLIC_PRINCIPAL, REFUSED_KEY, LocalAuthorizer
 from services.common.context import (
@@ -53,6 +54,10 @@ class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     ) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
         method = http.path.partition("?")[0]
+        # This Check's server span (a child of Envoy's ext_authz span when Envoy traces): what was
+        # checked and the decision; never the key itself (the principal is the key's name, keys/{id}).
+        span = trace.get_current_span()
+        span.set_attribute("ferry.auth.checked_method", method)
         try:
             principal = await self.authorizer.authorize(
                 auth_pb2.AuthorizeRequest(
@@ -73,7 +78,9 @@ class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
                 request_id=http.headers.get("x-request-id", ""),
                 attributes={"client_address": client_address(request)},
             )
+            span.set_attributes({"ferry.auth.decision": "deny", "ferry.auth.reason": err.reason})
             return denied(err)
+        span.set_attributes({"ferry.auth.decision": "allow", "enduser.id": principal.name})
         return allowed(principal)
 
 

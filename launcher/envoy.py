@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import jinja2
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -165,6 +166,38 @@ def edge_auth(settings: Settings) -> EdgeAuth | None:
 
 
 @dataclass(frozen=True)
+class Tracing:
+    """Envoy's OpenTelemetry tracer (telemetry.exporter `otlp`): OTLP over gRPC to the collector at
+    telemetry.otlp_endpoint; head sampling at telemetry.sampling_ratio for traces that start here."""
+
+    collector_host: str
+    collector_port: int
+    sampling_percent: float
+    service_name: str = "ferry-envoy"
+
+    @property
+    def discovery(self) -> str:
+        try:
+            ipaddress.ip_address(self.collector_host)
+        except ValueError:
+            return "STRICT_DNS"
+        return "STATIC"
+
+
+def envoy_tracing(settings: Settings) -> Tracing | None:
+    """None unless spans are exported over OTLP (Envoy has no console exporter)."""
+    telemetry = settings.telemetry
+    if telemetry.exporter != "otlp":
+        return None
+    endpoint = urlsplit(
+        telemetry.otlp_endpoint if "//" in telemetry.otlp_endpoint else f"//{telemetry.otlp_endpoint}"
+    )
+    if not endpoint.hostname:
+        raise ValueError(f"telemetry.otlp_endpoint {telemetry.otlp_endpoint!r} names no host")
+    return Tracing(endpoint.hostname, endpoint.port or 4317, round(telemetry.sampling_ratio * 100, 4))
+
+
+@dataclass(frozen=True)
 class Cors:
     """CORS policy for browser clients; rendered only when origins are configured."""
 
@@ -254,6 +287,7 @@ def render_envoy_config(
         max_request_bytes=settings.envoy.max_request_bytes,
         auth=edge_auth(settings),
         cors=cors(settings),
+        tracing=envoy_tracing(settings),
     )
     path = settings.run_dir / CONFIG_NAME
     write_private(path, text)

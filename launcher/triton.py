@@ -89,8 +89,31 @@ def triton_argv(settings: Settings) -> list[str]:
         "--exit-timeout-secs=5",
         f"--backend-config=python,shm-region-prefix-name={shm_prefix(settings)}",
         "--log-verbose=0",
+        *triton_tracing_flags(settings),
     ]
     return argv
+
+
+def triton_tracing_flags(settings: Settings) -> list[str]:
+    """Triton's own OpenTelemetry tracing, when tracing is on and an OTLP/HTTP endpoint is set (the
+    only exporter this Triton has): spans for each request it serves, continuing the W3C trace context
+    the Inference service sends with the call. Triton samples on its own (`rate`: 1 of N requests): at
+    ratio 1.0 it traces all; otherwise about the same share, not the same requests as Envoy."""
+    telemetry = settings.telemetry
+    if not telemetry.enabled or not telemetry.triton_otlp_http_endpoint:
+        return []
+    rate = max(1, round(1 / telemetry.sampling_ratio)) if telemetry.sampling_ratio > 0 else 0
+    if rate == 0:
+        return []
+    return [
+        "--trace-config=mode=opentelemetry",
+        "--trace-config=level=TIMESTAMPS",
+        f"--trace-config=rate={rate}",
+        "--trace-config=count=-1",
+        f"--trace-config=opentelemetry,url={telemetry.triton_otlp_http_endpoint}",
+        "--trace-config=opentelemetry,resource=service.name=ferry-triton",
+        f"--trace-config=opentelemetry,resource=service.namespace={telemetry.service_namespace}",
+    ]
 
 
 def triton_program(settings: Settings) -> Program:

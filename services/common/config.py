@@ -143,10 +143,25 @@ class EnvoySettings(BaseModel):
 
 
 class TelemetrySettings(BaseModel):
-    # `none` keeps tracing in-process only; `console` prints spans; `otlp` exports over gRPC.
+    """Tracing (docs/observability.md). Off by default: `none` keeps the trace context in-process only
+    (logs, records and Triton still get the trace id); `console` prints spans; `otlp` exports them over
+    gRPC from every service and Envoy (whose tracer is configured only then)."""
+
     exporter: Literal["none", "console", "otlp"] = "none"
     otlp_endpoint: str = "http://127.0.0.1:4317"
     service_namespace: str = "ferry"
+    # Head sampling of traces that start here (Envoy, or a service called directly): the share kept.
+    # Parent-based: a caller's `traceparent` decides for its own trace (sampled flag honoured).
+    sampling_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # Prompts and generated text on spans (gen_ai.input.messages / gen_ai.output.messages); keys never.
+    capture_content: bool = False
+    # Triton exports its own spans over OTLP/HTTP only (e.g. http://127.0.0.1:4318/v1/traces); empty:
+    # Triton does not trace.
+    triton_otlp_http_endpoint: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.exporter != "none"
 
 
 class EmbeddingSettings(BaseModel):

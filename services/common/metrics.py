@@ -1,8 +1,24 @@
-"""Prometheus metrics shared by every service: RPCs handled by method and code, and their latency."""
+"""Prometheus metrics shared by every service: RPCs handled by method and code, and their latency.
+
+Latency histograms are `TracedHistogram`s: with tracing on, each observation made inside a sampled
+span carries its trace id as an exemplar, which the OpenMetrics exposition shows (the metrics port
+answers OpenMetrics to `Accept: application/openmetrics-text`, Prometheus' default with exemplar
+storage on), so a spike on a dashboard leads to a trace.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from services.common.telemetry import exemplar
+
+
+class TracedHistogram(Histogram):
+    """A Histogram whose observations carry the current trace as their exemplar (when tracing is on)."""
+
+    def observe(self, amount: float, exemplar_labels: dict[str, str] | None = None) -> None:  # type: ignore[override]
+        super().observe(amount, exemplar_labels or exemplar())
+
 
 # Named after go-grpc-prometheus so existing dashboards and habits carry over.
 RPC_HANDLED = Counter(
@@ -10,7 +26,7 @@ RPC_HANDLED = Counter(
     "RPCs completed on the server, by method and status code.",
     ["grpc_service", "grpc_method", "grpc_code"],
 )
-RPC_LATENCY = Histogram(
+RPC_LATENCY = TracedHistogram(
     "ferry_grpc_server_handling_seconds",
     "Time from receiving an RPC to finishing it, by method and status code.",
     ["grpc_service", "grpc_method", "grpc_code"],

@@ -1,12 +1,14 @@
 """Prometheus metrics of the generation path, `ferry_inference_*`.
 
 Names follow vLLM's where one exists (time_to_first_token_seconds, e2e_request_latency_seconds,
-prompt/generation token counters, running/waiting gauges) so dashboards built for it carry over.
+prompt/generation token counters, running/waiting gauges) so dashboards built for it carry over. Latency histograms carry trace exemplars (services.common.metrics).
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
+
+from services.common.metrics import TracedHistogram
 
 # Requests by how they ended: ok, invalid_argument, not_found, unavailable, resource_exhausted
 # (refused by admission), cancelled, deadline_exceeded, internal ...
@@ -20,25 +22,25 @@ FINISHED = Counter(
     "Generations that completed, by finish reason (stop, length, cancelled).",
     ["model", "reason"],
 )
-TIME_TO_FIRST_TOKEN = Histogram(
+TIME_TO_FIRST_TOKEN = TracedHistogram(
     "ferry_inference_time_to_first_token_seconds",
     "Seconds from receiving a request to its first generated piece (queueing and prefill included).",
     ["model"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 40, 80),
 )
-INTER_TOKEN_LATENCY = Histogram(
+INTER_TOKEN_LATENCY = TracedHistogram(
     "ferry_inference_inter_token_latency_seconds",
     "Seconds between consecutive generated tokens of one request (vLLM: time_per_output_token).",
     ["model"],
     buckets=(0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5),
 )
-E2E_LATENCY = Histogram(
+E2E_LATENCY = TracedHistogram(
     "ferry_inference_e2e_request_latency_seconds",
     "Seconds from receiving a request to its last piece.",
     ["model"],
     buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 300),
 )
-QUEUE_DURATION = Histogram(
+QUEUE_DURATION = TracedHistogram(
     "ferry_inference_queue_duration_seconds",
     "Seconds a request waited for an admission slot.",
     ["model"],

@@ -1,17 +1,21 @@
-"""What watches generations without taking part in them: Prometheus metrics and the usage reported
-to the gateway. The pipeline tells each observer what happened; observers never fail a request."""
+"""What watches generations without taking part in them: Prometheus metrics (with trace exemplars),
+the request span's events and attributes, and the usage reported to the gateway. The pipeline tells
+each observer what happened; observers never fail a request."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
 from ferry.auth.v1.auth_pb2 import Principal
+from opentelemetry import trace
 
 from services.common.auth import principal_var
 from services.common.errors import RpcError
 from services.common.interceptor import current_call
+from services.common.telemetry import tracing_enabled
 from services.inference import metrics
 from services.inference.domain import UNKNOWN_MODEL, Api, Exchange, Piece
+from services.inference.tracing import ADMISSION_WAIT, ADMITTED_EVENT, FIRST_TOKEN_EVENT
 
 
 class GenerationObserver:
@@ -76,6 +80,40 @@ class MetricsObserver(GenerationObserver):
             metrics.PROMPT_TOKENS.labels(model).inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
             metrics.COMPLETION_TOKENS.labels(model).inc(outcome.completion_tokens)
+
+
+class TracingObserver(GenerationObserver):
+    """The request's server span (current while the pipeline runs): the admission wait and the first
+    token as events, the model, usage and finish reason as gen_ai.* attributes. The engine's CLIENT
+    span (services.inference.tracing) gets the admission wait too, through ADMISSION_WAIT."""
+
+    def admitted(self, exchange: Exchange, waited: float) -> None:
+        ADMISSION_WAIT.set(waited)
+        if tracing_enabled():
+            trace.get_current_span().add_event(ADMITTED_EVENT, {"ferry.admission.wait_seconds": waited})
+
+    def piece(self, exchange: Exchange, piece: Piece, gap: float | None) -> None:
+        if gap is None and tracing_enabled():
+            trace.get_current_span().add_event(FIRST_TOKEN_EVENT)
+
+    def ended(self, exchange: Exchange) -> None:
+        if not tracing_enabled():
+            return
+        span, outcome = trace.get_current_span(), exchange.outcome
+        if not span.is_recording():
+            return
+        span.set_attributes(
+            {
+                "ferry.request_id": exchange.request_id,
+                "gen_ai.request.model": exchange.model_label,
+                "gen_ai.usage.input_tokens": outcome.prompt_tokens,
+                "gen_ai.usage.output_tokens": outcome.completion_tokens,
+            }
+        )
+        if outcome.finish_reason:
+            span.set_attribute("gen_ai.response.finish_reasons", [outcome.finish_reason])
+        if outcome.error_code:
+            span.set_attribute("error.type", outcome.error_code)
 
 
 class UsageSink(Protocol):

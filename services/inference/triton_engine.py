@@ -15,12 +15,12 @@ from typing import Any
 
 import grpc
 import numpy as np
-from opentelemetry import propagate
 from tritonclient.grpc import InferInput, InferResult
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from backends.llamacpp.contract import EngineFault, SamplingParameters
+from services.common.telemetry import capture_content, trace_headers
 from services.common.triton_client import ModelInfo
 from services.inference.domain import Message, Piece, TokenLogprob
 from services.inference.engine_interface import (
@@ -31,11 +31,14 @@ from services.inference.engine_interface import (
     EngineTimedOut,
     EngineUnreachable,
 )
+from services.inference.tracing import end_engine_span, first_token, start_engine_span
 
 log = logging.getLogger(__name__)
 
 # How long Triton gets to close its stream after the final response before we cancel it.
 END_OF_STREAM_SECONDS = 5.0
+TRITON_SERVICE = "inference.GRPCInferenceService"
+TRITON_METHOD = "ModelStreamInfer"
 
 
 def engine_error_from_stream(message: str) -> EngineError:
@@ -150,8 +153,19 @@ class TritonEngine:
         Triton stream, which is what frees the engine slot; after the final piece the stream ends
         normally instead (nothing left to free).
         """
-        carrier: dict[str, str] = dict(headers or {})
-        propagate.inject(carrier)  # W3C trace context, so Triton's spans join the request's trace
+        # A CLIENT span for the call when tracing is on; its W3C context (or, tracing off, the
+        # request's) goes to Triton, whose own spans then join the request's trace.
+        span = start_engine_span(
+            "triton",
+            model.name,
+            sampling,
+            chat=messages is not None,
+            rpc_service=TRITON_SERVICE,
+            rpc_method=TRITON_METHOD,
+            messages=messages,
+            prompt=prompt,
+        )
+        carrier: dict[str, str] = {**(headers or {}), **trace_headers(span)}
         finished = asyncio.Event()
         request = {
             "model_name": model.name,
@@ -170,6 +184,11 @@ class TritonEngine:
 
         responses = self.client.stream_infer(requests(), stream_timeout=timeout, headers=carrier)
         completed = False
+        usage = [0, 0]  # prompt, completion tokens (for the span)
+        finish_reason = ""
+        output: list[str] = []
+        pieces_seen = 0
+        failure: BaseException | None = None
         try:
             async for result, error in responses:
                 if error is not None:
@@ -177,19 +196,41 @@ class TritonEngine:
                         error.message() if isinstance(error, InferenceServerException) else str(error)
                     )
                 piece = decode(result)
+                if span is not None:
+                    if not pieces_seen:
+                        first_token(span)
+                    pieces_seen += 1
+                    usage[0] = piece.prompt_tokens or usage[0]
+                    usage[1] += piece.tokens
+                    if capture_content():
+                        output.append(piece.text)
                 completed = bool(piece.finish_reason)
+                finish_reason = piece.finish_reason
                 yield piece
                 if completed:
                     return
             raise EngineBroken("Triton ended the stream without a final response")
         except grpc.aio.AioRpcError as err:
-            raise engine_error_from_rpc(err) from err
+            failure = engine_error_from_rpc(err)
+            raise failure from err
+        except BaseException as err:
+            failure = err
+            raise
         finally:
             finished.set()
             if completed:
                 await _end_normally(responses)
             else:
                 responses.cancel()
+            end_engine_span(
+                span,
+                prompt_tokens=usage[0],
+                completion_tokens=usage[1],
+                finish_reason=finish_reason
+                or ("cancelled" if isinstance(failure, GeneratorExit | asyncio.CancelledError) else ""),
+                output="".join(output),
+                error=failure if isinstance(failure, Exception) else None,
+            )
 
 
 async def _end_normally(responses: Any) -> None:

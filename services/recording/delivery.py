@@ -17,20 +17,28 @@ record to the spool's `dead` table instead of blocking everything behind it; all
 merged CreateTransaction that is refused falls back to the start on its own, so that an invalid
 outcome never takes the request's start (prompt, messages, principal) with it: the start is delivered
 and only the outcome is set aside, or, when the start is refused too, the whole merged record is.
+
+With tracing on, each delivery call is a PRODUCER span `deliver transactions` / `deliver audit`,
+the root of a trace of its own and LINKED to the request span(s) whose records it carries (the span
+context spooled with each record); the Transactions/Audit server span of the call is its child.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import grpc
 from ferry.audit.v1 import audit_pb2, audit_pb2_grpc
 from ferry.transactions.v1 import transactions_pb2, transactions_pb2_grpc
+from opentelemetry import context as otel_context
+from opentelemetry.trace import Span, SpanKind
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
+from services.common.telemetry import link_to, trace_headers, tracer, tracing_enabled
 from services.recording.metrics import DEAD_LETTERS, DELIVERED, DELIVERY_FAILURES
 from services.recording.spool import Spool, TxnRow
 
@@ -68,6 +76,35 @@ def merge(
     t.error_code = finished.error_code
     t.error_message = finished.error_message
     return t
+
+
+@contextlib.contextmanager
+def delivery_span(
+    destination: str, contexts: Iterable[str], count: int, request_id: str = ""
+) -> Iterator[Span | None]:
+    """The current span of one delivery call, linked to the spans of the records it carries (None, and
+    no span, with tracing off). A root span: delivery runs apart from any request."""
+    if not tracing_enabled():
+        yield None
+        return
+    links = [link for link in map(link_to, dict.fromkeys(contexts)) if link is not None]
+    attributes: dict[str, str | int] = {
+        "messaging.system": "ferry.spool",
+        "messaging.operation.type": "send",
+        "messaging.operation.name": "deliver",
+        "messaging.destination.name": destination,
+        "messaging.batch.message_count": count,
+    }
+    if request_id:
+        attributes["ferry.request_id"] = request_id
+    with tracer().start_as_current_span(
+        f"deliver {destination}",
+        context=otel_context.Context(),
+        kind=SpanKind.PRODUCER,
+        links=links,
+        attributes=attributes,
+    ) as span:
+        yield span
 
 
 class Refused(Exception):
@@ -161,6 +198,12 @@ class Delivery:
                 # Woken by a new record: let the next few join it in the same batch.
                 await asyncio.sleep(self.batch_delay)
 
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        """The service credentials, and with tracing on the current (delivery) span's trace context."""
+        if not tracing_enabled():
+            return self.metadata
+        return (*self.metadata, *trace_headers().items())
+
     def _holding_starts(self) -> bool:
         return self.merge_window > 0 and not self.flushing
 
@@ -179,7 +222,8 @@ class Delivery:
         rows = self.spool.pending_txn(self.batch_size, started_before=held)
         for row in rows:
             try:
-                await self._deliver_txn(row)
+                with delivery_span("transactions", [row.context], 1, row.request_id):
+                    await self._deliver_txn(row)
             except Refused as refused:
                 self._bury_txn(row, refused.payload, refused.details)
             except grpc.aio.AioRpcError as exc:
@@ -196,7 +240,7 @@ class Delivery:
         self.spool.bury("transaction", row.seq, payload, details)
 
     async def _deliver_txn(self, row: TxnRow) -> None:
-        kw = {"timeout": CALL_TIMEOUT_SECONDS, "metadata": self.metadata}
+        kw = {"timeout": CALL_TIMEOUT_SECONDS, "metadata": self._metadata()}
         if row.finished is None:
             assert row.started is not None
             await self.transactions.CreateTransaction(
@@ -241,7 +285,7 @@ class Delivery:
             record = await self.transactions.CreateTransaction(
                 transactions_pb2.CreateTransactionRequest(transaction=Transaction.FromString(row.started)),
                 timeout=CALL_TIMEOUT_SECONDS,
-                metadata=self.metadata,
+                metadata=self._metadata(),
             )
         except grpc.aio.AioRpcError as exc:
             if not is_permanent(exc):
@@ -255,12 +299,14 @@ class Delivery:
         if not batch:
             return 0
         events = [audit_pb2.AuditEvent.FromString(payload) for _, payload in batch]
+        contexts = self.spool.audit_contexts([seq for seq, _ in batch]) if tracing_enabled() else []
         try:
-            await self.audit.AppendEvents(
-                audit_pb2.AppendEventsRequest(events=events),
-                timeout=CALL_TIMEOUT_SECONDS,
-                metadata=self.metadata,
-            )
+            with delivery_span("audit", contexts, len(events)):
+                await self.audit.AppendEvents(
+                    audit_pb2.AppendEventsRequest(events=events),
+                    timeout=CALL_TIMEOUT_SECONDS,
+                    metadata=self._metadata(),
+                )
         except grpc.aio.AioRpcError as exc:
             if not is_permanent(exc):
                 raise
@@ -280,7 +326,7 @@ class Delivery:
                     audit_pb2.AppendEventsRequest(events=[event]),
                     timeout=CALL_TIMEOUT_SECONDS,
                     metadata=self.metadata,
-                )
+                )  # set-aside search: not traced
             except grpc.aio.AioRpcError as exc:
                 if not is_permanent(exc):
                     raise

@@ -20,6 +20,7 @@ from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2
 
 from services.common.config import Settings
+from services.common.telemetry import traceparent, tracing_enabled
 from services.common.timestamps import seconds_to_duration, to_timestamp
 from services.common.tokens import service_credentials
 from services.recording.delivery import Delivery
@@ -192,7 +193,7 @@ class Recorder:
             params.update(parameters)
             t.parameters.CopyFrom(params)
         started = time.perf_counter()
-        if not self._spool().put_started(request_id, t.SerializeToString()):
+        if not self._spool().put_started(request_id, t.SerializeToString(), _span_context()):
             log.warning("transaction %s started twice; the first start is kept", request_id)
         SPOOL_WRITE.observe(time.perf_counter() - started)
         if not self.settings.recording.merge_window_seconds:
@@ -233,7 +234,7 @@ class Recorder:
         if latency is not None:
             finished.latency.CopyFrom(seconds_to_duration(latency))
         started = time.perf_counter()
-        if not self._spool().put_finished(request_id, finished.SerializeToString()):
+        if not self._spool().put_finished(request_id, finished.SerializeToString(), _span_context()):
             log.warning("transaction %s finished twice; the first outcome is kept", request_id)
         SPOOL_WRITE.observe(time.perf_counter() - started)
         self._wake("transaction")
@@ -248,7 +249,7 @@ class Recorder:
         if not event.source:
             event.source = self.process
         started = time.perf_counter()
-        self._spool().put_audit(event.SerializeToString())
+        self._spool().put_audit(event.SerializeToString(), _span_context())
         SPOOL_WRITE.observe(time.perf_counter() - started)
         self._wake("audit")
         return event.event_id
@@ -329,6 +330,12 @@ class Recorder:
                 await asyncio.to_thread(spool.checkpoint)
                 last_checkpoint = time.monotonic()
             await asyncio.sleep(1.0)
+
+
+def _span_context() -> str:
+    """The current span's context, kept with a record so that its delivery span links to it (only
+    with tracing on: otherwise no span would be there to link to)."""
+    return traceparent() if tracing_enabled() else ""
 
 
 def _now() -> timestamp_pb2.Timestamp:

@@ -14,6 +14,9 @@ Tables:
 - `audit`: serialized `AuditEvent`s waiting for delivery, in order.
 - `dead`: records the services refused as invalid (kept, counted, never retried automatically).
 
+`txn` and `audit` rows keep the span context of the request they carry (`context`, a W3C
+`traceparent`; empty outside a trace), so that their delivery span can link to it.
+
 One process owns a spool at a time (an exclusive `flock` on `<name>.lock`), so the rows left open
 (`finished` IS NULL) when a spool is opened belong to a process that died mid-request.
 """
@@ -36,13 +39,15 @@ CREATE TABLE IF NOT EXISTS txn (
     finished   BLOB,
     start_sent INTEGER NOT NULL DEFAULT 0,
     pending    INTEGER NOT NULL DEFAULT 1,
-    since      REAL    NOT NULL
+    since      REAL    NOT NULL,
+    context    TEXT    NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS txn_pending ON txn (pending, seq);
 CREATE TABLE IF NOT EXISTS audit (
-    seq   INTEGER PRIMARY KEY AUTOINCREMENT,
-    event BLOB    NOT NULL,
-    since REAL    NOT NULL
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    event   BLOB    NOT NULL,
+    since   REAL    NOT NULL,
+    context TEXT    NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS dead (
     seq     INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -52,6 +57,8 @@ CREATE TABLE IF NOT EXISTS dead (
     since   REAL    NOT NULL
 );
 """
+# Columns added after the first release: a spool written by an older ferry gets them when opened.
+ADDED_COLUMNS = {"txn": "context TEXT NOT NULL DEFAULT ''", "audit": "context TEXT NOT NULL DEFAULT ''"}
 
 
 class SpoolLocked(RuntimeError):
@@ -65,6 +72,8 @@ class TxnRow:
     started: bytes | None
     finished: bytes | None
     start_sent: bool
+    # The request's span context (`traceparent`), empty when none was recorded.
+    context: str = ""
 
 
 class Spool:
@@ -86,37 +95,46 @@ class Spool:
         self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.executescript(SCHEMA)
+        for table, column in ADDED_COLUMNS.items():
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column.split()[0] not in present:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
     # -- writes on the request path ------------------------------------------------------------
 
-    def put_started(self, request_id: str, started: bytes) -> bool:
+    def put_started(self, request_id: str, started: bytes, context: str = "") -> bool:
         """False when the request id is already spooled (a duplicate start is ignored)."""
         with self._mutex:
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO txn (request_id, started, since) VALUES (?, ?, ?)",
-                (request_id, started, time.time()),
+                "INSERT OR IGNORE INTO txn (request_id, started, since, context) VALUES (?, ?, ?, ?)",
+                (request_id, started, time.time(), context),
             )
             return cur.rowcount == 1
 
-    def put_finished(self, request_id: str, finished: bytes) -> bool:
-        """Records the outcome; the first finish wins. False when this request already had one."""
+    def put_finished(self, request_id: str, finished: bytes, context: str = "") -> bool:
+        """Records the outcome; the first finish wins. False when this request already had one. The
+        start's span context stays (`context` fills it only where the start had none)."""
         with self._mutex:
             cur = self._db.execute(
-                "UPDATE txn SET finished = ?, pending = 1, since = ? WHERE request_id = ? AND finished IS NULL",
-                (finished, time.time(), request_id),
+                "UPDATE txn SET finished = ?, pending = 1, since = ?, "
+                "context = CASE WHEN context = '' THEN ? ELSE context END "
+                "WHERE request_id = ? AND finished IS NULL",
+                (finished, time.time(), context, request_id),
             )
             if cur.rowcount == 1:
                 return True
             # No start spooled (or already delivered and gone): spool the finish on its own.
             cur = self._db.execute(
-                "INSERT OR IGNORE INTO txn (request_id, finished, since) VALUES (?, ?, ?)",
-                (request_id, finished, time.time()),
+                "INSERT OR IGNORE INTO txn (request_id, finished, since, context) VALUES (?, ?, ?, ?)",
+                (request_id, finished, time.time(), context),
             )
             return cur.rowcount == 1
 
-    def put_audit(self, event: bytes) -> None:
+    def put_audit(self, event: bytes, context: str = "") -> None:
         with self._mutex:
-            self._db.execute("INSERT INTO audit (event, since) VALUES (?, ?)", (event, time.time()))
+            self._db.execute(
+                "INSERT INTO audit (event, since, context) VALUES (?, ?, ?)", (event, time.time(), context)
+            )
 
     # -- delivery side -----------------------------------------------------------------------------
 
@@ -131,17 +149,17 @@ class Spool:
         with self._mutex:
             if started_before is None:
                 rows = self._db.execute(
-                    "SELECT seq, request_id, started, finished, start_sent FROM txn "
+                    "SELECT seq, request_id, started, finished, start_sent, context FROM txn "
                     "WHERE pending = 1 ORDER BY seq LIMIT ?",
                     (limit,),
                 ).fetchall()
             else:
                 rows = self._db.execute(
-                    "SELECT seq, request_id, started, finished, start_sent FROM txn "
+                    "SELECT seq, request_id, started, finished, start_sent, context FROM txn "
                     "WHERE pending = 1 AND (finished IS NOT NULL OR since < ?) ORDER BY seq LIMIT ?",
                     (started_before, limit),
                 ).fetchall()
-        return [TxnRow(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+        return [TxnRow(r[0], r[1], r[2], r[3], bool(r[4]), r[5]) for r in rows]
 
     def first_waiting_start(self) -> float | None:
         """When the oldest start still waiting for delivery without its outcome was spooled."""
@@ -165,6 +183,17 @@ class Spool:
     def pending_audit(self, limit: int) -> list[tuple[int, bytes]]:
         with self._mutex:
             return self._db.execute("SELECT seq, event FROM audit ORDER BY seq LIMIT ?", (limit,)).fetchall()
+
+    def audit_contexts(self, seqs: list[int]) -> list[str]:
+        """The span contexts (non-empty ones) that audit events `seqs` were spooled with."""
+        if not seqs:
+            return []
+        with self._mutex:
+            rows = self._db.execute(
+                "SELECT context FROM audit WHERE seq BETWEEN ? AND ? AND context != ''",
+                (min(seqs), max(seqs)),
+            ).fetchall()
+        return [r[0] for r in rows]
 
     def audit_delivered(self, up_to_seq: int, seqs: list[int] | None = None) -> None:
         with self._mutex:

@@ -1,0 +1,190 @@
+"""One trace per request across Envoy, the gateway, the Inference service and Triton, with the record
+deliveries linked to it; and trace exemplars on the latency histograms. A stack of its own with
+tracing on (telemetry.exporter=otlp) exports to a real OTLP receiver in this process."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+
+import httpx
+import pytest
+from ferry.inference.v1 import inference_pb2 as pb
+from ferry.inference.v1 import inference_pb2_grpc
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from tests.deploy.tools import promtool
+from tests.observability.collector import Collector, ReceivedSpan
+from tests.observability.conftest import MODEL
+from tests.stack import RunningStack
+
+pytestmark = pytest.mark.stack
+
+SERVER, CLIENT, PRODUCER = 2, 3, 4  # OTLP span kinds
+# Envoy's exporter flushes every 5 s; the services' every 200 ms here.
+EXPORT_WAIT_SECONDS = 30.0
+# Traces whose requests have been sent, for the exemplar test: {"rest": trace id, "grpc": trace id}.
+TRACES: dict[str, str] = {}
+
+
+def new_traceparent() -> tuple[str, str, str]:
+    trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
+    return trace_id, parent, f"00-{trace_id}-{parent}-01"
+
+
+def one(spans: list[ReceivedSpan], what: str, **match: object) -> ReceivedSpan:
+    found = [s for s in spans if all(getattr(s, k) == v for k, v in match.items())]
+    assert len(found) == 1, f"{what}: expected one span matching {match}, got {found} among {spans}"
+    return found[0]
+
+
+def assert_request_trace(
+    collector: Collector, trace_id: str, client_span: str, method: str, request_id: str, secrets_: list[str]
+) -> None:
+    """The span tree of one generation: Envoy → gateway check; Envoy → inference → Triton call →
+    Triton's own spans; and the deliveries of its transaction and audit records linked to it."""
+
+    def complete() -> bool:
+        names = {(s.service, s.name) for s in collector.in_trace(trace_id)}
+        linked = {s.name for s in collector.linked_to(trace_id)}
+        return (
+            ("ferry-envoy", "ingress") in names
+            and ("ferry-triton", "InferRequest") in names
+            and {"deliver transactions", "deliver audit"} <= linked
+        )
+
+    collector.wait_until(complete, EXPORT_WAIT_SECONDS)
+    spans = collector.in_trace(trace_id)
+
+    # Envoy continues the client's trace (its traceparent), checks the key, routes to Inference.
+    ingress = one(spans, "Envoy's server span", service="ferry-envoy", name="ingress")
+    assert ingress.parent_id == client_span and ingress.kind == SERVER
+    authz = one(
+        spans,
+        "Envoy's ext_authz call",
+        service="ferry-envoy",
+        parent_id=ingress.span_id,
+        kind=CLIENT,
+        name="async envoy.service.auth.v3.Authorization.Check egress",
+    )
+    check = one(spans, "the gateway's key check", service="ferry-gateway", parent_id=authz.span_id)
+    assert check.name == "/envoy.service.auth.v3.Authorization/Check" and check.kind == SERVER
+    assert check.attributes["ferry.auth.decision"] == "allow"
+    assert check.attributes["ferry.auth.checked_method"] == method
+    upstream = one(spans, "Envoy's call to Inference", service="ferry-envoy", name="router inference egress")
+    assert upstream.parent_id == ingress.span_id
+
+    # The Inference service's server span, and its CLIENT span for the call to Triton.
+    server = one(spans, "the Inference server span", service="ferry-inference", parent_id=upstream.span_id)
+    assert server.name == method and server.kind == SERVER
+    assert server.attributes["ferry.request_id"] == request_id
+    assert server.attributes["gen_ai.request.model"] == MODEL
+    call = one(spans, "the call to Triton", service="ferry-inference", parent_id=server.span_id, kind=CLIENT)
+    assert call.name.endswith(f" {MODEL}")
+    assert call.attributes["rpc.method"] == "ModelStreamInfer"
+    assert call.attributes["gen_ai.request.model"] == MODEL
+    assert call.attributes["gen_ai.usage.output_tokens"] == 3
+    assert call.attributes["gen_ai.usage.input_tokens"] > 0
+    assert call.attributes["gen_ai.response.finish_reasons"] == ["length"]
+    assert call.events == ["ferry.admitted", "gen_ai.first_token"]
+
+    # Triton's own spans continue the call's context: request → model → compute.
+    infer = one(spans, "Triton's request span", service="ferry-triton", name="InferRequest")
+    assert infer.parent_id == call.span_id
+    model = one(spans, "Triton's model span", service="ferry-triton", name=MODEL)
+    assert model.parent_id == infer.span_id and "QUEUE_START" in model.events
+    compute = one(spans, "Triton's compute span", service="ferry-triton", name="compute")
+    assert compute.parent_id == model.span_id and "COMPUTE_START" in compute.events
+
+    # Record deliveries: spans of their own traces, linked to the request's server span.
+    linked = collector.linked_to(trace_id)
+    transaction = [s for s in linked if s.name == "deliver transactions" and s.service == "ferry-inference"]
+    assert transaction and all(s.kind == PRODUCER for s in transaction)
+    assert transaction[0].links == [(trace_id, server.span_id)]
+    assert transaction[0].attributes["ferry.request_id"] == request_id
+    audit = [s for s in linked if s.name == "deliver audit" and s.service == "ferry-inference"]
+    assert audit and (trace_id, server.span_id) in audit[0].links
+    # The Transactions service's span of the write is a child of the delivery.
+    writes = collector.in_trace(transaction[0].trace_id)
+    assert any(s.service == "ferry-transactions" and s.parent_id == transaction[0].span_id for s in writes), (
+        writes
+    )
+
+    # Content capture is off: no prompt, no generated text and no key in any attribute.
+    everything = " ".join(str(v) for s in [*spans, *linked] for v in s.attributes.values())
+    for secret in secrets_:
+        assert secret not in everything
+
+
+def test_rest_completion_is_one_trace(traced: RunningStack, collector: Collector) -> None:
+    trace_id, parent, traceparent = new_traceparent()
+    prompt = f"Tracing prompt {secrets.token_hex(4)}"
+    with traced.http() as http:
+        reply = http.post(
+            "/v1/completions",
+            json={"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0},
+            headers={"traceparent": traceparent},
+        )
+    assert reply.status_code == 200, reply.text
+    TRACES["rest"] = trace_id
+    assert_request_trace(
+        collector,
+        trace_id,
+        parent,
+        "/ferry.openai.v1.OpenAIService/CreateCompletion",
+        reply.headers["x-request-id"],
+        [prompt, traced.admin_key],
+    )
+
+
+def test_native_grpc_generation_is_one_trace(traced: RunningStack, collector: Collector) -> None:
+    trace_id, parent, traceparent = new_traceparent()
+    prompt = f"Tracing prompt {secrets.token_hex(4)}"
+    native = inference_pb2_grpc.InferenceServiceStub(traced.channel())
+    request_id = f"trace-test-{secrets.token_hex(4)}"
+    pieces = list(
+        native.GenerateStream(
+            pb.GenerateRequest(
+                model=f"models/{MODEL}",
+                request_id=request_id,
+                prompt=prompt,
+                sampling=pb.SamplingParams(max_tokens=3, ignore_eos=True),
+            ),
+            metadata=[("traceparent", traceparent)],
+            timeout=60,
+        )
+    )
+    assert sum(p.token_count for p in pieces) == 3
+    TRACES["grpc"] = trace_id
+    assert_request_trace(
+        collector,
+        trace_id,
+        parent,
+        "/ferry.inference.v1.InferenceService/GenerateStream",
+        request_id,
+        [prompt, traced.admin_key],
+    )
+
+
+def test_latency_histograms_carry_trace_exemplars(traced: RunningStack) -> None:
+    if not TRACES:
+        pytest.skip("needs the traced requests of the tests above (run the module, not this test alone)")
+    url = traced.metrics_urls["inference"]
+    openmetrics = httpx.get(url, headers={"accept": "application/openmetrics-text"}, timeout=10)
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    exemplars = {
+        family.name: {s.exemplar.labels["trace_id"] for s in family.samples if s.exemplar}
+        for family in text_string_to_metric_families(openmetrics.text)
+    }
+    for histogram in (
+        "ferry_inference_time_to_first_token_seconds",
+        "ferry_inference_e2e_request_latency_seconds",
+        "ferry_grpc_server_handling_seconds",
+    ):
+        assert exemplars[histogram] & set(TRACES.values()), (histogram, exemplars[histogram])
+    # Prometheus' classic text format (no exemplars in it) still passes promtool's lint.
+    text = httpx.get(url, timeout=10).text
+    lint = subprocess.run(
+        [promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr
