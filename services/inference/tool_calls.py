@@ -25,6 +25,9 @@ from typing import Any
 from services.inference.domain import FunctionTool, Message, ToolChoice, ToolUse
 from services.inference.json_schema import validate_instance
 
+# The most calls a forced list holds: without a bound, a small model may go on listing calls (often the
+# same ones) until max_tokens, and an answer cut short is no use to anyone.
+MAX_PARALLEL_CALLS = 8
 # The arguments of a function that declares none.
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 # Schema keywords whose value is one schema, a list of schemas, or a name -> schema mapping.
@@ -106,7 +109,7 @@ def lists_calls(use: ToolUse) -> bool:
 
 def forced_schema(use: ToolUse) -> dict[str, Any]:
     """The JSON Schema a forced answer follows: one call of the named function, one call of any tool
-    (`parallel_tool_calls: false`), or a list of at least one call (`required`)."""
+    (`parallel_tool_calls: false`), or a list of 1 to MAX_PARALLEL_CALLS calls (`required`)."""
     defs: dict[str, Any] = {}
     if use.choice is ToolChoice.FUNCTION:
         index, tool = next((i, t) for i, t in enumerate(use.tools) if t.name == use.function)
@@ -114,7 +117,8 @@ def forced_schema(use: ToolUse) -> dict[str, Any]:
     else:
         calls = [_call_schema(tool, i, defs) for i, tool in enumerate(use.tools)]
         one = calls[0] if len(calls) == 1 else {"anyOf": calls}
-        schema = {"type": "array", "items": one, "minItems": 1} if lists_calls(use) else one
+        listed = {"type": "array", "items": one, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS}
+        schema = listed if lists_calls(use) else one
     if defs:
         schema = {**schema, "$defs": defs}
     return schema

@@ -15,10 +15,12 @@ from tritonclient.grpc import model_config_pb2
 from backends.llamacpp.contract import ConstraintKind
 from services.common.config import REPO_ROOT
 from services.common.errors import RpcError
+from services.common.triton_client import ModelInfo, Provider
 from services.inference.domain import GenerationRequest, Message, ToolCall, ToolChoice, ToolUse
 from services.inference.json_schema import check_schema, validate_instance
 from services.inference.openai_api import tools
 from services.inference.openai_api.chat import ChatWire
+from services.inference.render import Render
 from services.inference.templates import ChatTemplates
 from services.inference.tool_calls import CallScanner, auto_calls, forced_schema
 
@@ -110,43 +112,38 @@ def test_none_offers_nothing_but_still_checks_the_tools() -> None:
     )
 
 
+UNENFORCEABLE = {"type": "object", "properties": {"x": {"not": {"type": "string"}}}}
+# Refusals of tools and tool_choice: (request fields, the field the 400 names). The stack tests send
+# these through Envoy with the OpenAI SDK too.
+BAD_TOOLS: list[tuple[dict[str, Any], str]] = [
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools[0].type"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function"),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+        "tools[0].function.parameters.type",
+    ),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": UNENFORCEABLE}}]},
+        "tools[0].function.parameters",
+    ),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+    (
+        {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        "tool_choice.function.name",
+    ),
+    ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function"}}, "tool_choice.function.name"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+]
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
-        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
-        ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools[0].type"),
-        ({"tools": [{"type": "function"}]}, "tools[0].function"),
-        (
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
-            "tools[0].function.parameters.type",
-        ),
-        (
-            {
-                "tools": [
-                    {
-                        "type": "function",
-                        "function": {
-                            "name": "f",
-                            "parameters": {
-                                "type": "object",
-                                "properties": {"x": {"not": {"type": "string"}}},
-                            },
-                        },
-                    }
-                ]
-            },
-            "tools[0].function.parameters",
-        ),
-        ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
-        (
-            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-            "tool_choice.function.name",
-        ),
-        ({"tools": [WEATHER], "tool_choice": "always"}, "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": {"type": "function"}}, "tool_choice.function.name"),
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice.function.name"),
+        *BAD_TOOLS,
         (
             {"tools": [WEATHER], "tool_choice": "required", "grammar": {"gbnf": 'root ::= "x"'}},
             "grammar",
@@ -362,3 +359,35 @@ def test_none_renders_no_tools() -> None:
     source = repository_template("smollm2-135m-instruct")
     prompt = ChatTemplates().render("m", source, (Message("user", "Hi"),), tools=_use(ToolChoice.NONE))
     assert "get_weather" not in prompt
+
+
+# --- upstream models ------------------------------------------------------------------------------
+
+UPSTREAM = ModelInfo(
+    name="gpt-up",
+    backend="",
+    context_length=8192,
+    max_tokens=512,
+    owned_by="x",
+    chat_template="",
+    engine_slots=1,
+    provider=Provider.UPSTREAM,
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"tools": [WEATHER]}, "tools"),
+        ({"tools": [WEATHER], "tool_choice": "required"}, "tools"),
+        ({"messages": [*USER, {"role": "tool", "tool_call_id": "c", "content": "x"}]}, "messages[1].role"),
+    ],
+)
+def test_upstream_models_refuse_tools_naming_the_field_and_model(body: dict[str, Any], field: str) -> None:
+    with pytest.raises(RpcError) as caught:
+        Render(ChatTemplates())(chat(**body), UPSTREAM)
+    assert caught.value.field_violations[0][0] == field and "gpt-up" in caught.value.message
+
+
+def test_upstream_models_take_tools_that_are_not_offered() -> None:
+    assert Render(ChatTemplates())(chat(tools=[WEATHER], tool_choice="none"), UPSTREAM) == ""

@@ -79,10 +79,11 @@ def _choice(value: struct_pb2.Value, names: Sequence[str]) -> tuple[ToolChoice, 
     name = function["name"].string_value if "name" in function else ""
     if not name:
         raise invalid_argument("tool_choice.function.name", "is required")
+    if not names:
+        raise invalid_argument("tool_choice", f"names the function '{name}', and no tools were sent")
     if name not in names:
-        known = ", ".join(names) or "none: tools is empty"
         raise invalid_argument(
-            "tool_choice.function.name", f"'{name}' is not a function in tools (they are: {known})"
+            "tool_choice.function.name", f"'{name}' is not a function in tools (they are: {', '.join(names)})"
         )
     return ToolChoice.FUNCTION, name
 
