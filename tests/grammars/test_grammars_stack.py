@@ -13,6 +13,7 @@ import grpc
 import httpx
 import pytest
 from ferry.grammars.v1 import grammars_pb2, grammars_pb2_grpc
+from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from google.protobuf import field_mask_pb2
 
 from services.common.errors import error_details
@@ -323,6 +324,23 @@ def test_a_generation_naming_a_stored_grammar_follows_it(stack: RunningStack) ->
         )
         assert chat.status_code == 200, chat.text
         assert chat.json()["choices"][0]["message"]["content"] in ("yes", "no"), chat.json()
+        completion = http.post(
+            "/v1/completions",
+            json={"model": model, "prompt": "Is it?", "max_tokens": 8, "grammar": {"name": name}},
+        )
+        assert completion.status_code == 200, completion.text
+        assert completion.json()["choices"][0]["text"] in ("yes", "no"), completion.json()
+    with keyed_channel(stack.grpc_target, key) as channel:
+        answer = inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+            inference_pb2.GenerateRequest(
+                model=f"models/{model}",
+                prompt="Is it?",
+                sampling=inference_pb2.SamplingParams(max_tokens=8),
+                constraint=inference_pb2.OutputConstraint(grammar=name),
+            ),
+            timeout=60,
+        )
+        assert answer.text in ("yes", "no")
 
     # The stored grammar is what applies: after an update, the next request follows the new one.
     with stack.http() as admin:
@@ -352,8 +370,6 @@ def test_a_generation_naming_a_stored_grammar_follows_it(stack: RunningStack) ->
         )
         assert chat.status_code == 404 and "grammar.name" in chat.text, chat.text
     with keyed_channel(stack.grpc_target, key) as channel:
-        from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
-
         with pytest.raises(grpc.RpcError) as missing:
             inference_pb2_grpc.InferenceServiceStub(channel).Generate(
                 inference_pb2.GenerateRequest(
