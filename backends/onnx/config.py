@@ -63,6 +63,9 @@ class EmbeddingParameters(BaseModel):
     max_tokens: int = Field(ge=2)
     # What the model was built for (BERT's position table); a bound on max_tokens.
     max_position_embeddings: int = Field(default=512, ge=2)
+    # Tokens (rows x longest row, padding included) one ONNX Runtime run may take: a bound on its memory.
+    # A batch with more is run in several, shortest inputs first.
+    max_batch_tokens: int = Field(default=8192, ge=1)
     # ONNX Runtime threads: intra-op (within one operator) and inter-op (between operators).
     intra_op_threads: int = Field(default=2, ge=1)
     inter_op_threads: int = Field(default=1, ge=1)
@@ -75,6 +78,10 @@ class EmbeddingParameters(BaseModel):
         ):
             if source is FileSource.PACKAGE_FILE and not package:
                 raise ValueError(f"{prefix}_source=package_file needs {prefix}_package")
+        if self.max_batch_tokens < self.max_tokens:
+            raise ValueError(
+                f"max_batch_tokens={self.max_batch_tokens} is less than max_tokens={self.max_tokens}"
+            )
         if self.max_tokens > self.max_position_embeddings:
             raise ValueError(
                 f"max_tokens={self.max_tokens} exceeds max_position_embeddings={self.max_position_embeddings}"

@@ -44,6 +44,9 @@ class Encoder:
         options.intra_op_num_threads = params.intra_op_threads
         options.inter_op_num_threads = params.inter_op_threads
         options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        # No memory arena: with it the process kept the peak of its largest batch for good (1.9 GiB after
+        # 64 inputs of 200 tokens); without it memory goes back after each run (~350 MiB there).
+        options.enable_cpu_mem_arena = False
         self.session = onnxruntime.InferenceSession(
             str(onnx_path), options, providers=["CPUExecutionProvider"]
         )
@@ -75,9 +78,26 @@ class Encoder:
         return out
 
     def embed(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        """One ONNX Runtime run over the whole batch: [len(batch), dimension] float32."""
-        if not batch:
-            return np.zeros((0, self.params.dimension), dtype=np.float32)
+        """[len(batch), dimension] float32 vectors, in the batch's order. The inputs are run shortest
+        first, as few ONNX Runtime runs as `max_batch_tokens` allows (rows x longest row, padding
+        included: what a run's memory grows with); similar lengths together also pad less."""
+        out = np.zeros((len(batch), self.params.dimension), dtype=np.float32)
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while (
+                end < len(order)
+                and (end + 1 - start) * len(batch[order[end]]) <= self.params.max_batch_tokens
+            ):
+                end += 1
+            rows = order[start:end]
+            out[rows] = self._run([batch[i] for i in rows])
+            start = end
+        return out
+
+    def _run(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """One ONNX Runtime run over `batch`."""
         input_ids, mask = pad(batch, self.pad_id)
         feeds = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
