@@ -87,8 +87,8 @@ class GrammarsServicer(grammars_pb2_grpc.GrammarsServiceServicer):
             await self.check(fields, "grammar.definition")
         updated = await self.store.update(current.id, current.etag, fields)
         if updated is None:  # changed or deleted while the engine checked it
-            now = await self._stored(request.grammar.name, "grammar.name")
-            raise _stale(now, "it changed while this update was checked; read it again")
+            latest = await self._stored(request.grammar.name, "grammar.name")
+            raise _stale(latest, "it changed while this update was checked; read it again")
         principal, call_id = _caller()
         self._audit("grammar.update", updated, principal, call_id, fields=",".join(paths))
         return updated.to_proto()
@@ -99,8 +99,8 @@ class GrammarsServicer(grammars_pb2_grpc.GrammarsServiceServicer):
         current = await self._stored(request.name, "name")
         _check_etag(current, request.etag)
         if not await self.store.delete(current.id, request.etag or None):
-            now = await self._stored(request.name, "name")
-            raise _stale(now, "it changed since it was read")
+            latest = await self._stored(request.name, "name")
+            raise _stale(latest, "it changed since it was read")
         principal, call_id = _caller()
         self._audit("grammar.delete", current, principal, call_id)
         return empty_pb2.Empty()
