@@ -23,7 +23,7 @@ READY_TIMEOUT_S = 180.0
 
 
 def _settings(home: Path, **overrides: Any) -> Settings:
-    ports = iter(free_ports(17))
+    ports = iter(free_ports(5 + 2 * len(SERVICES)))
     values: dict[str, Any] = {
         "home": home,
         "log_level": "WARNING",

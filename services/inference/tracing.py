@@ -22,7 +22,7 @@ from services.inference.domain import Message
 
 # Seconds the current request waited for its admission slot (set by TracingObserver.admitted, read by
 # the engine span, which starts after admission in the same task).
-ADMISSION_WAIT: ContextVar[float | None] = ContextVar("ferry_admission_wait", default=None)
+ADMISSION_WAIT: ContextVar[float | None] = ContextVar("admission_wait", default=None)
 
 ADMITTED_EVENT = "ferry.admitted"
 FIRST_TOKEN_EVENT = "gen_ai.first_token"

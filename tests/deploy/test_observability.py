@@ -1,5 +1,6 @@
-"""The observability bundle: promtool accepts the scrape config and the alert rules, the dashboard's
-queries are valid PromQL, and every ferry_* metric they name is one the code exports."""
+"""The observability bundle: promtool accepts the scrape config and the alert rules, the dashboards'
+queries are valid PromQL, every ferry_* metric they name is one the code exports, every service is on
+a dashboard and scraped, and every alert has its runbook section."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from tests.deploy.tools import COMPOSE, OBSERVABILITY, SERVICES, load_yaml, prom
 
 ALERTS = OBSERVABILITY / "alerts.yml"
 SCRAPE = OBSERVABILITY / "prometheus.yml"
-DASHBOARD = OBSERVABILITY / "grafana" / "dashboards" / "ferry-inference.json"
+DASHBOARDS = OBSERVABILITY / "grafana" / "dashboards"
+DASHBOARD = DASHBOARDS / "ferry-inference.json"
+RUNBOOK = REPO_ROOT / "docs" / "runbook.md"
+# Every process with a metrics port: the launcher's services (SERVICES) and the newer ones.
+METRICS_PROCESSES = tuple(dict.fromkeys((*SERVICES, "grammars")))
 
 
 def dashboard() -> dict[str, Any]:
@@ -23,8 +28,16 @@ def dashboard() -> dict[str, Any]:
     return loaded
 
 
-def dashboard_queries() -> list[str]:
-    return [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
+def dashboards() -> dict[str, dict[str, Any]]:
+    return {path.name: json.loads(path.read_text()) for path in sorted(DASHBOARDS.glob("*.json"))}
+
+
+def dashboard_queries(board: dict[str, Any] | None = None) -> list[str]:
+    return [t["expr"] for p in (board or dashboard())["panels"] for t in p.get("targets", [])]
+
+
+def all_dashboard_queries() -> list[str]:
+    return [q for board in dashboards().values() for q in dashboard_queries(board)]
 
 
 def test_alert_rules_pass_promtool() -> None:
@@ -65,8 +78,8 @@ def test_alerts_cover_the_golden_signals() -> None:
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     board = dashboard()
     assert board["uid"] == "ferry-inference"
-    queries = dashboard_queries()
-    assert len(queries) >= 10
+    assert len(dashboard_queries()) >= 10
+    queries = all_dashboard_queries()
     # promtool parses PromQL in rule files: each query becomes a recording rule. Grafana's variables
     # are replaced by what Grafana would substitute.
     rules = {
@@ -76,7 +89,9 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
                 "rules": [
                     {
                         "record": f"dashboard:query_{i}",
-                        "expr": q.replace("$__rate_interval", "1m").replace("$model", ".*"),
+                        "expr": q.replace("$__rate_interval", "1m")
+                        .replace("$model", ".*")
+                        .replace("$service", ".*"),
                     }
                     for i, q in enumerate(queries)
                 ],
@@ -106,7 +121,9 @@ def exported_metric_names() -> set[str]:
 
 
 def test_every_ferry_metric_named_is_exported_by_the_code() -> None:
-    named = ferry_metrics_named(ALERTS.read_text()) | ferry_metrics_named(DASHBOARD.read_text())
+    named = ferry_metrics_named(ALERTS.read_text()) | ferry_metrics_named(
+        " ".join(path.read_text() for path in DASHBOARDS.glob("*.json"))
+    )
     exported = exported_metric_names()
     assert {"ferry_grpc_server_handled", "ferry_inference_time_to_first_token_seconds"} <= named
     assert named - exported == set(), (
@@ -119,7 +136,7 @@ def test_scrape_targets_are_the_settings_metrics_ports() -> None:
     config = yaml.safe_load(SCRAPE.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     ferry = {c["names"][0]: c["port"] for c in jobs["ferry"]["dns_sd_configs"]}
-    assert ferry == {name: getattr(s, name).metrics_port for name in SERVICES}
+    assert ferry == {name: getattr(s, name).metrics_port for name in METRICS_PROCESSES}
     assert jobs["envoy"]["dns_sd_configs"][0]["port"] == s.envoy.admin_port
     assert jobs["envoy"]["metrics_path"] == "/stats/prometheus"
     assert jobs["triton"]["dns_sd_configs"][0]["port"] == s.triton.metrics_port
@@ -139,3 +156,44 @@ def test_compose_observability_profile_mounts_the_bundle() -> None:
     assert "envoy-admin" in services["envoy"]["networks"]["default"]["aliases"]
     provider = load_yaml(OBSERVABILITY / "grafana/provisioning/dashboards/ferry.yaml")
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_dashboards_cover_every_service() -> None:
+    boards = dashboards()
+    assert {board["uid"] for board in boards.values()} >= {"ferry-inference", "ferry-services"}
+    services = boards["ferry-services.json"]
+    text = " ".join(
+        [services["description"], *(p["title"] for p in services["panels"]), *dashboard_queries(services)]
+    )
+    for name in METRICS_PROCESSES:
+        assert name in text.lower(), f"the services dashboard does not mention {name}"
+    titles = {p["title"] for board in boards.values() for p in board["panels"]}
+    for needed in (
+        "Traffic: RPCs per second by service",
+        "Errors: server-side error ratio by service",
+        "Latency: p99 RPC time by service",
+        "Saturation: RPCs in flight by service",
+        "Time to first token",
+        "Inter-token latency",
+        "In flight and queued",
+        "Spool lag by process",
+        "Embeddings requests by outcome",
+        "Grammars: RPCs by method and code",
+    ):
+        assert needed in titles, needed
+    # Latency panels offer their trace exemplars.
+    latency = [
+        t
+        for b in boards.values()
+        for p in b["panels"]
+        for t in p.get("targets", [])
+        if "_seconds_bucket" in t["expr"]
+    ]
+    assert any(t.get("exemplar") for t in latency)
+
+
+def test_every_alert_has_a_runbook_section() -> None:
+    runbook = RUNBOOK.read_text()
+    for group in yaml.safe_load(ALERTS.read_text())["groups"]:
+        for rule in group["rules"]:
+            assert f"`{rule['alert']}`" in runbook, f"docs/runbook.md has no line for {rule['alert']}"
