@@ -252,7 +252,8 @@ def _abort_as_ferry(context: grpc.ServicerContext, error: RpcError) -> None:
 SERVICE_ERRORS = {
     "bad-temperature": invalid_argument("temperature", "must be in [0, 2], got 3"),
     "rate-limited": rate_limited("requests per minute", 2.5),
-    "long-message": invalid_argument("messages[0].role", "'" + "x" * 5000 + "' is not one of user"),
+    # One that quotes a huge input: cut (errors.TEXT_LIMIT), or Envoy would reset the stream.
+    "long-message": invalid_argument("messages[0].role", "'" + "x" * 100_000 + "' is not one of user"),
 }
 
 
@@ -595,10 +596,7 @@ def test_a_service_error_is_the_json_the_service_sent(edge: Edge, prompt: str) -
     for stream in (False, True):
         response = _post(edge, "/v1/completions", {"model": "m", "prompt": prompt, "stream": stream})
         error = _openai_error(response, expected.http_status)
-        assert error == {**openai_error(expected)["error"], "message": error["message"]}
-        assert error["message"] == expected.message or (
-            len(error["message"]) < len(expected.message) and error["message"].endswith("...")
-        )
+        assert error == openai_error(expected)["error"]
         if expected.retry_after_seconds is not None:
             assert response.headers["retry-after"] == "3"
 

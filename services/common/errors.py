@@ -35,8 +35,10 @@ _Code = grpc.StatusCode
 # Trailing metadata holding the OpenAI error JSON of a failed OpenAI-API call: Envoy passes it on as a
 # response header; ferry.lua makes it the REST body and removes the header.
 OPENAI_ERROR_METADATA = "x-ferry-openai-error"
-# Metadata values travel in a header: messages beyond this are cut (the gRPC status keeps them whole).
-OPENAI_MESSAGE_LIMIT = 2000
+# gRPC sends an error's message and details as trailers (headers through Envoy, which resets a stream
+# whose headers pass ~60 KiB): a message, field or metadata value that quotes the caller's input (a
+# 100 KB role) is cut to this many characters.
+TEXT_LIMIT = 2000
 
 
 class Reason(StrEnum):
@@ -332,12 +334,13 @@ class RpcError(Exception):
         field_violations: Sequence[tuple[str, str]] = (),
         retry_after_seconds: float | None = None,
     ) -> None:
+        message = _cut(message)
         super().__init__(message)
         self.code = code
         self.message = message
         self.reason = reason
-        self.metadata = dict(metadata or {})
-        self.field_violations = list(field_violations)
+        self.metadata = {k: _cut(v) for k, v in (metadata or {}).items()}
+        self.field_violations = [(_cut(f), _cut(d)) for f, d in field_violations]
         self.retry_after_seconds = retry_after_seconds
 
     @property
@@ -400,12 +403,12 @@ def openai_error(err: RpcError) -> dict[str, dict[str, str | None]]:
 
 
 def openai_error_json(err: RpcError) -> str:
-    """`openai_error(err)` as ASCII JSON fit for a metadata value (a long message is cut)."""
-    body = openai_error(err)
-    message = body["error"]["message"] or ""
-    if len(message) > OPENAI_MESSAGE_LIMIT:
-        body["error"]["message"] = message[: OPENAI_MESSAGE_LIMIT - 3] + "..."
-    return json.dumps(body, ensure_ascii=True, separators=(",", ":"))
+    """`openai_error(err)` as ASCII JSON, fit for a metadata value."""
+    return json.dumps(openai_error(err), ensure_ascii=True, separators=(",", ":"))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= TEXT_LIMIT else text[: TEXT_LIMIT - 3] + "..."
 
 
 def rpc_error(

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import grpc
 import httpx
 import openai
 import pytest
+from ferry.openai.v1 import openai_pb2, openai_pb2_grpc
 
+from services.common.errors import OPENAI_ERROR_METADATA, error_details
 from tests.stack import RunningStack, bearer
 
 pytestmark = pytest.mark.stack
@@ -89,7 +92,19 @@ INVALID: list[tuple[list[str], dict[str, Any], str | None, str, str]] = [
         "invalid_value",
         "only 'text' parts",
     ),
+    # A role that quotes a huge input is cut (errors.TEXT_LIMIT): still an answer, not a reset stream.
+    (
+        [CHAT],
+        {"messages": [{"role": "x" * 100_000, "content": "x"}]},
+        "messages[0].role",
+        "invalid_value",
+        "...",
+    ),
     ([CHAT], {"functions": [{"name": "f"}]}, "functions", "invalid_value", "use tools"),
+    # Structured output, tools and logit_bias (their parsers name the field; the wording is theirs).
+    (BOTH, {"response_format": {"type": "xml"}}, "response_format.type", "invalid_value", "xml"),
+    (BOTH, {"logit_bias": {"5": 500}}, "logit_bias.5", "invalid_value", "500"),
+    ([CHAT], {"tool_choice": "required"}, "tool_choice", "invalid_value", "tools"),
     ([CHAT], {"store": True}, "store", "invalid_value", "only false"),
     ([COMPLETIONS], {"prompt": None}, "prompt", "invalid_value", "is required"),
     ([COMPLETIONS], {"prompt": ["a", "b"]}, "prompt", "invalid_value", "exactly one prompt"),
@@ -285,3 +300,21 @@ def test_ferry_api_errors_keep_google_rpc_status(rest: httpx.Client, model: str)
     assert violations["field_violations"][0]["field"] == "sampling.top_p"
     garbled = post(rest, f"/api/v1/models/{model}:generate", "{")
     assert garbled.status_code == 400 and "error" not in garbled.text
+
+
+def test_native_grpc_callers_of_the_openai_service_keep_the_rich_status(
+    stack: RunningStack, model: str
+) -> None:
+    """The OpenAI JSON travels as trailing metadata for Envoy's REST answer only: a gRPC caller through
+    Envoy gets the status with its details, and not that metadata."""
+    stub = openai_pb2_grpc.OpenAIServiceStub(stack.channel(stack.grpc_target))
+    request = openai_pb2.CreateChatCompletionRequest(
+        model=model, messages=[openai_pb2.ChatCompletionMessage(role="user")], temperature=3
+    )
+    request.messages[0].content.string_value = "x"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateChatCompletion(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = error_details(err.value)
+    assert details["BadRequest"].field_violations[0].field == "temperature"  # type: ignore[attr-defined]
+    assert OPENAI_ERROR_METADATA not in dict(err.value.trailing_metadata() or ())
