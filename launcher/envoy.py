@@ -172,7 +172,8 @@ class Tracing:
 
     collector_host: str
     collector_port: int
-    sampling_percent: float
+    # New traces kept, per million (Envoy's parent-based trace-id-ratio sampler).
+    sampled_per_million: int
     service_name: str = "ferry-envoy"
 
     @property
@@ -194,7 +195,7 @@ def envoy_tracing(settings: Settings) -> Tracing | None:
     )
     if not endpoint.hostname:
         raise ValueError(f"telemetry.otlp_endpoint {telemetry.otlp_endpoint!r} names no host")
-    return Tracing(endpoint.hostname, endpoint.port or 4317, round(telemetry.sampling_ratio * 100, 4))
+    return Tracing(endpoint.hostname, endpoint.port or 4317, round(telemetry.sampling_ratio * 1_000_000))
 
 
 @dataclass(frozen=True)
