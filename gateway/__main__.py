@@ -13,6 +13,7 @@ from gateway.schema import MIGRATIONS
 from gateway.store import KeyStore
 from services.common.config import get_settings
 from services.common.database import Database, serve_from_database
+from services.common.secret_box import secret_box
 from services.common.server import Runtime
 from services.recording import Recorder
 from services.recording.process import run_audited
@@ -30,7 +31,9 @@ async def _setup(runtime: Runtime, recorder: Recorder) -> None:
 
     store = KeyStore(await serve_from_database(runtime, MIGRATIONS, on_ready=bootstrap))
     authorizer.attach(store)
-    keys_pb2_grpc.add_KeysServiceServicer_to_server(KeysServicer(store, authorizer, recorder), runtime.server)
+    keys_pb2_grpc.add_KeysServiceServicer_to_server(
+        KeysServicer(store, authorizer, recorder, secret_box(runtime.settings)), runtime.server
+    )
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(authorizer), runtime.server)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         ext_authz.EnvoyAuthorizationServicer(authorizer, recorder), runtime.server

@@ -15,7 +15,7 @@ from ferry.auth.v1 import auth_pb2
 
 from gateway.limiter import Limiter, Window
 from gateway.store import KeyRecord, KeyStore
-from services.common.access import INFERENCE, INTERNAL, required_scopes
+from services.common.access import INFERENCE, INTERNAL, UNVERIFIED_PRINCIPAL, required_scopes
 from services.common.config import Settings
 from services.common.errors import (
     Reason,
@@ -86,6 +86,11 @@ class LocalAuthorizer:
         scopes = required_scopes(request.method)
         if scopes is None:
             return auth_pb2.Principal(name=PUBLIC_PRINCIPAL)
+        if not scopes:
+            # Self-authenticated (a signed webhook): through without a key, counted by address; its
+            # service checks the signature. No scope: nothing is forwarded as a principal.
+            await self._count_address(request.client_address)
+            return auth_pb2.Principal(name=UNVERIFIED_PRINCIPAL)
         if is_service_token(self.auth, request.api_key):
             # ferry's own processes: the internal scope only, never rate limited.
             if INTERNAL not in scopes:

@@ -1,7 +1,15 @@
-"""KeysService: create, list, get and revoke API keys (admin). Every change is an audit event."""
+"""KeysService: create, list, get and revoke API keys (admin). Every change is an audit event.
+
+Each key also gets a webhook signing secret (Standard Webhooks, `whsec_...`) for the job webhooks it
+asks for: shown once (CreateKey's and RotateWebhookSecret's answers), kept sealed with the master key
+(signing needs the secret itself, so it cannot be hashed), and read back only by ferry's own Jobs
+service (GetWebhookSecret, internal).
+"""
 
 from __future__ import annotations
 
+import base64
+import secrets
 from datetime import datetime, timedelta
 
 import grpc
@@ -11,21 +19,32 @@ from gateway.authorizer import LocalAuthorizer
 from gateway.store import LIMIT_FIELDS, KeyStore
 from services.common import listing
 from services.common.access import KEY_SCOPES
-from services.common.errors import Reason, invalid_argument, not_found, rpc_error
+from services.common.errors import Reason, internal_error, invalid_argument, not_found, rpc_error
 from services.common.interceptor import current_call
 from services.common.names import KEY_ID, KEYS, resource_id
+from services.common.secret_box import SealError, SecretBox
 from services.common.timestamps import now, to_datetime, to_micros
 from services.common.tokens import hash_key, new_key_secret
 from services.recording import Recorder
 
 MAX_DISPLAY_NAME = 200
+# Standard Webhooks allows 24 to 64 bytes of secret.
+WEBHOOK_SECRET_BYTES = 32
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def new_webhook_secret() -> str:
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(WEBHOOK_SECRET_BYTES)).decode()
 
 
 class KeysServicer(keys_pb2_grpc.KeysServiceServicer):
-    def __init__(self, store: KeyStore, authorizer: LocalAuthorizer, recorder: Recorder) -> None:
+    def __init__(
+        self, store: KeyStore, authorizer: LocalAuthorizer, recorder: Recorder, box: SecretBox
+    ) -> None:
         self.store = store
         self.authorizer = authorizer
         self.recorder = recorder
+        self.box = box
 
     async def CreateKey(
         self, request: keys_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext
@@ -63,8 +82,11 @@ class KeysServicer(keys_pb2_grpc.KeysServiceServicer):
             request_id=caller[1],
             attributes={"display_name": display_name, "scopes": ",".join(scopes)},
         )
+        webhook_secret = new_webhook_secret()
+        await self.store.set_webhook_secret(record.id, self.box.seal(webhook_secret, record.name))
         created = record.to_proto()
         created.secret = secret
+        created.webhook_secret = webhook_secret
         return created
 
     async def ListKeys(
@@ -105,6 +127,43 @@ class KeysServicer(keys_pb2_grpc.KeysServiceServicer):
                 "key.revoke", principal=principal, resource=record.name, request_id=request_id
             )
         return record.to_proto()
+
+    async def RotateWebhookSecret(
+        self, request: keys_pb2.RotateWebhookSecretRequest, context: grpc.aio.ServicerContext
+    ) -> keys_pb2.Key:
+        key_id = resource_id(request.name, KEYS, KEY_ID)
+        webhook_secret = new_webhook_secret()
+        record = await self.store.set_webhook_secret(
+            key_id, self.box.seal(webhook_secret, f"{KEYS}/{key_id}")
+        )
+        if record is None:
+            raise not_found("key", request.name)
+        principal, request_id = _caller()
+        self.recorder.operational(
+            "key.rotate_webhook_secret", principal=principal, resource=record.name, request_id=request_id
+        )
+        rotated = record.to_proto()
+        rotated.webhook_secret = webhook_secret
+        return rotated
+
+    async def GetWebhookSecret(
+        self, request: keys_pb2.GetWebhookSecretRequest, context: grpc.aio.ServicerContext
+    ) -> keys_pb2.GetWebhookSecretResponse:
+        found = await self.store.webhook_secret(resource_id(request.name, KEYS, KEY_ID))
+        if found is None:
+            raise not_found("key", request.name)
+        record, sealed = found
+        if sealed is None:
+            raise rpc_error(
+                Reason.WEBHOOK_SECRET_MISSING,
+                f"{record.name} has no webhook signing secret; an admin issues one with"
+                f" POST /api/v1/{record.name}:rotateWebhookSecret",
+                metadata={"key": record.name},
+            )
+        try:
+            return keys_pb2.GetWebhookSecretResponse(secret=self.box.open(sealed, record.name))
+        except SealError as exc:  # another master key than the one that sealed it: a deployment error
+            raise internal_error(exc) from exc
 
 
 def _caller() -> tuple[str, str]:

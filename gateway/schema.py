@@ -1,4 +1,5 @@
-"""The `api_keys` table: one row per API key, holding the SHA-256 of its secret, never the secret."""
+"""The `api_keys` table: one row per API key, holding the SHA-256 of its secret, never the secret, and
+its webhook signing secret sealed with the master key (services/common/secret_box.py)."""
 
 from services.common.database import Migrations
 
@@ -23,6 +24,8 @@ MIGRATIONS = Migrations(
         -- Listing walks (create_time, id) newest first.
         CREATE INDEX api_keys_by_time ON api_keys (create_time DESC, id DESC);
         """,
+        # Signing needs the secret itself (HMAC), so it is encrypted, not hashed; NULL: none issued.
+        "ALTER TABLE api_keys ADD COLUMN webhook_secret_sealed text",
     ],
     drop="DROP TABLE IF EXISTS api_keys",
 )

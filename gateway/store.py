@@ -122,6 +122,19 @@ class KeyStore:
             row = await cur.fetchone()
         return KeyRecord.from_row(row) if row else None
 
+    async def set_webhook_secret(self, key_id: str, sealed: str) -> KeyRecord | None:
+        """Replaces the key's sealed webhook signing secret; None if the key is unknown."""
+        return await self._one(
+            "UPDATE api_keys SET webhook_secret_sealed = %s WHERE id = %s RETURNING *", sealed, key_id
+        )
+
+    async def webhook_secret(self, key_id: str) -> tuple[KeyRecord, str | None] | None:
+        """The key and its sealed webhook signing secret (None: none issued); None if unknown."""
+        async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute("SELECT * FROM api_keys WHERE id = %s", (key_id,))
+            row = await cur.fetchone()
+        return (KeyRecord.from_row(row), row["webhook_secret_sealed"]) if row else None
+
     async def by_hash(self, key_hash: str) -> KeyRecord | None:
         return await self._one("SELECT * FROM api_keys WHERE key_hash = %s", key_hash)
 

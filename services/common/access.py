@@ -1,6 +1,9 @@
 """The access table: which scopes grant each RPC, read from the protos' `ferry.auth.v1.access` option.
 
-Each ferry RPC declares `option (ferry.auth.v1.access)` with the scopes that grant it, any one of them.
+Each ferry RPC declares `option (ferry.auth.v1.access)` with the scopes that grant it, any one of them,
+or `self_authenticated`: the call carries its own proof (a webhook's signature), the edge and the
+interceptor let it through without a key as the UNVERIFIED principal, and the method's service refuses
+it unless its own check passes (services/jobs/ingest.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from ferry.audit.v1 import audit_pb2
 from ferry.auth.v1 import auth_pb2
 from ferry.grammars.v1 import grammars_pb2
 from ferry.inference.v1 import inference_pb2
+from ferry.jobs.v1 import jobs_pb2
 from ferry.keys.v1 import keys_pb2
 from ferry.models.v1 import models_pb2
 from ferry.openai.v1 import openai_pb2
@@ -29,11 +33,16 @@ PROTO_FILES = (
     auth_pb2,
     grammars_pb2,
     inference_pb2,
+    jobs_pb2,
     keys_pb2,
     models_pb2,
     openai_pb2,
     transactions_pb2,
 )
+
+# Who a self-authenticated call is until its service has checked its proof (then, e.g.,
+# `webhooks/{source}`); it holds no scope.
+UNVERIFIED_PRINCIPAL = "unverified"
 
 # Services that carry no access option because their protos are not ferry's: Envoy's ext_authz
 # check is asked only by Envoy, which sends the service token (`grpc_service.initial_metadata`).
@@ -56,7 +65,14 @@ def required_scopes(full_method: str) -> frozenset[str] | None:
     if descriptor is None:
         return frozenset({ADMIN})
     access = descriptor.GetOptions().Extensions[auth_pb2.access]
+    if access.self_authenticated:
+        return frozenset()  # no key grants it: the call's own proof does, checked by its service
     return frozenset(access.scopes) or frozenset({ADMIN})
+
+
+def is_self_authenticated(full_method: str) -> bool:
+    """A method whose calls prove themselves (a webhook signature) instead of with an API key."""
+    return required_scopes(full_method) == frozenset()
 
 
 def is_internal(full_method: str) -> bool:

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from ferry.auth.v1 import auth_pb2
 
-from services.common.access import INTERNAL, required_scopes
+from services.common.access import INTERNAL, UNVERIFIED_PRINCIPAL, required_scopes
 from services.common.config import Settings
 from services.common.edge import client_address, edge_principal
 from services.common.errors import permission_denied
@@ -54,7 +54,11 @@ class AuthObserver:
         if scopes is None or not self.auth.enabled:
             return
         call.client_address = client_address(call, self.auth)
-        if is_service_token(self.auth, call.credential):
+        if not scopes:
+            # Self-authenticated (a signed webhook): no key is asked for, a key sent grants nothing,
+            # and the servicer refuses the call unless its own check passes, then names the caller.
+            principal = auth_pb2.Principal(name=UNVERIFIED_PRINCIPAL)
+        elif is_service_token(self.auth, call.credential):
             if INTERNAL not in scopes:
                 raise permission_denied(call.full_method, scopes)
             principal = service_principal()

@@ -183,6 +183,9 @@ class InferenceSettings(ServiceSettings):
     max_in_flight: int = 0
     # Requests allowed to wait for a slot; beyond it the service answers RESOURCE_EXHAUSTED.
     max_queued: int = -1  # -1: 8 x in-flight
+    # Slots per model a background request (a job's, `x-ferry-priority: background`) leaves free for
+    # interactive ones: jobs run only on spare capacity (docs/jobs.md).
+    background_reserve: int = Field(default=1, ge=0)
     # Global input limits (0: only the model's own); a key's limits may be lower, never higher.
     max_prompt_tokens: int = 0
     max_tokens: int = 0
@@ -209,6 +212,139 @@ class GrammarsServiceSettings(ServiceSettings):
 
     port: int = 50056
     metrics_port: int = 9106
+
+
+class JobsServiceSettings(ServiceSettings):
+    """Asynchronous jobs (docs/jobs.md): the JobsService, its workers and the NATS bridge."""
+
+    port: int = 50057
+    metrics_port: int = 9107
+    # Worker processes `make run` starts (each pulls from the one durable consumer).
+    workers: int = Field(default=1, ge=0)
+    # Jobs one worker runs at once.
+    worker_concurrency: int = Field(default=2, ge=1)
+    # Metrics of worker i (from 0) on worker_metrics_port + i.
+    worker_metrics_port: int = 9108
+    # Starts of one job before it is FAILED with the last error (redeliveries after a crash count).
+    max_attempts: int = Field(default=3, ge=1)
+    # JetStream's ack wait: a job whose worker stops answering is redelivered after this long.
+    # Workers send in-progress acks while they generate, so a long generation is not redelivered.
+    ack_wait_seconds: float = Field(default=30.0, gt=0)
+    # How long a worker waits before asking again when the engine had no spare slot.
+    busy_backoff_seconds: float = Field(default=0.5, gt=0)
+    # Bound on one job's generation (the deadline of its Inference call).
+    run_timeout_seconds: float = Field(default=600.0, gt=0)
+
+
+class NatsSettings(BaseModel):
+    """NATS with JetStream. Empty `url`: `make run` starts an embedded nats-server (storing under
+    <home>/nats) on `port`; a URL (`nats://a:4222,nats://b:4222`) uses an existing cluster instead."""
+
+    # FERRY_NATS__URL, else the conventional NATS_URL.
+    url: str = Field(default_factory=lambda: os.environ.get("NATS_URL", ""))
+    host: str = "127.0.0.1"
+    port: int = 4250
+    # The embedded server's monitoring endpoint (/healthz, /varz, /jsz): readiness and metrics.
+    monitor_port: int = 8250
+    # Replicas of ferry's streams: 1 embedded; 3 on a JetStream cluster.
+    replicas: int = Field(default=1, ge=1, le=5)
+    stream: str = "FERRY_JOBS"
+    # Where queued jobs wait (a work-queue stream: one worker takes each).
+    run_subject: str = "ferry.jobs.run"
+    # NATS access: publish a CreateJobRequest here (JetStream); request-reply generation below.
+    submit_subject: str = "ferry.jobs.submit"
+    generate_prefix: str = "ferry.generate"
+
+    @property
+    def servers(self) -> list[str]:
+        if self.url:
+            return [u.strip() for u in self.url.split(",") if u.strip()]
+        return [f"nats://{self.host}:{self.port}"]
+
+    @property
+    def embedded(self) -> bool:
+        return not self.url
+
+
+class WebhookSource(BaseModel):
+    """A sender whose signed webhooks `POST /api/v1/webhooks/{source}:ingest` turns into jobs
+    (docs/webhooks.md): its Standard Webhooks secret, and how its payload becomes a job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The sender's signing secret, `whsec_<base64>` (Standard Webhooks).
+    secret: SecretStr
+    # How far a webhook-timestamp may be from now; at most the spec's (and the library's) 5 minutes.
+    tolerance_seconds: int = Field(default=300, ge=1, le=300)
+    # The job's request: `chat_completion` (the rendered text is the user message) or `completion`.
+    api: Literal["chat_completion", "completion"] = "chat_completion"
+    model: str
+    # Jinja (sandboxed) rendering the prompt from `payload` (the JSON body), `source` and `webhook_id`.
+    template: str
+    # A system message put before the rendered one (chat_completion only).
+    system: str = ""
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+
+    @field_validator("secret")
+    @classmethod
+    def _standard_secret(cls, value: SecretStr) -> SecretStr:
+        from standardwebhooks.webhooks import Webhook
+
+        try:
+            Webhook(value.get_secret_value())
+        except Exception:
+            raise ValueError("must be a Standard Webhooks secret, whsec_<base64>") from None
+        return value
+
+
+class WebhookSettings(BaseModel):
+    """Job webhooks out (signed, retried, SSRF-guarded) and signed webhooks in (docs/webhooks.md)."""
+
+    # Networks a webhook URL may resolve into although private, loopback, link-local, multicast or
+    # unspecified (CIDRs, e.g. ["127.0.0.0/8", "::1/128"] for a receiver on the same machine).
+    allowed_networks: list[str] = Field(default_factory=list)
+    # Plain http:// receivers (https only when off).
+    allow_http: bool = False
+    # One delivery try: connect + send + the receiver's answer.
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    # Retries: exponential (initial x multiplier^n, capped), +-jitter, until retry_for_seconds after the
+    # event; defaults: 5 s, 20 s, 80 s, 5 min, 21 min, 85 min, then every 4 h, for 24 h.
+    retry_initial_seconds: float = Field(default=5.0, gt=0)
+    retry_multiplier: float = Field(default=4.0, ge=1.0)
+    retry_max_interval_seconds: float = Field(default=4 * 3600.0, gt=0)
+    retry_for_seconds: float = Field(default=24 * 3600.0, ge=0)
+    retry_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
+    # Due events are looked for this often (and at once when this process enqueues one).
+    poll_seconds: float = Field(default=1.0, gt=0)
+    max_in_flight: int = Field(default=8, ge=1)
+    # How long a key's signing secret is reused before it is asked of the gateway again (a rotation
+    # takes effect within it).
+    secret_cache_seconds: float = Field(default=60.0, ge=0)
+    # Sources of ingested webhooks, by the name in the URL.
+    sources: dict[str, WebhookSource] = Field(default_factory=dict)
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network (CIDR, e.g. 127.0.0.0/8)") from None
+        return value
+
+    @field_validator("sources")
+    @classmethod
+    def _source_names(cls, value: dict[str, WebhookSource]) -> dict[str, WebhookSource]:
+        import re
+
+        for name in value:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", name):
+                raise ValueError(f"source name {name!r}: lower-case letters, digits, - and _ (at most 63)")
+        return value
 
 
 class GatewaySettings(ServiceSettings):
@@ -313,11 +449,19 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("FERRY_BOOTSTRAP_ADMIN_KEY", "bootstrap_admin_key"),
     )
 
+    # Encrypts secrets ferry must keep readable (webhook signing secrets): 32 bytes as base64 or hex.
+    # Unset: <home>/master.key, created owner-only on first use. Replicas must share one.
+    master_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("FERRY_MASTER_KEY", "master_key")
+    )
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     models: ModelsServiceSettings = Field(default_factory=ModelsServiceSettings)
     transactions: TransactionsServiceSettings = Field(default_factory=TransactionsServiceSettings)
     audit: AuditServiceSettings = Field(default_factory=AuditServiceSettings)
     grammars: GrammarsServiceSettings = Field(default_factory=GrammarsServiceSettings)
+    jobs: JobsServiceSettings = Field(default_factory=JobsServiceSettings)
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     triton: TritonSettings = Field(default_factory=TritonSettings)

@@ -57,7 +57,15 @@ class Reason(StrEnum):
     GRAMMAR_NOT_FOUND = "GRAMMAR_NOT_FOUND"
     GRAMMAR_INVALID = "GRAMMAR_INVALID"
     GRAMMAR_ALREADY_EXISTS = "GRAMMAR_ALREADY_EXISTS"
+    WEBHOOK_SOURCE_NOT_FOUND = "WEBHOOK_SOURCE_NOT_FOUND"
+    WEBHOOK_SIGNATURE_INVALID = "WEBHOOK_SIGNATURE_INVALID"
+    WEBHOOK_TIMESTAMP_STALE = "WEBHOOK_TIMESTAMP_STALE"
+    WEBHOOK_REPLAYED = "WEBHOOK_REPLAYED"
+    WEBHOOK_URL_REFUSED = "WEBHOOK_URL_REFUSED"
+    WEBHOOK_SECRET_MISSING = "WEBHOOK_SECRET_MISSING"
     ETAG_MISMATCH = "ETAG_MISMATCH"
+    JOB_NOT_FOUND = "JOB_NOT_FOUND"
+    BACKGROUND_DEFERRED = "BACKGROUND_DEFERRED"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
     MODEL_NOT_MANAGED = "MODEL_NOT_MANAGED"
     KEY_COLLISION = "KEY_COLLISION"
@@ -177,12 +185,13 @@ _ENTRIES: Mapping[Reason, Entry] = {
     ),
     Reason.PROMPT_TOO_LONG: _entry(
         _Code.INVALID_ARGUMENT,
-        "the prompt alone is longer than the model's context per slot, or than the key's `max_prompt_tokens`",
+        "the prompt alone is longer than the model's context per slot, or than the key's `max_prompt_tokens`"
+        "; an embeddings input longer than the model's maximum tokens (BadRequest names it: `input[3]`)",
     ),
     Reason.MODEL_CAPABILITY_MISSING: _entry(
         _Code.INVALID_ARGUMENT,
         "the model's `capabilities` lack what the request asks for: `chat` (messages), `completion`"
-        " (a prompt) or `logprobs`; BadRequest names the field",
+        " (a prompt), `logprobs` or `embedding` (embeddings); BadRequest names the field",
     ),
     Reason.UNAUTHENTICATED: _entry(
         _Code.UNAUTHENTICATED, "no API key, or one that is unknown, revoked or expired"
@@ -199,6 +208,41 @@ _ENTRIES: Mapping[Reason, Entry] = {
         "the engine cannot compile the grammar's definition (its message says why); nothing was stored",
     ),
     Reason.GRAMMAR_ALREADY_EXISTS: _entry(_Code.ALREADY_EXISTS, "a grammar with that `grammar_id` exists"),
+    Reason.JOB_NOT_FOUND: _entry(
+        _Code.NOT_FOUND, "no job of that name, or one another key created (only admin keys see every job)"
+    ),
+    Reason.BACKGROUND_DEFERRED: _entry(
+        _Code.RESOURCE_EXHAUSTED,
+        "a job's generation (`x-ferry-priority: background`) found no spare engine slot: interactive"
+        " requests come first; the job's worker tries again later (callers never see it)",
+        retryable=True,
+    ),
+    Reason.WEBHOOK_SOURCE_NOT_FOUND: _entry(
+        _Code.NOT_FOUND, "`POST /api/v1/webhooks/{source}:ingest` names no source of `webhooks.sources`"
+    ),
+    Reason.WEBHOOK_SIGNATURE_INVALID: _entry(
+        _Code.UNAUTHENTICATED,
+        "an ingested webhook lacks the webhook-id/-timestamp/-signature headers, or no signature matches"
+        " the source's secret",
+    ),
+    Reason.WEBHOOK_TIMESTAMP_STALE: _entry(
+        _Code.UNAUTHENTICATED, "an ingested webhook's timestamp is outside the source's tolerance"
+    ),
+    Reason.WEBHOOK_REPLAYED: _entry(
+        _Code.ALREADY_EXISTS,
+        "an ingested webhook's id was ingested already (a replay); nothing was created",
+        openai_type="invalid_request_error",
+    ),
+    Reason.WEBHOOK_URL_REFUSED: _entry(
+        _Code.INVALID_ARGUMENT,
+        "a job's `webhook.url` is not http(s), or resolves to a private, loopback, link-local, multicast"
+        " or unspecified address that `webhooks.allowed_networks` does not allow",
+    ),
+    Reason.WEBHOOK_SECRET_MISSING: _entry(
+        _Code.FAILED_PRECONDITION,
+        "a job with a webhook was created with a key that has no webhook signing secret"
+        " (an admin issues one: `POST /api/v1/keys/{id}:rotateWebhookSecret`)",
+    ),
     Reason.ETAG_MISMATCH: _entry(
         _Code.ABORTED, "the `etag` sent is not the resource's current one: it changed since it was read"
     ),

@@ -40,8 +40,18 @@ def test_every_ferry_rpc_declares_who_may_call_it() -> None:
 def test_declared_scopes_are_known_ones() -> None:
     known = {*access.KEY_SCOPES, access.INTERNAL}
     for method in ferry_methods():
-        scopes = set(method.GetOptions().Extensions[auth_pb2.access].scopes)
-        assert scopes and scopes <= known, method.full_name
+        declared = method.GetOptions().Extensions[auth_pb2.access]
+        scopes = set(declared.scopes)
+        # A self-authenticated method (a signed webhook) is granted by no key: it declares no scope.
+        assert (not scopes) if declared.self_authenticated else (scopes and scopes <= known), method.full_name
+
+
+def test_self_authenticated_methods_need_no_scope() -> None:
+    ingest = "/ferry.jobs.v1.JobsService/IngestWebhook"
+    assert access.required_scopes(ingest) == frozenset()
+    assert access.is_self_authenticated(ingest)
+    assert not access.is_self_authenticated("/ferry.jobs.v1.JobsService/CreateJob")
+    assert not access.is_self_authenticated("/grpc.health.v1.Health/Check")
 
 
 def test_internal_methods_are_exactly_those_without_rest_mapping() -> None:
@@ -161,6 +171,19 @@ async def test_a_key_never_reaches_internal_methods() -> None:
     with pytest.raises(RpcError) as err:
         await obs.on_start(call(APPEND, credential="fry_admin"), None)
     assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert authorizer.asked == []
+
+
+async def test_a_signed_webhook_passes_without_a_key_as_unverified() -> None:
+    # IngestWebhook proves itself with its signature (checked by the Jobs service): no key is asked
+    # for, and a key sent with it is not looked at (it would grant nothing).
+    obs, authorizer = observer()
+    for credential in ("", "fry_admin"):
+        ingest = call("/ferry.jobs.v1.JobsService/IngestWebhook", credential=credential)
+        await obs.on_start(ingest, None)
+        assert ingest.principal == access.UNVERIFIED_PRINCIPAL
+        principal = auth.principal_var.get()
+        assert principal is not None and list(principal.scopes) == []
     assert authorizer.asked == []
 
 
