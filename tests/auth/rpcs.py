@@ -24,7 +24,7 @@ from ferry.transactions.v1 import transactions_pb2
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor, field_mask_pb2, json_format, message, message_factory, struct_pb2
 
-from services.common.access import PROTO_FILES, required_scopes
+from services.common.access import PROTO_FILES, is_self_authenticated, required_scopes
 from tests.stack import keyed_channel
 
 # The process that serves each service on its own port.
@@ -78,8 +78,9 @@ def all_rpcs() -> list[Rpc]:
 
 
 def public_rpcs() -> list[Rpc]:
-    """Methods reachable from outside: those with a REST mapping."""
-    return [rpc for rpc in all_rpcs() if rpc.http_rule is not None]
+    """Methods reachable from outside with an API key: those with a REST mapping, less the
+    self-authenticated ones (a signed webhook: tests/webhooks)."""
+    return [rpc for rpc in all_rpcs() if rpc.http_rule is not None and not is_self_authenticated(rpc.path)]
 
 
 def internal_rpcs() -> list[Rpc]:
@@ -180,6 +181,9 @@ REQUESTS: dict[str, Callable[[Subjects], message.Message]] = {
     "/ferry.keys.v1.KeysService/ListKeys": lambda s: keys_pb2.ListKeysRequest(page_size=1),
     "/ferry.keys.v1.KeysService/GetKey": lambda s: keys_pb2.GetKeyRequest(name=s.victim_key),
     "/ferry.keys.v1.KeysService/RevokeKey": lambda s: keys_pb2.RevokeKeyRequest(name=s.victim_key),
+    "/ferry.keys.v1.KeysService/RotateWebhookSecret": lambda s: keys_pb2.RotateWebhookSecretRequest(
+        name=s.victim_key
+    ),
     "/ferry.grammars.v1.GrammarsService/CreateGrammar": lambda s: grammars_pb2.CreateGrammarRequest(
         grammar=_grammar()
     ),
