@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from launcher.ports import free_ports
 from launcher.stack import SERVICES, Stack
 from services.common.config import REPO_ROOT, Settings
@@ -34,12 +36,26 @@ def _settings(home: Path, **overrides: Any) -> Settings:
     }
     for name in SERVICES:
         values[name] = {"port": next(ports), "metrics_port": next(ports)}
+    _other_ports_free(values)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):
             values[key] = {**values[key], **value}
         else:
             values[key] = value
     return Settings(**values)
+
+
+def _other_ports_free(values: dict[str, Any]) -> None:
+    """Every other port setting (NATS, job workers' metrics, ...) on a free port too, so that two
+    stacks (the tracing comparison) or a stack beside `make run` never collide."""
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
+        if not isinstance(default, BaseModel):
+            continue
+        section = values.get(name, {})
+        missing = [k for k in type(default).model_fields if k.endswith("port") and k not in section]
+        if missing:
+            values[name] = {**section, **dict(zip(missing, free_ports(len(missing)), strict=True))}
 
 
 @contextmanager

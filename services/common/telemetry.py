@@ -80,11 +80,12 @@ def traceparent(span: Span | None = None) -> str:
 
 
 def link_to(parent: str) -> Link | None:
-    """A span link to the context a `traceparent` names (None for an empty or malformed one)."""
+    """A span link to the context a `traceparent` names: None for an empty or malformed one, and for
+    one not sampled (its trace was never recorded: nothing to link to)."""
     if not parent:
         return None
     ctx = trace.get_current_span(propagate.extract({"traceparent": parent})).get_span_context()
-    return Link(ctx) if ctx.is_valid else None
+    return Link(ctx) if ctx.is_valid and ctx.trace_flags.sampled else None
 
 
 def trace_headers(span: Span | None = None) -> dict[str, str]:
