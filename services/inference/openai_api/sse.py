@@ -3,11 +3,14 @@ messages, which Envoy's transcoder passes through as they are, so the stream can
 does, with `data: [DONE]` (the transcoder's own SSE framing cannot add it).
 
 Each chunk is printed as the transcoder prints unary answers (proto field names, fields without
-presence always printed), so a streamed chunk and a unary answer spell their fields alike.
+presence always printed), so a streamed chunk and a unary answer spell their fields alike; except that
+a delta without tool calls leaves `tool_calls` out, as OpenAI's deltas do (an empty list in every
+delta is noise to stream parsers).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
@@ -20,13 +23,14 @@ DONE = b"data: [DONE]\n\n"
 
 
 def chunk_json(chunk: Message) -> str:
-    return json_format.MessageToJson(
-        chunk,
-        preserving_proto_field_name=True,
-        always_print_fields_with_no_presence=True,
-        indent=None,
-        ensure_ascii=False,
+    value = json_format.MessageToDict(
+        chunk, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    for choice in value.get("choices", ()):
+        delta = choice.get("delta")
+        if delta is not None and not delta.get("tool_calls"):
+            delta.pop("tool_calls", None)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def event(chunk: Message) -> httpbody_pb2.HttpBody:
