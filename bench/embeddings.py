@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import time
@@ -74,14 +75,30 @@ def summary(inputs: int, wall: float, latencies: Sequence[float]) -> dict[str, f
 async def run_load(call: Call, texts: Sequence[str], concurrency: int) -> dict[str, float]:
     queue = list(texts)
     latencies: list[float] = []
+    errors: list[str] = []
 
     async def worker() -> None:
         while queue:
-            latencies.append(await call(queue.pop()))
+            try:
+                latencies.append(await call(queue.pop()))
+            except (httpx.HTTPError, grpc.RpcError) as err:
+                errors.append(_describe(err))
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summary(len(texts), time.perf_counter() - started, latencies)
+    if errors:
+        say(f"  {len(errors)} errors; the first: {errors[0]}")
+    cell = summary(len(latencies), time.perf_counter() - started, latencies or [math.nan])
+    cell["errors"] = len(errors)
+    return cell
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, httpx.HTTPStatusError):
+        return f"HTTP {err.response.status_code}: {err.response.text[:300]}"
+    if isinstance(err, grpc.aio.AioRpcError):
+        return f"{err.code().name}: {err.details()}"
+    return repr(err)
 
 
 def in_process(encoder: Encoder, texts: Sequence[str], concurrency: int) -> dict[str, float]:
@@ -92,7 +109,9 @@ def in_process(encoder: Encoder, texts: Sequence[str], concurrency: int) -> dict
         t0 = time.perf_counter()
         encoder.encode(texts[i : i + concurrency])
         latencies.append(time.perf_counter() - t0)
-    return summary(len(texts), time.perf_counter() - started, latencies)
+    cell = summary(len(texts), time.perf_counter() - started, latencies)
+    cell["errors"] = 0
+    return cell
 
 
 class RestClient:
@@ -157,8 +176,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"({meta['machine']['cpu']}); load average during the runs {meta['load']['min']:.1f}-{meta['load']['max']:.1f}.",
         "In-process at concurrency N = N sentences per ONNX Runtime run. ratio = ferry / in-process embeddings/s.",
         "",
-        "| concurrency | system | embeddings/s | latency p50 (ms) | ratio |",
-        "|---|---|---|---|---|",
+        "| concurrency | system | embeddings/s | latency p50 (ms) | ratio | errors |",
+        "|---|---|---|---|---|---|",
     ]
     for level in results["levels"]:
         cells = results["cells"][str(level)]
@@ -167,7 +186,7 @@ def markdown(results: dict[str, Any]) -> str:
             cell = cells[system]
             lines.append(
                 f"| {level} | {system} | {cell['embeddings_per_s']:.1f} | {cell['latency_p50_ms']:.2f} |"
-                f" {cell['embeddings_per_s'] / base:.2f} |"
+                f" {cell['embeddings_per_s'] / base:.2f} | {cell['errors']:.0f} |"
             )
     lines += ["", f"Triton executions / inferences during the ferry runs: {results['triton_batching']}", ""]
     return "\n".join(lines)
@@ -189,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[int, str], list[dict[str, float]]] = {}
     overrides: dict[str, Any] = {"triton": {"load_models": [MODEL], "default_model": MODEL}}
     say("starting ferry with only the embedding model loaded")
-    with platform.running(home.model_dir, **overrides) as stack:
+    logs = REPO_ROOT / "build" / "bench" / "embeddings-logs"
+    with platform.running(home.model_dir, keep_logs=logs, **overrides) as stack:
         e = stack.endpoints
         key = platform.api_key(stack)
         makers: dict[str, Callable[[], RestClient | GrpcClient]] = {

@@ -47,6 +47,9 @@ class Encoder:
         # No memory arena: with it the process kept the peak of its largest batch for good (1.9 GiB after
         # 64 inputs of 200 tokens); without it memory goes back after each run (~350 MiB there).
         options.enable_cpu_mem_arena = False
+        # Threads sleep between operators instead of spinning (ONNX Runtime's default): the cores are shared
+        # with Triton's other models, the services and Envoy (the llamacpp models wait PASSIVE likewise).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(
             str(onnx_path), options, providers=["CPUExecutionProvider"]
         )
