@@ -6,7 +6,8 @@ one with the default telemetry (exporter `none`: trace context only), one with t
 record deliveries' linked spans) exporting to an OTLP sink in this process (gRPC and HTTP, each
 export answered and dropped). Native gRPC and REST/SSE through Envoy at concurrency 1 (and `--levels`),
 the two stacks alternating (off on off on ...), fresh prompts every run. Per request = Δ TTFT p50 and
-Δ e2e p50 (on - off); per token = Δ ITL p50.
+Δ e2e p50 (on - off); per token = Δ ITL p50; and the CPU each stack's processes used per request
+(bench.profile.cpu_seconds around every run), which a loaded machine disturbs less than latency.
 
 Run: `python -m bench.tracing_cost [--requests N] [--rounds N] [--tokens N] [--levels 1,16]`;
 results: bench/results/tracing-<date>-<commit>.{json,md}.
@@ -30,6 +31,7 @@ from bench import platform, prompts, report
 from bench.clients import Client, GrpcClient, SseClient, run_load
 from bench.metrics import Record, combine, summarize
 from bench.otlp_sink import OtlpSink
+from bench.profile import cpu_seconds
 from launcher.setup import ensure_backend, ensure_model, model_path
 from services.common.config import REPO_ROOT, get_settings
 
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(int.from_bytes(os.urandom(8), "big"))
     loads: list[float] = [os.getloadavg()[0]]
     records: dict[tuple[str, int], list[tuple[list[Record], dict[str, Any]]]] = {}
+    # (system/mode, level) -> CPU seconds by process over its runs, and the requests they served.
+    cpu: dict[tuple[str, int], tuple[dict[str, float], int]] = {}
     sink = OtlpSink()
     sink.start()
     try:
@@ -116,8 +120,17 @@ def main(argv: list[str] | None = None) -> int:
                         for mode in MODES:
                             make = client_maker(system, stack[mode])
                             texts = prompts.unique(2 * level + count, rng, "short")
+                            before = cpu_seconds(stack[mode])
                             recs = run_client(make, texts, level, args.tokens)
+                            after = cpu_seconds(stack[mode])
                             summary = summarize(recs)
+                            used, served = cpu.get((f"{system}/{mode}", level), ({}, 0))
+                            for process, seconds in after.items():
+                                if process != "load client":  # this process: clients and the sink
+                                    used[process] = (
+                                        used.get(process, 0.0) + seconds - before.get(process, 0.0)
+                                    )
+                            cpu[(f"{system}/{mode}", level)] = (used, served + summary["requests"])
                             loads.append(os.getloadavg()[0])
                             records.setdefault((f"{system}/{mode}", level), []).append((recs, summary))
                             say(
@@ -141,9 +154,23 @@ def main(argv: list[str] | None = None) -> int:
         }
         for system in SYSTEMS
     }
+    cpu_ms = {
+        name: {
+            str(level): {
+                **{process: 1000 * seconds / max(1, served) for process, seconds in sorted(used.items())},
+                "total": 1000 * sum(used.values()) / max(1, served),
+            }
+        }
+        for (name, level), (used, served) in cpu.items()
+    }
+    for system in SYSTEMS:
+        for level in args.levels:
+            on, off = cpu_ms[f"{system}/on"][str(level)], cpu_ms[f"{system}/off"][str(level)]
+            cost[system][str(level)]["cpu_ms_per_request"] = on["total"] - off["total"]
     results = report.finite(
         {
             "cells": cells,
+            "cpu_ms_per_request": cpu_ms,
             "cost": cost,
             "spans_exported": sink.spans,
             "meta": {
@@ -188,15 +215,32 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {system} | {level} | {mode} | {cell['ttft_ms']['p50']:.2f} | {cell['itl_ms']['p50']:.3f} "
                 f"| {cell['e2e_ms']['p50']:.2f} | {cell.get('errors', 0)} |"
             )
+    lines += ["", "CPU per request by process (ms, all of the stack's programs and PostgreSQL):", ""]
+    processes = sorted(
+        {p for by_level in results["cpu_ms_per_request"].values() for c in by_level.values() for p in c}
+    )
+    lines += [
+        "| system | c | tracing | " + " | ".join(processes) + " |",
+        "|---|---|---|" + "---|" * len(processes),
+    ]
+    for name, by_level in results["cpu_ms_per_request"].items():
+        system, mode = name.split("/")
+        for level, c in by_level.items():
+            lines.append(
+                f"| {system} | {level} | {mode} | "
+                + " | ".join(f"{c.get(p, 0):.2f}" for p in processes)
+                + " |"
+            )
     lines += ["", "Cost of tracing at ratio 1.0 (on - off):", ""]
     lines += [
-        "| system | c | Δ TTFT p50 ms (per request) | Δ e2e p50 ms | Δ ITL p50 ms (per token) |",
-        "|---|---|---|---|---|",
+        "| system | c | Δ TTFT p50 ms (per request) | Δ e2e p50 ms | Δ ITL p50 ms (per token) | Δ CPU ms per request |",
+        "|---|---|---|---|---|---|",
     ]
     for system, by_level in results["cost"].items():
         for level, d in by_level.items():
             lines.append(
-                f"| {system} | {level} | {d['ttft_p50_ms']:+.2f} | {d['e2e_p50_ms']:+.2f} | {d['itl_p50_ms']:+.3f} |"
+                f"| {system} | {level} | {d['ttft_p50_ms']:+.2f} | {d['e2e_p50_ms']:+.2f} | {d['itl_p50_ms']:+.3f} "
+                f"| {d['cpu_ms_per_request']:+.2f} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -38,22 +38,25 @@ def one(spans: list[ReceivedSpan], what: str, **match: object) -> ReceivedSpan:
     return found[0]
 
 
+def exported(collector: Collector, trace_id: str) -> bool:
+    """Whether the spans of a generation in `trace_id` have arrived from Envoy, Triton and the
+    deliveries (the last exporters to send theirs)."""
+    names = {(s.service, s.name) for s in collector.in_trace(trace_id)}
+    linked = {s.name for s in collector.linked_to(trace_id)}
+    return (
+        ("ferry-envoy", "ingress") in names
+        and ("ferry-triton", "InferRequest") in names
+        and {"deliver transactions", "deliver audit"} <= linked
+    )
+
+
 def assert_request_trace(
     collector: Collector, trace_id: str, client_span: str, method: str, request_id: str, secrets_: list[str]
 ) -> None:
     """The span tree of one generation: Envoy → gateway check; Envoy → inference → Triton call →
     Triton's own spans; and the deliveries of its transaction and audit records linked to it."""
 
-    def complete() -> bool:
-        names = {(s.service, s.name) for s in collector.in_trace(trace_id)}
-        linked = {s.name for s in collector.linked_to(trace_id)}
-        return (
-            ("ferry-envoy", "ingress") in names
-            and ("ferry-triton", "InferRequest") in names
-            and {"deliver transactions", "deliver audit"} <= linked
-        )
-
-    collector.wait_until(complete, EXPORT_WAIT_SECONDS)
+    collector.wait_until(lambda: exported(collector, trace_id), EXPORT_WAIT_SECONDS)
     spans = collector.in_trace(trace_id)
 
     # Envoy continues the client's trace (its traceparent), checks the key, routes to Inference.
@@ -164,6 +167,25 @@ def test_native_grpc_generation_is_one_trace(traced: RunningStack, collector: Co
         request_id,
         [prompt, traced.admin_key],
     )
+
+
+def test_a_client_trace_not_sampled_stays_unrecorded(traced: RunningStack, collector: Collector) -> None:
+    """Sampling is parent-based everywhere: a `traceparent` with the sampled flag off is honoured by
+    Envoy, every service, Triton and the deliveries (nothing of that trace is exported or linked)."""
+    unsampled, _, _ = new_traceparent()
+    sampled, _, traceparent = new_traceparent()
+    with traced.http() as http:
+        for header in (f"00-{unsampled}-{secrets.token_hex(8)}-00", traceparent):
+            reply = http.post(
+                "/v1/completions",
+                json={"model": MODEL, "prompt": "Count: 1, 2,", "max_tokens": 3},
+                headers={"traceparent": header},
+            )
+            assert reply.status_code == 200, reply.text
+    # Exporters send in order: once the later, sampled request is all there, the first would be too.
+    assert collector.wait_until(lambda: exported(collector, sampled), EXPORT_WAIT_SECONDS)
+    assert collector.in_trace(unsampled) == []
+    assert collector.linked_to(unsampled) == []
 
 
 def test_latency_histograms_carry_trace_exemplars(traced: RunningStack) -> None:
