@@ -29,7 +29,21 @@ def _encode(value: Any) -> str:
     if isinstance(value, str | int | float):
         return str(value)
     # Lists and mappings (of models too, e.g. `upstream_models`): pydantic-settings parses JSON.
-    return json.dumps(to_jsonable_python(value))
+    return json.dumps(to_jsonable_python(_revealed(value)))
+
+
+def _revealed(value: Any) -> Any:
+    """`value` with the secrets nested in it (e.g. `webhooks.sources.<name>.secret`) as their values:
+    JSON would write them masked, and the child would read the mask as the secret."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, BaseModel):
+        return {name: _revealed(getattr(value, name)) for name in type(value).model_fields}
+    if isinstance(value, dict):
+        return {key: _revealed(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_revealed(item) for item in value]
+    return value
 
 
 def _flatten(prefix: str, model: BaseModel, out: dict[str, str]) -> None:
