@@ -15,7 +15,7 @@ from ferry.auth.v1 import auth_pb2
 from google.protobuf.message import DecodeError
 
 from services.common.config import AuthSettings
-from services.common.context import PRINCIPAL_HEADER
+from services.common.context import EDGE_HEADER, PRINCIPAL_HEADER
 from services.common.interceptor import Call
 from services.common.tokens import is_service_token
 
@@ -46,6 +46,19 @@ def client_address(call: Call, auth: AuthSettings) -> str:
 def encode_principal(principal: auth_pb2.Principal) -> str:
     """The Principal as an HTTP header value (what the gateway hands Envoy for the service)."""
     return base64.urlsafe_b64encode(principal.SerializeToString()).decode()
+
+
+def on_behalf_metadata(auth: AuthSettings, principal: auth_pb2.Principal | None) -> list[tuple[str, str]]:
+    """Metadata with which a ferry process calls another on a caller's behalf: the caller's Principal
+    beside the service token, as Envoy forwards it, so the callee checks the caller's own scopes and
+    records the call as theirs. Empty with authentication off (or no principal)."""
+    token = auth.service_token
+    if not auth.enabled or token is None or principal is None:
+        return []
+    return [
+        (EDGE_HEADER, f"Bearer {token.get_secret_value()}"),
+        (PRINCIPAL_HEADER, encode_principal(principal)),
+    ]
 
 
 def edge_principal(call: Call, auth: AuthSettings) -> auth_pb2.Principal | None:

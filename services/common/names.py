@@ -20,7 +20,11 @@ KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 GRAMMAR_ID = re.compile(r"^[a-z][a-z0-9-]{0,62}\Z")
 GRAMMAR_ID_RULE = "1-63 characters of a-z 0-9 -, starting with a letter"
 
-MODELS, TRANSACTIONS, KEYS, GRAMMARS = "models", "transactions", "keys", "grammars"
+# A job's id (`jobs/{job}`): ferry makes them (a uuid4's hex), and they double as the request id of
+# the job's generation.
+JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}\Z")
+
+MODELS, TRANSACTIONS, KEYS, GRAMMARS, JOBS = "models", "transactions", "keys", "grammars", "jobs"
 
 
 def is_request_id(value: str) -> bool:

@@ -5,6 +5,12 @@ latency grows without bound; refusing past a bound lets clients retry elsewhere 
 (TGI answers 429 past --max-concurrent-requests, Triton rejects past max_queue_size).
 Waiters are served first come, first served. A refusal carries a retry delay estimated from how
 long requests have recently held a slot.
+
+Background requests (`x-ferry-priority: background`: the jobs' workers, docs/jobs.md) come last: one is
+admitted only when a slot is free beyond `inference.background_reserve` and no interactive request
+waits; otherwise it is refused at once with BACKGROUND_DEFERRED (before the record stage, so nothing
+is recorded) and its worker asks again later. It never waits in the queue, so it can neither take a
+waiter's place nor fill the queue that makes interactive requests 429.
 """
 
 from __future__ import annotations
@@ -18,9 +24,13 @@ from contextlib import asynccontextmanager
 
 from services.common.config import InferenceSettings
 from services.common.errors import Reason, rpc_error
+from services.common.interceptor import Call, current_call
 from services.common.triton_client import ModelInfo
 from services.inference import metrics
 
+# A request's priority (metadata); `background` marks a job's generation.
+PRIORITY_HEADER = "x-ferry-priority"
+BACKGROUND = "background"
 # Bounds of the Retry-After estimate, in seconds.
 MIN_RETRY_AFTER = 1.0
 MAX_RETRY_AFTER = 30.0
@@ -87,6 +97,22 @@ class Admission:
                 ) from exc
             raise
 
+    def acquire_spare(self, reserve: int) -> None:
+        """A slot for a background request, only from spare capacity: beyond `reserve` free slots
+        (at most all but one, so a one-slot model still runs background work when idle) and with
+        nobody waiting; else BACKGROUND_DEFERRED at once."""
+        kept = min(max(0, reserve), self.max_in_flight - 1)
+        if self.in_flight + kept < self.max_in_flight and not self._waiters:
+            self.in_flight += 1
+            return
+        raise rpc_error(
+            Reason.BACKGROUND_DEFERRED,
+            f"model '{self.name}' has no spare slot for background work ({self.in_flight} running, "
+            f"{self.queued} waiting, {kept} kept for interactive requests)",
+            metadata={"model": self.name},
+            retry_after_seconds=self.retry_after(),
+        )
+
     def release(self) -> None:
         if self.in_flight <= self.max_in_flight and self._wake_next():
             return  # the slot passes straight to the next waiter
@@ -107,10 +133,16 @@ class Admission:
             pass
 
     @asynccontextmanager
-    async def slot(self, timeout: float | None = None) -> AsyncIterator[float]:
-        """Holds a slot for the body; yields the seconds spent waiting for it."""
+    async def slot(
+        self, timeout: float | None = None, *, background_reserve: int | None = None
+    ) -> AsyncIterator[float]:
+        """Holds a slot for the body; yields the seconds spent waiting for it. With a
+        `background_reserve`, a background request's slot (see `acquire_spare`)."""
         asked = time.monotonic()
-        await self.acquire(timeout)
+        if background_reserve is None:
+            await self.acquire(timeout)
+        else:
+            self.acquire_spare(background_reserve)
         admitted = time.monotonic()
         try:
             yield admitted - asked
@@ -148,3 +180,10 @@ class Admissions:
         metrics.ADMISSION_LIMIT.labels(model.name, "in_flight").set(gate.max_in_flight)
         metrics.ADMISSION_LIMIT.labels(model.name, "queued").set(gate.max_queued)
         return gate
+
+
+def is_background(call: Call | None = None) -> bool:
+    """Whether the RPC being handled asked for background priority. Anyone may: it only lowers the
+    caller's own priority."""
+    call = call or current_call.get()
+    return call is not None and call.metadata.get(PRIORITY_HEADER) == BACKGROUND

@@ -19,8 +19,8 @@ from ferry.grammars.v1 import grammars_pb2, grammars_pb2_grpc
 
 from backends.llamacpp.contract import ConstraintKind, OutputConstraint
 from services.common.config import Settings
-from services.common.context import EDGE_HEADER, PRINCIPAL_HEADER, REQUEST_ID_HEADER, request_id_var
-from services.common.edge import encode_principal
+from services.common.context import REQUEST_ID_HEADER, request_id_var
+from services.common.edge import on_behalf_metadata
 from services.common.errors import Reason, RpcError, relay_error, rpc_error
 from services.inference.domain import GenerationRequest
 
@@ -57,13 +57,7 @@ class GrammarsClient:
 
     def _metadata(self, principal: Principal | None) -> list[tuple[str, str]]:
         metadata = [(REQUEST_ID_HEADER, request_id_var.get())] if request_id_var.get() else []
-        token = self.auth.service_token
-        if self.auth.enabled and token is not None and principal is not None:
-            metadata += [
-                (EDGE_HEADER, f"Bearer {token.get_secret_value()}"),
-                (PRINCIPAL_HEADER, encode_principal(principal)),
-            ]
-        return metadata
+        return metadata + on_behalf_metadata(self.auth, principal)
 
     async def get(self, name: str, principal: Principal | None) -> Grammar:
         request = grammars_pb2.GetGrammarRequest(name=name)

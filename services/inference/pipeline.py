@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from services.common.auth import principal_var
 from services.common.config import InferenceSettings
 from services.common.errors import RpcError
-from services.inference.admission import Admissions
+from services.inference.admission import Admissions, is_background
 from services.inference.deadline import Deadline
 from services.inference.domain import Exchange, GenerationRequest, Outcome, Piece
 from services.inference.engine_interface import Engine
@@ -53,6 +53,7 @@ class Pipeline:
         self.resolve = Resolve(catalog, settings)
         self.render = Render(templates)
         self.admissions = Admissions(settings)
+        self.background_reserve = settings.background_reserve
         self.generate = EngineStream(engine, catalog)
         self.transactions: TransactionLog = transactions or NoTransactionLog()
         self.observers = list(observers)
@@ -79,7 +80,9 @@ class Pipeline:
             request, model = await self.resolve(request, principal_var.get())
             exchange.request, exchange.model_label = request, model.name
             exchange.prompt = self.render(request, model)
-            async with self.admissions.gate(model).slot(deadline.time_remaining()) as waited:
+            gate = self.admissions.gate(model)
+            reserve = self.background_reserve if is_background() else None
+            async with gate.slot(deadline.time_remaining(), background_reserve=reserve) as waited:
                 for observer in self.observers:
                     observer.admitted(exchange, waited)
                 await record.start()

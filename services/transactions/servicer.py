@@ -57,6 +57,22 @@ COLUMNS = (
 )
 
 
+# A request id's record is its first try's, except that a try that did not succeed (failed, cancelled,
+# incomplete) is replaced by a later try of the same request id: one that started after it ended.
+# That is how a job's generation, retried under the job's id after its worker died, ends as one
+# record of the try that answered (services/jobs). A redelivered copy of the first try's own record
+# started before that end, so it never replaces anything.
+RETRY_CONDITION = (
+    "transactions.status IN ('FAILED', 'CANCELLED', 'INCOMPLETE') "
+    "AND EXCLUDED.create_time > transactions.complete_time"
+)
+RETRY_ASSIGNMENTS = ", ".join(
+    f"{column} = EXCLUDED.{column}"
+    for column in COLUMNS.replace(" ", "").split(",")
+    if column != "request_id"
+)
+
+
 class TransactionsServicer(transactions_pb2_grpc.TransactionsServiceServicer):
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -71,11 +87,14 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServiceServicer):
         async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(
                 f"INSERT INTO transactions ({COLUMNS}) VALUES ({placeholders}) "
-                f"ON CONFLICT (request_id) DO NOTHING RETURNING *",
+                f"ON CONFLICT (request_id) DO UPDATE SET {RETRY_ASSIGNMENTS}, update_time = now() "
+                f"WHERE {RETRY_CONDITION} RETURNING *",
                 list(row.values()),
             )
             created = await cur.fetchone()
-            if created is None:  # a retry, or the same id used twice: the first record wins
+            if (
+                created is None
+            ):  # a retry, or the same id used twice: the first record wins (see RETRY_CONDITION)
                 await cur.execute("SELECT * FROM transactions WHERE request_id = %s", (row["request_id"],))
                 created = await cur.fetchone()
         assert created is not None
