@@ -6,6 +6,8 @@
 -- * OpenAI clients use one path for unary and streamed completions and choose with the body's
 --   top-level "stream": true. The transcoder maps a path to one RPC, so streamed bodies are sent
 --   to the path of the server-streaming RPC (`<path>:stream`) before the transcoder runs.
+-- * An OpenAI body's top-level keys go to the service (`x-ferry-body-fields`), which logs at debug
+--   level those its request does not define: the transcoder ignores them, as vLLM does.
 --
 -- Responses: a 429 always carries Retry-After (and a 503 does when the service said when): the
 -- service's own `retry-after` metadata wins, then its google.rpc.RetryInfo, then one second.
@@ -36,6 +38,10 @@ local OPENAI_ERROR_HEADER = "x-ferry-openai-error"
 -- Dynamic metadata (this filter's namespace) marking an OpenAI request for the response: "POST /v1/x".
 local METADATA_NAMESPACE = "envoy.filters.http.lua"
 local OPENAI_REQUEST = "openai_request"
+-- The top-level fields of an OpenAI request body, for the service to log those its API does not
+-- define (the transcoder drops them silently): services/common/interceptor.py.
+local BODY_FIELDS_HEADER = "x-ferry-body-fields"
+local MAX_KEYS = 64
 
 -- Index just past the closing quote of the JSON string that opens at `start`, or nil.
 local function string_end(body, start)
@@ -53,26 +59,31 @@ local function string_end(body, start)
   end
 end
 
--- True when the top-level JSON object has the key "stream" set to true. Strings are skipped whole
--- and nesting is tracked, so a prompt or nested object that mentions "stream" is not mistaken for it.
-local function wants_stream(body)
+-- The keys of the top-level JSON object (the first MAX_KEYS, as written) and whether one is "stream"
+-- set to true. Strings are skipped whole and nesting is tracked, so a prompt or nested object that
+-- mentions "stream" is not mistaken for it.
+local function top_level(body)
+  local keys, stream = {}, false
   local depth, i = 0, 1
   while true do
     local s = string.find(body, '["{}%[%]]', i)
     if s == nil then
-      return false
+      return keys, stream
     end
     local c = string.byte(body, s)
     if c == 34 then -- quote
       local after = string_end(body, s)
       if after == nil then
-        return false
+        return keys, stream
       end
-      if depth == 1 and string.sub(body, s + 1, after - 2) == "stream" then
-        -- A key is followed by a colon; the same word as a value is not.
-        local value = string.match(body, "^%s*:%s*(%a+)", after)
-        if value == "true" then
-          return true
+      -- A key is followed by a colon; the same word as a value is not.
+      if depth == 1 and string.find(body, "^%s*:", after) then
+        local key = string.sub(body, s + 1, after - 2)
+        if #keys < MAX_KEYS then
+          keys[#keys + 1] = key
+        end
+        if key == "stream" and string.match(body, "^%s*:%s*(%a+)", after) == "true" then
+          stream = true
         end
       end
       i = after
@@ -84,6 +95,15 @@ local function wants_stream(body)
       i = s + 1
     end
   end
+end
+
+-- The keys as one header value: each cut to 64 characters, anything but [A-Za-z0-9_.-] as "?".
+local function key_list(keys)
+  local safe = {}
+  for n, key in ipairs(keys) do
+    safe[n] = string.gsub(string.sub(key, 1, 64), "[^%w_%.%-]", "?")
+  end
+  return table.concat(safe, ",")
 end
 
 -- Whole seconds (rounded up) of the first RetryInfo.retry_delay ("1.500s") in a JSON error body.
@@ -112,8 +132,10 @@ end
 
 function envoy_on_request(handle)
   local headers = handle:headers()
-  -- Only the edge check (ext_authz, after this filter) may say who the caller is.
+  -- Only the edge check (ext_authz, after this filter) may say who the caller is, and only this
+  -- filter which fields a body has.
   headers:remove("x-ferry-principal")
+  headers:remove(BODY_FIELDS_HEADER)
   -- The client's address as Envoy established it (use_remote_address, xff_num_trusted_hops), over
   -- anything the client sent: the edge check counts per-address limits by it, services are told it.
   headers:replace("x-ferry-client-address", address_ip(handle:streamInfo():downstreamRemoteAddress()))
@@ -128,11 +150,7 @@ function envoy_on_request(handle)
   if string.sub(bare, 1, #OPENAI_PREFIX) == OPENAI_PREFIX then
     handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, OPENAI_REQUEST, method .. " " .. bare)
   end
-  if method ~= "POST" then
-    return
-  end
-  local streaming_path = OPENAI_STREAMING[bare]
-  if streaming_path == nil then
+  if method ~= "POST" or string.sub(bare, 1, #OPENAI_PREFIX) ~= OPENAI_PREFIX then
     return
   end
   local content_type = headers:get("content-type") or ""
@@ -143,9 +161,15 @@ function envoy_on_request(handle)
   if body == nil then
     return
   end
-  if wants_stream(body:getBytes(0, body:length())) then
-    -- Wrappers taken before body() are dead once it has waited for the body: ask again.
-    handle:headers():replace(":path", streaming_path .. query)
+  local keys, stream = top_level(body:getBytes(0, body:length()))
+  -- Wrappers taken before body() are dead once it has waited for the body: ask again.
+  headers = handle:headers()
+  if #keys > 0 then
+    headers:replace(BODY_FIELDS_HEADER, key_list(keys))
+  end
+  local streaming_path = OPENAI_STREAMING[bare]
+  if stream and streaming_path ~= nil then
+    headers:replace(":path", streaming_path .. query)
   end
 end
 

@@ -425,6 +425,26 @@ def test_openai_stream_flag_selects_the_streaming_rpc(edge: Edge, body: Any, str
         assert response.json()["id"] == "unary"
 
 
+def test_openai_bodies_tell_the_service_their_top_level_fields(edge: Edge) -> None:
+    """The service logs (debug) the fields its request does not define, which the transcoder drops:
+    ferry.lua names every top-level key, as the caller wrote it, and nothing nested."""
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi", "x": 1}],
+        "maxTokens": 2,
+        "foo": {"bar": 1},
+    }
+    spoofed = {"x-ferry-body-fields": "forged"}
+    assert _post(edge, "/v1/chat/completions", body, **spoofed).status_code == 200
+    assert edge.upstream.metadata[-1]["x-ferry-body-fields"] == "model,messages,maxTokens,foo"
+    odd = '{"model": "m", "prompt": "hi", "we\\"ird key": 1, "stream": true}'
+    assert _post(edge, "/v1/completions", odd).status_code == 200
+    assert edge.upstream.metadata[-1]["x-ferry-body-fields"] == "model,prompt,we??ird?key,stream"
+    # ferry's own API: not read, and a client's claim is dropped.
+    assert edge.get("/api/v1/models", headers=spoofed).status_code == 200
+    assert "x-ferry-body-fields" not in edge.upstream.metadata[-1]
+
+
 def test_chat_completions_stream_as_server_sent_events(edge: Edge) -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     response = _post(edge, "/v1/chat/completions", body)

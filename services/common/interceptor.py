@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import Message
 
 from services.common.context import (
     AUTHORIZATION_HEADER,
@@ -50,6 +51,9 @@ UNOBSERVED_SERVICES = frozenset(
 # Services whose REST paths are OpenAI's (/v1/*): their errors also carry OpenAI's error JSON
 # (errors.OPENAI_ERROR_METADATA), which ferry.lua makes the REST body.
 OPENAI_SERVICES = frozenset({"ferry.openai.v1.OpenAIService"})
+# The top-level fields of a REST body as the caller sent them (ferry.lua): those the request message
+# does not define were dropped by Envoy's transcoder, and are logged at debug level.
+BODY_FIELDS_HEADER = "x-ferry-body-fields"
 
 
 @dataclass
@@ -75,6 +79,8 @@ class Call:
     client_address: str = ""
     # A response message went out: an error now ends a started response (a stream's trailers).
     responded: bool = False
+    # The top-level fields of the REST body, comma-separated (BODY_FIELDS_HEADER); empty for gRPC.
+    body_fields: str = ""
 
     @property
     def full_method(self) -> str:
@@ -150,6 +156,7 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             edge_token=bearer_token(metadata.pop(EDGE_HEADER, None)),
             edge_client_address=metadata.pop(CLIENT_ADDRESS_HEADER, ""),
             edge_principal=metadata.pop(PRINCIPAL_HEADER, ""),
+            body_fields=metadata.pop(BODY_FIELDS_HEADER, ""),
         )
         current_call.set(call)
         return call
@@ -165,6 +172,12 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         try:
             if self.lifecycle.draining:
                 raise rpc_error(Reason.DRAINING, "server is shutting down")
+            if call.body_fields and isinstance(request, Message) and log.isEnabledFor(logging.DEBUG):
+                ignored = undefined_fields(request, call.body_fields.split(","))
+                if ignored:
+                    log.debug(
+                        "%s: ignored fields the API does not define: %s", call.method, ", ".join(ignored)
+                    )
             for observer in self.observers:
                 await observer.on_start(call, request)
             yield
@@ -215,6 +228,13 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
             async for item in items:
                 call.responded = True
                 yield item
+
+
+def undefined_fields(request: Message, sent: list[str]) -> list[str]:
+    """The fields in `sent` that the request message does not have, by proto or JSON name."""
+    fields = request.DESCRIPTOR.fields
+    defined = {f.name for f in fields} | {f.json_name for f in fields}
+    return [name for name in sent if name not in defined]
 
 
 async def _abort(call: Call, context: grpc.aio.ServicerContext, err: RpcError) -> None:
