@@ -26,6 +26,8 @@ $(INSTALLED): pyproject.toml
 	  p.write_text('$(CURDIR)\n$(CURDIR)/$(GEN)\n')"
 	# promtool (Debian's prometheus package) checks the alerting rules; only the binary is kept.
 	deploy/install-tools.sh $(CURDIR)/$(VENV)/bin
+	# Debian's chromium for the browser tests (Playwright drives it; no browser download).
+	deploy/install-chromium.sh
 	touch $@
 
 # `ferry keys ...` (gateway/cli.py): on PATH under make, else .venv/bin/ferry. A script rather than a

@@ -99,6 +99,8 @@ def upstreams(settings: Settings) -> list[Upstream]:
         Upstream("transactions", settings.transactions, ("ferry.transactions.v1.TransactionsService",)),
         Upstream("audit", settings.audit, ("ferry.audit.v1.AuditService",)),
         Upstream("grammars", settings.grammars, ("ferry.grammars.v1.GrammarsService",)),
+        Upstream("jobs", settings.jobs, ("ferry.jobs.v1.JobsService",)),
+        Upstream("conversations", settings.conversations, ("ferry.conversations.v1.ConversationsService",)),
         Upstream("gateway", settings.gateway, GATEWAY_SERVICES),
     ]
 
@@ -145,6 +147,26 @@ def internal_methods(descriptor: Path) -> dict[str, list[str]]:
         return set(options.Extensions[access].scopes) == {INTERNAL}  # type: ignore[index]
 
     return _methods(descriptor, internal_only)
+
+
+@dataclass(frozen=True)
+class ChatWeb:
+    """The web chat process (services/conversations/web.py): `/chat/` and its WebSocket."""
+
+    host: str
+    port: int
+
+    @property
+    def discovery(self) -> str:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return "STRICT_DNS"
+        return "STATIC"
+
+
+def chat_web(settings: Settings) -> ChatWeb:
+    return ChatWeb(settings.conversations.host, settings.conversations.web_port)
 
 
 @dataclass(frozen=True)
@@ -289,6 +311,7 @@ def render_envoy_config(
         auth=edge_auth(settings),
         cors=cors(settings),
         tracing=envoy_tracing(settings),
+        chat_web=chat_web(settings),
     )
     path = settings.run_dir / CONFIG_NAME
     write_private(path, text)

@@ -29,10 +29,20 @@ def needed_ports(settings: Settings) -> list[PortUse]:
         PortUse("envoy.port", settings.envoy.host, settings.envoy.port),
         PortUse("envoy.admin_port", "127.0.0.1", settings.envoy.admin_port),
     ]
-    for name in ("inference", "models", "transactions", "audit", "grammars"):
+    for name in ("inference", "models", "transactions", "audit", "grammars", "jobs", "conversations"):
         service = getattr(settings, name)
         uses.append(PortUse(f"{name}.port", service.host, service.port))
         uses.append(PortUse(f"{name}.metrics_port", service.host, service.metrics_port))
+    conversations = settings.conversations
+    uses.append(PortUse("conversations.web_port", conversations.host, conversations.web_port))
+    jobs = settings.jobs
+    for index in range(jobs.workers):
+        # Worker i's metrics are on worker_metrics_port + i (the first one's setting names them all).
+        uses.append(PortUse("jobs.worker_metrics_port", jobs.host, jobs.worker_metrics_port + index))
+    if settings.nats.embedded:
+        nats = settings.nats
+        uses.append(PortUse("nats.port", nats.host, nats.port))
+        uses.append(PortUse("nats.monitor_port", nats.host, nats.monitor_port))
     triton = settings.triton
     for field in ("grpc_port", "http_port", "metrics_port"):
         uses.append(PortUse(f"triton.{field}", triton.host, getattr(triton, field)))

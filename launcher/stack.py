@@ -33,6 +33,7 @@ import httpx
 from launcher.credentials import AdminKey, with_credentials
 from launcher.environment import settings_env
 from launcher.envoy import envoy_program
+from launcher.nats import nats_program
 from launcher.ports import taken_ports
 from launcher.postgres import EmbeddedPostgres, start_embedded
 from launcher.programs import Program
@@ -42,7 +43,7 @@ from services.common.config import REPO_ROOT, Settings
 
 LOCK_NAME = "ferry.lock"
 # Start order (supervisord priority): Triton, then the services that call it, then the edge.
-SERVICES = ("models", "inference", "transactions", "audit", "grammars", "gateway")
+SERVICES = ("models", "inference", "transactions", "audit", "grammars", "jobs", "conversations", "gateway")
 # The Python module each one runs as (`python -m ...`).
 MODULES = {name: f"services.{name}" for name in SERVICES} | {"gateway": "gateway"}
 # Only the gateway needs the bootstrap admin key; the other children do not get it.
@@ -69,6 +70,7 @@ class Endpoints:
     triton_grpc: str
     triton_http: str
     triton_metrics: str
+    nats: str = ""
 
     def lines(self) -> list[str]:
         out = [
@@ -81,6 +83,7 @@ class Endpoints:
             f"Envoy admin               {self.envoy_admin}",
             f"Triton gRPC / HTTP        {self.triton_grpc} / {self.triton_http}",
             f"Triton metrics            {self.triton_metrics}",
+            f"NATS (jobs queue)         {self.nats}",
         ]
         return out
 
@@ -98,6 +101,7 @@ def endpoints(settings: Settings) -> Endpoints:
         triton_grpc=triton.grpc_address,
         triton_http=f"http://{triton.host}:{triton.http_port}",
         triton_metrics=f"http://{triton.host}:{triton.metrics_port}/metrics",
+        nats=",".join(settings.nats.servers) + (" (embedded)" if settings.nats.embedded else ""),
     )
 
 
@@ -120,10 +124,41 @@ def service_program(name: str, settings: Settings) -> Program:
     )
 
 
+def worker_program(index: int, settings: Settings) -> Program:
+    """A jobs worker (services/jobs/worker.py): no port of its own but metrics."""
+    return Program(
+        name=f"jobs-worker-{index}",
+        argv=[sys.executable, "-m", "services.jobs.worker"],
+        env={"PYTHONUNBUFFERED": "1", "FERRY_JOBS_WORKER_INDEX": str(index)},
+        cwd=REPO_ROOT,
+        priority=SERVICES_PRIORITY,
+        group="services",
+        # Running jobs get the drain grace to finish; the rest are redelivered to the next worker.
+        stop_wait_seconds=int(settings.drain_grace_seconds) + 10,
+    )
+
+
+def chat_web_program(settings: Settings) -> Program:
+    """The web chat process (services/conversations/web.py): the page and WebSocket behind Envoy."""
+    return Program(
+        name="conversations-web",
+        argv=[sys.executable, "-m", "services.conversations.web"],
+        env={"PYTHONUNBUFFERED": "1"},
+        cwd=REPO_ROOT,
+        priority=SERVICES_PRIORITY,
+        group="services",
+        stop_wait_seconds=10,
+    )
+
+
 def default_programs(settings: Settings) -> list[Program]:
-    """Triton, the services and the gateway, Envoy: started in this order, stopped in reverse."""
+    """NATS (embedded unless `nats.url` is set) and Triton, the services and the gateway with the jobs'
+    workers, Envoy: started in this order, stopped in reverse."""
     services = [service_program(name, settings) for name in SERVICES]
-    return [triton_program(settings), *services, envoy_program(settings)]
+    workers = [worker_program(i, settings) for i in range(settings.jobs.workers)]
+    nats = [nats_program(settings)] if settings.nats.embedded else []
+    web = [chat_web_program(settings)]
+    return [*nats, triton_program(settings), *services, *workers, *web, envoy_program(settings)]
 
 
 def _die_with_parent() -> None:

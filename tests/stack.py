@@ -38,7 +38,7 @@ PROCESSES = tuple(dict.fromkeys((*SERVICES, "gateway")))
 def stack_settings(home: Path, **overrides: Any) -> Settings:
     """Settings for a stack under `home` on ports nobody uses. FERRY_* variables still apply to the
     fields not set here (the children receive the result as their environment)."""
-    ports = iter(free_ports(5 + 2 * len(PROCESSES)))
+    ports = iter(free_ports(9 + 2 * len(PROCESSES)))
     values: dict[str, Any] = {
         "home": home,
         "envoy": {"port": next(ports), "admin_port": next(ports)},
@@ -48,6 +48,10 @@ def stack_settings(home: Path, **overrides: Any) -> Settings:
     }
     for name in PROCESSES:
         values[name] = {"port": next(ports), "metrics_port": next(ports)}
+    # The embedded NATS server and the (one) jobs worker's metrics.
+    values["nats"] = {"url": "", "port": next(ports), "monitor_port": next(ports)}
+    values["jobs"] |= {"worker_metrics_port": next(ports)}
+    values["conversations"] |= {"web_port": next(ports)}
     values.update(overrides)
     return Settings(**values)
 

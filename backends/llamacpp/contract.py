@@ -30,6 +30,10 @@ MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS_ENTRIES = 1024
 # A grammar's text (GBNF or Lark) or a JSON Schema's JSON, at most (bytes of UTF-8).
 MAX_CONSTRAINT_BYTES = 256 * 1024
+# An optional BOOL input tensor: when true, the request only counts the prompt's tokens with the model's
+# own tokenizer (special tokens parsed, BOS added, as for generation). The one final response carries
+# the count in `num_input_tokens`, an empty `text_output` and `finish_reason`; nothing is generated.
+COUNT_TOKENS_INPUT = "count_tokens"
 # How llama.cpp tells an llguidance grammar (Lark, or JSON Schema through `%json`) from GBNF.
 LLGUIDANCE_HEADER = "%llguidance {}"
 INT64_MIN = -(1 << 63)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +38,42 @@ def engine_settings(params: ModelParameters, gguf: Path) -> Any:
     # xllamacpp also serves llama.cpp's HTTP API on a random port: keep it on loopback.
     engine.hostnames = ["127.0.0.1"]
     engine.port = 0
-    # Nothing uses that listener (requests go through handle_completions): lock it with a key no one knows.
+    # Only this process uses that listener (EngineTokenizer; requests go through handle_completions):
+    # lock it with a key no one else knows.
     engine.api_keys = [secrets.token_urlsafe(32)]
     engine.cors_origins = ""
     engine.verbosity = params.log_verbosity
     return engine
 
 
-def start_engine(params: ModelParameters, gguf: Path) -> Any:
-    """Load the GGUF file into a llama.cpp server with continuous batching over `n_parallel` slots."""
+def start_engine(params: ModelParameters, gguf: Path) -> tuple[Any, EngineTokenizer]:
+    """Load the GGUF file into a llama.cpp server with continuous batching over `n_parallel` slots;
+    also its tokenizer."""
     settings = engine_settings(params, gguf)
     import xllamacpp
 
-    return xllamacpp.Server(settings)
+    server = xllamacpp.Server(settings)
+    return server, EngineTokenizer(server.listening_address, settings.api_keys[0])
+
+
+class EngineTokenizer:
+    """The engine's own tokenizer. xllamacpp has no tokenize method: llama.cpp's `/tokenize` route on
+    the engine's loopback listener is the only way to it, with the key that locks that listener."""
+
+    TIMEOUT_SECONDS = 10.0
+
+    def __init__(self, address: str, key: str) -> None:
+        self.url = address.rstrip("/") + "/tokenize"
+        self.key = key
+
+    def count(self, text: str) -> int:
+        """How many tokens the engine reads for `text` as a prompt (special tokens parsed and the
+        model's BOS added, as a completion's prompt is)."""
+        body = json.dumps({"content": text, "add_special": True}).encode()
+        request = urllib.request.Request(
+            self.url,
+            data=body,
+            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=self.TIMEOUT_SECONDS) as response:
+            return len(json.loads(response.read())["tokens"])

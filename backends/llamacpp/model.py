@@ -20,13 +20,13 @@ from pydantic import ValidationError
 
 from backends.llamacpp import faults
 from backends.llamacpp.config import ConfigError, ModelParameters, ferry_home
-from backends.llamacpp.contract import EngineFault, SamplingParameters
+from backends.llamacpp.contract import COUNT_TOKENS_INPUT, EngineFault, SamplingParameters
 from backends.llamacpp.engine import start_engine
 from backends.llamacpp.faults import FaultError
 from backends.llamacpp.generation import Generation, OutputPiece
 from backends.llamacpp.gguf import gguf_path, vocabulary_size
 from backends.llamacpp.metrics import EngineMetrics
-from backends.llamacpp.request import completion_request, with_defaults
+from backends.llamacpp.request import BOS_TEXT, completion_request, with_defaults
 from backends.llamacpp.shutdown import ShutdownMonitor, server_live_url
 from backends.llamacpp.watchdog import start_watchdog
 
@@ -91,6 +91,12 @@ def _input_string(request: Any, name: str, required: bool) -> str | None:
     return str(value)
 
 
+def _input_flag(request: Any, name: str) -> bool:
+    """An optional BOOL input tensor's value (False when absent)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return tensor is not None and bool(tensor.as_numpy().reshape(-1)[:1].any())
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -111,7 +117,7 @@ class TritonPythonModel:
         except ConfigError as exc:
             raise pb_utils.TritonModelException(str(exc)) from None
         started = time.monotonic()
-        self.server = start_engine(self.params, gguf)
+        self.server, self.tokenizer = start_engine(self.params, gguf)
         self.metrics = EngineMetrics(self.name, args["model_version"], self.params)
         # Set by finalize() (the model unloads) or by the monitor (tritonserver is shutting down).
         self.unloading = False
@@ -143,9 +149,22 @@ class TritonPythonModel:
             thread.start()
         return None
 
+    def _count(self, prompt: str, sink: TritonSink) -> None:
+        """The `count_tokens` mode: one final response whose num_input_tokens is the prompt's length in
+        the engine's tokens; nothing is generated and no slot is taken."""
+        try:
+            count = self.tokenizer.count(prompt.removeprefix(BOS_TEXT))
+        except Exception as exc:
+            sink.fail(faults.engine_failed(f"the engine could not tokenize the prompt: {exc}"))
+            return
+        sink.send(OutputPiece(text="", tokens=0, prompt_tokens=count, finish_reason="", logprobs=None), True)
+
     def _generate(self, request: Any, sink: TritonSink) -> None:
         try:
             prompt = _input_string(request, "text_input", required=True) or ""
+            if _input_flag(request, COUNT_TOKENS_INPUT):
+                self._count(prompt, sink)
+                return
             raw = _input_string(request, "sampling_parameters", required=False) or ""
             try:
                 sampling = with_defaults(SamplingParameters.from_json(raw), self.defaults)

@@ -12,6 +12,7 @@ from functools import lru_cache
 
 from ferry.audit.v1 import audit_pb2
 from ferry.auth.v1 import auth_pb2
+from ferry.conversations.v1 import conversations_pb2
 from ferry.grammars.v1 import grammars_pb2
 from ferry.inference.v1 import inference_pb2
 from ferry.jobs.v1 import jobs_pb2
@@ -31,6 +32,7 @@ KEY_SCOPES = (INFERENCE, READ, ADMIN)
 PROTO_FILES = (
     audit_pb2,
     auth_pb2,
+    conversations_pb2,
     grammars_pb2,
     inference_pb2,
     jobs_pb2,

@@ -214,6 +214,16 @@ class GrammarsServiceSettings(ServiceSettings):
     metrics_port: int = 9106
 
 
+class ConversationsServiceSettings(ServiceSettings):
+    """Stored chats (docs/conversations.md) and the web chat process (page + WebSocket) beside them."""
+
+    port: int = 50058
+    metrics_port: int = 9110
+    # The web chat process (`python -m services.conversations.web`): the page at /chat/ and the
+    # WebSocket at /chat/ws, both behind Envoy.
+    web_port: int = 8095
+
+
 class JobsServiceSettings(ServiceSettings):
     """Asynchronous jobs (docs/jobs.md): the JobsService, its workers and the NATS bridge."""
 
@@ -460,6 +470,7 @@ class Settings(BaseSettings):
     audit: AuditServiceSettings = Field(default_factory=AuditServiceSettings)
     grammars: GrammarsServiceSettings = Field(default_factory=GrammarsServiceSettings)
     jobs: JobsServiceSettings = Field(default_factory=JobsServiceSettings)
+    conversations: ConversationsServiceSettings = Field(default_factory=ConversationsServiceSettings)
     nats: NatsSettings = Field(default_factory=NatsSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)

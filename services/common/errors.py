@@ -57,6 +57,8 @@ class Reason(StrEnum):
     GRAMMAR_NOT_FOUND = "GRAMMAR_NOT_FOUND"
     GRAMMAR_INVALID = "GRAMMAR_INVALID"
     GRAMMAR_ALREADY_EXISTS = "GRAMMAR_ALREADY_EXISTS"
+    CONVERSATION_NOT_FOUND = "CONVERSATION_NOT_FOUND"
+    CONVERSATION_MESSAGE_NOT_FOUND = "CONVERSATION_MESSAGE_NOT_FOUND"
     WEBHOOK_SOURCE_NOT_FOUND = "WEBHOOK_SOURCE_NOT_FOUND"
     WEBHOOK_SIGNATURE_INVALID = "WEBHOOK_SIGNATURE_INVALID"
     WEBHOOK_TIMESTAMP_STALE = "WEBHOOK_TIMESTAMP_STALE"
@@ -208,6 +210,13 @@ _ENTRIES: Mapping[Reason, Entry] = {
         "the engine cannot compile the grammar's definition (its message says why); nothing was stored",
     ),
     Reason.GRAMMAR_ALREADY_EXISTS: _entry(_Code.ALREADY_EXISTS, "a grammar with that `grammar_id` exists"),
+    Reason.CONVERSATION_NOT_FOUND: _entry(
+        _Code.NOT_FOUND,
+        "no conversation of that name visible to the caller (never created, deleted, or another key's)",
+    ),
+    Reason.CONVERSATION_MESSAGE_NOT_FOUND: _entry(
+        _Code.NOT_FOUND, "no message of that name in the conversation (the field named says which)"
+    ),
     Reason.JOB_NOT_FOUND: _entry(
         _Code.NOT_FOUND, "no job of that name, or one another key created (only admin keys see every job)"
     ),

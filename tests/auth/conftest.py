@@ -24,7 +24,7 @@ def model(stack: RunningStack) -> str:
 
 
 @pytest.fixture(scope="session")
-def subjects(stack: RunningStack, model: str) -> Subjects:
+def subjects(stack: RunningStack, model: str, scoped_keys: dict[str, str]) -> Subjects:
     """A recorded generation (for GetTransaction), a key to revoke (for RevokeKey) and grammars (one to
     read and update, fresh ones to delete)."""
     request_id = f"auth-subject-{uuid.uuid4().hex[:10]}"
@@ -47,10 +47,19 @@ def subjects(stack: RunningStack, model: str) -> Subjects:
             assert made.status_code == 200, made.text
             return str(made.json()["name"])
 
+    def new_conversation() -> str:
+        # The `inference` key's own: the matrix calls conversation RPCs with that key.
+        with stack.http(scoped_keys["inference"]) as http:
+            made = http.post("/api/v1/conversations", json={"model": model})
+            assert made.status_code == 200, made.text
+            return str(made.json()["name"])
+
     return Subjects(
         model=model,
         transaction=f"transactions/{request_id}",
         victim_key=victim.name,
         grammar=new_grammar(),
         new_grammar=new_grammar,
+        conversation=new_conversation(),
+        new_conversation=new_conversation,
     )

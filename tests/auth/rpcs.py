@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import httpx
 from ferry.audit.v1 import audit_pb2
+from ferry.conversations.v1 import conversations_pb2
 from ferry.grammars.v1 import grammars_pb2
 from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from ferry.keys.v1 import keys_pb2
@@ -35,6 +36,7 @@ SERVED_BY = {
     "ferry.transactions.v1.TransactionsService": "transactions",
     "ferry.audit.v1.AuditService": "audit",
     "ferry.grammars.v1.GrammarsService": "grammars",
+    "ferry.conversations.v1.ConversationsService": "conversations",
     "ferry.keys.v1.KeysService": "gateway",
     "ferry.auth.v1.AuthService": "gateway",
 }
@@ -96,6 +98,10 @@ class Subjects:
     victim_key: str  # `keys/{id}` of a key that may be revoked (again)
     grammar: str  # `grammars/{id}` of a stored grammar
     new_grammar: Callable[[], str]  # stores another grammar (for DeleteGrammar) and names it
+    # `conversations/{id}` owned by the `inference` key (another key's would be NOT_FOUND)
+    conversation: str = ""
+    # starts another conversation of the `inference` key (for DeleteConversation) and names it
+    new_conversation: Callable[[], str] = str
 
 
 def _prompt(text: str) -> struct_pb2.Value:
@@ -128,6 +134,12 @@ def _update_grammar(s: Subjects) -> grammars_pb2.UpdateGrammarRequest:
     # REST sends no update_mask (it would be a query parameter): the whole grammar, unchanged.
     return grammars_pb2.UpdateGrammarRequest(
         grammar=_grammar(s.grammar), update_mask=field_mask_pb2.FieldMask(paths=["description"])
+    )
+
+
+def _turn(s: Subjects) -> conversations_pb2.SendMessageRequest:
+    return conversations_pb2.SendMessageRequest(
+        conversation=s.conversation, content="Hi", sampling=inference_pb2.SamplingParams(max_tokens=1)
     )
 
 
@@ -192,6 +204,25 @@ REQUESTS: dict[str, Callable[[Subjects], message.Message]] = {
         page_size=1
     ),
     "/ferry.grammars.v1.GrammarsService/UpdateGrammar": _update_grammar,
+    "/ferry.conversations.v1.ConversationsService/CreateConversation": lambda s: (
+        conversations_pb2.CreateConversationRequest(
+            conversation=conversations_pb2.Conversation(model=s.model)
+        )
+    ),
+    "/ferry.conversations.v1.ConversationsService/GetConversation": lambda s: (
+        conversations_pb2.GetConversationRequest(name=s.conversation)
+    ),
+    "/ferry.conversations.v1.ConversationsService/ListConversations": lambda s: (
+        conversations_pb2.ListConversationsRequest(page_size=1)
+    ),
+    "/ferry.conversations.v1.ConversationsService/DeleteConversation": lambda s: (
+        conversations_pb2.DeleteConversationRequest(name=s.new_conversation())
+    ),
+    "/ferry.conversations.v1.ConversationsService/ListMessages": lambda s: (
+        conversations_pb2.ListMessagesRequest(parent=s.conversation)
+    ),
+    "/ferry.conversations.v1.ConversationsService/SendMessage": _turn,
+    "/ferry.conversations.v1.ConversationsService/StreamMessage": _turn,
     "/ferry.grammars.v1.GrammarsService/DeleteGrammar": lambda s: grammars_pb2.DeleteGrammarRequest(
         name=s.new_grammar()
     ),
