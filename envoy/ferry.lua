@@ -230,7 +230,8 @@ local GRPC_CODE_NAMES = {
 local HTTP_CODE_NAMES = {
   [400] = "invalid_argument", [401] = "unauthenticated", [403] = "permission_denied",
   [404] = "not_found", [409] = "aborted", [429] = "resource_exhausted", [499] = "cancelled",
-  [500] = "internal", [501] = "unimplemented", [503] = "service_unreachable", [504] = "deadline_exceeded",
+  [500] = "internal", [501] = "unimplemented", [502] = "service_unreachable", [503] = "service_unreachable",
+  [504] = "deadline_exceeded",
 }
 
 -- What the transcoder's "for type X" expects, in JSON's words.
