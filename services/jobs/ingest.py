@@ -41,6 +41,7 @@ from services.common.config import Settings, WebhookSource
 from services.common.database import Database
 from services.common.errors import Reason, RpcError, invalid_argument, not_found, rpc_error
 from services.common.interceptor import current_call
+from services.jobs.webhooks import metrics
 from services.recording import Recorder
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,15 @@ class WebhookIngestion:
             job = await self._ingest(request, headers)
         except RpcError as err:
             self._audit(request.source, webhook_id, "", err.code, err.message, verified=False)
+            self._count(request.source, err.reason)
             raise
         self._audit(request.source, webhook_id, job.name, grpc.StatusCode.OK, "", verified=True)
+        self._count(request.source, "OK")
         return job
+
+    def _count(self, source: str, outcome: str) -> None:
+        # Unknown sources are one label value: a caller cannot grow the metric without bound.
+        metrics.INGESTIONS.labels(source if source in self.sources else "(unknown)", outcome).inc()
 
     async def _ingest(self, request: jobs_pb2.IngestWebhookRequest, headers: dict[str, str]) -> jobs_pb2.Job:
         source = self.sources.get(request.source)

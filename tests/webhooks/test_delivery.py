@@ -24,6 +24,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from ferry.jobs.v1 import jobs_pb2
 from ferry.keys.v1 import keys_pb2, keys_pb2_grpc
 from google.rpc import code_pb2
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -100,6 +101,10 @@ def ended_job(job_id: str, state: jobs_pb2.Job.State.ValueType, url: str, creato
     elif state == State.STATE_FAILED:
         job.error_code, job.error_message = "INTERNAL", "the engine failed a generation"
     return job
+
+
+def _tries(outcome: str) -> float:
+    return REGISTRY.get_sample_value("ferry_webhook_delivery_tries_total", {"outcome": outcome}) or 0.0
 
 
 async def _attempted(webhooks: JobWebhooks, job: str) -> bool:
@@ -179,6 +184,7 @@ async def test_a_failing_receiver_gets_the_event_on_retry_once_per_id(
 ) -> None:
     key = await new_key(webhooks_gateway, "flaky")
     receiver.script["/flaky"] = [500, 500]
+    retries_before = _tries("retry")
     async with job_webhooks(settings_for(webhooks_gateway, tmp_path)) as webhooks:
         job = ended_job(f"flaky-{time.time_ns()}", State.STATE_SUCCEEDED, receiver.url("/flaky"), key.name)
         webhook_id = await webhooks.enqueue_job_event(job)
@@ -202,6 +208,7 @@ async def test_a_failing_receiver_gets_the_event_on_retry_once_per_id(
         assert attempts[0].attempt_time.ToDatetime() <= attempts[1].attempt_time.ToDatetime()
         event = await webhooks.outbox.event_for(job.name)
         assert event is not None and (event.state, event.attempts) == ("delivered", 3)
+        assert _tries("retry") - retries_before == 2
 
 
 async def test_a_receiver_that_keeps_failing_is_retried_then_given_up(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import datetime
 from typing import Protocol
 
@@ -21,8 +22,9 @@ import httpx
 from services.common.config import Settings
 from services.common.errors import RpcError
 from services.common.timestamps import now
+from services.jobs.webhooks import metrics
 from services.jobs.webhooks.destinations import DestinationRefused, resolve
-from services.jobs.webhooks.outbox import Event, Outbox
+from services.jobs.webhooks.outbox import DELIVERED, PENDING, Event, Outbox
 from services.jobs.webhooks.retry import next_attempt_time
 from services.jobs.webhooks.signing import signed_headers
 
@@ -107,8 +109,9 @@ class Delivery:
 
     async def deliver(self, event: Event) -> str:
         """One try of `event`, recorded; returns the event's state after it."""
-        attempt_time = now()
+        attempt_time, started = now(), time.monotonic()
         status, error = await self._try(event, attempt_time)
+        metrics.DELIVERY_SECONDS.observe(time.monotonic() - started)
         retry_at = None
         if error:
             retry_at = next_attempt_time(event.create_time, event.attempts + 1, now(), self.settings)
@@ -120,13 +123,17 @@ class Delivery:
                 error,
                 f"next at {retry_at.isoformat()}" if retry_at else "giving up",
             )
-        return await self.outbox.record(
+        state = await self.outbox.record(
             event,
             attempt_time=attempt_time,
             http_status=status,
             error=error[:MAX_ERROR_CHARS],
             next_attempt_time=retry_at,
         )
+        metrics.DELIVERY_TRIES.labels({DELIVERED: "delivered", PENDING: "retry"}.get(state, "failed")).inc()
+        if state == DELIVERED:
+            metrics.DELIVERY_LAG_SECONDS.observe((now() - event.create_time).total_seconds())
+        return state
 
     async def _try(self, event: Event, attempt_time: datetime) -> tuple[int, str]:
         """(HTTP status or 0, error or '')."""
