@@ -240,8 +240,6 @@ def test_a_broken_grammar_is_a_bad_request_with_the_engines_message(
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"reasoning_effort": "high"}, "reasoning_effort"),
         ({"service_tier": "flex"}, "service_tier"),
-        # Not OpenAI's (vLLM's): refused by Envoy's transcoder, which knows no such field.
-        ({"guided_json": {"type": "object"}}, "guided_json"),
     ],
 )
 def test_refusals_reach_the_sdk_naming_the_field(
