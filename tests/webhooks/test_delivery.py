@@ -333,3 +333,42 @@ async def test_the_edge_lets_a_signed_webhook_in_without_a_key(webhooks_gateway:
         assert denied.status.code == code_pb2.UNAUTHENTICATED
         assert json.loads(denied.denied_response.body)["error"]["message"]
     assert UNVERIFIED_PRINCIPAL == "unverified"
+
+
+async def test_an_event_queued_by_another_process_wakes_the_delivery_loop(
+    webhooks_gateway: Gateway, receiver: Receiver, tmp_path: Path
+) -> None:
+    # A worker queues the event (deliver=False); the jobs service's loop, polling only hourly here,
+    # hears of it through PostgreSQL NOTIFY.
+    key = await new_key(webhooks_gateway, "notify")
+    async with job_webhooks(settings_for(webhooks_gateway, tmp_path, poll_seconds=3600.0)) as delivering:
+        await eventually(lambda: _listening(delivering))
+        worker = JobWebhooks(settings_for(webhooks_gateway, tmp_path))
+        await worker.start(deliver=False, ready_timeout=60)
+        try:
+            latencies = []
+            for n in range(3):
+                job = ended_job(
+                    f"notify-{n}-{time.time_ns()}", State.STATE_SUCCEEDED, receiver.url("/notify"), key.name
+                )
+                started = time.monotonic()
+                await worker.enqueue_job_event(job)
+                await receiver.wait_for(partial(_arrived, receiver, "/notify", n + 1), timeout=30)
+                latencies.append(receiver.at("/notify")[-1].monotonic - started)
+                assert verified(key.webhook_secret, receiver.at("/notify")[-1])["data"]["name"] == job.name
+            print(f"webhook delivery latency from another process: {[round(s * 1000) for s in latencies]} ms")
+        finally:
+            await worker.stop()
+
+
+def _arrived(receiver: Receiver, path: str, count: int) -> bool:
+    return len(receiver.at(path)) == count
+
+
+async def _listening(webhooks: JobWebhooks) -> bool:
+    """The delivery loop has its LISTEN connection (a first NOTIFY would otherwise go unheard until
+    the next poll)."""
+    async with webhooks.db.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %%'")
+        row = await cur.fetchone()
+    return bool(row and row[0])

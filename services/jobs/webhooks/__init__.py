@@ -93,7 +93,7 @@ class JobWebhooks:
             conn=conn,
         )
         if self.delivery is not None and conn is None:
-            self.delivery.wake()
+            self.delivery.wake()  # (other processes' loops hear of it through NOTIFY)
         return webhook_id
 
     async def attempts_for(self, job_name: str) -> list[jobs_pb2.WebhookAttempt]:

@@ -5,7 +5,8 @@ number of loops in any number of processes share the work and a crashed loop's c
 when its lease ends), signed with the creator key's secret, sent to the address the SSRF guard
 checked just before, and recorded: a 2xx answer delivers the event; anything else (another status, a
 refused or unreachable destination, no signing secret) is retried per services/jobs/webhooks/retry.py.
-Redirects are not followed and answers' bodies are not read.
+Redirects are not followed and answers' bodies are not read. The loop looks for due events every
+`poll_seconds`, and at once when any process enqueues one (PostgreSQL LISTEN/NOTIFY).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from datetime import datetime
 from typing import Protocol
 
 import httpx
+import psycopg
 
 from services.common.config import Settings
 from services.common.errors import RpcError
 from services.common.timestamps import now
 from services.jobs.webhooks import metrics
 from services.jobs.webhooks.destinations import DestinationRefused, resolve
-from services.jobs.webhooks.outbox import DELIVERED, PENDING, Event, Outbox
+from services.jobs.webhooks.outbox import DELIVERED, NOTIFY_CHANNEL, PENDING, Event, Outbox
 from services.jobs.webhooks.retry import next_attempt_time
 from services.jobs.webhooks.signing import signed_headers
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 500
 # Beyond one try's timeout, the time a claim stays ours (secret look-up, resolution, recording).
 LEASE_MARGIN_SECONDS = 30.0
+MAX_LISTEN_BACKOFF_SECONDS = 30.0
 
 
 class SecretSource(Protocol):
@@ -47,6 +50,7 @@ class Delivery:
         self.secrets = secrets
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[str]] = set()
         self._client: httpx.AsyncClient | None = None
 
@@ -54,12 +58,14 @@ class Delivery:
         # trust_env off: an HTTP(S)_PROXY in the environment would bypass the address check.
         self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
         self._task = asyncio.create_task(self._run(), name="webhook-delivery")
+        self._listener = asyncio.create_task(self._listen(), name="webhook-delivery-listen")
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for loop in (self._listener, self._task):
+            if loop is not None:
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
         if self._in_flight:
             # Unfinished tries are retaken by a loop after their lease; none is lost.
             _, pending = await asyncio.wait(self._in_flight, timeout=grace_seconds)
@@ -91,6 +97,26 @@ class Delivery:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
             self._wake.clear()
+
+    async def _listen(self) -> None:
+        """Wakes the loop whenever an event is enqueued anywhere; polling covers any gap."""
+        delay = 0.5
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.outbox.conninfo(), autocommit=True
+                ) as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self._wake.set()  # whatever came while nobody listened
+                    delay = 0.5
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("webhook delivery: not listening for new events (%s); polling", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_LISTEN_BACKOFF_SECONDS)
 
     def _done(self, task: asyncio.Task[str]) -> None:
         self._in_flight.discard(task)

@@ -19,6 +19,8 @@ from services.common.database import Database
 from services.common.timestamps import to_timestamp
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+# NOTIFY'd on every enqueue (delivered at commit), so a delivery loop in another process wakes at once.
+NOTIFY_CHANNEL = "job_webhook_events"
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,20 @@ class Outbox:
         if conn is not None:
             cur = await conn.execute(sql, params)
             row = await cur.fetchone()
+            await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
         else:
             async with self.db.connection() as own:
                 cur = await own.execute(sql, params)
                 row = await cur.fetchone()
+                await own.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
         assert row is not None
         return str(row[0])
+
+    def conninfo(self) -> str:
+        """The database's connection string (for a listening connection of its own)."""
+        if self.db.pool is None:
+            raise RuntimeError("the outbox's database is not started")
+        return str(self.db.pool.conninfo)
 
     async def claim_due(self, limit: int, lease_seconds: float) -> list[Event]:
         """Up to `limit` due events, each leased to the caller for `lease_seconds`."""
