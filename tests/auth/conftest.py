@@ -54,6 +54,14 @@ def subjects(stack: RunningStack, model: str, scoped_keys: dict[str, str]) -> Su
             assert made.status_code == 200, made.text
             return str(made.json()["name"])
 
+    with stack.http(scoped_keys["inference"]) as http:
+        # The `inference` key's own job: the matrix calls job RPCs with that key.
+        job = http.post(
+            "/api/v1/jobs",
+            json={"request": {"completion": {"model": model, "prompt": "Hi", "max_tokens": 1}}},
+        )
+        assert job.status_code == 200, job.text
+
     return Subjects(
         model=model,
         transaction=f"transactions/{request_id}",
@@ -62,4 +70,5 @@ def subjects(stack: RunningStack, model: str, scoped_keys: dict[str, str]) -> Su
         new_grammar=new_grammar,
         conversation=new_conversation(),
         new_conversation=new_conversation,
+        job=str(job.json()["name"]),
     )

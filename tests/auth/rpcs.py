@@ -18,6 +18,7 @@ from ferry.audit.v1 import audit_pb2
 from ferry.conversations.v1 import conversations_pb2
 from ferry.grammars.v1 import grammars_pb2
 from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
+from ferry.jobs.v1 import jobs_pb2
 from ferry.keys.v1 import keys_pb2
 from ferry.models.v1 import models_pb2
 from ferry.openai.v1 import openai_pb2
@@ -37,6 +38,7 @@ SERVED_BY = {
     "ferry.audit.v1.AuditService": "audit",
     "ferry.grammars.v1.GrammarsService": "grammars",
     "ferry.conversations.v1.ConversationsService": "conversations",
+    "ferry.jobs.v1.JobsService": "jobs",
     "ferry.keys.v1.KeysService": "gateway",
     "ferry.auth.v1.AuthService": "gateway",
 }
@@ -102,6 +104,8 @@ class Subjects:
     conversation: str = ""
     # starts another conversation of the `inference` key (for DeleteConversation) and names it
     new_conversation: Callable[[], str] = str
+    # `jobs/{id}` owned by the `inference` key (the matrix calls job RPCs with that key)
+    job: str = ""
 
 
 def _prompt(text: str) -> struct_pb2.Value:
@@ -140,6 +144,12 @@ def _update_grammar(s: Subjects) -> grammars_pb2.UpdateGrammarRequest:
 def _turn(s: Subjects) -> conversations_pb2.SendMessageRequest:
     return conversations_pb2.SendMessageRequest(
         conversation=s.conversation, content="Hi", sampling=inference_pb2.SamplingParams(max_tokens=1)
+    )
+
+
+def _job(s: Subjects) -> jobs_pb2.CreateJobRequest:
+    return jobs_pb2.CreateJobRequest(
+        job=jobs_pb2.Job(request=jobs_pb2.JobRequest(completion=_completion(s, stream=False)))
     )
 
 
@@ -223,6 +233,12 @@ REQUESTS: dict[str, Callable[[Subjects], message.Message]] = {
     ),
     "/ferry.conversations.v1.ConversationsService/SendMessage": _turn,
     "/ferry.conversations.v1.ConversationsService/StreamMessage": _turn,
+    "/ferry.jobs.v1.JobsService/CreateJob": _job,
+    "/ferry.jobs.v1.JobsService/GetJob": lambda s: jobs_pb2.GetJobRequest(name=s.job),
+    "/ferry.jobs.v1.JobsService/ListJobs": lambda s: jobs_pb2.ListJobsRequest(page_size=1),
+    # Cancelling an ended job returns it unchanged: the same subject serves every call.
+    "/ferry.jobs.v1.JobsService/CancelJob": lambda s: jobs_pb2.CancelJobRequest(name=s.job),
+    "/ferry.jobs.v1.JobsService/WaitJob": lambda s: jobs_pb2.WaitJobRequest(name=s.job, timeout_seconds=0.1),
     "/ferry.grammars.v1.GrammarsService/DeleteGrammar": lambda s: grammars_pb2.DeleteGrammarRequest(
         name=s.new_grammar()
     ),
