@@ -94,6 +94,23 @@ def test_native_embed_refuses_a_long_input_unless_asked_to_truncate(
     assert cosine(list(answer.embeddings[1].values), reference.encode([LONG])[0]) >= 0.999
 
 
+def test_more_inputs_than_one_triton_batch_keep_their_order_and_names(
+    rest: httpx.Client, reference: Encoder
+) -> None:
+    """150 inputs travel as three Triton requests (max_batch_size 64): answers and refusals still
+    follow the caller's numbering."""
+    texts = [f"sentence number {i} about {SENTENCES[i % 3]}" for i in range(150)]
+    reply = rest.post("/v1/embeddings", json={"model": EMBEDDER, "input": texts, "encoding_format": "float"})
+    assert reply.status_code == 200, reply.text
+    data = reply.json()["data"]
+    assert [item["index"] for item in data] == list(range(150))
+    for i in (0, 63, 64, 149):
+        assert cosine(data[i]["embedding"], reference.encode([texts[i]])[0]) >= 0.999
+    texts[130] = LONG
+    refused = rest.post("/v1/embeddings", json={"model": EMBEDDER, "input": texts})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "input[130]"
+
+
 # (body changes, status, OpenAI `param`, words the message must have)
 BAD_REST_REQUESTS = [
     ({"input": ""}, 400, "input", "must not be empty"),
