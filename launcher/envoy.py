@@ -166,7 +166,7 @@ class ChatWeb:
 
 
 def chat_web(settings: Settings) -> ChatWeb:
-    return ChatWeb(settings.conversations.host, settings.conversations.web_port)
+    return ChatWeb(settings.conversations.web_host, settings.conversations.web_port)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def needed_ports(settings: Settings) -> list[PortUse]:
         uses.append(PortUse(f"{name}.port", service.host, service.port))
         uses.append(PortUse(f"{name}.metrics_port", service.host, service.metrics_port))
     conversations = settings.conversations
-    uses.append(PortUse("conversations.web_port", conversations.host, conversations.web_port))
+    uses.append(PortUse("conversations.web_port", conversations.web_host, conversations.web_port))
     jobs = settings.jobs
     for index in range(jobs.workers):
         # Worker i's metrics are on worker_metrics_port + i (the first one's setting names them all).

@@ -23,6 +23,7 @@ CONTAINER_HOSTS = {
     "transactions": "transactions",
     "audit": "audit",
     "grammars": "grammars",
+    "jobs": "jobs",
     "gateway": "gateway",
     "triton": "triton",
 }
@@ -36,6 +37,8 @@ LISTEN_HOST = "0.0.0.0"
 def container_settings(home: Path) -> Settings:
     """Settings as the Envoy container sees them: defaults (ports) with container host names."""
     overrides: dict[str, object] = {name: {"host": host} for name, host in CONTAINER_HOSTS.items()}
+    # The web chat process runs in a container of its own beside the conversations service.
+    overrides["conversations"] = {"host": "conversations", "web_host": "conversations-web"}
     overrides["envoy"] = {"host": LISTEN_HOST}
     overrides["auth"] = {"enabled": True, "service_token": SERVICE_TOKEN_PLACEHOLDER}
     return Settings(home=home, **overrides)  # type: ignore[arg-type]

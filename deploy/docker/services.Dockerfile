@@ -55,7 +55,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
     FERRY_LOG_FORMAT=json
 WORKDIR /app
 USER 10001:10001
-EXPOSE 50051 50052 50053 50054 50056 9101 9102 9103 9104 9106
+EXPOSE 50051 50052 50053 50054 50056 50057 50058 8095 9101 9102 9103 9104 9106 9107 9108 9110
 # Standard grpc.health.v1 Check against this container's service ($FERRY_SERVICE), port from Settings.
 # Probed every 2 s while starting (Docker 25+) so `depends_on: service_healthy` moves on quickly;
 # failures count only after 180 s, time for its dependencies (Triton and the model, PostgreSQL) to come up.

@@ -220,7 +220,9 @@ class ConversationsServiceSettings(ServiceSettings):
     port: int = 50058
     metrics_port: int = 9110
     # The web chat process (`python -m services.conversations.web`): the page at /chat/ and the
-    # WebSocket at /chat/ws, both behind Envoy.
+    # WebSocket at /chat/ws, both behind Envoy. Its own address (a container of its own in Compose and
+    # Kubernetes: `conversations-web`); it reaches the service at host:port.
+    web_host: str = "127.0.0.1"
     web_port: int = 8095
 
 

@@ -78,9 +78,9 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(build_app(settings), shutdown_timeout=5.0)
     await runner.setup()
     conversations = settings.conversations
-    site = web.TCPSite(runner, conversations.host, conversations.web_port, reuse_address=True)
+    site = web.TCPSite(runner, conversations.web_host, conversations.web_port, reuse_address=True)
     await site.start()
-    log.info("web chat serving on %s:%d (/chat/, /chat/ws)", conversations.host, conversations.web_port)
+    log.info("web chat serving on %s:%d (/chat/, /chat/ws)", conversations.web_host, conversations.web_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -90,6 +90,7 @@ async def _open(context: Any, stack: RunningStack, *, key: str | None = None, sc
 
 async def _open_conversation(page: Any, name: str) -> None:
     await page.wait_for_selector("#app:not([hidden])")
+    await page.wait_for_selector("#login", state="hidden")
     await page.click(f'nav li[data-name="{name}"]')
     await page.wait_for_selector(f'nav li.active[data-name="{name}"]')
 

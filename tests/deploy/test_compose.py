@@ -112,7 +112,9 @@ def test_startup_waits_on_health(compose: dict[str, Any]) -> None:
     assert services["postgres"]["healthcheck"]["test"][1] == "pg_isready"
     for name in DATABASE_OWNERS:
         assert services[name]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    assert services["envoy"]["depends_on"] == {name: {"condition": "service_healthy"} for name in SERVICES}
+    # The web chat process (services/conversations/web.py) answers HTTP health, not gRPC.
+    edge = [*SERVICES, "conversations-web"]
+    assert services["envoy"]["depends_on"] == {name: {"condition": "service_healthy"} for name in edge}
 
 
 def test_volumes_and_secrets(compose: dict[str, Any]) -> None:
@@ -223,5 +225,5 @@ def test_dev_file_adds_a_database_browser_and_resets_the_database(compose_dev: d
     assert services["adminer"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     mode = DatabaseSettings.model_fields["migration_mode"]
     assert "drop_recreate" in get_args(mode.annotation)
-    for owner in ("transactions", "audit", "grammars"):
+    for owner in ("transactions", "audit", "grammars", "conversations", "jobs"):
         assert services[owner]["environment"]["FERRY_DATABASE__MIGRATION_MODE"] == "drop_recreate"

@@ -20,7 +20,7 @@ DASHBOARDS = OBSERVABILITY / "grafana" / "dashboards"
 DASHBOARD = DASHBOARDS / "ferry-inference.json"
 RUNBOOK = REPO_ROOT / "docs" / "runbook.md"
 # Every process with a metrics port: the launcher's services (SERVICES) and the newer ones.
-METRICS_PROCESSES = tuple(dict.fromkeys((*SERVICES, "grammars")))
+METRICS_PROCESSES = tuple(dict.fromkeys((*SERVICES, "grammars", "jobs")))
 
 
 def dashboard() -> dict[str, Any]:

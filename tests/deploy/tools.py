@@ -25,13 +25,13 @@ DOCKERFILES = {
     "triton": DOCKER / "triton.Dockerfile",
     "envoy": DOCKER / "envoy.Dockerfile",
 }
-SERVICES = ("inference", "models", "transactions", "audit", "grammars", "gateway")
+SERVICES = ("inference", "models", "transactions", "audit", "grammars", "conversations", "jobs", "gateway")
 # The command each one runs (the gateway is its own package, the others live under services/).
 COMMANDS = {name: ["python", "-m", f"services.{name}"] for name in SERVICES} | {
     "gateway": ["python", "-m", "gateway"]
 }
 # The PostgreSQL owners: each needs the database and waits for it.
-DATABASE_OWNERS = ("transactions", "audit", "grammars", "gateway")
+DATABASE_OWNERS = ("transactions", "audit", "grammars", "conversations", "jobs", "gateway")
 # The grpc.health.v1 service name that stays SERVING while the process runs (Kubernetes liveness).
 LIVENESS_SERVICE = "liveness"
 BIN = Path(sys.executable).parent
