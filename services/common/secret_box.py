@@ -5,11 +5,9 @@ itself. Such secrets are sealed with ferry's master key (`master_key` setting, e
 `<home>/master.key`, created owner-only on first use) and bound to what they belong to (the
 `context`, e.g. `keys/3f9a0c12b7e4`), so a sealed value copied onto another row does not open.
 
-The construction uses the standard library only (the `cryptography` package is not a dependency of
-ferry): encrypt-then-MAC with keys derived from the master key, HMAC-SHA256 in counter mode as the
-keystream under a random 128-bit nonce, and an HMAC-SHA256 tag over the version, context, nonce and
-ciphertext (compared in constant time). The `v1.` prefix names the scheme, so a later one (AES-GCM)
-can be added next to it and old values re-sealed.
+Sealing is AES-256-GCM (the `cryptography` package) under a random 96-bit nonce, with the context as
+associated data: a value that was altered, or moved to another context, or sealed under another master
+key does not open. The `v1.` prefix names the scheme, so a later one can sit beside it.
 """
 
 from __future__ import annotations
@@ -22,11 +20,14 @@ import os
 import secrets
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from services.common.config import Settings
 
 VERSION = b"v1"
-NONCE_BYTES = 16
-TAG_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
 KEY_BYTES = 32
 MASTER_KEY_FILE = "master.key"
 
@@ -39,15 +40,13 @@ class SecretBox:
     def __init__(self, master_key: bytes) -> None:
         if len(master_key) < KEY_BYTES:
             raise ValueError(f"the master key must be at least {KEY_BYTES} bytes")
-        self._encryption_key = _derive(master_key, b"ferry secret box: encryption")
-        self._mac_key = _derive(master_key, b"ferry secret box: authentication")
+        # A key of its own for this purpose, so the master key can serve other purposes later.
+        self._aead = AESGCM(hmac.new(master_key, b"ferry secret box", hashlib.sha256).digest())
 
     def seal(self, plaintext: str, context: str) -> str:
         nonce = secrets.token_bytes(NONCE_BYTES)
-        data = plaintext.encode()
-        ciphertext = bytes(a ^ b for a, b in zip(data, self._keystream(nonce, len(data)), strict=True))
-        tag = self._tag(context, nonce, ciphertext)
-        return f"{VERSION.decode()}.{base64.urlsafe_b64encode(nonce + ciphertext + tag).decode()}"
+        ciphertext = self._aead.encrypt(nonce, plaintext.encode(), VERSION + context.encode())
+        return f"{VERSION.decode()}.{base64.urlsafe_b64encode(nonce + ciphertext).decode()}"
 
     def open(self, sealed: str, context: str) -> str:
         version, _, body = sealed.partition(".")
@@ -59,28 +58,11 @@ class SecretBox:
             raise SealError("not a sealed value") from None
         if len(raw) < NONCE_BYTES + TAG_BYTES:
             raise SealError("not a sealed value")
-        nonce, ciphertext, tag = raw[:NONCE_BYTES], raw[NONCE_BYTES:-TAG_BYTES], raw[-TAG_BYTES:]
-        if not hmac.compare_digest(tag, self._tag(context, nonce, ciphertext)):
-            raise SealError("the sealed value does not open with this master key and context")
-        stream = self._keystream(nonce, len(ciphertext))
-        return bytes(a ^ b for a, b in zip(ciphertext, stream, strict=True)).decode()
-
-    def _keystream(self, nonce: bytes, length: int) -> bytes:
-        blocks = (length + 31) // 32
-        stream = b"".join(
-            hmac.new(self._encryption_key, nonce + i.to_bytes(8, "big"), hashlib.sha256).digest()
-            for i in range(blocks)
-        )
-        return stream[:length]
-
-    def _tag(self, context: str, nonce: bytes, ciphertext: bytes) -> bytes:
-        context_bytes = context.encode()
-        message = VERSION + len(context_bytes).to_bytes(4, "big") + context_bytes + nonce + ciphertext
-        return hmac.new(self._mac_key, message, hashlib.sha256).digest()
-
-
-def _derive(master_key: bytes, purpose: bytes) -> bytes:
-    return hmac.new(master_key, purpose, hashlib.sha256).digest()
+        try:
+            plaintext = self._aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], VERSION + context.encode())
+        except InvalidTag:
+            raise SealError("the sealed value does not open with this master key and context") from None
+        return plaintext.decode()
 
 
 def parse_master_key(text: str) -> bytes:
