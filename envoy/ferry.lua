@@ -281,8 +281,10 @@ local function openai_body(status, text, request)
       local field = caller_field(path)
       local value, proto_type = string.match(what, "^invalid value (.+) for type (%S+)$")
       local message
-      if field == "" then
-        message = "the request body must be a JSON object of the request's fields: " .. what
+      if what == "Root element must be a message." then
+        message = "the request body must be a JSON object"
+      elseif field == "" then -- the transcoder lost the path ("Proto field is not repeating, ...")
+        message = "invalid type in the request body: " .. what
       elseif value ~= nil then
         message = "invalid type for '" .. field .. "': expected " .. expected(proto_type) .. ", got " .. value
       else

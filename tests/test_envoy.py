@@ -543,6 +543,8 @@ def _openai_error(response: httpx.Response, status: int) -> dict[str, Any]:
         ({"presence_penalty": True}, "invalid_type", "presence_penalty", "expected a number, got true"),
         ({"seed": 1e30}, "invalid_type", "seed", "expected an integer"),
         ({"stream_options": 3}, "invalid_type", "stream_options", "expected a JSON object"),
+        # An array for an object: the transcoder does not say where.
+        ({"stream_options": []}, "invalid_type", None, "invalid type in the request body: Proto field"),
         (
             {"stream_options": {"include_usage": "x"}},
             "invalid_type",
