@@ -39,6 +39,8 @@ MODEL = "bench-stream"
 SYSTEMS = ("ferry-grpc", "ferry-rest")
 MODES = ("off", "on")
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
+# Each run's stack logs (off/, on/), kept for looking into errors.
+RUNS_DIR = REPO_ROOT / "build" / "bench" / "runs"
 
 
 def say(message: str) -> None:
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     records: dict[tuple[str, int], list[tuple[list[Record], dict[str, Any]]]] = {}
     # (system/mode, level) -> CPU seconds by process over its runs, and the requests they served.
     cpu: dict[tuple[str, int], tuple[dict[str, float], int]] = {}
+    logs = RUNS_DIR / f"tracing-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
     sink = OtlpSink()
     sink.start()
     try:
@@ -105,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             say("starting two stacks on bench-stream: tracing off (default) and on (ratio 1.0)")
             stack = {
                 "off": stacks.enter_context(
-                    platform.running(model.parent, **platform.bench_model_overrides())
+                    platform.running(model.parent, logs / "off", **platform.bench_model_overrides())
                 ),
                 "on": stacks.enter_context(
                     platform.running(
-                        model.parent, **platform.bench_model_overrides(), **traced_overrides(sink)
+                        model.parent,
+                        logs / "on",
+                        **platform.bench_model_overrides(),
+                        **traced_overrides(sink),
                     )
                 ),
             }
@@ -133,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                             cpu[(f"{system}/{mode}", level)] = (used, served + summary["requests"])
                             loads.append(os.getloadavg()[0])
                             records.setdefault((f"{system}/{mode}", level), []).append((recs, summary))
+                            if summary["errors"]:
+                                say(f"  first error: {next(r.error for r in recs if r.error)}")
                             say(
                                 f"c={level} round {rnd + 1} {system:<10} tracing {mode:<3} "
                                 f"TTFT p50 {summary['ttft_ms']['p50']:6.2f} ms  ITL p50 {summary['itl_ms']['p50']:6.3f} ms  "
@@ -174,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "cost": cost,
             "spans_exported": sink.spans,
             "meta": {
+                "logs": str(logs),
                 "date": datetime.now(UTC).strftime("%Y-%m-%d"),
                 "commit": report.commit(),
                 "machine": report.machine(),
