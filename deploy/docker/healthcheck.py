@@ -1,6 +1,6 @@
 """Container HEALTHCHECK for a ferry service: the standard gRPC health protocol, overall status.
 
-The service is named by $FERRY_SERVICE (inference, models, transactions, audit, grammars, gateway); its port comes from
+The service is named by $FERRY_SERVICE (inference, models, transactions, audit, grammars, jobs, gateway); its port comes from
 the same Settings the service reads, so FERRY_* overrides move the check with the server. Exit 0 only
 when the server answers SERVING, so `depends_on: service_healthy` waits for real readiness (a service
 reports NOT_SERVING while its own dependencies are down or while it drains).
@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import ServiceSettings, Settings
 
-SERVICES = ("inference", "models", "transactions", "audit", "grammars", "gateway")
+SERVICES = ("inference", "models", "transactions", "audit", "grammars", "jobs", "gateway")
 TIMEOUT_SECONDS = 2.0
 
 
