@@ -33,6 +33,7 @@ pytestmark = pytest.mark.stack
 # Enough for every shape's longest answer (bounded strings, even one token per character).
 MAX_TOKENS = 300
 SEEDS_AT_TEMPERATURE_1 = (1, 2)
+ENGINE_SLOTS = 4
 YES_NO_GBNF = 'root ::= ("yes" | "no")'
 YES_NO_LARK = 'start: "yes" | "no"'
 FISH: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Can fish swim?"}]
@@ -62,15 +63,19 @@ PARSE_RUNS: list[Run] = [
 
 
 async def test_sdk_parse_returns_an_object_for_every_shape_every_time(aclient: openai.AsyncOpenAI) -> None:
+    # As many at once as each model has engine slots (4): more would only wait in ferry's queue.
+    slots = {model: asyncio.Semaphore(ENGINE_SLOTS) for model in MODELS}
+
     async def parse(model: str, shape: type[BaseModel], temperature: float, seed: int | None) -> Any:
-        reply = await aclient.chat.completions.parse(
-            model=model,
-            messages=[{"role": "user", "content": SHAPES[shape]}],
-            response_format=shape,
-            temperature=temperature,
-            seed=seed,
-            max_completion_tokens=MAX_TOKENS,
-        )
+        async with slots[model]:
+            reply = await aclient.chat.completions.parse(
+                model=model,
+                messages=[{"role": "user", "content": SHAPES[shape]}],
+                response_format=shape,
+                temperature=temperature,
+                seed=seed,
+                max_completion_tokens=MAX_TOKENS,
+            )
         (choice,) = reply.choices
         assert choice.finish_reason == "stop"
         return choice.message.parsed
