@@ -51,8 +51,10 @@ from launcher.envoy import (
 from services.common import access
 from services.common.config import Settings
 from services.common.errors import (
+    CATALOGUE,
     OPENAI_ERROR_METADATA,
     OPENAI_TYPE,
+    Reason,
     RpcError,
     invalid_argument,
     openai_error,
@@ -573,6 +575,24 @@ def test_a_wrong_type_deep_in_a_message_names_its_path(edge: Edge) -> None:
     assert (error["code"], error["param"]) == ("invalid_type", "messages[0].name")
     error = _openai_error(_post(edge, "/v1/chat/completions", {"model": "m", "messages": "hi"}), 400)
     assert (error["code"], error["param"]) == ("invalid_type", "messages")
+
+
+def test_the_edges_own_codes_are_catalogued() -> None:
+    """The codes ferry.lua and Envoy's local replies write are the catalogue's edge reasons, so
+    docs/errors.md lists every code a caller can get."""
+    edge_reasons = [
+        Reason.INVALID_JSON,
+        Reason.INVALID_TYPE,
+        Reason.UNKNOWN_PARAMETER,
+        Reason.UNKNOWN_URL,
+        Reason.REQUEST_TOO_LARGE,
+        Reason.SERVICE_UNREACHABLE,
+    ]
+    written = envoy_config.LUA_SCRIPT.read_text() + envoy_config.TEMPLATE.read_text()
+    for reason in edge_reasons:
+        code = CATALOGUE[reason].openai_code
+        assert code == reason.lower(), reason
+        assert f'"{code}"' in written or f"code: {code}" in written, reason
 
 
 def test_only_map_entries_end_in_key_or_value() -> None:
