@@ -10,12 +10,21 @@ import os
 import signal
 import uuid
 
+import nats
 import pytest
 from ferry.jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from ferry.openai.v1 import openai_pb2
 from google.protobuf import struct_pb2
 
-from tests.jobs.clients import completion_job, count_ended, query, submit_over_nats, wait_ended, wait_until
+from tests.jobs.clients import (
+    completion_job,
+    count_ended,
+    nats_url,
+    query,
+    submit_over_nats,
+    wait_ended,
+    wait_until,
+)
 from tests.jobs.conftest import MAX_ATTEMPTS, MODEL, NOWHERE
 from tests.stack import RunningStack, keyed_channel
 
@@ -159,3 +168,82 @@ def test_a_job_that_always_fails_ends_failed_after_the_configured_attempts(jobs_
         jobs_stack, "SELECT attempt, error_code FROM job_attempts WHERE job_id = %s ORDER BY attempt", job_id
     )
     assert tries == [(n, "UNAVAILABLE") for n in range(1, MAX_ATTEMPTS + 1)]
+
+
+def test_a_job_created_while_nats_is_down_is_queued_when_it_returns(jobs_stack: RunningStack) -> None:
+    supervisor = jobs_stack.supervisor()
+    supervisor.stop("nats")
+    try:
+        with jobs_stack.http() as http:
+            created = http.post("/api/v1/jobs", json=completion_job(MODEL, "Stored first:", 2))
+            # Accepted: the job is in PostgreSQL; the outbox publishes it once NATS is back.
+            assert created.status_code == 200, created.text
+            name = created.json()["name"]
+            assert http.get(f"/api/v1/{name}").json()["state"] == "STATE_QUEUED"
+    finally:
+        supervisor.start("nats")
+    with jobs_stack.http() as http:
+        job = wait_ended(http, [name], timeout=120)[name]
+    assert job["state"] == "STATE_SUCCEEDED" and job["attempts"] == 1
+
+
+def test_a_cancelled_queued_job_is_skipped_by_the_worker(jobs_stack: RunningStack) -> None:
+    supervisor = jobs_stack.supervisor()
+    supervisor.stop("jobs-worker-0")
+    try:
+        with jobs_stack.http() as http:
+            created = http.post("/api/v1/jobs", json=completion_job(MODEL, "Never run:", 2))
+            name = created.json()["name"]
+            cancelled = http.post(f"/api/v1/{name}:cancel", json={})
+            assert cancelled.json()["state"] == "STATE_CANCELLED" and cancelled.json()["attempts"] == 0
+            # A job created after it runs once the worker is back: the queue moved past the cancelled one.
+            after = http.post("/api/v1/jobs", json=completion_job(MODEL, "Runs:", 2)).json()["name"]
+    finally:
+        supervisor.start("jobs-worker-0")
+    with jobs_stack.http() as http:
+        assert wait_ended(http, [after], timeout=120)[after]["state"] == "STATE_SUCCEEDED"
+        job = http.get(f"/api/v1/{name}").json()
+    assert job["state"] == "STATE_CANCELLED" and job["attempts"] == 0 and not job.get("transaction")
+    assert query(
+        jobs_stack, "SELECT count(*) FROM transactions WHERE request_id = %s", name.removeprefix("jobs/")
+    ) == [(0,)]
+
+
+def test_a_job_submitted_over_nats_in_protobuf_is_answered_in_protobuf(jobs_stack: RunningStack) -> None:
+    key = jobs_stack.create_key(["inference"])
+    request = jobs_pb2.CreateJobRequest(
+        job=jobs_pb2.Job(
+            request=jobs_pb2.JobRequest(
+                completion=openai_pb2.CreateCompletionRequest(
+                    model=MODEL, prompt=struct_pb2.Value(string_value="Hi"), max_tokens=2
+                )
+            )
+        ),
+        request_id=f"proto-{uuid.uuid4().hex[:8]}",
+    )
+
+    async def submit() -> tuple[dict[str, str], bytes]:
+        nc = await nats.connect(nats_url(jobs_stack))
+        try:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await nc.jetstream().publish(
+                jobs_stack.settings.nats.submit_subject,
+                request.SerializeToString(),
+                headers={
+                    "Authorization": f"Bearer {key}",
+                    "Content-Type": "application/protobuf",
+                    "Ferry-Reply-To": inbox,
+                },
+            )
+            answer = await sub.next_msg(timeout=30)
+            return dict(answer.headers or {}), answer.data
+        finally:
+            await nc.close()
+
+    headers, data = asyncio.run(submit())
+    assert headers.get("Content-Type") == "application/protobuf" and "Ferry-Error" not in headers
+    job = jobs_pb2.Job.FromString(data)
+    assert job.name.startswith("jobs/") and job.state == jobs_pb2.Job.STATE_QUEUED
+    with jobs_stack.http(key) as http:
+        assert wait_ended(http, [job.name], timeout=120)[job.name]["state"] == "STATE_SUCCEEDED"
