@@ -192,6 +192,10 @@ class Worker:
                 await msg.ack()  # cancelled while queued, or a duplicate of an ended job
                 return
             if job.attempts >= self.jobs.max_attempts:
+                if (left := await self.store.lease_left(job_id)) > 0:
+                    # Its last attempt still runs elsewhere (this is a duplicate message).
+                    await msg.nak(delay=left + 1.0)
+                    return
                 # Its last attempt ended without a verdict (its worker died in it).
                 reason = f"gave up after {job.attempts} attempts; the last one did not finish"
                 last = f"{reason}: {job.error_message}" if job.error_message else reason
