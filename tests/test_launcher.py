@@ -37,6 +37,8 @@ SERVICE_NAMES = {
     "transactions": "ferry.transactions.v1.TransactionsService",
     "audit": "ferry.audit.v1.AuditService",
     "grammars": "ferry.grammars.v1.GrammarsService",
+    "jobs": "ferry.jobs.v1.JobsService",
+    "conversations": "ferry.conversations.v1.ConversationsService",
     "gateway": "ferry.keys.v1.KeysService",
 }
 DEFAULT_MODEL = "models/gemma-3-270m"
