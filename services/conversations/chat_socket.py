@@ -17,7 +17,8 @@ server -> client
   {"type": "user_message", "id", "message": {...}, "left_out_turns": n}
   {"type": "token", "id", "text": "..."}                           the answer's next piece
   {"type": "done", "id", "message": {...}}                         the stored answer
-  {"type": "done", "id", "cancelled": true}                        stopped by a cancel frame
+  {"type": "done", "id", "cancelled": true, "message": {...}}      stopped by a cancel frame (the
+                                                                   partial answer as stored)
   {"type": "error", "id"?, "code": "UNAUTHENTICATED", "status": 401, "reason", "message"}
 
 A refused key gets an error frame and the socket closes with code 4401 (4403 without the scope).
@@ -29,6 +30,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+import uuid
 from typing import Any
 
 import grpc
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 AUTH_SECONDS = 10.0
 MAX_FRAME_BYTES = 1024 * 1024
 MAX_TURNS_AT_ONCE = 4
+# How long a cancelled turn waits for the service to store the partial answer.
+STORED_SECONDS = 3.0
 # HTTP status of each gRPC code, as Envoy maps them for REST (error frames carry both).
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -142,6 +147,21 @@ class ChatSocket:
                 await asyncio.gather(*turns.values(), return_exceptions=True)
         return socket
 
+    async def _stored_answer(
+        self, request: conversations_pb2.SendMessageRequest, metadata: tuple[tuple[str, str], ...]
+    ) -> conversations_pb2.Message | None:
+        """The cancelled turn's partial answer once the service has stored it (None if not in time)."""
+        deadline = time.monotonic() + STORED_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                found = await _find_answer(self._stub(), request, metadata)
+            except grpc.aio.AioRpcError:
+                return None
+            if found is not None:
+                return found
+            await asyncio.sleep(0.05)
+        return None
+
     async def _auth_frame(self, socket: web.WebSocketResponse) -> str:
         """The key of the first frame (`{"type": "auth", "api_key": ...}`); "" after refusing the socket."""
         try:
@@ -215,6 +235,9 @@ class ChatSocket:
         request: conversations_pb2.SendMessageRequest,
         metadata: tuple[tuple[str, str], ...],
     ) -> None:
+        if not request.request_id:
+            # Known here so that a cancelled turn's stored answer can be found (its request_id).
+            request.request_id = str(uuid.uuid4())
         call = self._stub().StreamMessage(request, metadata=metadata)
         try:
             async for event in call:
@@ -233,14 +256,32 @@ class ChatSocket:
                 await socket.send_json(frame)
         except asyncio.CancelledError:
             call.cancel()
+            if socket.closed:
+                return
+            frame = {"type": "done", "id": turn_id, "cancelled": True}
+            stored = await self._stored_answer(request, metadata)
+            if stored is not None:
+                frame["message"] = _json(stored)
             with contextlib.suppress(ConnectionError, RuntimeError):
-                if not socket.closed:
-                    await socket.send_json({"type": "done", "id": turn_id, "cancelled": True})
+                await socket.send_json(frame)
         except grpc.aio.AioRpcError as err:
             with contextlib.suppress(ConnectionError, RuntimeError):
                 await socket.send_json(_error(err, turn_id))
         except (ConnectionError, RuntimeError):  # the socket went away: the call ends with it
             call.cancel()
+
+
+async def _find_answer(
+    stub: conversations_pb2_grpc.ConversationsServiceStub,
+    request: conversations_pb2.SendMessageRequest,
+    metadata: tuple[tuple[str, str], ...],
+) -> conversations_pb2.Message | None:
+    listed = await stub.ListMessages(
+        conversations_pb2.ListMessagesRequest(parent=request.conversation, all_versions=True),
+        metadata=metadata,
+        timeout=STORED_SECONDS,
+    )
+    return next((m for m in reversed(listed.messages) if m.request_id == request.request_id), None)
 
 
 def _bearer(value: str) -> str:

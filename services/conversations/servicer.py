@@ -185,6 +185,8 @@ class ConversationsServicer(conversations_pb2_grpc.ConversationsServiceServicer)
             sampling=sampling,
             constraint=constraint,
         )
+        answer: StoredMessage | None = None
+        failed = False
         try:
             async for piece in stream:
                 if piece.text:
@@ -192,14 +194,18 @@ class ConversationsServicer(conversations_pb2_grpc.ConversationsServiceServicer)
                     yield conversations_pb2.StreamMessageResponse(text=piece.text)
                 if piece.finish_reason:
                     final = piece
-        except asyncio.CancelledError:
-            # The caller stopped the turn: what was generated is kept (the call to Inference is cancelled
-            # as the stream closes, which frees the engine slot).
-            await asyncio.shield(self._store_answer(turn, "".join(pieces), None, request_id))
+            answer = await self._store_answer(turn, "".join(pieces), final, request_id)
+        except Exception:
+            failed = True
             raise
         finally:
+            # Closing the stream cancels the call to Inference, which frees the engine slot.
             await stream.aclose()
-        answer = await self._store_answer(turn, "".join(pieces), final, request_id)
+            if answer is None and not failed:
+                # The caller stopped the turn (the task cancelled, or the stream closed at a yield):
+                # what was generated is kept, as a CANCELLED answer.
+                await asyncio.shield(self._store_answer(turn, "".join(pieces), None, request_id))
+        assert answer is not None  # stored above when the stream ended
         numbers = versions(await self.store.messages(conversation.id))
         yield conversations_pb2.StreamMessageResponse(assistant_message=answer.to_proto(*numbers[answer.id]))
 

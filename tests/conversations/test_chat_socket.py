@@ -86,7 +86,9 @@ async def test_cancel_mid_answer_frees_the_engine_slot(stack: RunningStack) -> N
         await socket.send_json({"type": "cancel", "id": "long"})
         cancelled_at = time.monotonic()
         frames = await _frames_until(socket, {"done", "error"})
-        assert frames[-1] == {"type": "done", "id": "long", "cancelled": True}
+        done = frames[-1]
+        assert done["type"] == "done" and done["id"] == "long" and done["cancelled"] is True
+        assert done["message"]["finish_reason"] == "FINISH_REASON_CANCELLED", "the partial answer, stored"
         while metrics.value("ferry_inference_requests_in_flight", model=MODEL) > 0:
             assert time.monotonic() - cancelled_at < 1.0, "the engine slot is freed within a second"
             await asyncio.sleep(0.05)

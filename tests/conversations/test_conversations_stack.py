@@ -4,6 +4,7 @@ and context limits counted with the model's own tokenizer (the oldest turns left
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -177,3 +178,20 @@ def test_streamed_turn_over_grpc(stack: RunningStack) -> None:
     assert texts, "the answer streams in pieces"
     assert events[-1].HasField("assistant_message")
     assert events[-1].assistant_message.content == "".join(texts)
+
+
+def test_streamed_turn_over_rest_is_server_sent_events(stack: RunningStack) -> None:
+    with stack.http() as http:
+        name = _create(http)["name"]
+        body = {"content": "Say yes.", "sampling": SHORT}
+        with http.stream("POST", f"/api/v1/{name}:stream", json=body) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = [
+                json.loads(line[len("data: ") :])
+                for line in response.iter_lines()
+                if line.startswith("data: ")
+            ]
+    assert events[0]["user_message"]["content"] == "Say yes."
+    texts = [e["text"] for e in events if "text" in e]
+    assert texts and events[-1]["assistant_message"]["content"] == "".join(texts)
