@@ -16,6 +16,7 @@ A refusal is INVALID_ARGUMENT naming the request field, and within the schema th
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
@@ -26,7 +27,18 @@ from backends.llamacpp.constraints import constraint_problem
 from backends.llamacpp.contract import MAX_CONSTRAINT_BYTES, ConstraintKind, OutputConstraint
 from services.common.errors import invalid_argument
 
-_VALIDATOR = jsonschema.Draft202012Validator
+
+def _multiple_of(validator: Any, divisor: Any, instance: Any, schema: Any) -> Any:
+    """`multipleOf` in exact decimal arithmetic: jsonschema's float division says 0.8 is not a
+    multiple of 0.000001, which would turn a good answer into an error."""
+    if not validator.is_type(instance, "number"):
+        return
+    quotient = Fraction(str(instance)) / Fraction(str(divisor))
+    if quotient.denominator != 1:
+        yield jsonschema.ValidationError(f"{instance!r} is not a multiple of {divisor!r}")
+
+
+_VALIDATOR = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"multipleOf": _multiple_of})
 
 
 def check_schema(schema: Any, field: str) -> None:

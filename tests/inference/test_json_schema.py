@@ -62,3 +62,10 @@ def test_answers_are_checked_against_their_schema() -> None:
     assert "not JSON" in (validate_instance('{"name": ', schema) or "")
     assert validate_instance("[]", None) == "the answer is not a JSON object"
     assert validate_instance("{}", None) is None
+
+
+def test_multiple_of_is_exact_on_decimals() -> None:
+    # Float division would call 0.8 "not a multiple of 1e-06" and fail a good answer.
+    assert validate_instance("0.8", {"type": "number", "multipleOf": 1e-6}) is None
+    assert validate_instance("0.3", {"type": "number", "multipleOf": 0.1}) is None
+    assert "multiple" in (validate_instance("0.85", {"type": "number", "multipleOf": 0.1}) or "")

@@ -19,7 +19,7 @@ from backends.llamacpp.contract import ConstraintKind, OutputConstraint
 from services.common.errors import invalid_argument
 from services.inference.domain import FunctionTool, Message, ToolCall, ToolChoice, ToolUse
 from services.inference.json_schema import check_schema
-from services.inference.structured import COMPACT_JSON, Constraint, json_value
+from services.inference.structured import Constraint, engine_schema, json_value
 from services.inference.tool_calls import (
     NO_PARAMETERS,
     CallEvent,
@@ -124,7 +124,8 @@ def with_forced_call(constraint: Constraint, use: ToolUse | None) -> Constraint:
             f"cannot be combined with tool_choice '{use.function or use.choice.value}' "
             "(both constrain the output)",
         )
-    schema = {**COMPACT_JSON, **forced_schema(use)}
+    # The engine gets what structured output gives it (compact JSON, bounded decimals, closed objects).
+    schema = engine_schema(forced_schema(use))
     # Each tool's parameters were checked; this checks them put together (hoisted $defs and all).
     check_schema(schema, "tools")
     return Constraint(OutputConstraint(kind=ConstraintKind.JSON_SCHEMA, json_schema=schema), field="tools")
