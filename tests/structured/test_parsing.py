@@ -283,6 +283,24 @@ def test_no_op_values_and_hints_are_accepted(body: dict[str, Any]) -> None:
     assert chat(**body).sampling.constraint is None
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"guided_json": {"type": "object"}},
+        {"guided_regex": "[0-9]+"},
+        {"guided_choice": ["yes", "no"]},
+        {"guided_grammar": 'root ::= "a"'},
+        {"structured_outputs": {"json": {"type": "object"}}},
+    ],
+)
+def test_vllms_guided_fields_are_refused_not_dropped(body: dict[str, Any]) -> None:
+    # A caller who sends them counts on a constrained answer: unconstrained text would be a silent lie.
+    for parse in (chat, completion):
+        err = refused(parse, **body)
+        assert err.field_violations[0][0] == next(iter(body))
+        assert "response_format" in err.message
+
+
 def test_completions_still_refuse_suffix_and_best_of() -> None:
     assert refused(completion, suffix="end").field_violations[0][0] == "suffix"
     assert refused(completion, best_of=2).field_violations[0][0] == "best_of"

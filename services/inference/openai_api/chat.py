@@ -63,6 +63,7 @@ class ChatWire(WireRequest[openai_pb2.CreateChatCompletionRequest]):
         messages = tools.with_tool_turns(messages, request.messages)
         fields.one_choice(fields.opt(request, "n"), "n")
         fields.refuse_unhonoured(request)
+        fields.refuse_vllm_guided(request)
         stop, single_stop = fields.stop(request)
         constraint = structured.openai_constraint(request)
         tool_use = tools.tool_use(request)

@@ -46,6 +46,7 @@ class CompletionWire(WireRequest[openai_pb2.CreateCompletionRequest]):
         prompt = prompt_text(request.prompt if request.HasField("prompt") else None)
         fields.one_choice(fields.opt(request, "n"), "n")
         fields.one_choice(fields.opt(request, "best_of"), "best_of")
+        fields.refuse_vllm_guided(request)
         if request.suffix:
             raise invalid_argument("suffix", "is not supported by this model (no fill-in-the-middle)")
         # An integer here: how many alternatives to return per position (the contract's top_logprobs).

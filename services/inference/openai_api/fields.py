@@ -81,6 +81,28 @@ REFUSED_CHAT_FIELDS = {
     "web_search_options": "is not supported: ferry does not search the web",
     "verbosity": "is not supported: set max_completion_tokens or ask for brevity in the prompt",
 }
+# vLLM's structured-output fields, on both APIs: refused rather than ignored, since a caller who sends
+# them counts on a constrained answer.
+VLLM_GUIDED_FIELDS = (
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "structured_outputs",
+)
+VLLM_GUIDED_WHY = (
+    "is vLLM's extension, which ferry does not read: use response_format "
+    "({'type': 'json_schema', ...}) or ferry's grammar ({'gbnf': ...} or {'lark': ...}); see docs/structured-output.md"
+)
+
+
+def refuse_vllm_guided(message: Any) -> None:
+    for name in VLLM_GUIDED_FIELDS:
+        if _given(message, name) is not None:
+            raise invalid_argument(name, VLLM_GUIDED_WHY)
+
+
 # Hints OpenAI defines that ferry accepts and does not act on (each must be a string).
 HINT_FIELDS = ("prompt_cache_key", "safety_identifier")
 SERVICE_TIERS = ("auto", "default")
