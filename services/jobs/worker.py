@@ -189,7 +189,11 @@ class Worker:
                 return
             job = await self.store.by_id(job_id)
             if job is None or job.state.ended:
-                await msg.ack()  # cancelled while queued, or a duplicate of an ended job
+                # Cancelled while queued, or a redelivery after its end was stored: its webhook event
+                # is queued again (once per job: a no-op when it was) before the message goes.
+                if job is not None:
+                    await self._tell_webhook(job)
+                await msg.ack()
                 return
             if job.attempts >= self.jobs.max_attempts:
                 if (left := await self.store.lease_left(job_id)) > 0:
@@ -232,7 +236,10 @@ class Worker:
             state = await self.store.renew_lease(job.id, 0)
             if state is JobState.CANCELLED:
                 metrics.ATTEMPTS.labels("cancelled").inc()
-                await msg.ack()  # CancelJob ended it (and told its webhook)
+                cancelled = await self.store.by_id(job.id)
+                if cancelled is not None:
+                    await self._tell_webhook(cancelled)  # CancelJob did too; once per job
+                await msg.ack()
                 return
             # This worker is stopping: the attempt counts; the job goes to another worker.
             metrics.ATTEMPTS.labels("interrupted").inc()
@@ -317,8 +324,12 @@ class Worker:
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.publish(queue.ended_subject(job.id), b"")
+        await self._tell_webhook(job)
+
+    async def _tell_webhook(self, job: StoredJob) -> None:
+        """Queues the ended job's webhook event (idempotent per job), durably, before its message is
+        acknowledged; the jobs service delivers it."""
         if job.webhook_url:
-            # Queued durably before the message is acknowledged; the jobs service delivers it.
             await self.webhooks.enqueue_job_event(job.to_proto())
 
 
