@@ -120,7 +120,12 @@ def test_startup_waits_on_health(compose: dict[str, Any]) -> None:
 def test_volumes_and_secrets(compose: dict[str, Any]) -> None:
     assert {"db", "spool"} <= set(compose["volumes"])
     assert "db:/var/lib/postgresql/data" in compose["services"]["postgres"]["volumes"]
-    assert set(compose["secrets"]) == {"postgres_password", "service_token", "bootstrap_admin_key"}
+    assert set(compose["secrets"]) == {
+        "postgres_password",
+        "service_token",
+        "bootstrap_admin_key",
+        "master_key",
+    }
     for secret in compose["secrets"].values():
         # Made by deploy/compose/secrets.sh and kept out of git.
         assert secret["file"].startswith("./deploy/compose/secrets/")
@@ -131,8 +136,15 @@ def test_volumes_and_secrets(compose: dict[str, Any]) -> None:
         # Every process knows the service token; only the gateway, which inserts it, the admin key.
         assert env["FERRY_AUTH__SERVICE_TOKEN_FILE"] == "/run/secrets/service_token"
         if name == "gateway":
-            assert set(service["secrets"]) == {"postgres_password", "service_token", "bootstrap_admin_key"}
+            assert set(service["secrets"]) == {
+                "postgres_password",
+                "service_token",
+                "bootstrap_admin_key",
+                "master_key",
+            }
             assert env["FERRY_BOOTSTRAP_ADMIN_KEY_FILE"] == "/run/secrets/bootstrap_admin_key"
+            # Every gateway replica seals and opens webhook signing secrets with the same key.
+            assert env["FERRY_MASTER_KEY_FILE"] == "/run/secrets/master_key"
         else:
             assert set(service["secrets"]) == {"postgres_password", "service_token"}
             assert "FERRY_BOOTSTRAP_ADMIN_KEY_FILE" not in env
