@@ -22,7 +22,7 @@ pytestmark = pytest.mark.stack
 
 SERVER, CLIENT, PRODUCER = 2, 3, 4  # OTLP span kinds
 # Envoy's exporter flushes every 5 s; the services' every 200 ms here.
-EXPORT_WAIT_SECONDS = 30.0
+EXPORT_WAIT_SECONDS = 60.0
 # Trace ids of the requests sent so far, for the exemplar test: sampled and not.
 TRACES: set[str] = set()
 UNSAMPLED: set[str] = set()
