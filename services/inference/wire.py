@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
+from backends.llamacpp.contract import ConstraintKind
+from services.common.errors import invalid_argument
 from services.inference.domain import Api, FieldSpelling, GenerationRequest
 from services.inference.sampling import sampling_parameters
 
@@ -17,6 +19,8 @@ class _Named(Protocol):
 
 
 Received = TypeVar("Received", bound=_Named)
+# Constraints whose answers are checked as JSON when they finish with "stop".
+JSON_KINDS = (ConstraintKind.JSON_OBJECT, ConstraintKind.JSON_SCHEMA)
 
 
 class WireRequest(ABC, Generic[Received]):
@@ -39,10 +43,20 @@ class WireRequest(ABC, Generic[Received]):
         self, model: str, sampling: Mapping[str, Any], spelling: FieldSpelling, **fields: Any
     ) -> GenerationRequest:
         """The domain request, its `sampling` values checked by the contract (refusals in `spelling`)."""
+        checked = sampling_parameters(sampling, spelling)
+        constraint = checked.constraint
+        if checked.stop and constraint is not None and constraint.kind in JSON_KINDS:
+            # A stop sequence would cut the JSON the constraint promises (and a cut answer ending in
+            # "stop" would fail the answer check as a server error): refused up front instead.
+            raise invalid_argument(
+                spelling.field("stop"),
+                f"cannot be combined with JSON output ({spelling.field('constraint')}): "
+                "a stop sequence would cut the JSON; leave stop out",
+            )
         return GenerationRequest(
             api=self.api,
             model=model,
-            sampling=sampling_parameters(sampling, spelling),
+            sampling=checked,
             spelling=spelling,
             stream=self.stream,
             **fields,

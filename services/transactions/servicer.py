@@ -61,10 +61,12 @@ COLUMNS = (
 # incomplete) is replaced by a later try of the same request id: one that started after it ended.
 # That is how a job's generation, retried under the job's id after its worker died, ends as one
 # record of the try that answered (services/jobs). A redelivered copy of the first try's own record
-# started before that end, so it never replaces anything.
+# started before that end, so it never replaces anything. Only the same principal's try replaces a
+# record: request ids are the callers' own, and another caller reusing one must not overwrite it.
 RETRY_CONDITION = (
     "transactions.status IN ('FAILED', 'CANCELLED', 'INCOMPLETE') "
-    "AND EXCLUDED.create_time > transactions.complete_time"
+    "AND EXCLUDED.create_time > transactions.complete_time "
+    "AND transactions.principal = EXCLUDED.principal"
 )
 RETRY_ASSIGNMENTS = ", ".join(
     f"{column} = EXCLUDED.{column}"

@@ -22,6 +22,7 @@ import grpc
 import pytest
 from ferry.audit.v1 import audit_pb2
 from ferry.transactions.v1 import transactions_pb2 as tx
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import REGISTRY
@@ -602,3 +603,34 @@ async def test_postgres_outage(private_postgres: PrivatePostgres, tmp_path: Path
         await recorder.stop()
         recorder.close()
         own.stop()
+
+
+async def test_a_failed_record_is_replaced_only_by_its_own_callers_later_try(transactions: Any) -> None:
+    """A job retried under its id ends as the record of the try that answered; another caller that
+    reuses the request id must not overwrite the first caller's record."""
+
+    def record(
+        rid: str, principal: str, status: Any, seconds: int, output: str
+    ) -> tx.CreateTransactionRequest:
+        when = Timestamp(seconds=seconds)
+        return tx.CreateTransactionRequest(
+            transaction=tx.Transaction(
+                request_id=rid,
+                principal=principal,
+                model="gemma-3-270m",
+                status=status,
+                output=output,
+                create_time=when,
+                complete_time=when,
+            )
+        )
+
+    start = int(time.time())
+    rid = uuid.uuid4().hex
+    await transactions.CreateTransaction(record(rid, "keys/a", Status.STATUS_FAILED, start, "first"))
+    await transactions.CreateTransaction(record(rid, "keys/b", Status.STATUS_SUCCEEDED, start + 5, "other"))
+    kept = await transactions.GetTransaction(tx.GetTransactionRequest(name=f"transactions/{rid}"))
+    assert (kept.principal, kept.output, kept.status) == ("keys/a", "first", Status.STATUS_FAILED)
+    await transactions.CreateTransaction(record(rid, "keys/a", Status.STATUS_SUCCEEDED, start + 9, "retry"))
+    kept = await transactions.GetTransaction(tx.GetTransactionRequest(name=f"transactions/{rid}"))
+    assert (kept.principal, kept.output, kept.status) == ("keys/a", "retry", Status.STATUS_SUCCEEDED)

@@ -330,3 +330,15 @@ def test_a_cut_short_answer_is_returned_as_it_is() -> None:
 
 def test_grammar_answers_are_the_engines_to_enforce() -> None:
     check_answer(chat(grammar={"gbnf": 'root ::= "yes"'}), answered("whatever", "stop"))
+
+
+@pytest.mark.parametrize("parse", [chat, completion])
+def test_stop_with_json_output_is_refused_naming_stop(parse: Any) -> None:
+    # A stop sequence would cut the JSON the constraint promises.
+    err = refused(parse, stop=["}"], response_format={"type": "json_object"})
+    assert err.field_violations[0][0] == "stop"
+    assert "response_format" in err.message
+
+
+def test_stop_with_a_grammar_is_accepted() -> None:
+    assert chat(stop=["."], grammar={"gbnf": 'root ::= "a" "."'}).sampling.stop == (".",)

@@ -119,10 +119,13 @@ class Outbox:
                 " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                 (event.id, attempt, event.job, attempt_time, http_status, error),
             )
+            # Only the try that holds the event's current attempt count writes its outcome: a try that
+            # outlived its lease (a slow DNS lookup) must not undo what a later try recorded.
             await conn.execute(
                 "UPDATE job_webhook_events SET attempts = %s, state = %s,"
-                " next_attempt_time = coalesce(%s, next_attempt_time), lease_until = NULL WHERE id = %s",
-                (attempt, state, next_attempt_time, event.id),
+                " next_attempt_time = coalesce(%s, next_attempt_time), lease_until = NULL"
+                " WHERE id = %s AND attempts = %s",
+                (attempt, state, next_attempt_time, event.id, event.attempts),
             )
         return state
 
