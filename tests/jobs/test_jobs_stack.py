@@ -237,7 +237,9 @@ def test_interactive_requests_are_served_while_jobs_saturate_the_engine(jobs_sta
     assert idle_statuses == [200] * samples and busy_statuses == [200] * samples
     assert all(job["state"] == "STATE_SUCCEEDED" for job in ended.values())
     deferred = (
-        metric(jobs_stack, "inference", "ferry_grpc_server_handled_total", {"grpc_code": "RESOURCE_EXHAUSTED"})
+        metric(
+            jobs_stack, "inference", "ferry_grpc_server_handled_total", {"grpc_code": "RESOURCE_EXHAUSTED"}
+        )
         - deferred_before
     )
     report = {
