@@ -198,6 +198,8 @@ def test_the_config_map_loads_as_settings(
         "triton",
     )
     assert s.models.host == "0.0.0.0"
+    # The jobs service by its Service name, and the queue on the NATS StatefulSet (not embedded).
+    assert s.jobs.host == "jobs" and s.nats.servers == ["nats://nats:4222"] and not s.nats.embedded
     assert s.inference.port == 50051  # defaults fill in what the file does not name
 
 
