@@ -246,8 +246,11 @@ def _decode(msg: Msg, kind: type[Any]) -> Any:
         if _is_protobuf(msg):
             message.ParseFromString(msg.data)
         else:
-            json_format.Parse(msg.data or b"{}", message)
-    except (DecodeError, json_format.ParseError, UnicodeDecodeError) as exc:
+            body = json.loads(msg.data or b"{}")
+            if not isinstance(body, dict):
+                raise BadMessage(f"the body is not a {kind.DESCRIPTOR.full_name}: a JSON object is expected")
+            json_format.ParseDict(body, message)
+    except (DecodeError, json_format.ParseError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadMessage(f"the body is not a {kind.DESCRIPTOR.full_name}: {exc}") from None
     return message
 
