@@ -49,6 +49,7 @@ from services.common.errors import http_status
 from services.common.names import is_request_id
 from services.common.server import SERVER_OPTIONS
 from services.jobs import metrics, queue
+from services.jobs.generation import inference_channel
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class Bridge:
 
     async def _run(self) -> None:
         self._jobs = grpc.aio.insecure_channel(self.settings.jobs.address, options=SERVER_OPTIONS)
-        self._inference = grpc.aio.insecure_channel(self.settings.inference.address, options=SERVER_OPTIONS)
+        self._inference = inference_channel(self.settings)
         self.nc = await queue.connect(self.settings, "ferry-nats-bridge")
         prefix = self.settings.nats.generate_prefix
         await self.nc.subscribe(f"{prefix}.*", queue=QUEUE_GROUP, cb=self._spawn(self._generate))

@@ -31,7 +31,7 @@ class Generation:
 
     def _open(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.settings.inference.address, options=SERVER_OPTIONS)
+            self._channel = inference_channel(self.settings)
         return self._channel
 
     async def close(self) -> None:
@@ -66,3 +66,12 @@ class Generation:
             generate, metadata=metadata, timeout=timeout
         )
         return jobs_pb2.JobResult(generate=answer)
+
+
+def inference_channel(settings: Settings) -> grpc.aio.Channel:
+    """A channel to every Inference replica the name resolves to (round robin per call): each replica
+    admits background work on its own spare slots, so a worker spreads its jobs over all of them."""
+    return grpc.aio.insecure_channel(
+        f"dns:///{settings.inference.address}",
+        options=[*SERVER_OPTIONS, ("grpc.lb_policy_name", "round_robin")],
+    )
