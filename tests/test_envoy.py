@@ -152,6 +152,8 @@ def test_internal_methods_come_from_the_access_option() -> None:
         "ferry.audit.v1.AuditService/AppendEvents",
         "ferry.transactions.v1.TransactionsService/CreateTransaction",
         "ferry.transactions.v1.TransactionsService/CompleteTransaction",
+        # The jobs service reads a key's webhook signing secret to sign the key's job events.
+        "ferry.keys.v1.KeysService/GetWebhookSecret",
     }
 
 

@@ -23,6 +23,7 @@ CONTAINER_HOSTS = {
     "transactions": "transactions",
     "audit": "audit",
     "grammars": "grammars",
+    "conversations": "conversations",
     "jobs": "jobs",
     "gateway": "gateway",
     "triton": "triton",
