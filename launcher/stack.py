@@ -33,7 +33,7 @@ import httpx
 from launcher.credentials import AdminKey, with_credentials
 from launcher.environment import settings_env
 from launcher.envoy import envoy_program
-from launcher.nats import nats_program
+from launcher.nats import nats_program, with_nats_credentials
 from launcher.ports import taken_ports
 from launcher.postgres import EmbeddedPostgres, start_embedded
 from launcher.programs import Program
@@ -101,7 +101,7 @@ def endpoints(settings: Settings) -> Endpoints:
         triton_grpc=triton.grpc_address,
         triton_http=f"http://{triton.host}:{triton.http_port}",
         triton_metrics=f"http://{triton.host}:{triton.metrics_port}/metrics",
-        nats=",".join(settings.nats.servers) + (" (embedded)" if settings.nats.embedded else ""),
+        nats=",".join(settings.nats.shown_servers) + (" (embedded)" if settings.nats.embedded else ""),
     )
 
 
@@ -200,6 +200,7 @@ class Stack:
             # A fresh service token per start (unless configured) and the admin key, after the lock:
             # a second launcher refused by it must not touch <home>/admin.key.
             self.settings, self.admin_key = with_credentials(self.settings)
+            self.settings = with_nats_credentials(self.settings)
             if self.settings.database_url is None:
                 self._postgres = start_embedded(self.settings)
                 self.database_url = self._postgres.uri

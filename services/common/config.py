@@ -248,6 +248,11 @@ class JobsServiceSettings(ServiceSettings):
     run_timeout_seconds: float = Field(default=600.0, gt=0)
 
 
+def _without_userinfo(url: str) -> str:
+    scheme, sep, rest = url.rpartition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}"
+
+
 class NatsSettings(BaseModel):
     """NATS with JetStream. Empty `url`: `make run` starts an embedded nats-server (storing under
     <home>/nats) on `port`; a URL (`nats://a:4222,nats://b:4222`) uses an existing cluster instead."""
@@ -266,12 +271,25 @@ class NatsSettings(BaseModel):
     # NATS access: publish a CreateJobRequest here (JetStream); request-reply generation below.
     submit_subject: str = "ferry.jobs.submit"
     generate_prefix: str = "ferry.generate"
+    # The embedded server's two users (docs/jobs.md, NATS permissions): `internal_user` (ferry's own
+    # processes: jobs service, workers, bridge) may do everything; `client_user` (NATS clients) may only
+    # submit jobs and request generations. The launcher makes fresh passwords per start; with `url` set,
+    # `internal_password` (if any) is what ferry's processes log in with.
+    internal_user: str = "ferry"
+    internal_password: SecretStr | None = None
+    client_user: str = "ferry-client"
+    client_password: SecretStr | None = None
 
     @property
     def servers(self) -> list[str]:
         if self.url:
             return [u.strip() for u in self.url.split(",") if u.strip()]
         return [f"nats://{self.host}:{self.port}"]
+
+    @property
+    def shown_servers(self) -> list[str]:
+        """`servers` without any user:password in them: what logs and banners may show."""
+        return [_without_userinfo(server) for server in self.servers]
 
     @property
     def embedded(self) -> bool:

@@ -8,7 +8,8 @@ generation RPC on the Inference service. So the gateway checks the key, scopes a
 
 - `nats.submit_subject` (JetStream, durable consumer `ferry-submit`): a CreateJobRequest. The message
   is acknowledged once CreateJob answered; a `Ferry-Reply-To` header names a subject that gets the Job
-  (or the error). Without `request_id`, the message's `Nats-Msg-Id` (else its stream sequence) is the
+  (or the error); it must start with `_INBOX.` (a client's inbox; any other is ignored, so a message
+  cannot make the bridge publish to ferry's own subjects). Without `request_id`, the message's `Nats-Msg-Id` (else its stream sequence) is the
   create's request id, so a redelivered message never makes a second job.
 - `<nats.generate_prefix>.chat_completion`, `.completion`, `.generate` (core request-reply, queue
   group `ferry-bridge`): CreateChatCompletionRequest, CreateCompletionRequest or GenerateRequest; the
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 PROTOBUF = "application/protobuf"
 JSON = "application/json"
 REPLY_TO_HEADER = "Ferry-Reply-To"
+# The only subjects a Ferry-Reply-To may name: clients' inboxes.
+REPLY_TO_PREFIX = "_INBOX."
 ERROR_HEADER = "Ferry-Error"
 QUEUE_GROUP = "ferry-bridge"
 # A submit that met an outage is tried again after this long (the message stays in the stream).
@@ -192,7 +195,7 @@ class Bridge:
 
     async def _answer_submit(self, msg: Msg, body: bytes, error: str | None) -> None:
         reply_to = (msg.headers or {}).get(REPLY_TO_HEADER)
-        if reply_to and self.nc is not None:
+        if reply_to and reply_to.startswith(REPLY_TO_PREFIX) and self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.publish(reply_to, body, headers=_reply_headers(msg, error))
 

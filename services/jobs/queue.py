@@ -41,17 +41,26 @@ CONNECT_RETRY_SECONDS = 0.5
 async def connect(settings: Settings, name: str) -> Client:
     """A connection to the configured servers, retried until one answers; it reconnects on its own
     afterwards (a NATS restart only pauses the queue)."""
+    nats_settings = settings.nats
+    login: dict[str, str] = {}
+    if nats_settings.internal_password is not None:
+        login = {
+            "user": nats_settings.internal_user,
+            "password": nats_settings.internal_password.get_secret_value(),
+        }
     while True:
         try:
             return await nats.connect(
-                servers=settings.nats.servers,
+                servers=nats_settings.servers,
                 name=name,
+                **login,
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=CONNECT_RETRY_SECONDS,
                 connect_timeout=2,
             )
         except Exception as exc:  # any failure to connect is retried, logged
-            log.warning("NATS %s not reachable (%s); retrying", settings.nats.servers, exc)
+            # Only the servers' hosts: a URL's user:password stays out of the log.
+            log.warning("NATS %s not reachable (%s); retrying", nats_settings.shown_servers, exc)
             await asyncio.sleep(CONNECT_RETRY_SECONDS)
 
 

@@ -11,7 +11,8 @@ MIGRATIONS = Migrations(
         """
         CREATE TABLE jobs (
             id            text        PRIMARY KEY,
-            -- The create's client request id (AIP-155): a retried create finds its first answer.
+            -- The create's client request id (AIP-155): a retried create finds its first answer
+            -- (unique per creator since step 2).
             request_id    text        UNIQUE,
             -- `keys/{id}` (or `webhooks/{source}`): whose job it is; reads by others are NOT_FOUND.
             creator       text        NOT NULL,
@@ -61,6 +62,11 @@ MIGRATIONS = Migrations(
             error_message text        NOT NULL DEFAULT '',
             PRIMARY KEY (job_id, attempt)
         );
+        """,
+        # Request ids are each creator's own: two keys using the same one make two jobs.
+        """
+        ALTER TABLE jobs DROP CONSTRAINT jobs_request_id_key;
+        ALTER TABLE jobs ADD CONSTRAINT jobs_creator_request_id_key UNIQUE (creator, request_id);
         """,
     ],
     drop="DROP TABLE IF EXISTS job_attempts, job_results, jobs",

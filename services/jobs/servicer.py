@@ -148,12 +148,8 @@ class JobsServicer(jobs_pb2_grpc.JobsServiceServicer):
         return proto
 
     async def _retried(self, request_id: str, principal: auth_pb2.Principal) -> StoredJob | None:
-        """The job a create with this request id made, if this caller may see it."""
-        first = await self.store.by_request_id(request_id)
-        if first is not None and not _may_see(principal, first):
-            # Another key's request id: a fresh job would collide; say so without showing theirs.
-            raise invalid_argument("request_id", "is already used by another caller's job; choose another")
-        return first
+        """The job this caller's create with this request id made (request ids are per creator)."""
+        return await self.store.by_request_id(principal.name, request_id)
 
     async def _visible(self, name: str, field: str) -> StoredJob:
         job = await self.store.by_id(resource_id(name, JOBS, JOB_ID, field))

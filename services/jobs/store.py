@@ -58,8 +58,8 @@ class JobStore:
     async def by_id(self, job_id: str) -> StoredJob | None:
         return await self._one(f"{SELECT} WHERE j.id = %s", job_id)
 
-    async def by_request_id(self, request_id: str) -> StoredJob | None:
-        return await self._one(f"{SELECT} WHERE j.request_id = %s", request_id)
+    async def by_request_id(self, creator: str, request_id: str) -> StoredJob | None:
+        return await self._one(f"{SELECT} WHERE j.creator = %s AND j.request_id = %s", creator, request_id)
 
     async def page(
         self,

@@ -165,7 +165,11 @@ class Worker:
     async def _on_cancel(self, msg: Msg) -> None:
         job_id = msg.subject.rpartition(".")[2]
         task = self.running.get(job_id)
-        if task is not None:
+        if task is None:
+            return
+        # The announcement is only a hint: the database says whether the job really was cancelled.
+        job = await self.store.by_id(job_id)
+        if job is not None and job.state is JobState.CANCELLED:
             log.info("job %s cancelled by its owner: stopping its generation", job_id)
             task.cancel()
 

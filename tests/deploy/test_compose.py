@@ -125,6 +125,8 @@ def test_volumes_and_secrets(compose: dict[str, Any]) -> None:
         "service_token",
         "bootstrap_admin_key",
         "master_key",
+        "nats_internal_password",
+        "nats_client_password",
     }
     for secret in compose["secrets"].values():
         # Made by deploy/compose/secrets.sh and kept out of git.
@@ -145,9 +147,22 @@ def test_volumes_and_secrets(compose: dict[str, Any]) -> None:
             assert env["FERRY_BOOTSTRAP_ADMIN_KEY_FILE"] == "/run/secrets/bootstrap_admin_key"
             # Every gateway replica seals and opens webhook signing secrets with the same key.
             assert env["FERRY_MASTER_KEY_FILE"] == "/run/secrets/master_key"
+        elif name == "jobs":
+            # It speaks NATS as ferry's internal user.
+            assert set(service["secrets"]) == {"postgres_password", "service_token", "nats_internal_password"}
+            assert env["FERRY_NATS__INTERNAL_PASSWORD_FILE"] == "/run/secrets/nats_internal_password"
         else:
             assert set(service["secrets"]) == {"postgres_password", "service_token"}
             assert "FERRY_BOOTSTRAP_ADMIN_KEY_FILE" not in env
+    worker = compose["services"]["jobs-worker"]
+    assert (
+        worker["environment"]["FERRY_NATS__INTERNAL_PASSWORD_FILE"] == "/run/secrets/nats_internal_password"
+    )
+    # NATS takes logins only, with the config Kubernetes uses too (deploy/k8s/base/nats.yaml).
+    nats = compose["services"]["nats"]
+    assert set(nats["secrets"]) == {"nats_internal_password", "nats_client_password"}
+    assert "./deploy/compose/nats.conf:/etc/nats/nats.conf:ro" in nats["volumes"]
+    assert "--config /etc/nats/nats.conf" in nats["command"][0]
     # Envoy's entrypoint puts the token into its configuration (ext_authz, x-ferry-edge).
     envoy = compose["services"]["envoy"]
     assert envoy["secrets"] == ["service_token"]

@@ -3,12 +3,14 @@ configuration names and scaling objects agree with `make run`'s Settings."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from launcher.nats import NATS_SERVER, client_permissions
 from launcher.triton import triton_argv
 from services.common.config import Settings
 from tests.deploy.tools import (
@@ -174,7 +176,7 @@ def test_configuration_names_are_settings(overlay: str, objects: dict[str, list[
 def test_the_config_map_loads_as_settings(
     objects: dict[str, list[dict[str, Any]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (config_map,) = [o for o in objects["prod"] if o["kind"] == "ConfigMap"]
+    (config_map,) = [o for o in objects["prod"] if o["kind"] == "ConfigMap" and "ferry.yaml" in o["data"]]
     assert config_map["metadata"]["name"].startswith("ferry-config-")  # hashed: edits roll the pods
     path = tmp_path / "ferry.yaml"
     path.write_text(config_map["data"]["ferry.yaml"])
@@ -266,3 +268,43 @@ def test_prod_edge_is_a_load_balancer_and_postgres_is_external(
     assert "postgres" not in workloads(prod)
     assert not by_kind(prod, "Secret")
     assert "postgres" in workloads(objects["dev"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_nats_takes_logins_only_with_the_launchers_client_permissions(
+    overlay: str, objects: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The NATS StatefulSet runs the config map's nats.conf: the FERRY account, passwords from the
+    ferry-nats Secret, the client user limited as the embedded server's (launcher/nats.py)."""
+    documents = objects[overlay]
+    nats = container(workloads(documents)["nats"])
+    assert nats["args"][:2] == ["--config", "/etc/nats/nats.conf"]
+    env = env_of(nats)
+    for name, key in (
+        ("NATS_INTERNAL_PASSWORD", "internal-password"),
+        ("NATS_CLIENT_PASSWORD", "client-password"),
+    ):
+        assert env[name]["secretKeyRef"] == {"name": "ferry-nats", "key": key}
+    conf = by_kind(documents, "ConfigMap")["nats-config"]["data"]["nats.conf"]
+    permissions = client_permissions(Settings())
+    for subject in [*permissions["publish"]["allow"], *permissions["subscribe"]["allow"]]:  # type: ignore[index]
+        assert f'"{subject}"' in conf
+    assert "allow_responses: true" in conf and "{user: ferry, password: $NATS_INTERNAL_PASSWORD}" in conf
+    # Compose runs the same config (deploy/compose/nats.conf, below its comment lines).
+    compose_conf = (Path(__file__).parents[2] / "deploy/compose/nats.conf").read_text()
+    assert [line for line in compose_conf.splitlines() if not line.startswith("#")] == conf.splitlines()
+    # nats-server itself accepts it (-t: test the configuration and exit).
+    path = tmp_path / "nats.conf"
+    path.write_text(conf)
+    checked = subprocess.run(
+        [str(NATS_SERVER), "-t", "-c", str(path)],
+        env={"NATS_INTERNAL_PASSWORD": "a", "NATS_CLIENT_PASSWORD": "b"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
+    # ferry's processes that speak NATS log in as the internal user.
+    for name in ("jobs", "jobs-worker"):
+        ref = env_of(container(workloads(documents)[name]))["FERRY_NATS__INTERNAL_PASSWORD"]
+        assert ref["secretKeyRef"] == {"name": "ferry-nats", "key": "internal-password"}

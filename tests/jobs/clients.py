@@ -30,12 +30,19 @@ def nats_url(stack: RunningStack) -> str:
     return stack.settings.nats.servers[0]
 
 
+def client_login(stack: RunningStack) -> dict[str, str]:
+    """The embedded server's client user (the launcher's fresh password of this start)."""
+    nats_settings = stack.stack.settings.nats
+    assert nats_settings.client_password is not None
+    return {"user": nats_settings.client_user, "password": nats_settings.client_password.get_secret_value()}
+
+
 async def submit_over_nats(
     stack: RunningStack, key: str, bodies: Iterable[tuple[str, dict[str, Any]]], timeout: float = 30.0
 ) -> dict[str, dict[str, Any]]:
     """Publishes each (message id, CreateJobRequest JSON) to the submit subject with the key, asking
     for the answer on an inbox; returns the answers by message id (a Job, or {"error": ...})."""
-    nc = await nats.connect(nats_url(stack))
+    nc = await nats.connect(nats_url(stack), **client_login(stack))
     answers: dict[str, dict[str, Any]] = {}
     done = asyncio.Event()
     bodies = list(bodies)
@@ -65,7 +72,7 @@ async def submit_over_nats(
 async def nats_request(
     stack: RunningStack, subject: str, body: bytes, headers: dict[str, str], timeout: float = 60.0
 ) -> tuple[dict[str, str], bytes]:
-    nc = await nats.connect(nats_url(stack))
+    nc = await nats.connect(nats_url(stack), **client_login(stack))
     try:
         reply = await nc.request(subject, body, timeout=timeout, headers=headers)
     finally:

@@ -17,6 +17,7 @@ from ferry.openai.v1 import openai_pb2
 from google.protobuf import struct_pb2
 
 from tests.jobs.clients import (
+    client_login,
     completion_job,
     count_ended,
     nats_url,
@@ -127,6 +128,17 @@ def test_fifty_jobs_complete_exactly_once_through_a_killed_worker_and_a_nats_res
     assert len(results) == 50 and all(count == 1 for _, count in results)
     attempts = dict(query(jobs_stack, "SELECT id, attempts FROM jobs WHERE id = ANY(%s)", ids))
     retried = sorted(job_id for job_id, n in attempts.items() if n > 1)
+    # The kill met work in progress: some job was interrupted and ran again.
+    assert retried, f"the SIGKILL (after {killed_at} ended) interrupted no job: nothing was tested"
+    # Exactly once: no job has two tries that succeeded (a double run would show as a second one).
+    succeeded_tries = query(
+        jobs_stack,
+        "SELECT job_id, count(*) FROM job_attempts WHERE job_id = ANY(%s) AND end_time IS NOT NULL "
+        "AND error_code = '' GROUP BY job_id",
+        ids,
+    )
+    assert len(succeeded_tries) == 50, succeeded_tries
+    assert all(count == 1 for _, count in succeeded_tries), [row for row in succeeded_tries if row[1] != 1]
 
     # One transaction record per job, keyed by the job's id, and it is the try that answered.
     def recorded() -> list[tuple[str, str, int]]:
@@ -223,7 +235,7 @@ def test_a_job_submitted_over_nats_in_protobuf_is_answered_in_protobuf(jobs_stac
     )
 
     async def submit() -> tuple[dict[str, str], bytes]:
-        nc = await nats.connect(nats_url(jobs_stack))
+        nc = await nats.connect(nats_url(jobs_stack), **client_login(jobs_stack))
         try:
             inbox = nc.new_inbox()
             sub = await nc.subscribe(inbox)

@@ -86,18 +86,22 @@ def test_a_key_sees_only_its_own_jobs_unless_admin(jobs_stack: RunningStack) -> 
         listed_by_owner = [j["name"] for j in mine.get("/api/v1/jobs").json()["jobs"]]
         assert name in listed_by_owner
         assert admin.get(f"/api/v1/{name}").status_code == 200  # admin sees every job
-        # Another key's request id cannot be reused to read their job either.
+        # Request ids are each key's own: another key using mine gets a job of its own, not mine.
         request_id = f"mine-{uuid.uuid4().hex[:8]}"
-        assert (
-            mine.post(
-                "/api/v1/jobs", params={"request_id": request_id}, json=completion_job(MODEL, "a", 1)
-            ).status_code
-            == 200
+        first = mine.post(
+            "/api/v1/jobs", params={"request_id": request_id}, json=completion_job(MODEL, "a", 1)
         )
+        assert first.status_code == 200, first.text
         reused = theirs.post(
             "/api/v1/jobs", params={"request_id": request_id}, json=completion_job(MODEL, "a", 1)
         )
-        assert reused.status_code == 400 and "request_id" in _violations(reused)
+        assert reused.status_code == 200, reused.text
+        assert reused.json()["name"] != first.json()["name"]
+        assert theirs.get(f"/api/v1/{first.json()['name']}").status_code == 404
+        again = mine.post(
+            "/api/v1/jobs", params={"request_id": request_id}, json=completion_job(MODEL, "a", 1)
+        )
+        assert again.json()["name"] == first.json()["name"]  # and mine still finds my first job
         wait_ended(mine, [name], timeout=60)
 
 
