@@ -11,9 +11,11 @@ import pytest
 from ferry.jobs.v1 import jobs_pb2
 from google.rpc import status_pb2
 
+from services.common.config import Settings
 from services.jobs.bridge import (
     ERROR_HEADER,
     BadMessage,
+    Bridge,
     _bad_status,
     _decode,
     _encode,
@@ -73,3 +75,19 @@ def test_a_submit_without_request_id_is_keyed_by_its_message() -> None:
     assert _message_request_id(Message()) == "nats:FERRY_JOBS.42"  # type: ignore[arg-type]
     # An id a request id cannot hold falls back to the stream position.
     assert _message_request_id(Message(headers={"Nats-Msg-Id": "has space"})) == "nats:FERRY_JOBS.42"  # type: ignore[arg-type]
+
+
+async def test_a_submits_answer_goes_only_to_an_inbox() -> None:
+    """Ferry-Reply-To cannot make the bridge (ferry's internal NATS user) publish on ferry's subjects."""
+    published: list[str] = []
+
+    class Connection:
+        async def publish(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+            published.append(subject)
+
+    bridge = Bridge(Settings())
+    bridge.nc = Connection()  # type: ignore[assignment]
+    for reply_to in ("_INBOX.abc", "ferry.jobs.cancelled.job-1", "ferry.jobs.run", "_INBOX"):
+        message = Message(headers={"Ferry-Reply-To": reply_to})
+        await bridge._answer_submit(message, b"{}", None)  # type: ignore[arg-type]
+    assert published == ["_INBOX.abc"]
