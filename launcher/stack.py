@@ -33,7 +33,7 @@ import httpx
 from launcher.credentials import AdminKey, with_credentials
 from launcher.environment import settings_env
 from launcher.envoy import envoy_program
-from launcher.nats import nats_program, with_nats_credentials
+from launcher.nats import nats_config_path, nats_program, with_nats_credentials
 from launcher.ports import taken_ports
 from launcher.postgres import EmbeddedPostgres, start_embedded
 from launcher.programs import Program
@@ -101,7 +101,13 @@ def endpoints(settings: Settings) -> Endpoints:
         triton_grpc=triton.grpc_address,
         triton_http=f"http://{triton.host}:{triton.http_port}",
         triton_metrics=f"http://{triton.host}:{triton.metrics_port}/metrics",
-        nats=",".join(settings.nats.shown_servers) + (" (embedded)" if settings.nats.embedded else ""),
+        nats=",".join(settings.nats.shown_servers)
+        + (
+            # Clients log in as ferry-client; its per-start password is in the owner-only config file.
+            f" (embedded; clients: user ferry-client, password in {nats_config_path(settings)})"
+            if settings.nats.embedded
+            else ""
+        ),
     )
 
 
