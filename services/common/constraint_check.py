@@ -11,21 +11,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
-from tritonclient.grpc import InferInput
-
 from backends.llamacpp.contract import EngineErrorCode, EngineFault, OutputConstraint, SamplingParameters
 from services.common.config import TritonSettings
-from services.common.errors import Reason, RpcError, rpc_error
-from services.common.triton_client import connect
+from services.common.errors import RpcError
+from services.common.triton_client import connect, engine_unavailable, string_input
 
 CHECK_SECONDS = 30.0
-
-
-def _tensor(name: str, value: str) -> InferInput:
-    tensor = InferInput(name, [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([value.encode()], dtype=np.object_))
-    return tensor
 
 
 async def check_constraint(triton: TritonSettings, model: str, constraint: OutputConstraint) -> str | None:
@@ -34,7 +25,7 @@ async def check_constraint(triton: TritonSettings, model: str, constraint: Outpu
     Raises RpcError ENGINE_UNAVAILABLE when the engine cannot be asked (nothing unchecked passes).
     """
     sampling = SamplingParameters(max_tokens=1, temperature=0.0, constraint=constraint)
-    inputs = [_tensor("text_input", " "), _tensor("sampling_parameters", sampling.to_json())]
+    inputs = [string_input("text_input", " "), string_input("sampling_parameters", sampling.to_json())]
 
     async def requests() -> AsyncIterator[dict[str, Any]]:
         yield {"model_name": model, "inputs": inputs}
@@ -59,8 +50,4 @@ async def check_constraint(triton: TritonSettings, model: str, constraint: Outpu
 
 
 def _unavailable(model: str, why: str) -> RpcError:
-    return rpc_error(
-        Reason.ENGINE_UNAVAILABLE,
-        f"the engine of model '{model}' could not check the constraint: {why}",
-        metadata={"model": model},
-    )
+    return engine_unavailable(model, "check the constraint", why)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+from tritonclient.grpc import InferInput
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
@@ -51,6 +53,22 @@ class ModelInfo:
 
 def connect(settings: TritonSettings) -> triton_aio.InferenceServerClient:
     return triton_aio.InferenceServerClient(url=settings.grpc_address)
+
+
+def string_input(name: str, value: str) -> InferInput:
+    """A one-element BYTES input tensor holding `value` as UTF-8."""
+    tensor = InferInput(name, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
+    return tensor
+
+
+def engine_unavailable(model: str, doing: str, why: str) -> RpcError:
+    """ENGINE_UNAVAILABLE for a call to a model's engine that got no answer (`doing`: what it asked)."""
+    return rpc_error(
+        Reason.ENGINE_UNAVAILABLE,
+        f"the engine of model '{model}' could not {doing}: {why}",
+        metadata={"model": model},
+    )
 
 
 def unavailable(err: InferenceServerException) -> RpcError:

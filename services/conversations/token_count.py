@@ -13,8 +13,8 @@ from tritonclient.grpc import aio as triton_aio
 
 from backends.llamacpp.contract import COUNT_TOKENS_INPUT
 from services.common.config import TritonSettings
-from services.common.errors import Reason, RpcError, rpc_error
-from services.common.triton_client import ModelInfo, connect, model_info
+from services.common.errors import RpcError
+from services.common.triton_client import ModelInfo, connect, engine_unavailable, model_info, string_input
 
 COUNT_SECONDS = 10.0
 
@@ -46,8 +46,7 @@ class TokenCounter:
 
     async def count(self, model_id: str, prompt: str) -> int:
         """The prompt's length in `model_id`'s tokens; ENGINE_UNAVAILABLE when the engine cannot say."""
-        text = InferInput("text_input", [1], "BYTES")
-        text.set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
+        text = string_input("text_input", prompt)
         flag = InferInput(COUNT_TOKENS_INPUT, [1], "BOOL")
         flag.set_data_from_numpy(np.array([True], dtype=np.bool_))
 
@@ -69,8 +68,4 @@ class TokenCounter:
 
 
 def _unavailable(model: str, why: str) -> RpcError:
-    return rpc_error(
-        Reason.ENGINE_UNAVAILABLE,
-        f"the engine of model '{model}' could not count the conversation's tokens: {why}",
-        metadata={"model": model},
-    )
+    return engine_unavailable(model, "count the conversation's tokens", why)

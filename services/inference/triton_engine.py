@@ -14,14 +14,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import grpc
-import numpy as np
-from tritonclient.grpc import InferInput, InferResult
+from tritonclient.grpc import InferResult
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from backends.llamacpp.contract import EngineFault, SamplingParameters
 from services.common.telemetry import capture_content, trace_headers
-from services.common.triton_client import ModelInfo
+from services.common.triton_client import ModelInfo, string_input
 from services.inference.domain import Message, Piece, TokenLogprob
 from services.inference.engine_interface import (
     EngineBroken,
@@ -125,12 +124,6 @@ def decode(result: InferResult) -> Piece:
     )
 
 
-def _string_input(name: str, value: str) -> InferInput:
-    tensor = InferInput(name, [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
-    return tensor
-
-
 class TritonEngine:
     def __init__(self, client: triton_aio.InferenceServerClient) -> None:
         self.client = client
@@ -170,8 +163,8 @@ class TritonEngine:
         request = {
             "model_name": model.name,
             "inputs": [
-                _string_input("text_input", prompt),
-                _string_input("sampling_parameters", sampling.to_json()),
+                string_input("text_input", prompt),
+                string_input("sampling_parameters", sampling.to_json()),
             ],
             "request_id": request_id,
         }
