@@ -92,6 +92,11 @@ class OutputConstraint(BaseModel):
         if (self.kind is ConstraintKind.JSON_SCHEMA) != (self.json_schema is not None):
             raise ValueError("json_schema goes with kind json_schema, and only with it")
 
+    @property
+    def is_json(self) -> bool:
+        """The answer is JSON (an object, or one following `json_schema`), which a caller can check."""
+        return self.kind in (ConstraintKind.JSON_OBJECT, ConstraintKind.JSON_SCHEMA)
+
     def engine_grammar(self) -> str:
         """The grammar llama.cpp is given: GBNF as it is; everything else as an llguidance grammar
         (a JSON Schema as llguidance's `%json`, which is what xllamacpp.json_schema_to_grammar writes).

@@ -7,7 +7,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from backends.llamacpp.contract import ConstraintKind
 from services.common.errors import invalid_argument
 from services.inference.domain import Api, FieldSpelling, GenerationRequest
 from services.inference.sampling import sampling_parameters
@@ -19,8 +18,6 @@ class _Named(Protocol):
 
 
 Received = TypeVar("Received", bound=_Named)
-# Constraints whose answers are checked as JSON when they finish with "stop".
-JSON_KINDS = (ConstraintKind.JSON_OBJECT, ConstraintKind.JSON_SCHEMA)
 
 
 class WireRequest(ABC, Generic[Received]):
@@ -45,7 +42,7 @@ class WireRequest(ABC, Generic[Received]):
         """The domain request, its `sampling` values checked by the contract (refusals in `spelling`)."""
         checked = sampling_parameters(sampling, spelling)
         constraint = checked.constraint
-        if checked.stop and constraint is not None and constraint.kind in JSON_KINDS:
+        if checked.stop and constraint is not None and constraint.is_json:
             # A stop sequence would cut the JSON the constraint promises (and a cut answer ending in
             # "stop" would fail the answer check as a server error): refused up front instead.
             raise invalid_argument(
