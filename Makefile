@@ -67,7 +67,9 @@ test-unit: proto
 lint: proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services gateway launcher tests bench backends
+	$(VENV)/bin/mypy services gateway launcher tests bench backends tools
+	# buf lint (protos/buf.yaml) and buf breaking against the previous commit: the protos are a public API.
+	$(PY) -m tools.proto_guard
 
 bench: setup
 	$(PY) -m bench
