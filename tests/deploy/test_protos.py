@@ -48,7 +48,7 @@ def test_lint_refuses_what_the_style_guide_forbids(protos: Path, tmp_path: Path)
     (protos / MODELS_PROTO).write_text(
         (protos / MODELS_PROTO).read_text() + "\nenum Colour {\n  RED = 0;\n  BLUE = 1;\n}\n"
     )
-    with pytest.raises(proto_guard.GuardError, match="COLOUR_UNSPECIFIED|should be prefixed"):
+    with pytest.raises(proto_guard.GuardError, match=r"COLOUR_UNSPECIFIED|should be prefixed"):
         proto_guard.lint(proto_guard.descriptor_set(protos, tmp_path / "edited.binpb"))
 
 
