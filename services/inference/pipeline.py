@@ -12,13 +12,15 @@ from __future__ import annotations
 import time
 from asyncio import CancelledError
 from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
+from contextlib import AbstractAsyncContextManager, aclosing, nullcontext
 from typing import Any, Protocol
 
 from services.common.auth import principal_var
 from services.common.config import InferenceSettings
 from services.common.errors import RpcError
+from services.common.triton_client import ModelInfo
 from services.inference.admission import Admissions, is_background
+from services.inference.coalesce import coalesced
 from services.inference.deadline import Deadline
 from services.inference.domain import Exchange, GenerationRequest, Outcome, Piece
 from services.inference.engine_interface import Engine
@@ -28,6 +30,7 @@ from services.inference.observers import GenerationObserver
 from services.inference.record import NoTransactionLog, RecordOnce, TransactionLog
 from services.inference.render import Render
 from services.inference.resolve import Models, Resolve
+from services.inference.response_cache import ResponseCache
 from services.inference.structured import check_answer
 from services.inference.templates import ChatTemplates
 from services.inference.wire import WireRequest
@@ -47,6 +50,7 @@ class Pipeline:
         transactions: TransactionLog | None = None,
         observers: Sequence[GenerationObserver] = (),
         grammars: ResolveGrammar | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         # Without a registry, a request naming a stored grammar is refused (never run unconstrained).
         self.grammars = grammars or ResolveGrammar(None)
@@ -57,6 +61,7 @@ class Pipeline:
         self.generate = EngineStream(engine, catalog)
         self.transactions: TransactionLog = transactions or NoTransactionLog()
         self.observers = list(observers)
+        self.cache = cache or ResponseCache.off()
 
     def parse(self, wire: WireRequest[Any]) -> GenerationRequest:
         """The parse stage; a refusal is counted like any other outcome."""
@@ -80,13 +85,19 @@ class Pipeline:
             request, model = await self.resolve(request, principal_var.get())
             exchange.request, exchange.model_label = request, model.name
             exchange.prompt = self.render(request, model)
-            gate = self.admissions.gate(model)
-            reserve = self.background_reserve if is_background() else None
-            async with gate.slot(deadline.time_remaining(), background_reserve=reserve) as waited:
-                for observer in self.observers:
-                    observer.admitted(exchange, waited)
+            # A deterministic request may be answered from the response cache: no engine slot then.
+            lookup = await self.cache.lookup(exchange, model)
+            hit = lookup.answer if lookup is not None else None
+            async with self._slot(model, deadline, cached=hit is not None) as waited:
+                if hit is None:
+                    for observer in self.observers:
+                        observer.admitted(exchange, waited)
                 await record.start()
-                async with aclosing(self.generate(exchange, model, deadline)) as pieces:
+                if hit is not None:
+                    source = self.cache.replay(hit)
+                else:
+                    source = coalesced(self.generate(exchange, model, deadline))
+                async with aclosing(source) as pieces:
                     async for piece in pieces:
                         gap = outcome.add(piece, time.monotonic())
                         for observer in self.observers:
@@ -96,6 +107,9 @@ class Pipeline:
                             check_answer(exchange.request, outcome)
                             # Recorded before the caller gets the last piece: answered means recorded.
                             await record.finish()
+                            self.cache.keep(exchange, lookup)
+                        if self.cache.announce_due(exchange, piece, first=gap is None):
+                            await self.cache.announce(exchange, deadline)
                         yield piece
         except RpcError as err:
             outcome.failed(err.code.name, err.message)
@@ -113,6 +127,13 @@ class Pipeline:
             for observer in self.observers:
                 observer.ended(exchange)
             await record.finish()
+
+    def _slot(self, model: ModelInfo, deadline: Deadline, cached: bool) -> AbstractAsyncContextManager[float]:
+        """The engine slot a generation waits for (seconds waited); an answer from the cache needs none."""
+        if cached:
+            return nullcontext(0.0)
+        reserve = self.background_reserve if is_background() else None
+        return self.admissions.gate(model).slot(deadline.time_remaining(), background_reserve=reserve)
 
     async def collect(self, exchange: Exchange, deadline: Deadline) -> Outcome:
         """Runs a generation to its end (unary APIs)."""

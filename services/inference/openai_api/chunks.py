@@ -15,6 +15,7 @@ from contextlib import aclosing
 from typing import Any, Generic, Protocol, TypeVar
 
 from ferry.openai.v1 import openai_pb2
+from google.api import httpbody_pb2
 
 from services.common.context import request_id_var
 from services.common.errors import Reason, RpcError, internal_error, rpc_error
@@ -50,8 +51,9 @@ class ChunkFormat(Protocol, Generic[Chunk]):
         """What goes before the first piece's chunk (chat: the role; completions: an echoed prompt)."""
         ...
 
-    def piece(self, piece: Piece) -> Chunk | None:
-        """The piece's chunk; None for a piece with nothing to show."""
+    def piece(self, piece: Piece) -> Chunk | httpbody_pb2.HttpBody | None:
+        """The piece's chunk, or its event already written (`sse.TextEvents`); None for a piece with
+        nothing to show."""
         ...
 
     def finish(self, reason: str) -> Chunk: ...
@@ -66,7 +68,7 @@ async def stream_chunks(
     wire: WireRequest[Any],
     deadline: Deadline,
     chunk_format: Callable[[Exchange], ChunkFormat[Chunk]],
-) -> AsyncGenerator[Chunk, None]:
+) -> AsyncGenerator[Chunk | httpbody_pb2.HttpBody, None]:
     """One OpenAI stream: the request parsed, generated, and written as `chunk_format` says."""
     exchange = Exchange(request_id_var.get(), pipeline.parse(wire))
     chunks = chunk_format(exchange)

@@ -102,6 +102,7 @@ class ChatChunks(StampedChunks[openai_pb2.ChatCompletionChunk]):
     def __init__(self, exchange: Exchange) -> None:
         super().__init__(exchange)
         self.tools = tools.ToolCallDeltas(exchange.request.tool_use)
+        self.text_events: sse.TextEvents | None = None
 
     def opening(self) -> list[openai_pb2.ChatCompletionChunk]:
         # With tools offered the answer may be calls, whose content is null: no empty content first.
@@ -110,7 +111,16 @@ class ChatChunks(StampedChunks[openai_pb2.ChatCompletionChunk]):
             delta.content = ""
         return [self._chunk(choices=[openai_pb2.ChatCompletionChunkChoice(index=0, delta=delta)])]
 
-    def piece(self, piece: Piece) -> openai_pb2.ChatCompletionChunk | None:
+    def piece(self, piece: Piece) -> openai_pb2.ChatCompletionChunk | httpbody_pb2.HttpBody | None:
+        if not (self.tools.offered or self.exchange.request.sampling.logprobs):
+            # The common chunk (text only) is written from its template: no message per token.
+            if not piece.text:
+                return None
+            if self.text_events is None:
+                sample = openai_pb2.ChunkDelta(content=sse.PLACEHOLDER)
+                choice = openai_pb2.ChatCompletionChunkChoice(index=0, delta=sample)
+                self.text_events = sse.TextEvents(self._chunk(choices=[choice]))
+            return self.text_events.event(piece.text)
         delta: openai_pb2.ChunkDelta | None = openai_pb2.ChunkDelta(content=piece.text)
         if self.tools.offered:
             delta = self.tools.piece(piece.text)
@@ -140,6 +150,7 @@ class CompletionChunks(StampedChunks[openai_pb2.Completion]):
         super().__init__(exchange)
         # Characters sent so far: the legacy logprobs' `text_offset` counts from here.
         self.offset = 0
+        self.text_events: sse.TextEvents | None = None
 
     def opening(self) -> list[openai_pb2.Completion]:
         request = self.exchange.request
@@ -148,9 +159,16 @@ class CompletionChunks(StampedChunks[openai_pb2.Completion]):
         self.offset = len(request.prompt)
         return [self._chunk(choices=[openai_pb2.CompletionChoice(text=request.prompt, index=0)])]
 
-    def piece(self, piece: Piece) -> openai_pb2.Completion | None:
+    def piece(self, piece: Piece) -> openai_pb2.Completion | httpbody_pb2.HttpBody | None:
         if not (piece.text or piece.logprobs):
             return None
+        if not self.exchange.request.sampling.logprobs:
+            # The common chunk (text only) is written from its template: no message per token.
+            if self.text_events is None:
+                sample = openai_pb2.CompletionChoice(text=sse.PLACEHOLDER, index=0)
+                self.text_events = sse.TextEvents(self._chunk(choices=[sample]))
+            self.offset += len(piece.text)
+            return self.text_events.event(piece.text)
         choice = openai_pb2.CompletionChoice(text=piece.text, index=0)
         if self.exchange.request.sampling.logprobs:
             choice.logprobs.CopyFrom(completion_logprobs(piece.logprobs, self.offset))

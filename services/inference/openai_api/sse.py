@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from json.encoder import encode_basestring
 
 from google.api import httpbody_pb2
 from google.protobuf import json_format
@@ -20,6 +21,9 @@ from google.protobuf.message import Message
 
 CONTENT_TYPE = "text/event-stream"
 DONE = b"data: [DONE]\n\n"
+# Stands for a chunk's text in a `TextEvents` template (private-use characters: printed as they are,
+# and no id, model or request id of ferry's can hold them).
+PLACEHOLDER = "\ue000ferry-text\ue001"
 
 
 def chunk_json(chunk: Message) -> str:
@@ -34,9 +38,30 @@ def chunk_json(chunk: Message) -> str:
 
 
 def event(chunk: Message) -> httpbody_pb2.HttpBody:
-    """One `data: {json}` event."""
+    """One `data: {json}` event; an `HttpBody` is already one (`TextEvents`) and passes as it is."""
+    if isinstance(chunk, httpbody_pb2.HttpBody):
+        return chunk
     data = b"data: " + chunk_json(chunk).encode() + b"\n\n"
     return httpbody_pb2.HttpBody(content_type=CONTENT_TYPE, data=data)
+
+
+class TextEvents:
+    """The events of one stream's chunks that differ only in their text (a chunk per piece, without
+    logprobs or tool calls): `chunk_json` prints a chunk whose text is `PLACEHOLDER` once, and each
+    piece's event is that JSON with the text, JSON-escaped, in the placeholder's place. The bytes are
+    the ones `event` writes for the same chunk (the same escaping: json's own string encoder), at a
+    fraction of the cost of printing the message field by field for every token."""
+
+    def __init__(self, sample: Message) -> None:
+        data = b"data: " + chunk_json(sample).encode() + b"\n\n"
+        marker = encode_basestring(PLACEHOLDER).encode()
+        if data.count(marker) != 1:
+            raise ValueError("the sample chunk must hold the placeholder exactly once")
+        self.before, self.after = data.split(marker)
+
+    def event(self, text: str) -> httpbody_pb2.HttpBody:
+        data = self.before + encode_basestring(text).encode() + self.after
+        return httpbody_pb2.HttpBody(content_type=CONTENT_TYPE, data=data)
 
 
 async def events(chunks: AsyncGenerator[Message, None]) -> AsyncGenerator[httpbody_pb2.HttpBody, None]:
