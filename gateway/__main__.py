@@ -29,7 +29,16 @@ async def _setup(runtime: Runtime, recorder: Recorder) -> None:
         # SERVING only once the bootstrap key is in place.
         await ensure_bootstrap_key(runtime.settings, KeyStore(db), authorizer, recorder)
 
-    store = KeyStore(await serve_from_database(runtime, MIGRATIONS, on_ready=bootstrap))
+    # Once ready, the gateway stays SERVING through a database outage: it answers key checks from
+    # the keys it has seen (auth.stale_if_error_seconds), so generation stays in rotation.
+    db = await serve_from_database(
+        runtime,
+        MIGRATIONS,
+        on_ready=bootstrap,
+        serving_while_down=True,
+        on_reachable=lambda reachable: authorizer.set_degraded(not reachable, "database health check"),
+    )
+    store = KeyStore(db)
     authorizer.attach(store)
     keys_pb2_grpc.add_KeysServiceServicer_to_server(
         KeysServicer(store, authorizer, recorder, secret_box(runtime.settings)), runtime.server

@@ -4,14 +4,27 @@ Every service's interceptor asks for it over `AuthService/Authorize`; the gatewa
 and Envoy's edge check (ext_authz) call it in-process. Keys are looked up by the hash of the secret and
 kept for `auth.cache_seconds` (misses too, so a flood of wrong keys does not reach PostgreSQL); a
 revocation made through this gateway drops its entry at once.
+
+Serving through a database outage (stale-if-error): the last good record of every key found is also
+kept for `auth.stale_if_error_seconds`, and used only when the key store fails or does not answer
+within `auth.key_store_timeout_seconds`. Meanwhile the gateway is *degraded*
+(`ferry_gateway_key_store_degraded` 1, one log line on entering and one on leaving): known keys keep
+working (rate limits keep counting: they live outside the database), unknown keys are refused with
+AUTH_UNAVAILABLE (503 + retry hint). One lookup per key runs at a time, in the background, so a
+stalled database (a network partition) delays no request beyond the store timeout, and the first
+lookup that succeeds ends the degraded state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from typing import Literal
 
 from cachetools import TTLCache
 from ferry.auth.v1 import auth_pb2
+from prometheus_client import Counter, Gauge
 
 from gateway.limiter import Limiter, Window
 from gateway.store import KeyRecord, KeyStore
@@ -35,6 +48,25 @@ PUBLIC_PRINCIPAL = "anonymous"
 REFUSED_KEY = "key"
 # Keys (and misses) remembered at once; beyond it the oldest go first.
 CACHE_ENTRIES = 100_000
+# Background key lookups at once: beyond it (a flood of distinct keys while the store hangs), a key
+# without a stale record is refused at once instead of queueing another lookup.
+MAX_LOOKUPS_IN_FLIGHT = 256
+
+KEY_STORE_DEGRADED = Gauge(
+    "ferry_gateway_key_store_degraded",
+    "1 while the key store (PostgreSQL) fails or does not answer: keys seen before are served from "
+    "memory (auth.stale_if_error_seconds), unknown keys are refused with 503.",
+)
+STALE_KEY_ANSWERS = Counter(
+    "ferry_gateway_stale_key_answers",
+    "Key lookups answered from a stale record because the key store failed or was too slow.",
+)
+KEY_STORE_REFUSALS = Counter(
+    "ferry_gateway_key_store_unavailable_refusals",
+    "Key checks refused with 503 because the key store could not answer and the key was not known.",
+)
+
+LookupKind = Literal["hash", "id"]
 
 
 class LocalAuthorizer:
@@ -48,6 +80,17 @@ class LocalAuthorizer:
         self.limiter = Limiter(self.limits)
         self.by_hash: TTLCache[str, KeyRecord | None] = TTLCache(CACHE_ENTRIES, self.auth.cache_seconds)
         self.by_id: TTLCache[str, KeyRecord | None] = TTLCache(CACHE_ENTRIES, self.auth.cache_seconds)
+        # The last good record of each key, used only while the store fails (never misses: an unknown
+        # key is refused with 503 during an outage, not with 401).
+        stale_seconds = max(self.auth.stale_if_error_seconds, 1e-9)
+        self.stale_by_hash: TTLCache[str, KeyRecord] = TTLCache(CACHE_ENTRIES, stale_seconds)
+        self.stale_by_id: TTLCache[str, KeyRecord] = TTLCache(CACHE_ENTRIES, stale_seconds)
+        self._lookups: dict[tuple[LookupKind, str], asyncio.Task[KeyRecord | None]] = {}
+        # Bumped by forget(): a lookup that started before a change here must not cache what it read.
+        self._generation = 0
+        self.degraded = False
+        self._degraded_since = 0.0
+        KEY_STORE_DEGRADED.set(0)
 
     def attach(self, store: KeyStore) -> None:
         self.store = store
@@ -62,23 +105,105 @@ class LocalAuthorizer:
     async def key_by_hash(self, key_hash: str) -> KeyRecord | None:
         if key_hash in self.by_hash:
             return self.by_hash[key_hash]
-        record = await self._store().by_hash(key_hash)
-        self.by_hash[key_hash] = record
-        if record is not None:
-            self.by_id[record.id] = record
-        return record
+        return await self._lookup("hash", key_hash)
 
     async def key_by_id(self, key_id: str) -> KeyRecord | None:
         if key_id in self.by_id:
             return self.by_id[key_id]
-        record = await self._store().by_id(key_id)
-        self.by_id[key_id] = record
-        return record
+        return await self._lookup("id", key_id)
 
     def forget(self, record: KeyRecord) -> None:
-        """Drops what the cache knows of a key that changed here (revoked, created)."""
-        self.by_hash.pop(record.key_hash, None)
-        self.by_id.pop(record.id, None)
+        """Drops what the cache knows of a key that changed here (revoked, created), stale copies too."""
+        self._generation += 1
+        for cache in (self.by_hash, self.stale_by_hash):
+            cache.pop(record.key_hash, None)
+        for cache in (self.by_id, self.stale_by_id):
+            cache.pop(record.id, None)
+
+    async def _lookup(self, kind: LookupKind, value: str) -> KeyRecord | None:
+        """The store's answer within `key_store_timeout_seconds`; else, or when it fails, the key's
+        stale record; else AUTH_UNAVAILABLE. The lookup itself goes on in the background (one per key)
+        and refreshes the caches when it ends."""
+        stale = (self.stale_by_hash if kind == "hash" else self.stale_by_id).get(value)
+        if self.auth.stale_if_error_seconds <= 0:
+            stale = None
+        task = self._lookups.get((kind, value))
+        if task is None:
+            if len(self._lookups) >= MAX_LOOKUPS_IN_FLIGHT:
+                return self._without_store(stale, "too many key lookups are waiting for the key store")
+            task = asyncio.create_task(self._fetch(kind, value), name=f"key-lookup-{kind}")
+            self._lookups[(kind, value)] = task
+            task.add_done_callback(lambda done: self._lookup_done(kind, value, done))
+        if self.degraded and stale is not None:
+            # Known to be down: no waiting; the lookup started above tells when it is back.
+            return self._without_store(stale, "")
+        done, _ = await asyncio.wait({task}, timeout=self.auth.key_store_timeout_seconds)
+        if done and not task.cancelled() and task.exception() is None:
+            return task.result()
+        if done and not task.cancelled():
+            error = task.exception()
+            if not (isinstance(error, RpcError) and error.code.name == "UNAVAILABLE"):
+                raise error  # type: ignore[misc]  # a bug, not an outage: as before
+            cause = error.message
+        else:
+            cause = f"no answer within {self.auth.key_store_timeout_seconds:g} s"
+        self.set_degraded(True, cause)
+        return self._without_store(stale, cause)
+
+    def _lookup_done(self, kind: LookupKind, value: str, task: asyncio.Task[KeyRecord | None]) -> None:
+        self._lookups.pop((kind, value), None)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failed background lookup is reported by set_degraded
+
+    async def _fetch(self, kind: LookupKind, value: str) -> KeyRecord | None:
+        store = self._store()
+        generation = self._generation
+        try:
+            record = await (store.by_hash(value) if kind == "hash" else store.by_id(value))
+        except RpcError as err:
+            if err.code.name == "UNAVAILABLE":
+                self.set_degraded(True, err.message)
+            raise
+        self.set_degraded(False)
+        if generation == self._generation:
+            (self.by_hash if kind == "hash" else self.by_id)[value] = record
+            if record is not None:
+                self.by_hash[record.key_hash] = record
+                self.by_id[record.id] = record
+                self.stale_by_hash[record.key_hash] = record
+                self.stale_by_id[record.id] = record
+        return record
+
+    def _without_store(self, stale: KeyRecord | None, cause: str) -> KeyRecord:
+        if stale is not None:
+            STALE_KEY_ANSWERS.inc()
+            return stale
+        KEY_STORE_REFUSALS.inc()
+        raise rpc_error(
+            Reason.AUTH_UNAVAILABLE,
+            "the key store is unavailable and this key was not seen before the outage; retry shortly"
+            + (f" ({cause})" if cause else ""),
+        )
+
+    def set_degraded(self, degraded: bool, cause: str = "") -> None:
+        """Enters or leaves the degraded state (the key store fails); logs each change once."""
+        if degraded == self.degraded:
+            return
+        self.degraded = degraded
+        KEY_STORE_DEGRADED.set(1 if degraded else 0)
+        if degraded:
+            self._degraded_since = time.monotonic()
+            log.warning(
+                "key store unavailable (%s): DEGRADED, serving keys seen in the last %g s from memory, "
+                "refusing unknown keys with 503",
+                cause or "unreachable",
+                self.auth.stale_if_error_seconds,
+            )
+        else:
+            log.warning(
+                "key store reachable again after %.1f s degraded: keys are checked in the database",
+                time.monotonic() - self._degraded_since,
+            )
 
     # -- Authorizer ------------------------------------------------------------------------------
 

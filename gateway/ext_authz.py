@@ -7,7 +7,8 @@ because Envoy also sends it the service token, so it does not ask the gateway ag
 A refusal carries an HTTP status and OpenAI's error JSON as its body (errors.openai_error); for gRPC
 requests Envoy turns the status into grpc-status (401 -> UNAUTHENTICATED, 403 -> PERMISSION_DENIED);
 `x-ferry-grpc-status` tells the Lua filter the right code where Envoy's mapping has none
-(429 -> RESOURCE_EXHAUSTED).
+(429 -> RESOURCE_EXHAUSTED); a retryable refusal (429, or 503 while the key store is down) also
+carries its google.rpc.RetryInfo for gRPC callers.
 """
 
 from __future__ import annotations
@@ -117,9 +118,10 @@ def denied(err: RpcError) -> external_auth_pb2.CheckResponse:
         headers.append(("www-authenticate", 'Bearer realm="ferry"'))
     if err.retry_after_seconds is not None:
         headers.append(("retry-after", str(max(1, math.ceil(err.retry_after_seconds)))))
-    if http_status == 429:
-        # gRPC callers get what a service would answer: RESOURCE_EXHAUSTED with RetryInfo.
-        headers.append((GRPC_STATUS_HINT, str(code_pb2.RESOURCE_EXHAUSTED)))
+    if err.retry_after_seconds is not None:
+        # gRPC callers get what a service would answer: its code (RESOURCE_EXHAUSTED for a rate
+        # limit, UNAVAILABLE when the key store is down) with RetryInfo.
+        headers.append((GRPC_STATUS_HINT, str(getattr(code_pb2, err.code.name))))
         details = dict(err.to_status().trailing_metadata)[GRPC_DETAILS]  # type: ignore[attr-defined]
         headers.append((GRPC_DETAILS, base64.b64encode(details).decode()))
     return external_auth_pb2.CheckResponse(

@@ -43,10 +43,22 @@ class ServiceSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int
     metrics_port: int
+    # `make run` only: processes of this service behind Envoy, which balances over them, retries reads
+    # on another one and ejects a failing one (docs/deploy.md, "Resilience"). Replica i (from 0)
+    # listens on port + i * replica_port_step and metrics_port + i * replica_port_step; replica 0 is
+    # the address the other processes call directly. Compose (`--scale`) and Kubernetes (`replicas`)
+    # run more containers instead and leave this at 1.
+    replicas: int = Field(default=1, ge=1)
+    replica_port_step: int = Field(default=100, ge=1)
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def replica_ports(self) -> list[tuple[int, int]]:
+        """(gRPC port, metrics port) of each replica, replica 0 first."""
+        step = self.replica_port_step
+        return [(self.port + i * step, self.metrics_port + i * step) for i in range(self.replicas)]
 
 
 class TritonSettings(BaseModel):
@@ -61,6 +73,12 @@ class TritonSettings(BaseModel):
     load_models: list[str] = Field(
         default_factory=lambda: ["gemma-3-270m", "smollm2-135m-instruct", "all-minilm-l6-v2"]
     )
+
+    # The secret ferry's processes show Triton: Triton answers inference, metadata, model-config,
+    # repository (load/unload), statistics, shared-memory, trace and logging calls only with it (its
+    # restricted protocols/APIs); health stays open for probes. `make run` makes a fresh one per start
+    # when unset; Compose and Kubernetes pass one from a secret (docs/deploy.md).
+    access_secret: SecretStr | None = None
 
     @property
     def grpc_address(self) -> str:
@@ -176,6 +194,26 @@ class EmbeddingSettings(BaseModel):
     record_vectors: bool = False
 
 
+class ResponseCacheSettings(BaseModel):
+    """The response cache of deterministic generations (temperature 0 or a fixed seed): identical
+    requests to the same model version are answered from it (services/inference/response_cache.py)."""
+
+    enabled: bool = True
+    # The in-process LRU (always in front; the only store without `redis_url`): at most this many
+    # answers and this many bytes of them.
+    max_entries: int = Field(default=10_000, ge=1)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # An answer is kept this long (in every store).
+    ttl_seconds: float = Field(default=3600.0, gt=0)
+    # A Redis-compatible store shared by every Inference replica (`redis://host:6379/0`); empty: local
+    # only. FERRY_INFERENCE__RESPONSE_CACHE__REDIS_URL, else the conventional REDIS_URL.
+    redis_url: str = Field(default_factory=lambda: os.environ.get("REDIS_URL", ""))
+    # Seconds a store call may take before it counts as an outage (the request then goes on as a miss).
+    redis_timeout_seconds: float = Field(default=0.25, gt=0)
+    # Answers larger than this (bytes) are not kept.
+    max_entry_bytes: int = Field(default=1024 * 1024, ge=1)
+
+
 class InferenceSettings(ServiceSettings):
     port: int = 50051
     metrics_port: int = 9101
@@ -190,6 +228,7 @@ class InferenceSettings(ServiceSettings):
     max_prompt_tokens: int = 0
     max_tokens: int = 0
     embeddings: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    response_cache: ResponseCacheSettings = Field(default_factory=ResponseCacheSettings)
 
 
 class ModelsServiceSettings(ServiceSettings):
@@ -419,6 +458,14 @@ class AuthSettings(BaseModel):
     # How long the gateway trusts a key it looked up: the bound on how late a revocation made
     # through another gateway replica (or straight in the database) takes effect.
     cache_seconds: float = 2.0
+    # Serving through a database outage (stale-if-error): a key the gateway looked up successfully
+    # keeps working this long after that lookup, but only while the key store cannot answer; unknown
+    # keys are refused with 503 meanwhile. It is also the bound on how late a revocation made through
+    # another gateway replica (or in the database) takes effect when it falls in an outage. 0: off.
+    stale_if_error_seconds: float = Field(default=300.0, ge=0)
+    # How long a key check waits for the key store before it counts as an outage (below Envoy's 1 s
+    # ext_authz timeout, so the stale answer still arrives in time).
+    key_store_timeout_seconds: float = Field(default=0.5, gt=0)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
 
     @model_validator(mode="before")

@@ -139,6 +139,10 @@ def unavailable(exc: BaseException) -> RpcError:
 
 # Errors that mean "the database is not reachable right now", as opposed to a bug or bad data.
 DATABASE_DOWN = (psycopg.OperationalError, PoolTimeout)
+# A health check that has not finished after this long counts as an outage. A stopped or partitioned
+# PostgreSQL answers nothing and raises nothing (a query on an open connection just waits), so the
+# watch stops waiting for it: the check goes on in the background and its end says when it is back.
+CHECK_TIMEOUT_SECONDS = 3.0
 
 
 class Database:
@@ -165,7 +169,10 @@ class Database:
         self.healthy = False
         self.pool: AsyncConnectionPool | None = None
         self._task: asyncio.Task[None] | None = None
+        self._check: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        # Became reachable (and migrated) at least once since start.
+        self.was_ready = False
 
     async def start(self) -> None:
         url = await asyncio.to_thread(resolve_database_url, self.settings)
@@ -181,6 +188,10 @@ class Database:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._check:
+            # A check stuck on an unanswering database: cancelled, waited for only briefly.
+            self._check.cancel()
+            await asyncio.wait({self._check}, timeout=1.0)
         if self.pool:
             await self.pool.close()
 
@@ -195,19 +206,32 @@ class Database:
             await self._set_health(False)
             raise unavailable(exc) from exc
 
+    async def _check_once(self) -> None:
+        assert self.pool is not None
+        # A short wait: a database that cannot hand out a connection in 2 s counts as down.
+        async with self.pool.connection(timeout=2.0) as conn:
+            if not self.migrated:
+                await migrate(conn, self.migrations, self.settings.database.migration_mode)
+                self.migrated = True
+            else:
+                await conn.execute("SELECT 1")
+
     async def _watch(self) -> None:
         assert self.pool is not None
         delay = 0.2
         while True:
             try:
-                # A short wait: a database that cannot hand out a connection in 2 s counts as down.
-                async with self.pool.connection(timeout=2.0) as conn:
-                    if not self.migrated:
-                        await migrate(conn, self.migrations, self.settings.database.migration_mode)
-                        self.migrated = True
-                    else:
-                        await conn.execute("SELECT 1")
+                if self._check is None:
+                    self._check = asyncio.create_task(self._check_once())
+                done, _ = await asyncio.wait({self._check}, timeout=CHECK_TIMEOUT_SECONDS)
+                if not done:
+                    # No answer at all (stopped, partitioned): down until this same check ends.
+                    await self._set_health(False)
+                    continue
+                check, self._check = self._check, None
+                check.result()
                 await self._set_health(True)
+                self.was_ready = True
                 self._ready.set()
                 delay = 0.2
                 await asyncio.sleep(self.check_interval)
@@ -238,18 +262,27 @@ async def serve_from_database(
     runtime: Runtime,
     migrations: Migrations,
     on_ready: Callable[[Database], Awaitable[None]] | None = None,
+    *,
+    serving_while_down: bool = False,
+    on_reachable: Callable[[bool], None] | None = None,
 ) -> Database:
     """Set-up shared by the services that own tables: migrate, then follow the database's health.
 
     The database is such a service's dependency: without it nothing there can answer, so health is
     NOT_SERVING until it is reachable and whenever it stops answering. `on_ready` runs each time it
     becomes reachable, before SERVING (a failure there keeps the service NOT_SERVING; the next health
-    check tries again).
+    check tries again). `serving_while_down`: a service that still answers its main calls without
+    the database (the gateway, from the keys it has seen) stays SERVING through an outage once it
+    was ready; `on_reachable` hears of every change either way.
     """
 
     async def on_health(healthy: bool) -> None:
         if healthy and on_ready is not None:
             await on_ready(db)
+        if on_reachable is not None:
+            on_reachable(healthy)
+        if not healthy and serving_while_down and db.was_ready:
+            return
         await runtime.set_serving(healthy)
 
     db = Database(runtime.settings, migrations, on_health)

@@ -1,0 +1,174 @@
+"""The gateway's key checks while its key store fails (stale-if-error), against a store that fails or
+hangs on command: the error paths of gateway/authorizer.py. The real outage (PostgreSQL paused under
+load behind Envoy) is tests/resilience/test_database_outage.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import pytest
+from ferry.auth.v1 import auth_pb2
+
+from gateway.authorizer import KEY_STORE_DEGRADED, LocalAuthorizer
+from gateway.store import KeyRecord
+from services.common.config import AuthSettings, Settings
+from services.common.errors import Reason, RpcError, rpc_error
+from services.common.timestamps import now
+from services.common.tokens import hash_key, new_key_secret
+
+GENERATE = "/ferry.inference.v1.InferenceService/Generate"
+
+
+class FlakyStore:
+    """Answers from a dict; `mode` "fail" raises what Database.connection raises when PostgreSQL is
+    down, "hang" never answers (a paused or partitioned database)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, KeyRecord] = {}
+        self.mode = "ok"
+        self.calls = 0
+        self.release = asyncio.Event()
+
+    def add(self, secret: str, *, revoked: bool = False, rpm: int = 0) -> KeyRecord:
+        record = KeyRecord(
+            id=f"id{len(self.records)}",
+            display_name="k",
+            key_hash=hash_key(secret),
+            scopes=("inference",),
+            limits=auth_pb2.Limits(requests_per_minute=rpm),
+            create_time=now(),
+            expire_time=None,
+            revoke_time=now() - timedelta(seconds=1) if revoked else None,
+            creator="test",
+        )
+        self.records[record.key_hash] = record
+        return record
+
+    async def _answer(self, found: KeyRecord | None) -> KeyRecord | None:
+        self.calls += 1
+        if self.mode == "fail":
+            raise rpc_error(Reason.DATABASE_UNAVAILABLE, "database unavailable: OperationalError")
+        if self.mode == "hang":
+            await self.release.wait()
+        return found
+
+    async def by_hash(self, key_hash: str) -> KeyRecord | None:
+        return await self._answer(self.records.get(key_hash))
+
+    async def by_id(self, key_id: str) -> KeyRecord | None:
+        return await self._answer(next((r for r in self.records.values() if r.id == key_id), None))
+
+
+def authorizer(**auth: Any) -> tuple[LocalAuthorizer, FlakyStore]:
+    settings = Settings(
+        auth=AuthSettings(**{"cache_seconds": 0.05, "key_store_timeout_seconds": 0.2, **auth})
+    )
+    local = LocalAuthorizer(settings)
+    store = FlakyStore()
+    local.attach(store)  # type: ignore[arg-type]
+    return local, store
+
+
+async def check(local: LocalAuthorizer, secret: str) -> auth_pb2.Principal:
+    return await local.authorize(auth_pb2.AuthorizeRequest(api_key=secret, method=GENERATE))
+
+
+async def refused(local: LocalAuthorizer, secret: str) -> RpcError:
+    with pytest.raises(RpcError) as caught:
+        await check(local, secret)
+    return caught.value
+
+
+def degraded_gauge() -> float:
+    return float(KEY_STORE_DEGRADED._value.get())
+
+
+async def test_known_key_keeps_working_and_unknown_is_503_while_the_store_fails() -> None:
+    local, store = authorizer()
+    known, unknown = new_key_secret(), new_key_secret()
+    record = store.add(known)
+    assert (await check(local, known)).name == record.name
+    await asyncio.sleep(0.1)  # past auth.cache_seconds: the next check asks the store
+    store.mode = "fail"
+    for _ in range(3):
+        assert (await check(local, known)).name == record.name
+    err = await refused(local, unknown)
+    assert err.code == grpc.StatusCode.UNAVAILABLE and err.reason == Reason.AUTH_UNAVAILABLE
+    assert err.retry_after_seconds is not None and err.http_status == 503
+    assert local.degraded and degraded_gauge() == 1
+    store.mode = "ok"
+    await asyncio.sleep(0.1)
+    # Degraded: answered from memory at once, while the lookup it starts finds the store back.
+    assert (await check(local, known)).name == record.name
+    await asyncio.sleep(0.05)
+    assert not local.degraded and degraded_gauge() == 0
+
+
+async def test_a_hanging_store_costs_at_most_the_store_timeout_then_nothing() -> None:
+    local, store = authorizer()
+    known = new_key_secret()
+    store.add(known)
+    await check(local, known)
+    await asyncio.sleep(0.1)
+    store.mode = "hang"
+    started = time.monotonic()
+    await check(local, known)
+    first = time.monotonic() - started
+    started = time.monotonic()
+    for _ in range(20):
+        await check(local, known)
+    rest = time.monotonic() - started
+    assert local.degraded
+    # One lookup per key at a time, however many checks wait on it.
+    assert store.calls == 2
+    print(f"first check during the stall {first * 1000:.0f} ms, next 20 {rest * 1000:.0f} ms")
+    assert first >= 0.2  # it did wait for the store
+    store.release.set()
+    await asyncio.sleep(0.05)  # the pending lookup ends: back to normal
+    assert not local.degraded
+
+
+async def test_revoked_and_rate_limited_keys_stay_refused_during_an_outage() -> None:
+    local, store = authorizer(rate_limits={"requests_per_minute": 0})
+    revoked, limited = new_key_secret(), new_key_secret()
+    store.add(revoked, revoked=True)
+    store.add(limited, rpm=3)
+    assert (await refused(local, revoked)).code == grpc.StatusCode.UNAUTHENTICATED
+    await check(local, limited)
+    await asyncio.sleep(0.1)
+    store.mode = "fail"
+    assert (await refused(local, revoked)).code == grpc.StatusCode.UNAUTHENTICATED
+    await check(local, limited)
+    await check(local, limited)
+    # The rate limits live outside the database: the outage does not reset or skip them.
+    assert (await refused(local, limited)).code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_the_stale_record_is_bounded_and_forgotten_on_a_local_change() -> None:
+    local, store = authorizer(stale_if_error_seconds=0.3)
+    bounded, changed = new_key_secret(), new_key_secret()
+    store.add(bounded)
+    record = store.add(changed)
+    await check(local, bounded)
+    await check(local, changed)
+    await asyncio.sleep(0.1)
+    store.mode = "fail"
+    await check(local, bounded)
+    local.forget(record)  # revoked (or changed) through this gateway: no stale copy survives it
+    assert (await refused(local, changed)).code == grpc.StatusCode.UNAVAILABLE
+    await asyncio.sleep(0.3)  # past auth.stale_if_error_seconds since the last good lookup
+    assert (await refused(local, bounded)).code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_stale_if_error_off() -> None:
+    local, store = authorizer(stale_if_error_seconds=0)
+    known = new_key_secret()
+    store.add(known)
+    await check(local, known)
+    await asyncio.sleep(0.1)
+    store.mode = "fail"
+    assert (await refused(local, known)).code == grpc.StatusCode.UNAVAILABLE
