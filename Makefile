@@ -9,7 +9,10 @@ export FERRY_HOME
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 INSTALLED := $(VENV)/.installed
 FERRY_CLI := $(VENV)/bin/ferry
-GEN := build/gen
+# The generated `ferry` package lives in ferry-client's source folder (one copy, on the path through
+# ferry-client's editable install; a built ferry-client wheel generates its own).
+GEN := clients/python/src
+PROTO_STAMP := build/.proto-stamp
 DESCRIPTOR := build/ferry.pb
 PROTOS := $(shell find protos -name '*.proto')
 
@@ -17,38 +20,48 @@ PROTOS := $(shell find protos -name '*.proto')
 
 install: $(INSTALLED) $(FERRY_CLI)
 
-# uv resolves the pinned set in seconds (pip's resolver backtracks for minutes on it).
-$(INSTALLED): pyproject.toml
+# uv resolves the pinned set in seconds (pip's resolver backtracks for minutes on it). Then ferry and
+# ferry-client install as editable projects (no dependencies of their own beyond the pins): ferry puts
+# the repository root on the path (pyproject.toml's dev-mode-dirs) and its console scripts in .venv/bin;
+# ferry-client puts clients/python/src on it, where `make proto` writes the generated `ferry` package.
+$(INSTALLED): pyproject.toml clients/python/pyproject.toml clients/python/hatch_build.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv==0.13.9
 	$(UV) pip install -q --python $(PY) -r pyproject.toml --extra dev
-	$(PY) -c "import site, pathlib; p = pathlib.Path(site.getsitepackages()[0]) / 'ferry-src.pth'; \
-	  p.write_text('$(CURDIR)\n$(CURDIR)/$(GEN)\n')"
+	$(UV) pip install -q --python $(PY) --no-deps --reinstall-package ferry --reinstall-package ferry-client \
+	  -e . -e ./clients/python
+	# The path file of earlier checkouts (repository root and build/gen): the editable installs replace it.
+	rm -f "$$($(PY) -c 'import site; print(site.getsitepackages()[0])')/ferry-src.pth"
 	# promtool (Debian's prometheus package) checks the alerting rules; only the binary is kept.
 	deploy/install-tools.sh $(CURDIR)/$(VENV)/bin
 	# Debian's chromium for the browser tests (Playwright drives it; no browser download).
 	deploy/install-chromium.sh
 	touch $@
 
-# `ferry keys ...` (gateway/cli.py): on PATH under make, else .venv/bin/ferry. A script rather than a
-# [project.scripts] entry: ferry is not an installed package (its sources are on the path via a .pth).
+# `ferry keys ...` (gateway/cli.py) until ferry-client's `ferry` command (clients/python, console
+# script ferry_client.cli:main) covers it: this script replaces the console script of that name.
 $(FERRY_CLI): $(INSTALLED)
 	printf '#!/bin/sh\nexec "$$(dirname "$$0")/python" -m gateway.cli "$$@"\n' > $@
 	chmod 0755 $@
 
-proto: $(GEN)/.stamp
+proto: $(PROTO_STAMP)
 
 GOOGLEAPIS = $$($(PY) -c "import google.api.annotations_pb2 as a, pathlib; print(pathlib.Path(a.__file__).parents[2])")
 
-$(GEN)/.stamp: $(INSTALLED) $(PROTOS)
-	rm -rf $(GEN) && mkdir -p $(GEN)
+# protoc writes into a scratch folder that replaces $(GEN)/ferry whole (processes importing the stubs
+# meanwhile never see a half-written package); the mypy stubs (.pyi) and py.typed are for type checkers.
+$(PROTO_STAMP): $(INSTALLED) $(PROTOS)
+	rm -rf build/gen-new && mkdir -p build/gen-new build
 	$(PY) -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS) \
-	  --python_out=$(GEN) --mypy_out=$(GEN) --grpc_python_out=$(GEN) --mypy_grpc_out=$(GEN) $(PROTOS)
+	  --python_out=build/gen-new --mypy_out=build/gen-new --grpc_python_out=build/gen-new --mypy_grpc_out=build/gen-new $(PROTOS)
+	find build/gen-new/ferry -type d -exec touch {}/__init__.py \;
+	touch build/gen-new/ferry/py.typed
+	rm -rf $(GEN)/.ferry-old && { test ! -d $(GEN)/ferry || mv $(GEN)/ferry $(GEN)/.ferry-old; } \
+	  && mv build/gen-new/ferry $(GEN)/ferry && rm -rf $(GEN)/.ferry-old build/gen-new
 	# Envoy's transcoder renders error details (ErrorInfo, BadRequest, RetryInfo) as JSON only when
 	# their types are in its descriptor set; without them it passes the raw gRPC error through.
 	$(PY) -m grpc_tools.protoc -Iprotos -I$(GOOGLEAPIS) --include_imports --include_source_info \
 	  --descriptor_set_out=$(DESCRIPTOR) $(PROTOS) google/rpc/error_details.proto google/rpc/status.proto
-	find $(GEN)/ferry -type d -exec touch {}/__init__.py \;
 	touch $@
 
 # Runtime assets that are built, not committed: the model file and Triton's backend directory.
@@ -67,7 +80,7 @@ test-unit: proto
 lint: proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services gateway launcher tests bench backends tools
+	$(VENV)/bin/mypy services gateway launcher tests bench backends tools clients/python/src/ferry_client
 	# buf lint (protos/buf.yaml) and buf breaking against the previous commit: the protos are a public API.
 	$(PY) -m tools.proto_guard
 
