@@ -58,15 +58,19 @@ class MetricsObserver(GenerationObserver):
         metrics.QUEUE_DURATION.labels(exchange.model_label).observe(waited)
 
     def piece(self, exchange: Exchange, piece: Piece, gap: float | None) -> None:
+        if exchange.cache == "hit":
+            return  # an answer from the response cache says nothing of the engine's latencies
         model = exchange.model_label
         if gap is None:
             ttft = exchange.outcome.time_to_first_token
             if ttft is not None:
                 metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(ttft)
         elif piece.tokens:
-            # A piece of k tokens after a gap g counts as k gaps of g / k.
+            # A piece of k tokens after a gap g (coalesced: services.inference.coalesce) counts as k
+            # gaps of g / k.
+            histogram, share = metrics.INTER_TOKEN_LATENCY.labels(model), gap / piece.tokens
             for _ in range(piece.tokens):
-                metrics.INTER_TOKEN_LATENCY.labels(model).observe(gap / piece.tokens)
+                histogram.observe(share)
 
     def ended(self, exchange: Exchange) -> None:
         model, outcome = exchange.model_label, exchange.outcome
