@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stack.start()
         if stack.database_url and settings.database_url is None:
-            _say(f"PostgreSQL (embedded) running: {stack.database_url}")
+            _say(f"PostgreSQL (embedded, supervised): {stack.database_url}")
         seconds = stack.wait_ready(args.ready_timeout, progress=_say)
         _say(f"ready in {seconds:.1f} s")
         for line in stack.endpoints.lines():

@@ -18,3 +18,7 @@ class Program:
     stop_wait_seconds: int = 15
     # Programs of one group stop together (supervisord stops groups one after another).
     group: str | None = None
+    # The signal that asks it to stop, and whether it goes to its whole process group (Triton's
+    # backend stubs) or to the process alone (PostgreSQL's postmaster stops its children itself).
+    stop_signal: str = "TERM"
+    stop_as_group: bool = True

@@ -1,13 +1,13 @@
-"""The whole platform on one machine: PostgreSQL, then supervisord running Triton, the services, Envoy.
+"""The whole platform on one machine: supervisord running PostgreSQL, Triton, the services, Envoy.
 
 `make run` (launcher/__main__.py) and the test session fixture both drive this class, so the tests
 exercise exactly what users run:
 
     stack = Stack(settings)
-    stack.start()            # lock, port check, PostgreSQL, supervisord (returns at once)
+    stack.start()            # lock, port check, supervisord (returns at once)
     stack.wait_ready(60)     # until Envoy's /readyz answers 200; returns the seconds it took
     ...
-    stack.stop()             # supervisord stops everything, then PostgreSQL, shm leftovers, lock
+    stack.stop()             # supervisord stops everything (PostgreSQL last), shm leftovers, lock
 
 Only one stack may use a home directory at a time (a lock in its run directory), and all of its
 ports must be free before anything starts, so a second launch fails fast instead of half-starting.
@@ -24,18 +24,18 @@ import sys
 import time
 import xmlrpc.client
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 
-from launcher.credentials import AdminKey, with_credentials
+from launcher.credentials import AdminKey, with_credentials, with_triton_secret
 from launcher.environment import settings_env
 from launcher.envoy import envoy_program
 from launcher.nats import nats_config_path, nats_program, with_nats_credentials
 from launcher.ports import taken_ports
-from launcher.postgres import EmbeddedPostgres, start_embedded
+from launcher.postgres import embedded_uri, postgres_program
 from launcher.programs import Program
 from launcher.supervisor import SupervisorClient, render_supervisor_config, socket_path
 from launcher.triton import cleanup_shm, triton_program
@@ -71,6 +71,8 @@ class Endpoints:
     triton_http: str
     triton_metrics: str
     nats: str = ""
+    # Services with more than one replica (`<service>.replicas`): every replica's gRPC address.
+    replicas: dict[str, list[str]] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         out = [
@@ -79,6 +81,8 @@ class Endpoints:
         ]
         for name, target in self.services.items():
             out.append(f"  {name:<23} {target}  metrics {self.metrics[name]}")
+            for index, address in enumerate(self.replicas.get(name, [])[1:], start=1):
+                out.append(f"  {replica_name(name, index):<23} {address}  (replica, behind Envoy)")
         out += [
             f"Envoy admin               {self.envoy_admin}",
             f"Triton gRPC / HTTP        {self.triton_grpc} / {self.triton_http}",
@@ -101,6 +105,11 @@ def endpoints(settings: Settings) -> Endpoints:
         triton_grpc=triton.grpc_address,
         triton_http=f"http://{triton.host}:{triton.http_port}",
         triton_metrics=f"http://{triton.host}:{triton.metrics_port}/metrics",
+        replicas={
+            name: [f"{s.host}:{port}" for port, _ in s.replica_ports()]
+            for name, s in services.items()
+            if s.replicas > 1
+        },
         nats=",".join(settings.nats.shown_servers)
         + (
             # Clients log in as ferry-client; its per-start password is in the owner-only config file.
@@ -111,13 +120,26 @@ def endpoints(settings: Settings) -> Endpoints:
     )
 
 
-def service_program(name: str, settings: Settings) -> Program:
+def replica_name(name: str, index: int) -> str:
+    """The supervisord program of replica `index` of a service: `models`, then `models-1`, ..."""
+    return name if index == 0 else f"{name}-{index}"
+
+
+def service_program(name: str, settings: Settings, replica: int = 0) -> Program:
     env = {"PYTHONUNBUFFERED": "1"}
     if name == "gateway" and settings.bootstrap_admin_key is not None:
         # It inserts the key when absent (a revoked one stays revoked).
         env[ADMIN_KEY_ENV] = settings.bootstrap_admin_key.get_secret_value()
+    if replica:
+        # Its own ports, and a spool of its own: a spool belongs to one process (a new process turns
+        # the requests its predecessor left open into `incomplete` records).
+        port, metrics_port = getattr(settings, name).replica_ports()[replica]
+        prefix = f"FERRY_{name.upper()}__"
+        env[f"{prefix}PORT"] = str(port)
+        env[f"{prefix}METRICS_PORT"] = str(metrics_port)
+        env["FERRY_RECORDING__SPOOL_DIR"] = str(settings.spool_dir / "replicas" / replica_name(name, replica))
     return Program(
-        name=name,
+        name=replica_name(name, replica),
         argv=[sys.executable, "-m", MODULES[name]],
         env=env,
         cwd=REPO_ROOT,
@@ -158,13 +180,19 @@ def chat_web_program(settings: Settings) -> Program:
 
 
 def default_programs(settings: Settings) -> list[Program]:
-    """NATS (embedded unless `nats.url` is set) and Triton, the services and the gateway with the jobs'
-    workers, Envoy: started in this order, stopped in reverse."""
-    services = [service_program(name, settings) for name in SERVICES]
+    """PostgreSQL (embedded unless `database_url` is set), NATS (embedded unless `nats.url` is set) and
+    Triton, the services and the gateway with the jobs' workers, Envoy: started in this order, stopped
+    in reverse."""
+    services = [
+        service_program(name, settings, replica)
+        for name in SERVICES
+        for replica in range(getattr(settings, name).replicas)
+    ]
     workers = [worker_program(i, settings) for i in range(settings.jobs.workers)]
     nats = [nats_program(settings)] if settings.nats.embedded else []
     web = [chat_web_program(settings)]
-    return [*nats, triton_program(settings), *services, *workers, *web, envoy_program(settings)]
+    postgres = [postgres_program(settings)] if settings.database_url is None else []
+    return [*postgres, *nats, triton_program(settings), *services, *workers, *web, envoy_program(settings)]
 
 
 def _die_with_parent() -> None:
@@ -187,7 +215,6 @@ class Stack:
         self._programs = programs
         self._supervisor_output = supervisor_output
         self._lock: IO[str] | None = None
-        self._postgres: EmbeddedPostgres | None = None
         self._supervisord: subprocess.Popen[bytes] | None = None
         self._started_at = 0.0
         self.database_url: str | None = settings.database_url
@@ -207,9 +234,11 @@ class Stack:
             # a second launcher refused by it must not touch <home>/admin.key.
             self.settings, self.admin_key = with_credentials(self.settings)
             self.settings = with_nats_credentials(self.settings)
+            self.settings = with_triton_secret(self.settings)
             if self.settings.database_url is None:
-                self._postgres = start_embedded(self.settings)
-                self.database_url = self._postgres.uri
+                # The embedded PostgreSQL is a supervisord program (launcher/postgres.py): restarted
+                # when it dies; its unix socket's URI is known before it starts.
+                self.database_url = embedded_uri(self.settings)
             self._start_supervisord()
         except BaseException:
             self.stop()
@@ -246,15 +275,10 @@ class Stack:
         try:
             self._stop_supervisord()
         finally:
-            try:
-                if self._postgres is not None:
-                    self._postgres.stop()
-                    self._postgres = None
-            finally:
-                if launched:
-                    # A Triton that had to be killed leaves its shared memory behind.
-                    cleanup_shm(self.settings)
-                self._release_lock()
+            if launched:
+                # A Triton that had to be killed leaves its shared memory behind.
+                cleanup_shm(self.settings)
+            self._release_lock()
 
     def __enter__(self) -> Stack:
         self.start()

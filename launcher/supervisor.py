@@ -60,10 +60,11 @@ def _program_section(program: Program, settings: Settings) -> str:
         "autorestart=true",
         f"startsecs={START_SECONDS}",
         f"startretries={START_RETRIES}",
-        "stopsignal=TERM",
+        f"stopsignal={program.stop_signal}",
         f"stopwaitsecs={program.stop_wait_seconds}",
-        # Signals go to the whole process group: Triton's backend stubs stop with Triton.
-        "stopasgroup=true",
+        # Signals go to the whole process group (Triton's backend stubs stop with Triton) unless the
+        # program stops its children itself; SIGKILL after stopwaitsecs always does.
+        f"stopasgroup={str(program.stop_as_group).lower()}",
         "killasgroup=true",
         "redirect_stderr=true",
         f"stdout_logfile={settings.log_dir / f'{program.name}.log'}",

@@ -1,0 +1,300 @@
+"""PostgreSQL faults under steady generation load, through Envoy (REST and native gRPC), on a stack of
+this module's own (the trivial `bench-stream` model, so Triton costs nothing).
+
+What a user would notice:
+- PostgreSQL paused for 15 s (SIGSTOP to the postmaster and every child: to its clients it looks like
+  a network partition): a key that was in use keeps working, no refusal at all; a key never seen
+  gets 503 / UNAVAILABLE with a retry hint; once PostgreSQL is back, every answered request has its
+  one transaction record (they waited in the spools);
+- PostgreSQL killed (SIGKILL): supervisord restarts it, and records flow again within a bounded time
+  (measured and printed; the assertion is only a generous bound), while generation never stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+import psutil
+import psycopg
+import pytest
+from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
+from google.rpc import error_details_pb2
+
+from bench.platform import bench_model_overrides
+from services.common.errors import error_details
+from services.common.tokens import new_key_secret
+from tests.stack import RunningStack, keyed_channel, running_stack, scratch_home, stack_settings
+
+pytestmark = pytest.mark.stack
+
+READY_TIMEOUT_SECONDS = 180.0
+MODEL = "bench-stream"
+PAUSE_SECONDS = 15.0
+WARM_UP_SECONDS = 3.0
+AFTER_SECONDS = 2.0
+# Generous: records and restarts on a loaded 2-core machine.
+DRAIN_TIMEOUT_SECONDS = 90.0
+RECOVERY_BOUND_SECONDS = 60.0
+# Each load thread pauses this long between requests: steady, light load.
+THINK_SECONDS = 0.05
+
+
+@pytest.fixture(scope="module")
+def outage_stack() -> Iterator[RunningStack]:
+    scratch, home = scratch_home("ferry-dboutage-")
+    settings = stack_settings(home)
+    # Merged into the free ports stack_settings chose (a plain override would replace them).
+    settings.triton = settings.triton.model_copy(update=bench_model_overrides()["triton"])
+    assert settings.database_url is None, "these tests need the embedded PostgreSQL"
+    with running_stack(settings, READY_TIMEOUT_SECONDS) as running:
+        yield running
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+# -- load --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    started: float
+    ended: float
+    ok: bool
+    status: str  # "200", "503", "OK", "UNAVAILABLE", ...
+    retry_hint: bool
+    request_id: str
+
+
+@dataclass
+class Load:
+    """Threads generating through Envoy until stopped; every answer is kept."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    answers: dict[str, list[Answer]] = field(default_factory=dict)
+    threads: list[threading.Thread] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, name: str, call: Callable[[str], tuple[bool, str, bool]]) -> None:
+        def loop() -> None:
+            while not self.stop.is_set():
+                request_id = str(uuid.uuid4())
+                started = time.monotonic()
+                try:
+                    ok, status, hint = call(request_id)
+                except Exception as exc:  # a transport failure is an answer too: a failed one
+                    ok, status, hint = False, type(exc).__name__, False
+                with self.lock:
+                    self.answers.setdefault(name, []).append(
+                        Answer(started, time.monotonic(), ok, status, hint, request_id)
+                    )
+                self.stop.wait(THINK_SECONDS)
+
+        thread = threading.Thread(target=loop, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+
+
+def rest_generate(client: httpx.Client) -> Callable[[str], tuple[bool, str, bool]]:
+    def call(request_id: str) -> tuple[bool, str, bool]:
+        reply = client.post(
+            f"/api/v1/models/{MODEL}:generate",
+            json={"request_id": request_id, "prompt": "one two three", "sampling": {"max_tokens": 4}},
+        )
+        return reply.status_code == 200, str(reply.status_code), "retry-after" in reply.headers
+
+    return call
+
+
+def grpc_generate(channel: grpc.Channel) -> Callable[[str], tuple[bool, str, bool]]:
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+    def call(request_id: str) -> tuple[bool, str, bool]:
+        request = inference_pb2.GenerateRequest(
+            model=MODEL,
+            request_id=request_id,
+            prompt="one two three",
+            sampling=inference_pb2.SamplingParams(max_tokens=4),
+        )
+        try:
+            stub.Generate(request, timeout=30)
+        except grpc.RpcError as err:
+            metadata = dict(err.trailing_metadata() or ()) | dict(err.initial_metadata() or ())  # type: ignore[attr-defined]
+            hint = "retry-after" in metadata or isinstance(
+                error_details(err).get("RetryInfo"), error_details_pb2.RetryInfo
+            )
+            return False, err.code().name, hint  # type: ignore[attr-defined]
+        return True, "OK", False
+
+    return call
+
+
+# -- PostgreSQL --------------------------------------------------------------------------------------
+
+
+def postgres_processes(stack: RunningStack) -> list[psutil.Process]:
+    """The postmaster supervisord runs, and its children."""
+    postmaster = psutil.Process(stack.supervisor().pid("postgres"))
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+def transactions_of(stack: RunningStack, request_ids: list[str]) -> dict[str, int]:
+    with psycopg.connect(stack.database_url, connect_timeout=5) as conn:
+        rows = conn.execute(
+            "SELECT request_id, count(*) FROM transactions WHERE request_id = ANY(%s) GROUP BY request_id",
+            (request_ids,),
+        ).fetchall()
+    return {row[0]: int(row[1]) for row in rows}
+
+
+def wait_recorded(stack: RunningStack, request_ids: list[str], timeout: float) -> dict[str, int]:
+    """Until every request id has its transaction (the spools drain); the counts found."""
+    deadline = time.monotonic() + timeout
+    found: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        try:
+            found = transactions_of(stack, request_ids)
+        except psycopg.OperationalError:
+            found = {}
+        if len(found) == len(request_ids):
+            break
+        time.sleep(0.5)
+    return found
+
+
+def gateway_metric(stack: RunningStack, name: str) -> float:
+    text = httpx.get(stack.metrics_urls["gateway"], timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported by the gateway")
+
+
+# -- the tests ---------------------------------------------------------------------------------------
+
+
+def test_a_paused_database_refuses_no_known_key(outage_stack: RunningStack) -> None:
+    stack = outage_stack
+    known = stack.create_key(["inference"])
+    unknown = new_key_secret()
+    load = Load()
+    known_rest, unknown_rest = stack.http(known, timeout=30), stack.http(unknown, timeout=30)
+    known_grpc, unknown_grpc = (
+        keyed_channel(stack.grpc_target, known),
+        keyed_channel(stack.grpc_target, unknown),
+    )
+    try:
+        for i in range(2):
+            load.run(f"known-rest-{i}", rest_generate(known_rest))
+            load.run(f"known-grpc-{i}", grpc_generate(known_grpc))
+        load.run("unknown-rest", rest_generate(unknown_rest))
+        load.run("unknown-grpc", grpc_generate(unknown_grpc))
+        time.sleep(WARM_UP_SECONDS)
+        processes = postgres_processes(stack)
+        for proc in processes:
+            proc.send_signal(signal.SIGSTOP)
+        paused = time.monotonic()
+        try:
+            time.sleep(PAUSE_SECONDS)
+            degraded = gateway_metric(stack, "ferry_gateway_key_store_degraded")
+            health = httpx.get(f"{stack.rest}/healthz", timeout=5).status_code
+        finally:
+            for proc in processes:
+                proc.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        time.sleep(AFTER_SECONDS)
+    finally:
+        load.finish()
+        known_rest.close()
+        unknown_rest.close()
+        known_grpc.close()
+        unknown_grpc.close()
+
+    known_answers = [a for name, answers in load.answers.items() if name.startswith("known") for a in answers]
+    refused = [a for a in known_answers if not a.ok]
+    during = [a for a in known_answers if a.started >= paused and a.ended <= resumed]
+    print(
+        f"known key: {len(known_answers)} requests, {len(during)} during the {PAUSE_SECONDS:.0f} s pause, "
+        f"{len(refused)} refused"
+    )
+    assert during, "no request with the known key was answered during the pause"
+    assert not refused, f"the known key was refused: {[(a.status, a.request_id) for a in refused[:5]]}"
+    assert degraded == 1.0, "the gateway did not report the degraded key store"
+    assert health == 200
+
+    unknown_answers = [
+        a for name, answers in load.answers.items() if name.startswith("unknown") for a in answers
+    ]
+    in_pause = [a for a in unknown_answers if a.started >= paused + 0.5 and a.ended <= resumed]
+    statuses = sorted({a.status for a in in_pause})
+    unavailable = [a for a in in_pause if a.status in ("503", "UNAVAILABLE")]
+    print(f"unknown key during the pause: {len(in_pause)} requests, answers {statuses}")
+    # 401 / UNAUTHENTICATED only while the miss cached before the pause lasts (auth.cache_seconds).
+    assert set(statuses) <= {"503", "UNAVAILABLE", "401", "UNAUTHENTICATED"}, statuses
+    assert unavailable, "the unknown key never got 503 / UNAVAILABLE during the pause"
+    assert all(a.retry_hint for a in unavailable), "a 503 / UNAVAILABLE came without a retry hint"
+    assert not any(a.ok for a in unknown_answers)
+
+    answered = [a.request_id for a in known_answers]
+    started = time.monotonic()
+    found = wait_recorded(stack, answered, DRAIN_TIMEOUT_SECONDS)
+    print(
+        f"{len(found)} of {len(answered)} records in PostgreSQL {time.monotonic() - started:.1f} s after the check began"
+    )
+    missing = sorted(set(answered) - set(found))
+    assert not missing, f"{len(missing)} answered requests have no transaction, e.g. {missing[:3]}"
+    assert all(count == 1 for count in found.values())
+    assert gateway_metric(stack, "ferry_gateway_key_store_degraded") == 0.0
+
+
+def test_a_killed_database_is_restarted_and_records_flow(outage_stack: RunningStack) -> None:
+    stack = outage_stack
+    known = stack.create_key(["inference"])
+    generate = rest_generate(stack.http(known, timeout=30))
+    assert generate(str(uuid.uuid4()))[0]  # seen by the gateway before the crash
+    old = stack.supervisor().pid("postgres")
+    os.kill(old, signal.SIGKILL)
+    killed = time.monotonic()
+    # Generation does not wait for the database: the key was seen, records spool.
+    during = str(uuid.uuid4())
+    ok, status, _ = generate(during)
+    assert ok, f"generation failed right after PostgreSQL was killed: {status}"
+
+    def back() -> bool:
+        info = stack.supervisor().process("postgres")
+        if info["statename"] != "RUNNING" or info["pid"] == old:
+            return False
+        try:
+            with psycopg.connect(stack.database_url, connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    while not back():
+        assert time.monotonic() - killed < RECOVERY_BOUND_SECONDS, "PostgreSQL was not restarted"
+        time.sleep(0.2)
+    restarted = time.monotonic() - killed
+    after = str(uuid.uuid4())
+    ok, status, _ = generate(after)
+    assert ok, status
+    found = wait_recorded(stack, [during, after], RECOVERY_BOUND_SECONDS)
+    flowing = time.monotonic() - killed
+    print(
+        f"SIGKILL -> PostgreSQL accepting connections again {restarted:.1f} s; "
+        f"-> the records of requests made meanwhile and after it in PostgreSQL {flowing:.1f} s"
+    )
+    assert found == {during: 1, after: 1}, found
+    assert flowing < RECOVERY_BOUND_SECONDS
