@@ -34,6 +34,7 @@ from services.inference.observers import (
 )
 from services.inference.openai_api.servicer import OpenAIServicer
 from services.inference.pipeline import Pipeline
+from services.inference.response_cache import ResponseCache, TritonModelVersions
 from services.inference.templates import ChatTemplates
 from services.inference.transaction_log import SpoolTransactionLog
 from services.inference.triton_engine import TritonEngine
@@ -64,6 +65,7 @@ async def setup(runtime: Runtime) -> None:
     # One engine per provider: Triton's models, and those of OpenAI-compatible upstream servers.
     upstream = UpstreamEngine(settings.upstream_models)
     engine = EngineRouter({Provider.TRITON: TritonEngine(client), Provider.UPSTREAM: upstream})
+    cache = ResponseCache(settings.inference.response_cache, TritonModelVersions(client, settings.home))
     pipeline = Pipeline(
         catalog,
         engine,
@@ -72,6 +74,7 @@ async def setup(runtime: Runtime) -> None:
         SpoolTransactionLog(recorder),
         observers,
         grammars=ResolveGrammar(GrammarsClient(settings)),
+        cache=cache,
     )
     # Embeddings share the catalog, the admission gates and the recorder with generation.
     embeddings = Embeddings(
@@ -104,6 +107,7 @@ async def setup(runtime: Runtime) -> None:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        await cache.aclose()
         await client.close()
         await upstream.aclose()
 

@@ -151,6 +151,9 @@ class GenerationRequest:
     # A stored grammar (`grammars/{id}`) the output must follow; a pipeline stage resolves it into
     # `sampling.constraint` before the engine sees the request.
     grammar_name: str = ""
+    # The response cache (services.inference.response_cache): "" uses it, "no-cache" always generates
+    # (and keeps the fresh answer), "no-store" always generates and keeps nothing.
+    cache_policy: str = ""
 
     def recorded_parameters(self) -> dict[str, Any]:
         """What the transaction record keeps of the request besides its input."""
@@ -320,3 +323,5 @@ class Exchange:
     # unbounded series).
     model_label: str = UNKNOWN_MODEL
     outcome: Outcome = field(default_factory=Outcome)
+    # The response cache's part: "hit", "miss", "bypass" (opted out), or "" (not cacheable, cache off).
+    cache: str = ""

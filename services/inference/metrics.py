@@ -71,3 +71,38 @@ ADMISSION_LIMIT = Gauge(
     "Configured admission bounds: kind=in_flight or queued.",
     ["model", "kind"],
 )
+
+# The response cache (services.inference.response_cache).
+RESPONSE_CACHE_HITS = Counter(
+    "ferry_inference_response_cache_hits",
+    "Deterministic requests answered from the response cache.",
+    ["model"],
+)
+RESPONSE_CACHE_MISSES = Counter(
+    "ferry_inference_response_cache_misses",
+    "Deterministic requests the response cache had no answer for (they generated).",
+    ["model"],
+)
+RESPONSE_CACHE_BYPASSES = Counter(
+    "ferry_inference_response_cache_bypasses",
+    "Deterministic requests that opted out of the cache (Cache-Control no-cache / no-store, cache_policy).",
+    ["model"],
+)
+RESPONSE_CACHE_STORES = Counter(
+    "ferry_inference_response_cache_stores",
+    "Fresh answers kept in the response cache.",
+    ["model"],
+)
+RESPONSE_CACHE_ERRORS = Counter(
+    "ferry_inference_response_cache_errors",
+    "Failed calls to the shared response cache store (the request went on as a miss), by operation.",
+    ["operation"],
+)
+RESPONSE_CACHE_ENTRIES = Gauge(
+    "ferry_inference_response_cache_entries",
+    "Answers in this process's response cache (the in-process LRU).",
+)
+RESPONSE_CACHE_BYTES = Gauge(
+    "ferry_inference_response_cache_bytes",
+    "Bytes of the answers in this process's response cache (the in-process LRU).",
+)

@@ -35,6 +35,7 @@ class SpoolTransactionLog:
             messages=[(m.role, m.content) for m in request.messages or ()],
             parameters=request.recorded_parameters(),
             trace_id=current_trace_id(),
+            cache_hit=exchange.cache == "hit",
         )
 
     async def finished(self, exchange: Exchange) -> None:

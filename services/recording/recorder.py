@@ -176,6 +176,7 @@ class Recorder:
         parameters: Mapping[str, Any] | None = None,
         trace_id: str = "",
         create_time: datetime | None = None,
+        cache_hit: bool = False,
     ) -> None:
         t = Transaction(
             request_id=request_id,
@@ -187,6 +188,7 @@ class Recorder:
             status=Transaction.Status.STATUS_IN_PROGRESS,
             trace_id=trace_id,
             create_time=to_timestamp(create_time) if create_time else _now(),
+            cache_hit=cache_hit,
         )
         if parameters:
             params = struct_pb2.Struct()

@@ -38,6 +38,8 @@ MIGRATIONS = Migrations(
         CREATE INDEX transactions_by_principal ON transactions (principal, create_time DESC);
         CREATE INDEX transactions_by_status ON transactions (status, create_time DESC);
         """,
+        # Answered from the response cache (services/inference/response_cache.py).
+        "ALTER TABLE transactions ADD COLUMN cache_hit boolean NOT NULL DEFAULT false",
     ],
     drop="DROP TABLE IF EXISTS transactions",
 )

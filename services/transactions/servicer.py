@@ -53,7 +53,7 @@ LISTED = listing.Table("transactions", FILTER_FIELDS, key=[("create_time", "time
 COLUMNS = (
     "request_id, principal, model, operation, prompt, messages, parameters, output, finish_reason, "
     "prompt_tokens, completion_tokens, total_tokens, ttft_us, latency_us, status, error_code, "
-    "error_message, trace_id, create_time, complete_time"
+    "error_message, trace_id, create_time, complete_time, cache_hit"
 )
 
 
@@ -219,6 +219,7 @@ def _row_from_proto(t: Transaction) -> dict[str, Any]:
         "trace_id": nul_free(t.trace_id),
         "create_time": create_time,
         "complete_time": complete_time,
+        "cache_hit": t.cache_hit,
     }
 
 
@@ -244,6 +245,7 @@ def _proto_from_row(row: dict[str, Any]) -> Transaction:
         trace_id=row["trace_id"],
         create_time=to_timestamp(row["create_time"]),
         update_time=to_timestamp(row["update_time"]),
+        cache_hit=row["cache_hit"],
     )
     if row["parameters"]:
         params = struct_pb2.Struct()

@@ -47,6 +47,10 @@ def occupying_stream(model: str) -> dict[str, Any]:
     }
 
 
+# Generate afresh even when the response cache holds the answer (a hit takes no engine slot).
+GENERATE = {"cache-control": "no-cache"}
+
+
 def chat_body(model: str, max_tokens: int = 8) -> dict[str, Any]:
     return {"model": model, "messages": HI, "max_tokens": max_tokens, "temperature": 0}
 
@@ -141,7 +145,8 @@ def test_the_instruction_tuned_model_follows_a_one_word_instruction(client: open
 
 async def _chat_seconds(http: httpx.AsyncClient, model: str) -> float:
     started = time.monotonic()
-    reply = await http.post("/v1/chat/completions", json=chat_body(model))
+    # no-cache: an answer from the response cache would take no engine slot and prove nothing here.
+    reply = await http.post("/v1/chat/completions", json=chat_body(model), headers=GENERATE)
     assert reply.status_code == 200, reply.text
     return time.monotonic() - started
 
@@ -185,7 +190,7 @@ async def test_overload_of_one_model_is_refused_while_the_other_answers(
         await until(
             running_and_waiting(metrics, SMOLLM2, slots, queue), 60.0, f"SmolLM2: {slots} + {queue} waiting"
         )
-        refused = await arest.post("/v1/chat/completions", json=chat_body(SMOLLM2))
+        refused = await arest.post("/v1/chat/completions", json=chat_body(SMOLLM2), headers=GENERATE)
         answered = await arest.post("/v1/chat/completions", json=chat_body(GEMMA, max_tokens=4))
     finally:
         await smollm2.stop()

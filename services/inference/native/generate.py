@@ -15,6 +15,12 @@ from services.inference.messages import parse_messages
 from services.inference.sampling import SAME_NAMED, same_named
 from services.inference.wire import WireRequest
 
+# The native API's CachePolicy -> GenerationRequest.cache_policy (HTTP Cache-Control's spelling).
+_CACHE_POLICIES = {
+    inference_pb2.CACHE_POLICY_NO_CACHE: "no-cache",
+    inference_pb2.CACHE_POLICY_NO_STORE: "no-store",
+}
+
 
 class GenerateWire(WireRequest[inference_pb2.GenerateRequest]):
     """A GenerateRequest as received; `parse()` checks it."""
@@ -58,5 +64,11 @@ class GenerateWire(WireRequest[inference_pb2.GenerateRequest]):
             "constraint": constraint.output,
         }
         return self._request(
-            model, sampling, spelling, prompt=prompt, messages=messages, grammar_name=constraint.grammar_name
+            model,
+            sampling,
+            spelling,
+            prompt=prompt,
+            messages=messages,
+            grammar_name=constraint.grammar_name,
+            cache_policy=_CACHE_POLICIES.get(request.cache_policy, ""),
         )

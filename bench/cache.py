@@ -1,0 +1,192 @@
+"""What a response-cache hit costs through Envoy, with authentication on (the issue asks < 5 ms p50).
+
+One stack on the trivial streaming model (bench/models/bench-stream, as the tier run; a hit never
+reaches the engine, so the model does not matter to it). For each path, one deterministic request
+(temperature 0) is sent once to fill the cache, then `--requests` identical ones are timed end to end
+by a client in this process, one at a time over a kept-alive connection: REST `POST /v1/completions`
+(unary and `stream: true` SSE) and native gRPC `Generate` / `GenerateStream`. Every timed answer must
+say `x-ferry-cache: hit`. For comparison the same requests with `Cache-Control: no-cache` (generated
+by the trivial model: the tier's whole cost with no engine time) are timed the same way, alternating
+rounds of hits and misses.
+
+Run: `python -P -m bench.cache [--requests 200] [--rounds 2] [--tokens 32]`;
+results: bench/results/cache-<date>-<commit>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
+
+from bench import platform, report
+from launcher.setup import ensure_backend, ensure_model, model_path
+from services.common.config import REPO_ROOT, get_settings
+
+MODEL = "bench-stream"
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+PATHS = ("rest", "rest-stream", "grpc", "grpc-stream")
+TARGET_P50_MS = 5.0
+
+# One timed request: returns the x-ferry-cache value its answer carried.
+Call = Callable[[dict[str, str]], str]
+
+
+def say(message: str) -> None:
+    print(f"bench.cache: {message}", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -P -m bench.cache", description=__doc__)
+    p.add_argument("--requests", type=int, default=200, help="timed requests per path and round")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (hits, then no-cache)")
+    p.add_argument("--tokens", type=int, default=32, help="max_tokens of the request (its answer's length)")
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    return p.parse_args(argv)
+
+
+def calls(
+    rest: httpx.Client, stub: inference_pb2_grpc.InferenceServiceStub, key: str, tokens: int
+) -> dict[str, Call]:
+    prompt = f"The response cache bench {os.getpid()}-{time.time_ns()}:"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+    native = inference_pb2.GenerateRequest(
+        model=f"models/{MODEL}",
+        prompt=prompt,
+        sampling=inference_pb2.SamplingParams(temperature=0, max_tokens=tokens),
+    )
+    auth = [("authorization", f"Bearer {key}")]
+
+    def rest_unary(headers: dict[str, str]) -> str:
+        reply = rest.post("/v1/completions", json=body, headers=headers)
+        reply.raise_for_status()
+        return reply.headers.get("x-ferry-cache", "")
+
+    def rest_stream(headers: dict[str, str]) -> str:
+        reply = rest.post("/v1/completions", json={**body, "stream": True}, headers=headers)
+        reply.raise_for_status()
+        assert reply.text.endswith("data: [DONE]\n\n"), reply.text[-200:]
+        return reply.headers.get("x-ferry-cache", "")
+
+    def grpc_unary(headers: dict[str, str]) -> str:
+        _, call = stub.Generate.with_call(native, metadata=[*auth, *headers.items()], timeout=30)
+        return str(dict(call.initial_metadata()).get("x-ferry-cache", ""))
+
+    def grpc_stream(headers: dict[str, str]) -> str:
+        stream = stub.GenerateStream(native, metadata=[*auth, *headers.items()], timeout=30)
+        for _ in stream:
+            pass
+        return str(dict(stream.initial_metadata()).get("x-ferry-cache", ""))
+
+    return {"rest": rest_unary, "rest-stream": rest_stream, "grpc": grpc_unary, "grpc-stream": grpc_stream}
+
+
+def timed(call: Call, headers: dict[str, str], count: int, expect: str) -> list[float]:
+    seconds = []
+    for _ in range(count):
+        started = time.perf_counter()
+        state = call(headers)
+        seconds.append(time.perf_counter() - started)
+        assert state == expect, f"expected x-ferry-cache {expect}, got {state!r}"
+    return seconds
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in seconds)
+    pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]  # noqa: E731
+    return {
+        "requests": len(ms),
+        "p50_ms": statistics.median(ms),
+        "p90_ms": pick(0.9),
+        "p99_ms": pick(0.99),
+        "mean_ms": statistics.fmean(ms),
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"# Response cache: a hit through Envoy ({results['date']}, commit {results['commit']['sha']}"
+        f"{' + local changes' if results['commit']['dirty'] else ''})",
+        "",
+        f"bench-stream model, max_tokens {results['tokens']}, authentication on, one request at a time over a "
+        f"kept-alive connection, {results['requests']} timed requests per path and round, {results['rounds']} "
+        f"rounds; load average {results['load_average']['min']:.1f}-{results['load_average']['max']:.1f} on "
+        f"{results['machine']['cores']} cores. `miss` = the same request with `Cache-Control: no-cache` "
+        "(generated by the trivial model: the tier without engine time).",
+        "",
+        "| path | hit p50 / p90 / p99 ms | no-cache p50 / p90 / p99 ms | hit p50 < 5 ms |",
+        "|---|---|---|---|",
+    ]
+    for path in PATHS:
+        hit, miss = results["paths"][path]["hit"], results["paths"][path]["no-cache"]
+        lines.append(
+            f"| {path} | {hit['p50_ms']:.2f} / {hit['p90_ms']:.2f} / {hit['p99_ms']:.2f} | "
+            f"{miss['p50_ms']:.2f} / {miss['p90_ms']:.2f} / {miss['p99_ms']:.2f} | "
+            f"{'yes' if hit['p50_ms'] < TARGET_P50_MS else '**no**'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = get_settings()
+    say(ensure_model(settings))
+    say(ensure_backend())
+    loads = [os.getloadavg()[0]]
+    runs: dict[str, dict[str, list[float]]] = {path: {"hit": [], "no-cache": []} for path in PATHS}
+    say("starting a stack on bench-stream")
+    with platform.running(model_path(settings).parent, **platform.bench_model_overrides()) as stack:
+        key = platform.api_key(stack) or ""
+        with (
+            httpx.Client(
+                base_url=stack.endpoints.rest, headers={"authorization": f"Bearer {key}"}, timeout=30
+            ) as rest,
+            grpc.insecure_channel(stack.endpoints.grpc) as channel,
+        ):
+            for name, call in calls(
+                rest, inference_pb2_grpc.InferenceServiceStub(channel), key, args.tokens
+            ).items():
+                assert call({}) in ("miss", "hit"), "the first request is not cacheable"
+                timed(call, {}, 10, "hit")  # warm-up
+                for rnd in range(args.rounds):
+                    runs[name]["hit"] += timed(call, {}, args.requests, "hit")
+                    runs[name]["no-cache"] += timed(
+                        call, {"cache-control": "no-cache"}, args.requests, "bypass"
+                    )
+                    loads.append(os.getloadavg()[0])
+                    say(f"{name} round {rnd + 1}: hit p50 {summary(runs[name]['hit'])['p50_ms']:.2f} ms")
+    commit = report.commit()
+    results = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "commit": commit,
+        "machine": report.machine(),
+        "load_average": {"min": min(loads), "max": max(loads)},
+        "requests": args.requests,
+        "rounds": args.rounds,
+        "tokens": args.tokens,
+        "paths": {
+            path: {kind: summary(values) for kind, values in kinds.items()} for path, kinds in runs.items()
+        },
+    }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.results_dir / f"cache-{results['date']}-{commit['sha']}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    say(f"results in {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
