@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -127,7 +127,7 @@ class AsyncStream(Generic[T]):
         return await self._call.trailing_metadata()
 
 
-def astream(call: grpc.aio.UnaryStreamCall[Any, T]) -> AsyncStream[T]:
+def astream(call: AsyncIterable[T]) -> AsyncStream[T]:
     """`async with ferry_client.astream(client.inference.GenerateStream(request)) as pieces:`"""
     return AsyncStream(call)
 
