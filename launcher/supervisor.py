@@ -109,6 +109,9 @@ def render_supervisor_config(settings: Settings, programs: Sequence[Program]) ->
                 f"directory={settings.home}",
                 # Several stacks may run on one machine (tests); this names the one in the logs.
                 f"identifier=ferry:{settings.home}",
+                # Owner-only by default for everything ferry's processes create (logs, spools, unix
+                # sockets, Triton's shared-memory regions, which the backend makes 0644 otherwise).
+                "umask=077",
             ]
         ),
         "\n".join(["[unix_http_server]", f"file={sock}", "chmod=0700"]),

@@ -308,7 +308,10 @@ _ENTRIES: Mapping[Reason, Entry] = {
         retryable=True,
     ),
     Reason.AUTH_UNAVAILABLE: _entry(
-        _Code.UNAVAILABLE, "the gateway did not answer, or its key store is not ready", retryable=True
+        _Code.UNAVAILABLE,
+        "the gateway did not answer, or its key store (PostgreSQL) is not ready or unreachable and the "
+        "key was not seen before the outage",
+        retryable=True,
     ),
     Reason.DRAINING: _entry(_Code.UNAVAILABLE, "the service is shutting down", retryable=True),
     Reason.ENGINE_ERROR: _entry(_Code.INTERNAL, "the engine failed a generation"),

@@ -30,6 +30,8 @@ from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from google.rpc import error_details_pb2
 
 from bench.platform import bench_model_overrides
+from launcher.postgres import socket_dir
+from launcher.supervisor import socket_path
 from services.common.errors import error_details
 from services.common.tokens import new_key_secret
 from tests.stack import RunningStack, keyed_channel, running_stack, scratch_home, stack_settings
@@ -298,3 +300,22 @@ def test_a_killed_database_is_restarted_and_records_flow(outage_stack: RunningSt
     )
     assert found == {during: 1, after: 1}, found
     assert flowing < RECOVERY_BOUND_SECONDS
+
+
+def test_database_and_unix_sockets_are_owner_only(outage_stack: RunningStack) -> None:
+    """Nothing local but ferry's own user reaches the embedded PostgreSQL (its data and its socket:
+    trust authentication admits whoever can connect), supervisord's control socket or Envoy's admin
+    socket. (Triton's python-backend shared-memory regions are not checked: the backend sets them 0644
+    itself, whatever the umask.)"""
+    stack = outage_stack
+    settings = stack.settings
+    pgdata = settings.home / "pgdata"
+    paths = [
+        pgdata,
+        socket_dir(pgdata) / ".s.PGSQL.5432",
+        socket_path(settings),
+        *settings.run_dir.glob("*.sock"),
+    ]
+    open_to_others = {str(p): oct(p.stat().st_mode & 0o777) for p in paths if p.stat().st_mode & 0o077}
+    assert not open_to_others, open_to_others
+    assert len(paths) >= 4, paths  # the data dir, PostgreSQL's, supervisord's and Envoy's sockets
