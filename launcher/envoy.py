@@ -37,6 +37,7 @@ GATEWAY_SERVICES = ("ferry.keys.v1.KeysService", "ferry.auth.v1.AuthService")
 # configuration from the descriptor set alone, without ferry's generated Python stubs.
 INTERNAL = "internal"
 ACCESS_OPTION = "ferry.auth.v1.access"
+HTTP_OPTION = "google.api.http"
 # CORS: what a browser may send and read (preflight answers, before any key is asked for).
 CORS_ALLOW_HEADERS = "authorization, content-type, x-request-id"
 CORS_EXPOSE_HEADERS = "x-request-id, retry-after"
@@ -54,9 +55,72 @@ ADMIN_HOST = "127.0.0.1"
 MAX_SOCKET_PATH_BYTES = 107
 
 
+# -- resilience (docs/deploy.md, "Resilience") ---------------------------------------------------------
+# Retries: what a retried try may follow. connect-failure and refused-stream: the request never reached
+# a service; reset: the replica went away before answering (nothing reached the client yet: Envoy never
+# retries once response headers went downstream); unavailable: gRPC UNAVAILABLE (a draining replica, a
+# dependency outage), which another replica may not have.
+RETRY_ON = "connect-failure,refused-stream,reset,unavailable"
+# Reads (a google.api.http `get`: every Get*/List*, REST GET alike) are retried twice, generation once.
+READ_RETRIES = 2
+GENERATION_RETRIES = 1
+# Between tries: 25 ms, then up to 250 ms (Envoy's jittered exponential back-off).
+RETRY_BACKOFF_BASE = "0.025s"
+RETRY_BACKOFF_MAX = "0.25s"
+# Retries in flight per cluster: at most 20 % of its active requests, but 3 are always allowed (so a
+# quiet cluster can still retry). A failing service cannot multiply its own load by retries.
+RETRY_BUDGET_PERCENT = 20.0
+RETRY_MIN_CONCURRENCY = 3
+# Outlier detection: a replica that fails this many requests in a row (connect failures, resets and
+# 502/503/504 or gRPC UNAVAILABLE: gateway failures; any 5xx for the second) leaves the rotation for
+# base_ejection_time x the number of its ejections (at most max_ejection_time), then comes back; if it
+# fails again it goes again. At most half a cluster is ejected, so a fault shared by every replica (a
+# Triton outage) is not turned into an empty cluster. Swept every second.
+OUTLIER_CONSECUTIVE_GATEWAY_FAILURES = 3
+OUTLIER_CONSECUTIVE_5XX = 5
+OUTLIER_INTERVAL = "1s"
+OUTLIER_BASE_EJECTION_TIME = "2s"
+OUTLIER_MAX_EJECTION_TIME = "30s"
+OUTLIER_MAX_EJECTION_PERCENT = 50
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Circuit-breaker thresholds of one cluster (all replicas together; Envoy's default is 1024 each).
+
+    Beyond them Envoy answers 503 at once (`x-envoy-overloaded`, gRPC UNAVAILABLE) instead of queueing.
+    Upstreams speak HTTP/2, so a connection carries many requests: connections stay few (about one per
+    Envoy worker per replica) and max_pending_requests only counts requests waiting for one to open.
+    max_retries is not set: the retry budget above replaces it.
+    """
+
+    max_connections: int
+    max_pending_requests: int
+    max_requests: int
+    why: str
+
+
+# Unary services answer in milliseconds: 256 requests in flight at once means the service has stopped
+# answering, and shedding at the edge beats queueing behind it until the 120 s deadline.
+UNARY_LIMITS = Limits(64, 64, 256, "unary calls of milliseconds: 256 in flight means it stopped answering")
+LIMITS = {
+    # Generations last seconds to minutes and streams stay open; each replica bounds itself
+    # (inference.max_in_flight + max_queued, answering RESOURCE_EXHAUSTED with Retry-After), and this
+    # sits above what a fleet of replicas queues, so clients see the service's 429, not Envoy's 503.
+    "inference": Limits(
+        128, 512, 1024, "long streams; above every replica's own admission queue (429 with Retry-After)"
+    ),
+    # Every edge request passes the key check (ext_authz) here: its limit is the edge's.
+    "gateway": Limits(128, 512, 2048, "every edge request's key check (ext_authz) goes through it"),
+    # Long calls: WaitJob waits for a job, StreamMessage streams a generation.
+    "jobs": Limits(64, 128, 512, "WaitJob long-polls: more in flight than unary services"),
+    "conversations": Limits(64, 128, 512, "StreamMessage streams a generation"),
+}
+
+
 @dataclass(frozen=True)
 class Upstream:
-    """One Envoy cluster: a service process and the proto services it serves."""
+    """One Envoy cluster: a service's processes (replicas) and the proto services they serve."""
 
     cluster: str
     endpoint: ServiceSettings
@@ -65,6 +129,10 @@ class Upstream:
     streaming_methods: dict[str, list[str]] = field(default_factory=dict)
     # Methods only ferry's own processes may call (scope `internal`): refused at the edge.
     internal_methods: dict[str, list[str]] = field(default_factory=dict)
+    # Reads (google.api.http `get`): retried on another replica.
+    read_methods: dict[str, list[str]] = field(default_factory=dict)
+    # Its other methods are generations, retried once before the first byte (the inference cluster).
+    generation: bool = False
 
     @property
     def host(self) -> str:
@@ -73,6 +141,16 @@ class Upstream:
     @property
     def port(self) -> int:
         return self.endpoint.port
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        """(host, port) of every replica (`<service>.replicas`; one for DNS names, which resolve to
+        every container or pod themselves)."""
+        return [(self.host, port) for port, _ in self.endpoint.replica_ports()]
+
+    @property
+    def limits(self) -> Limits:
+        return LIMITS.get(self.cluster, UNARY_LIMITS)
 
     @property
     def health_service(self) -> str:
@@ -94,6 +172,7 @@ def upstreams(settings: Settings) -> list[Upstream]:
             "inference",
             settings.inference,
             ("ferry.inference.v1.InferenceService", "ferry.openai.v1.OpenAIService"),
+            generation=True,
         ),
         Upstream("models", settings.models, ("ferry.models.v1.ModelsService",)),
         Upstream("transactions", settings.transactions, ("ferry.transactions.v1.TransactionsService",)),
@@ -147,6 +226,52 @@ def internal_methods(descriptor: Path) -> dict[str, list[str]]:
         return set(options.Extensions[access].scopes) == {INTERNAL}  # type: ignore[index]
 
     return _methods(descriptor, internal_only)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """The routes' retry policies and the clusters' retry budget (constants above)."""
+
+    retry_on: str = RETRY_ON
+    read_retries: int = READ_RETRIES
+    generation_retries: int = GENERATION_RETRIES
+    backoff_base: str = RETRY_BACKOFF_BASE
+    backoff_max: str = RETRY_BACKOFF_MAX
+    budget_percent: float = RETRY_BUDGET_PERCENT
+    min_concurrency: int = RETRY_MIN_CONCURRENCY
+
+
+@dataclass(frozen=True)
+class Outlier:
+    consecutive_gateway_failures: int = OUTLIER_CONSECUTIVE_GATEWAY_FAILURES
+    consecutive_5xx: int = OUTLIER_CONSECUTIVE_5XX
+    interval: str = OUTLIER_INTERVAL
+    base_ejection_time: str = OUTLIER_BASE_EJECTION_TIME
+    max_ejection_time: str = OUTLIER_MAX_EJECTION_TIME
+    max_ejection_percent: int = OUTLIER_MAX_EJECTION_PERCENT
+
+
+def read_methods(descriptor: Path) -> dict[str, list[str]]:
+    """Methods mapped to an HTTP GET (google.api.http): the reads (AIP-131/132 Get and List), which
+    change nothing and so may be retried on another replica."""
+    files = _files(descriptor)
+    pool = descriptor_pool.DescriptorPool()
+    for file in files.file:
+        pool.Add(file)
+    try:
+        http = pool.FindExtensionByName(HTTP_OPTION)
+    except KeyError:  # no method of the set has an HTTP mapping
+        return {}
+    options_type = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("google.protobuf.MethodOptions")
+    )
+    message_factory.GetMessageClassesForFiles([f.name for f in files.file], pool)
+
+    def is_get(method: descriptor_pb2.MethodDescriptorProto) -> bool:
+        options = options_type.FromString(method.options.SerializeToString())
+        return bool(options.Extensions[http].get)  # type: ignore[index]
+
+    return _methods(descriptor, is_get)
 
 
 @dataclass(frozen=True)
@@ -267,6 +392,7 @@ def render_envoy_config(
     """
     described = described_services(descriptor)
     internal = internal_methods(descriptor)
+    reads = read_methods(descriptor)
     clusters = [
         Upstream(
             u.cluster,
@@ -274,6 +400,8 @@ def render_envoy_config(
             u.services,
             {s: described[s] for s in u.services if described.get(s)},
             {s: internal[s] for s in u.services if internal.get(s)},
+            {s: reads[s] for s in u.services if reads.get(s)},
+            u.generation,
         )
         for u in upstreams(settings)
     ]
@@ -312,6 +440,8 @@ def render_envoy_config(
         cors=cors(settings),
         tracing=envoy_tracing(settings),
         chat_web=chat_web(settings),
+        retry=Retry(),
+        outlier=Outlier(),
     )
     path = settings.run_dir / CONFIG_NAME
     write_private(path, text)

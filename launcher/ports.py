@@ -29,10 +29,23 @@ def needed_ports(settings: Settings) -> list[PortUse]:
         PortUse("envoy.port", settings.envoy.host, settings.envoy.port),
         PortUse("envoy.admin_port", "127.0.0.1", settings.envoy.admin_port),
     ]
-    for name in ("inference", "models", "transactions", "audit", "grammars", "jobs", "conversations"):
+    for name in (
+        "inference",
+        "models",
+        "transactions",
+        "audit",
+        "grammars",
+        "jobs",
+        "conversations",
+        "gateway",
+    ):
         service = getattr(settings, name)
         uses.append(PortUse(f"{name}.port", service.host, service.port))
         uses.append(PortUse(f"{name}.metrics_port", service.host, service.metrics_port))
+        # More replicas (`make run`): each on the ports replica_port_step further on.
+        for port, metrics_port in service.replica_ports()[1:]:
+            uses.append(PortUse(f"{name}.replica_port_step", service.host, port))
+            uses.append(PortUse(f"{name}.replica_port_step", service.host, metrics_port))
     conversations = settings.conversations
     uses.append(PortUse("conversations.web_port", conversations.web_host, conversations.web_port))
     jobs = settings.jobs

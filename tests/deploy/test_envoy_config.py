@@ -183,3 +183,175 @@ def test_the_entrypoint_refuses_a_missing_or_unsafe_token(
     assert code != 0
     assert message in output
     assert not config.exists()
+
+
+# -- resilience: retries, outlier detection, circuit breakers, replicas (docs/deploy.md "Resilience") --
+
+SERVICE_CLUSTERS = (
+    "inference",
+    "models",
+    "transactions",
+    "audit",
+    "grammars",
+    "jobs",
+    "conversations",
+    "gateway",
+)
+
+
+def _clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+
+def _routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    edge = next(lis for lis in config["static_resources"]["listeners"] if lis["name"] == "edge")
+    manager = edge["filter_chains"][0]["filters"][0]["typed_config"]
+    routes: list[dict[str, Any]] = manager["route_config"]["virtual_hosts"][0]["routes"]
+    return routes
+
+
+def _route_for(routes: list[dict[str, Any]], path: str) -> dict[str, Any]:
+    """The first route matching gRPC path `path` (a request without special headers), as Envoy picks it."""
+    for route in routes:
+        match = route["match"]
+        if "headers" in match:
+            continue
+        if match.get("path") == path or path.startswith(match.get("prefix", "\0")):
+            return route
+    raise AssertionError(f"no route for {path}")
+
+
+def _get_methods() -> set[str]:
+    from launcher.envoy import read_methods
+
+    return {f"/{s}/{m}" for s, methods in read_methods(DESCRIPTOR).items() for m in methods}
+
+
+def test_every_service_cluster_ejects_a_failing_replica_and_has_deliberate_limits(tmp_path: Path) -> None:
+    from launcher.envoy import LIMITS, UNARY_LIMITS
+
+    clusters = _clusters(load_yaml(render(tmp_path / "home")))
+    for name in SERVICE_CLUSTERS:
+        cluster = clusters[name]
+        outlier = cluster["outlier_detection"]
+        assert outlier["enforcing_consecutive_gateway_failure"] == 100, name
+        assert outlier["consecutive_gateway_failure"] >= 1, name
+        # A recovered replica returns within seconds, and never more than half a cluster is ejected.
+        assert outlier["base_ejection_time"] == "2s", name
+        assert outlier["max_ejection_percent"] == 50, name
+        (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+        limits = LIMITS.get(name, UNARY_LIMITS)
+        assert thresholds["max_connections"] == limits.max_connections, name
+        assert thresholds["max_pending_requests"] == limits.max_pending_requests, name
+        assert thresholds["max_requests"] == limits.max_requests, name
+        assert thresholds["retry_budget"]["budget_percent"]["value"] == 20.0, name
+        assert thresholds["retry_budget"]["min_retry_concurrency"] == 3, name
+        # The active gRPC health check stays: it takes a dead replica out within about a second.
+        assert cluster["health_checks"][0]["grpc_health_check"], name
+    # The generation cluster admits more than the unary ones (long streams).
+    assert LIMITS["inference"].max_requests > UNARY_LIMITS.max_requests
+
+
+def test_reads_are_retried_on_another_replica_and_writes_never(tmp_path: Path) -> None:
+    config = load_yaml(render(tmp_path / "home"))
+    routes = _routes(config)
+    reads = _get_methods()
+    assert "/ferry.models.v1.ModelsService/ListModels" in reads
+    assert "/ferry.transactions.v1.TransactionsService/GetTransaction" in reads
+    assert "/ferry.models.v1.ModelsService/LoadModel" not in reads
+    for path in reads:
+        route = _route_for(routes, path)
+        if "direct_response" in route:  # an internal method: refused at the edge, nothing to retry
+            continue
+        policy = route["route"]["retry_policy"]
+        assert set(policy["retry_on"].split(",")) == {
+            "connect-failure",
+            "refused-stream",
+            "reset",
+            "unavailable",
+        }
+        assert policy["num_retries"] == 2, path
+        assert policy["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+        assert policy["retry_back_off"] == {"base_interval": "0.025s", "max_interval": "0.25s"}
+        assert route["route"]["timeout"] == "120s", path
+    for path in (
+        "/ferry.models.v1.ModelsService/LoadModel",
+        "/ferry.models.v1.ModelsService/UnloadModel",
+        "/ferry.grammars.v1.GrammarsService/CreateGrammar",
+        "/ferry.grammars.v1.GrammarsService/DeleteGrammar",
+        "/ferry.keys.v1.KeysService/RevokeKey",
+        "/ferry.jobs.v1.JobsService/CreateJob",
+        "/ferry.conversations.v1.ConversationsService/SendMessage",
+    ):
+        assert "retry_policy" not in _route_for(routes, path)["route"], path
+    health = _route_for(routes, "/grpc.health.v1.Health/Check")["route"]
+    assert health["cluster"] == "gateway" and health["retry_policy"]["num_retries"] == 2
+
+
+def test_generation_is_retried_once_before_the_first_byte_under_the_requests_id(tmp_path: Path) -> None:
+    """Envoy retries only while nothing reached the client; every try carries the request's
+    x-request-id (the client's, kept, or the one the connection manager made before routing), so the
+    inference service records one transaction for it (a failed try is replaced by the retry's)."""
+    config = load_yaml(render(tmp_path / "home"))
+    routes = _routes(config)
+    for path in (
+        "/ferry.inference.v1.InferenceService/Generate",
+        "/ferry.inference.v1.InferenceService/GenerateStream",
+        "/ferry.openai.v1.OpenAIService/CreateChatCompletion",
+        "/ferry.openai.v1.OpenAIService/CreateChatCompletionStream",
+        "/ferry.openai.v1.OpenAIService/CreateCompletion",
+    ):
+        route = _route_for(routes, path)["route"]
+        assert route["cluster"] == "inference", path
+        assert route["retry_policy"]["num_retries"] == 1, path
+        assert "unavailable" in route["retry_policy"]["retry_on"], path
+    # Streams keep no overall deadline.
+    assert (
+        _route_for(routes, "/ferry.inference.v1.InferenceService/GenerateStream")["route"]["timeout"] == "0s"
+    )
+    edge = next(lis for lis in config["static_resources"]["listeners"] if lis["name"] == "edge")
+    manager = edge["filter_chains"][0]["filters"][0]["typed_config"]
+    assert manager["generate_request_id"] is True
+    assert manager["preserve_external_request_id"] is True
+
+
+def test_replicas_are_every_endpoint_of_their_cluster_and_the_config_validates(tmp_path: Path) -> None:
+    from launcher.envoy import render_envoy_config
+
+    overrides: dict[str, Any] = {
+        "models": {"replicas": 2, "replica_port_step": 100},
+        "inference": {"replicas": 3, "replica_port_step": 1000},
+        "auth": {"service_token": "token"},
+    }
+    settings = Settings(home=tmp_path / "home", **overrides)
+    config_path = render_envoy_config(settings)
+    clusters = _clusters(load_yaml(config_path))
+
+    def ports(name: str) -> list[int]:
+        (group,) = clusters[name]["load_assignment"]["endpoints"]
+        return [e["endpoint"]["address"]["socket_address"]["port_value"] for e in group["lb_endpoints"]]
+
+    assert ports("models") == [50052, 50152]
+    assert ports("inference") == [50051, 51051, 52051]
+    assert ports("transactions") == [50053]
+    code, output = validate(config_path)
+    assert code == 0, output
+
+
+def test_container_clusters_resolve_every_replica_by_name(tmp_path: Path) -> None:
+    """Compose `--scale` and Kubernetes replicas: one DNS name per cluster, resolved (STRICT_DNS) to every
+    container or ready pod; the Kubernetes Services are headless so that DNS names each pod."""
+    clusters = _clusters(load_yaml(render(tmp_path / "home")))
+    for name in SERVICE_CLUSTERS:
+        cluster = clusters[name]
+        assert cluster["type"] == "STRICT_DNS", name
+        (group,) = cluster["load_assignment"]["endpoints"]
+        (endpoint,) = group["lb_endpoints"]
+        assert endpoint["endpoint"]["address"]["socket_address"]["address"] == CONTAINER_HOSTS[name]
+    for name in SERVICE_CLUSTERS:
+        services = [
+            o for o in load_all((K8S / "base" / f"{name}.yaml").read_text()) if o and o["kind"] == "Service"
+        ]
+        assert any(
+            s["metadata"]["name"] == name and s["spec"].get("clusterIP") == "None" for s in services
+        ), name

@@ -1,0 +1,251 @@
+"""Two replicas of the models and transactions services behind Envoy; one of each is killed (SIGKILL)
+under steady read load, over gRPC and REST alike.
+
+What a user would notice: no read fails while a replica dies (Envoy retries it on the other one and
+the health checks and outlier detection take the dead one out of rotation), and the replica that
+supervisord restarts is back in rotation and serving once it answers its health check again.
+
+A stack of its own (the trivial `bench-stream` model), with `models.replicas` and
+`transactions.replicas` at 2, the setting `make run` offers for this.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+
+import grpc
+import httpx
+import pytest
+from ferry.models.v1 import models_pb2, models_pb2_grpc
+from ferry.transactions.v1 import transactions_pb2, transactions_pb2_grpc
+
+from bench.platform import bench_model_overrides
+from launcher.ports import is_free
+from launcher.stack import replica_name
+from services.common.config import ServiceSettings
+from tests.stack import RunningStack, running_stack, scratch_home, stack_settings
+
+pytestmark = pytest.mark.stack
+
+READY_TIMEOUT_SECONDS = 180.0
+REPLICATED = ("models", "transactions")
+# Load runs this long before the kill, and at most this long after it for the replica to come back.
+WARM_UP_SECONDS = 2.0
+RECOVERY_TIMEOUT_SECONDS = 60.0
+# Each load thread pauses this long between calls: steady, light load (2 shared cores).
+PAUSE_SECONDS = 0.02
+
+
+def free_replica_step(service: ServiceSettings) -> int:
+    """A replica_port_step under which replica 1's ports are free (the test's ports are random)."""
+    for _ in range(200):
+        step = random.randrange(1, 2000)
+        ports = [service.port + step, service.metrics_port + step]
+        if all(20000 <= p < 32000 and is_free(service.host, p) for p in ports):
+            return step
+    raise RuntimeError("no free ports for a second replica")
+
+
+@pytest.fixture(scope="module")
+def replicated() -> Iterator[RunningStack]:
+    scratch, home = scratch_home("ferry-replicas-")
+    settings = stack_settings(home, **bench_model_overrides())
+    for name in REPLICATED:
+        service: ServiceSettings = getattr(settings, name)
+        service.replicas = 2
+        service.replica_port_step = free_replica_step(service)
+    with running_stack(settings, READY_TIMEOUT_SECONDS) as running:
+        yield running
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+# -- Envoy's view of the replicas (the admin port's /clusters) -------------------------------------------
+
+
+def clusters(stack: RunningStack) -> dict[tuple[str, str], dict[str, str]]:
+    """{(cluster, host:port): {stat: value}} from /clusters."""
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    text = httpx.get(f"{stack.envoy_admin}/clusters", timeout=5).text
+    for line in text.splitlines():
+        parts = line.split("::")
+        if len(parts) == 4:
+            out.setdefault((parts[0], parts[1]), {})[parts[2]] = parts[3]
+    return out
+
+
+def replica_address(stack: RunningStack, name: str, index: int) -> str:
+    service: ServiceSettings = getattr(stack.settings, name)
+    return f"{service.host}:{service.replica_ports()[index][0]}"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Seconds until `condition()` held (polled every 0.1 s); fails the test after `timeout`."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def healthy(stack: RunningStack, cluster: str, address: str) -> bool:
+    return clusters(stack).get((cluster, address), {}).get("health_flags") == "healthy"
+
+
+def taken_out(stack: RunningStack, cluster: str, address: str) -> bool:
+    return not healthy(stack, cluster, address)
+
+
+def successes(stack: RunningStack, cluster: str, address: str) -> int:
+    return int(clusters(stack).get((cluster, address), {}).get("rq_success", "0"))
+
+
+def serving(stack: RunningStack, cluster: str, address: str, before: int) -> bool:
+    """The replica answered requests successfully since it had `before` successes."""
+    return successes(stack, cluster, address) > before
+
+
+def envoy_stat(stack: RunningStack, name: str) -> int:
+    text = httpx.get(f"{stack.envoy_admin}/stats", params={"filter": f"^{name}$"}, timeout=5).text
+    for line in text.splitlines():
+        key, _, value = line.partition(": ")
+        if key == name:
+            return int(value)
+    return 0
+
+
+# -- steady read load --------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    """Threads calling reads through Envoy until stopped; every failure is kept."""
+
+    calls: int = 0
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def run(self, name: str, call: Callable[[], None]) -> None:
+        def loop() -> None:
+            while not self.stop.is_set():
+                try:
+                    call()
+                except (grpc.RpcError, httpx.HTTPError, AssertionError) as error:
+                    with self.lock:
+                        self.errors.append(f"{time.monotonic():.2f} {name}: {error!r}"[:300])
+                with self.lock:
+                    self.calls += 1
+                time.sleep(PAUSE_SECONDS)
+
+        thread = threading.Thread(target=loop, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+
+def start_load(stack: RunningStack, rest: httpx.Client) -> Load:
+    channel = stack.channel()
+    models = models_pb2_grpc.ModelsServiceStub(channel)
+    transactions = transactions_pb2_grpc.TransactionsServiceStub(channel)
+    model = stack.settings.triton.default_model
+
+    def grpc_list_models() -> None:
+        reply = models.ListModels(models_pb2.ListModelsRequest(), timeout=30)
+        assert any(m.name == f"models/{model}" for m in reply.models), reply
+
+    def grpc_get_model() -> None:
+        models.GetModel(models_pb2.GetModelRequest(name=f"models/{model}"), timeout=30)
+
+    def grpc_list_transactions() -> None:
+        transactions.ListTransactions(transactions_pb2.ListTransactionsRequest(page_size=1), timeout=30)
+
+    def rest_get(path: str) -> Callable[[], None]:
+        def call() -> None:
+            response = rest.get(path)
+            assert response.status_code == 200, (response.status_code, response.text[:200])
+
+        return call
+
+    load = Load()
+    load.run("grpc ListModels", grpc_list_models)
+    load.run("grpc GetModel", grpc_get_model)
+    load.run("grpc ListTransactions", grpc_list_transactions)
+    load.run("REST GET /api/v1/models", rest_get("/api/v1/models"))
+    load.run("REST GET /api/v1/transactions", rest_get("/api/v1/transactions?page_size=1"))
+    return load
+
+
+def test_a_killed_replica_costs_clients_nothing_and_comes_back(replicated: RunningStack) -> None:
+    stack = replicated
+    supervisor = stack.supervisor()
+    second = {name: replica_address(stack, name, 1) for name in REPLICATED}
+    # Both replicas of each service are in rotation before anything happens.
+    wait_for(
+        lambda: all(healthy(stack, n, replica_address(stack, n, i)) for n in REPLICATED for i in (0, 1)),
+        30,
+        "every replica healthy in Envoy",
+    )
+    retries_before = {n: envoy_stat(stack, f"cluster.{n}.upstream_rq_retry") for n in REPLICATED}
+
+    with stack.http() as rest:
+        load = start_load(stack, rest)
+        try:
+            time.sleep(WARM_UP_SECONDS)
+            for name in REPLICATED:
+                wait_for(partial(serving, stack, name, second[name], 0), 30, f"{name}'s replica 1 serving")
+            old_pids = {n: supervisor.pid(replica_name(n, 1)) for n in REPLICATED}
+            killed_at = time.monotonic()
+            for name in REPLICATED:
+                supervisor.signal(replica_name(name, 1), "KILL")
+            # Seconds from the kill until Envoy took the replica out, had it healthy again, and sent
+            # it requests that succeeded.
+            out_at: dict[str, float] = {}
+            back_at: dict[str, float] = {}
+            serving_at: dict[str, float] = {}
+            for name in REPLICATED:
+                wait_for(partial(taken_out, stack, name, second[name]), 10, f"{name}'s killed replica out")
+                out_at[name] = round(time.monotonic() - killed_at, 2)
+            for name in REPLICATED:
+                wait_for(
+                    partial(healthy, stack, name, second[name]),
+                    RECOVERY_TIMEOUT_SECONDS,
+                    f"{name}'s restarted replica healthy again",
+                )
+                back_at[name] = round(time.monotonic() - killed_at, 2)
+                served = successes(stack, name, second[name])
+                wait_for(
+                    partial(serving, stack, name, second[name], served),
+                    30,
+                    f"{name}'s restarted replica serving again",
+                )
+                serving_at[name] = round(time.monotonic() - killed_at, 2)
+            # A little more load on the recovered pair.
+            time.sleep(1.0)
+        finally:
+            load.finish()
+
+    new_pids = {n: supervisor.pid(replica_name(n, 1)) for n in REPLICATED}
+    assert all(new_pids[n] != old_pids[n] for n in REPLICATED), "supervisord restarted the replicas"
+    retries = {n: envoy_stat(stack, f"cluster.{n}.upstream_rq_retry") - retries_before[n] for n in REPLICATED}
+    ejections = {
+        n: envoy_stat(stack, f"cluster.{n}.outlier_detection.ejections_enforced_total") for n in REPLICATED
+    }
+    print(
+        f"\nreplica kill under load: {load.calls} reads, {len(load.errors)} errors; "
+        f"taken out after {out_at} s; healthy again after {back_at} s; serving again after "
+        f"{serving_at} s (from the kill); Envoy retries {retries}; outlier ejections {ejections}"
+    )
+    assert load.calls > 0
+    assert load.errors == [], f"{len(load.errors)} of {load.calls} reads failed: {load.errors[:5]}"
