@@ -207,7 +207,7 @@ def tier_overhead(args: argparse.Namespace, model: Path, run_dir: Path, loads: L
             for rnd in range(args.rounds):
                 for system in TIER_SYSTEMS:
                     make: Callable[[], Client] = (
-                        (lambda: TritonClient(e.triton_grpc, TIER_MODEL)) if system == "triton"
+                        (lambda: TritonClient(e.triton_grpc, TIER_MODEL, stack.settings.triton)) if system == "triton"
                         else (lambda: GrpcClient(e.grpc, TIER_MODEL, key)) if system == "ferry-grpc"
                         else (lambda: SseClient(e.rest, TIER_MODEL, api_key=key))
                     )  # fmt: skip

@@ -23,6 +23,8 @@ from tritonclient.grpc import InferInput
 from tritonclient.grpc import aio as triton_aio
 
 from bench.metrics import Record
+from services.common.config import TritonSettings
+from services.common.triton_client import with_access
 
 Call = Callable[[str, int], Awaitable[Record]]
 
@@ -140,8 +142,11 @@ def _string_input(name: str, value: str) -> InferInput:
 class TritonClient:
     name = "triton"
 
-    def __init__(self, address: str, model: str) -> None:
+    def __init__(self, address: str, model: str, triton: TritonSettings | None = None) -> None:
+        # `triton`: the stack's settings, whose access secret Triton asks for (as it does of ferry).
         self.client = triton_aio.InferenceServerClient(url=address)
+        if triton is not None:
+            with_access(self.client, triton)
         self.model = model
 
     async def __call__(self, prompt: str, max_tokens: int) -> Record:

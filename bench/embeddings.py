@@ -38,6 +38,7 @@ from backends.onnx.encoder import Encoder
 from bench import platform, prompts, report
 from launcher.setup import ensure_backend, ensure_model, onnx_models
 from services.common.config import REPO_ROOT, Settings
+from services.common.triton_client import with_access
 
 MODEL = "all-minilm-l6-v2"
 SYSTEMS = ("in-process", "in-process-batched", "ferry-rest", "ferry-grpc")
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             "ferry-rest": lambda: RestClient(e.rest, key),
             "ferry-grpc": lambda: GrpcClient(e.grpc, key),
         }
-        triton = triton_grpc.InferenceServerClient(e.triton_grpc)
+        triton = with_access(triton_grpc.InferenceServerClient(e.triton_grpc), stack.settings.triton)
         before = triton.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
         for level in LEVELS:
             count = args.requests_c1 if level == 1 else args.requests_c16

@@ -129,7 +129,7 @@ def main() -> None:
         make: Callable[[], Client] = (
             (lambda: GrpcClient(e.grpc, args.model, key)) if args.path == "grpc"
             else (lambda: SseClient(e.rest, args.model, api_key=key)) if args.path == "rest"
-            else (lambda: TritonClient(e.triton_grpc, args.model))
+            else (lambda: TritonClient(e.triton_grpc, args.model, stack.settings.triton))
         )  # fmt: skip
         for name in filter(None, args.stop.split(",")):
             stack.supervisor().stop(name)

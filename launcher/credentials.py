@@ -68,3 +68,16 @@ def with_credentials(settings: Settings) -> tuple[Settings, AdminKey | None]:
     admin = ensure_admin_key(settings)
     updated = settings.model_copy(update={"auth": auth, "bootstrap_admin_key": SecretStr(admin.secret)})
     return updated, admin
+
+
+def with_triton_secret(settings: Settings) -> Settings:
+    """`settings` with a fresh Triton access secret for this start, unless the settings name one.
+
+    Triton answers everything but health only to callers that show it (launcher/triton.py
+    `restricted_flags`); the launcher hands it to ferry's processes through their environment.
+    """
+    triton = settings.triton
+    if triton.access_secret is not None:
+        return settings
+    secret = SecretStr(secrets.token_urlsafe(32))
+    return settings.model_copy(update={"triton": triton.model_copy(update={"access_secret": secret})})

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from launcher.programs import Program
 from services.common.config import REPO_ROOT, Settings
+from services.common.triton_client import ACCESS_HEADER
 
 SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
 
@@ -89,9 +90,38 @@ def triton_argv(settings: Settings) -> list[str]:
         "--exit-timeout-secs=5",
         f"--backend-config=python,shm-region-prefix-name={shm_prefix(settings)}",
         "--log-verbose=0",
+        *restricted_flags(settings),
         *triton_tracing_flags(settings),
     ]
     return argv
+
+
+# Every protocol Triton has but health: inference, model metadata and configuration, the repository
+# (index, load, unload), statistics, shared-memory registration, trace and log settings answer only a
+# caller that shows the access secret. Health (live, ready, model ready, grpc.health.v1) stays open for
+# probes: Kubernetes and Docker ask /v2/health/*, and the llamacpp backend's shutdown monitor asks
+# /v2/health/live over HTTP (backends/llamacpp/shutdown.py) -- which is why HTTP stays on, on the
+# configured host only.
+RESTRICTED_PROTOCOLS = (
+    "inference",
+    "metadata",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "shared-memory",
+    "trace",
+    "logging",
+)
+
+
+def restricted_flags(settings: Settings) -> list[str]:
+    """Triton's restricted protocol (gRPC) and API (HTTP) flags keyed by `triton.access_secret`; none
+    when it is unset (a Triton started by tests on its own)."""
+    secret = settings.triton.access_secret
+    if secret is None:
+        return []
+    rule = f"{','.join(RESTRICTED_PROTOCOLS)}:{ACCESS_HEADER}={secret.get_secret_value()}"
+    return [f"--grpc-restricted-protocol={rule}", f"--http-restricted-api={rule}"]
 
 
 def triton_tracing_flags(settings: Settings) -> list[str]:

@@ -22,6 +22,7 @@ import psutil
 from ferry.auth.v1 import auth_pb2
 from ferry.keys.v1 import keys_pb2, keys_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import InferenceServerClient as TritonClient
 
 from launcher.ports import free_ports, is_free, needed_ports
 from launcher.setup import ensure_backend, ensure_model
@@ -30,6 +31,7 @@ from launcher.supervisor import SupervisorClient
 from launcher.triton import SHM_DIR, shm_prefix
 from services.common.config import Settings
 from services.common.tokens import new_key_secret
+from services.common.triton_client import with_access
 
 # Every process with a port of its own: the launcher's services plus the gateway (keys, ext_authz).
 PROCESSES = tuple(dict.fromkeys((*SERVICES, "gateway")))
@@ -234,6 +236,12 @@ class RunningStack:
     @property
     def triton_grpc(self) -> str:
         return self.stack.endpoints.triton_grpc
+
+    def triton(self) -> TritonClient:
+        """A gRPC client of the stack's Triton that shows its access secret, as ferry's processes do
+        (Triton refuses everything but health without it). Close it when done."""
+        client: TritonClient = with_access(TritonClient(self.triton_grpc), self.stack.settings.triton)
+        return client
 
     @property
     def envoy_admin(self) -> str:

@@ -20,6 +20,7 @@ from backends.llamacpp import faults
 from backends.llamacpp.config import ConfigError, ferry_home
 from backends.llamacpp.contract import EngineErrorCode, EngineFault
 from backends.llamacpp.faults import FaultError
+from backends.llamacpp.watchdog import start_watchdog
 from backends.onnx.config import EmbeddingParameters
 from backends.onnx.encoder import Encoder, Tokens
 
@@ -86,6 +87,9 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"model {self.name}: {exc}") from None
         # The first run sets up ONNX Runtime's kernels; a request should not pay for it.
         self.encoder.encode(["warm up"])
+        # If tritonserver dies (SIGKILL, a crash), this stub must not live on as an orphan holding the
+        # model's memory and shared-memory regions: the llamacpp backend's watchdog kills it.
+        start_watchdog()
         print(
             f"{self.name}: loaded {onnx_path} in {time.monotonic() - started:.2f} s (dimension="
             f"{self.params.dimension}, max_tokens={self.params.max_tokens}, pooling={self.params.pooling}, "

@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
-from tritonclient.grpc import InferInput
+from tritonclient.grpc import InferenceServerClientPlugin, InferInput
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
@@ -51,8 +51,51 @@ class ModelInfo:
     max_batch_size: int = 0
 
 
+# The header Triton checks on its restricted protocols (launcher/triton.py `restricted_flags`). Over
+# gRPC Triton expects it with its own prefix, `triton-grpc-protocol-<header>`.
+ACCESS_HEADER = "ferry-triton-secret"
+GRPC_ACCESS_HEADER = f"triton-grpc-protocol-{ACCESS_HEADER}"
+
+
+def access_headers(settings: TritonSettings) -> dict[str, str]:
+    """The gRPC metadata that carries the Triton access secret (empty when none is set)."""
+    if settings.access_secret is None:
+        return {}
+    return {GRPC_ACCESS_HEADER: settings.access_secret.get_secret_value()}
+
+
+def http_access_headers(settings: TritonSettings) -> dict[str, str]:
+    """The same secret as Triton's HTTP endpoint expects it (no prefix)."""
+    if settings.access_secret is None:
+        return {}
+    return {ACCESS_HEADER: settings.access_secret.get_secret_value()}
+
+
+class AccessSecret(InferenceServerClientPlugin):  # type: ignore[misc]
+    """tritonclient plugin: puts the access secret on every call of a client."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+    def __call__(self, request: Any) -> None:
+        # A new dict: the caller's own `headers` argument is left as it was.
+        request.headers = {**(request.headers or {}), **self.headers}
+
+
+def with_access(client: Any, settings: TritonSettings) -> Any:
+    """`client` (a tritonclient gRPC client, sync or aio) sending the access secret on every call."""
+    headers = access_headers(settings)
+    if headers:
+        client.register_plugin(AccessSecret(headers))
+    return client
+
+
 def connect(settings: TritonSettings) -> triton_aio.InferenceServerClient:
-    return triton_aio.InferenceServerClient(url=settings.grpc_address)
+    """The Triton client of a process: every call carries the access secret."""
+    client: triton_aio.InferenceServerClient = with_access(
+        triton_aio.InferenceServerClient(url=settings.grpc_address), settings
+    )
+    return client
 
 
 def string_input(name: str, value: str) -> InferInput:

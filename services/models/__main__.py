@@ -12,6 +12,7 @@ from tritonclient.utils import InferenceServerException
 from services.common import triton_client
 from services.common.model_names import ModelNames
 from services.common.server import Runtime
+from services.models.restore import LoadedModels
 from services.models.servicer import ModelsServicer
 from services.recording import Recorder
 from services.recording.process import run_audited
@@ -22,13 +23,23 @@ WATCH_INTERVAL_SECONDS = 1.0
 
 
 async def watch_triton(runtime: Runtime, servicer: ModelsServicer) -> None:
-    """The registry is only useful while Triton answers: health follows Triton's liveness."""
+    """The registry is only useful while Triton answers: health follows Triton's liveness. When Triton
+    answers (first, or again after a crash), the model set is noted or restored before the service
+    reports SERVING, so Envoy's /readyz stays false until the models loaded before the crash are back."""
     serving: bool | None = None
     while True:
         try:
             live = bool(await servicer.client.is_server_live(client_timeout=2.0))
         except InferenceServerException:
             live = False
+        if live and not serving:
+            try:
+                await servicer.loaded.up()
+            except Exception:  # Triton went away again mid-way: the next look tries once more
+                log.exception("noting the models Triton has loaded failed")
+                live = False
+        elif not live:
+            servicer.loaded.down()
         if live != serving:
             log.info("Triton is %s", "live" if live else "not answering")
             await runtime.set_serving(live)
@@ -38,7 +49,8 @@ async def watch_triton(runtime: Runtime, servicer: ModelsServicer) -> None:
 
 async def setup(runtime: Runtime, recorder: Recorder) -> None:
     settings = runtime.settings
-    servicer = ModelsServicer(triton_client.connect(settings.triton), ModelNames.of(settings))
+    client = triton_client.connect(settings.triton)
+    servicer = ModelsServicer(client, ModelNames.of(settings), LoadedModels(client, recorder))
     models_pb2_grpc.add_ModelsServiceServicer_to_server(servicer, runtime.server)
     await runtime.set_serving(False)
     watcher = asyncio.create_task(watch_triton(runtime, servicer))

@@ -21,6 +21,7 @@ from services.common.errors import Reason, RpcError, not_found, rpc_error
 from services.common.model_names import ModelNames
 from services.common.names import model_id_from_name, model_name
 from services.common.triton_client import ModelInfo, Provider
+from services.models.restore import LoadedModels
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,16 @@ def not_managed(model_id: str, action: str) -> RpcError:
 
 
 class ModelsServicer(models_pb2_grpc.ModelsServiceServicer):
-    def __init__(self, client: triton_aio.InferenceServerClient, names: ModelNames) -> None:
+    def __init__(
+        self,
+        client: triton_aio.InferenceServerClient,
+        names: ModelNames,
+        loaded: LoadedModels | None = None,
+    ) -> None:
         self.client = client
         self.names = names
+        # The model set restored after a Triton restart (services/models/restore.py).
+        self.loaded = loaded or LoadedModels(client, None)
         self.upstream = {name: upstream_models.model_info(name, cfg) for name, cfg in names.upstream.items()}
 
     async def ListModels(
@@ -85,6 +93,7 @@ class ModelsServicer(models_pb2_grpc.ModelsServiceServicer):
                 metadata={"model": model_id},
             ) from err
         log.info("model %s loaded", model_id)
+        self.loaded.loaded(model_id)
         return await self._get(model_id)
 
     async def UnloadModel(
@@ -99,6 +108,7 @@ class ModelsServicer(models_pb2_grpc.ModelsServiceServicer):
         except InferenceServerException as err:
             raise triton_client.unavailable(err) from err
         log.info("model %s unloaded", model_id)
+        self.loaded.unloaded(model_id)
         return await self._get(model_id)
 
     def _model_id(self, name: str) -> str:

@@ -14,7 +14,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import tritonclient.grpc as triton_grpc
 from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from ferry.models.v1 import models_pb2, models_pb2_grpc
 
@@ -221,7 +220,7 @@ def test_an_embeddings_request_is_recorded_once_without_its_vectors(rest: httpx.
 
 async def test_concurrent_requests_share_onnx_runtime_runs(stack: RunningStack) -> None:
     """Single-input requests sent at once: Triton's dynamic batcher runs several in one execution."""
-    triton = triton_grpc.InferenceServerClient(stack.triton_grpc)
+    triton = stack.triton()
 
     def counts() -> tuple[int, int]:
         stats = triton.get_inference_statistics(EMBEDDER, as_json=True)["model_stats"][0]

@@ -16,7 +16,6 @@ import pytest
 from ferry.inference.v1 import inference_pb2 as pb
 from ferry.inference.v1 import inference_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tritonclient.grpc import InferenceServerClient
 
 from services.common.errors import error_details
 from tests.inference.conftest import Metrics
@@ -231,7 +230,7 @@ def test_model_not_ready_is_unavailable_and_health_follows(
             assert time.monotonic() < deadline
             time.sleep(0.1)
 
-    triton = InferenceServerClient(stack.triton_grpc)
+    triton = stack.triton()
     triton.unload_model(model)
     try:
         wait_for(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 5)

@@ -1,0 +1,1 @@
+../../slow-stream/1/model.py
