@@ -496,11 +496,12 @@ class RecordingSettings(BaseModel):
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     batch_size: int = 200
     # A started transaction waits this long for its outcome, so that a request finishing within it is
-    # delivered as ONE record (a single CreateTransaction); a longer one is delivered as started, then
-    # completed. Both are on disk from the start either way. 0: starts are delivered at once.
+    # delivered as ONE record; a longer one is delivered as started, then completed. Both are on disk
+    # from the start either way. 0: starts are delivered at once.
     merge_window_seconds: float = 1.0
     # After a new record wakes delivery, it waits this long so that what arrives meanwhile goes in
-    # the same batch (one AppendEvents for many audit events).
+    # the same batch (one AppendEvents for many audit events; one BatchCreateTransactions /
+    # BatchCompleteTransactions for many transaction records).
     batch_delay_seconds: float = 0.1
     # Health `ferry.recording` turns NOT_SERVING (the process stays SERVING) beyond either threshold.
     degraded_depth: int = 1000

@@ -8,11 +8,14 @@ id, event id), which turns at-least-once delivery into exactly-once effect.
 Fewer calls: a started transaction is held back for `merge_window` seconds, so that a request that
 finishes within it goes out as one CreateTransaction with its outcome (instead of CreateTransaction
 then CompleteTransaction); and a loop woken by a new record waits `batch_delay` seconds, so that the
-records arriving meanwhile go out together (one AppendEvents for many audit events). Neither delays
-what is on disk: the spool has every record from the moment it is written.
+records arriving meanwhile go out together (one AppendEvents for many audit events; one
+BatchCreateTransactions for the records and starts, one BatchCompleteTransactions for the outcomes of
+starts sent earlier: a process under load makes a call per batch, not one per request). Neither
+delays what is on disk: the spool has every record from the moment it is written.
 
-Refusals that retrying cannot fix (INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION) move the
-record to the spool's `dead` table instead of blocking everything behind it; all other errors
+A batch is all or none: refused as invalid (or by a Transactions service without the batch calls),
+its records go again one call each, which finds the invalid one. Refusals that retrying cannot fix
+(INVALID_ARGUMENT, OUT_OF_RANGE, FAILED_PRECONDITION) move the record to the spool's `dead` table instead of blocking everything behind it; all other errors
 (UNAVAILABLE, DEADLINE_EXCEEDED, UNAUTHENTICATED while keys are being set up, ...) are retried. A
 merged CreateTransaction that is refused falls back to the start on its own, so that an invalid
 outcome never takes the request's start (prompt, messages, principal) with it: the start is delivered
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -55,6 +59,12 @@ PERMANENT = frozenset(
 
 def is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in PERMANENT
+
+
+def _batch_refused(exc: grpc.aio.AioRpcError) -> bool:
+    """A batch call that records one by one may still get through: one of them is invalid, or the
+    service predates the batch calls (UNIMPLEMENTED)."""
+    return is_permanent(exc) or exc.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -220,6 +230,76 @@ class Delivery:
     async def _transactions_step(self) -> int:
         held = time.time() - self.merge_window if self._holding_starts() else None
         rows = self.spool.pending_txn(self.batch_size, started_before=held)
+        # Records not yet in the database (a start, or start and outcome merged) go in one
+        # BatchCreateTransactions; outcomes of starts already sent in one BatchCompleteTransactions.
+        creates = [row for row in rows if row.finished is None or not row.start_sent]
+        completes = [row for row in rows if row.finished is not None and row.start_sent]
+        if creates:
+            await self._create_batch(creates)
+        if completes:
+            await self._complete_batch(completes)
+        return len(rows)
+
+    async def _create_batch(self, rows: list[TxnRow]) -> None:
+        records = [
+            Transaction.FromString(row.started or b"")
+            if row.finished is None
+            else merge(
+                row.started,
+                row.request_id,
+                transactions_pb2.CompleteTransactionRequest.FromString(row.finished),
+            )
+            for row in rows
+        ]
+        request = transactions_pb2.BatchCreateTransactionsRequest(
+            requests=[transactions_pb2.CreateTransactionRequest(transaction=t) for t in records]
+        )
+        try:
+            with delivery_span("transactions", [row.context for row in rows], len(rows)):
+                reply = await self.transactions.BatchCreateTransactions(
+                    request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata()
+                )
+        except grpc.aio.AioRpcError as exc:
+            if not _batch_refused(exc):
+                raise
+            # A record refused as invalid (the batch is all or none), or a Transactions service without
+            # the batch call: each record on its own finds the invalid one.
+            await self._deliver_each(rows)
+            return
+        for row, record in zip(rows, reply.transactions, strict=True):
+            if row.finished is None:
+                self.spool.start_delivered(row.seq)
+            else:
+                if record.status == Transaction.Status.STATUS_IN_PROGRESS:
+                    # A start sent earlier got in first (its reply was lost): the outcome goes alone.
+                    await self._deliver_each([dataclasses.replace(row, start_sent=True)])
+                    continue
+                self.spool.txn_delivered(row.seq)
+            DELIVERED.labels("transaction").inc()
+
+    async def _complete_batch(self, rows: list[TxnRow]) -> None:
+        request = transactions_pb2.BatchCompleteTransactionsRequest(
+            requests=[
+                transactions_pb2.CompleteTransactionRequest.FromString(row.finished or b"") for row in rows
+            ]
+        )
+        try:
+            with delivery_span("transactions", [row.context for row in rows], len(rows)):
+                await self.transactions.BatchCompleteTransactions(
+                    request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata()
+                )
+        except grpc.aio.AioRpcError as exc:
+            # NOT_FOUND too: a start gone from the database; on its own, that record is sent whole again.
+            if not (_batch_refused(exc) or exc.code() == grpc.StatusCode.NOT_FOUND):
+                raise
+            await self._deliver_each(rows)
+            return
+        for row in rows:
+            self.spool.txn_delivered(row.seq)
+            DELIVERED.labels("transaction").inc()
+
+    async def _deliver_each(self, rows: list[TxnRow]) -> None:
+        """One call per record (CreateTransaction / CompleteTransaction), setting invalid ones aside."""
         for row in rows:
             try:
                 with delivery_span("transactions", [row.context], 1, row.request_id):
@@ -232,7 +312,6 @@ class Delivery:
                 self._bury_txn(row, row.finished or row.started or b"", str(exc.details()))
             else:
                 DELIVERED.labels("transaction").inc()
-        return len(rows)
 
     def _bury_txn(self, row: TxnRow, payload: bytes, details: str) -> None:
         log.error("transaction %s refused as invalid, kept aside: %s", row.request_id, details)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from ferry.transactions.v1 import transactions_pb2, transactions_pb2_grpc
@@ -14,7 +15,7 @@ from psycopg.rows import dict_row
 
 from services.common import listing
 from services.common.database import Database, nul_free
-from services.common.errors import invalid_argument, not_found
+from services.common.errors import RpcError, invalid_argument, not_found
 from services.common.names import REQUEST_ID, REQUEST_ID_RULE, TRANSACTIONS, is_request_id, resource_id
 from services.common.timestamps import now, to_datetime, to_duration, to_micros, to_timestamp
 
@@ -82,62 +83,32 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServiceServicer):
     async def CreateTransaction(
         self, request: transactions_pb2.CreateTransactionRequest, context: grpc.aio.ServicerContext
     ) -> Transaction:
-        if not request.HasField("transaction"):
-            raise invalid_argument("transaction", "is required")
-        row = _row_from_proto(request.transaction)
-        placeholders = ", ".join(["%s"] * len(row))
+        row = _create_row(request)
         async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                f"INSERT INTO transactions ({COLUMNS}) VALUES ({placeholders}) "
-                f"ON CONFLICT (request_id) DO UPDATE SET {RETRY_ASSIGNMENTS}, update_time = now() "
-                f"WHERE {RETRY_CONDITION} RETURNING *",
-                list(row.values()),
-            )
-            created = await cur.fetchone()
-            if (
-                created is None
-            ):  # a retry, or the same id used twice: the first record wins (see RETRY_CONDITION)
-                await cur.execute("SELECT * FROM transactions WHERE request_id = %s", (row["request_id"],))
-                created = await cur.fetchone()
-        assert created is not None
-        return _proto_from_row(created)
+            return await _create(cur, row)
+
+    async def BatchCreateTransactions(
+        self, request: transactions_pb2.BatchCreateTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> transactions_pb2.BatchCreateTransactionsResponse:
+        rows = _batch(request.requests, _create_row)
+        async with self.db.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            created = [await _create(cur, row) for row in rows]
+        return transactions_pb2.BatchCreateTransactionsResponse(transactions=created)
 
     async def CompleteTransaction(
         self, request: transactions_pb2.CompleteTransactionRequest, context: grpc.aio.ServicerContext
     ) -> Transaction:
-        request_id = resource_id(request.name, TRANSACTIONS, REQUEST_ID)
-        if request.status not in FINAL:
-            raise invalid_argument("status", "must be a final status (not UNSPECIFIED or IN_PROGRESS)")
-        usage = request.usage
-        _check_usage(usage, "usage")
-        values = {
-            "status": _status_name(request.status),
-            "output": nul_free(request.output),
-            "finish_reason": nul_free(request.finish_reason),
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens or usage.prompt_tokens + usage.completion_tokens,
-            "ttft_us": _micros_or_none(request, "time_to_first_token"),
-            "latency_us": _micros_or_none(request, "latency"),
-            "error_code": nul_free(request.error_code),
-            "error_message": nul_free(request.error_message),
-            "complete_time": (
-                to_datetime(request.complete_time, "complete_time")
-                if request.HasField("complete_time")
-                else now()
-            ),
-        }
-        assignments = ", ".join(f"{k} = %s" for k in values)
+        request_id, values = _completion(request)
         async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                f"UPDATE transactions SET {assignments}, update_time = now() "
-                f"WHERE request_id = %s AND status = 'IN_PROGRESS' RETURNING *",
-                [*values.values(), request_id],
-            )
-            row = await cur.fetchone()
-            if row is None:  # already final (first completion wins) or unknown
-                return await _stored(cur, request_id)
-        return _proto_from_row(row)
+            return await _complete(cur, request_id, values)
+
+    async def BatchCompleteTransactions(
+        self, request: transactions_pb2.BatchCompleteTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> transactions_pb2.BatchCompleteTransactionsResponse:
+        completions = _batch(request.requests, _completion)
+        async with self.db.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            completed = [await _complete(cur, request_id, values) for request_id, values in completions]
+        return transactions_pb2.BatchCompleteTransactionsResponse(transactions=completed)
 
     async def GetTransaction(
         self, request: transactions_pb2.GetTransactionRequest, context: grpc.aio.ServicerContext
@@ -153,6 +124,92 @@ class TransactionsServicer(transactions_pb2_grpc.TransactionsServiceServicer):
         return transactions_pb2.ListTransactionsResponse(
             transactions=[_proto_from_row(r) for r in rows], next_page_token=token
         )
+
+
+# The most requests one Batch* call may carry (the spool sends at most its batch_size).
+MAX_BATCH = 1000
+Request = TypeVar("Request")
+Checked = TypeVar("Checked")
+
+
+def _batch(requests: Sequence[Request], check: Callable[[Request], Checked]) -> list[Checked]:
+    """Every request of a batch checked as its single call checks it; an error names its index."""
+    if not requests:
+        raise invalid_argument("requests", "must hold at least one request")
+    if len(requests) > MAX_BATCH:
+        raise invalid_argument("requests", f"must hold at most {MAX_BATCH} requests, got {len(requests)}")
+    checked = []
+    for index, item in enumerate(requests):
+        try:
+            checked.append(check(item))
+        except RpcError as err:
+            field, description = err.field_violations[0] if err.field_violations else ("", err.message)
+            raise invalid_argument(
+                f"requests[{index}]" + (f".{field}" if field else ""), description
+            ) from err
+    return checked
+
+
+def _create_row(request: transactions_pb2.CreateTransactionRequest) -> dict[str, Any]:
+    if not request.HasField("transaction"):
+        raise invalid_argument("transaction", "is required")
+    return _row_from_proto(request.transaction)
+
+
+async def _create(cur: AsyncCursor[dict[str, Any]], row: dict[str, Any]) -> Transaction:
+    placeholders = ", ".join(["%s"] * len(row))
+    await cur.execute(
+        f"INSERT INTO transactions ({COLUMNS}) VALUES ({placeholders}) "
+        f"ON CONFLICT (request_id) DO UPDATE SET {RETRY_ASSIGNMENTS}, update_time = now() "
+        f"WHERE {RETRY_CONDITION} RETURNING *",
+        list(row.values()),
+    )
+    created = await cur.fetchone()
+    if created is None:  # a retry, or the same id used twice: the first record wins (see RETRY_CONDITION)
+        await cur.execute("SELECT * FROM transactions WHERE request_id = %s", (row["request_id"],))
+        created = await cur.fetchone()
+    assert created is not None
+    return _proto_from_row(created)
+
+
+def _completion(request: transactions_pb2.CompleteTransactionRequest) -> tuple[str, dict[str, Any]]:
+    """The record's id and the columns a completion sets."""
+    request_id = resource_id(request.name, TRANSACTIONS, REQUEST_ID)
+    if request.status not in FINAL:
+        raise invalid_argument("status", "must be a final status (not UNSPECIFIED or IN_PROGRESS)")
+    usage = request.usage
+    _check_usage(usage, "usage")
+    values = {
+        "status": _status_name(request.status),
+        "output": nul_free(request.output),
+        "finish_reason": nul_free(request.finish_reason),
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens or usage.prompt_tokens + usage.completion_tokens,
+        "ttft_us": _micros_or_none(request, "time_to_first_token"),
+        "latency_us": _micros_or_none(request, "latency"),
+        "error_code": nul_free(request.error_code),
+        "error_message": nul_free(request.error_message),
+        "complete_time": (
+            to_datetime(request.complete_time, "complete_time")
+            if request.HasField("complete_time")
+            else now()
+        ),
+    }
+    return request_id, values
+
+
+async def _complete(cur: AsyncCursor[dict[str, Any]], request_id: str, values: dict[str, Any]) -> Transaction:
+    assignments = ", ".join(f"{k} = %s" for k in values)
+    await cur.execute(
+        f"UPDATE transactions SET {assignments}, update_time = now() "
+        f"WHERE request_id = %s AND status = 'IN_PROGRESS' RETURNING *",
+        [*values.values(), request_id],
+    )
+    row = await cur.fetchone()
+    if row is None:  # already final (first completion wins) or unknown
+        return await _stored(cur, request_id)
+    return _proto_from_row(row)
 
 
 async def _stored(cur: AsyncCursor[dict[str, Any]], request_id: str) -> Transaction:

@@ -346,7 +346,8 @@ async def test_refused_merged_record_keeps_its_start(services: Services, transac
         "keep me",
         "keys/k1",
     )
-    # Merged, then the start alone: two creates for each request; one completion, for the valid start.
+    # The batch is refused (all or none), then each on its own: merged, then the start alone: two
+    # creates for each request; one completion, for the valid start.
     assert after["CreateTransaction"] - before["CreateTransaction"] == 4
     assert after["CompleteTransaction"] - before["CompleteTransaction"] == 1
     assert [kind for kind, _, _ in dead] == ["transaction", "transaction"]
@@ -395,8 +396,11 @@ async def _wait_for_status(
         await asyncio.sleep(0.05)
 
 
-async def test_short_requests_are_delivered_as_one_call_each(services: Services, transactions: Any) -> None:
-    """A request that finishes within the merge window reaches Transactions as one complete record."""
+async def test_short_requests_are_delivered_as_one_record_each_in_batches(
+    services: Services, transactions: Any
+) -> None:
+    """A request that finishes within the merge window reaches Transactions as one complete record,
+    and the records spooled meanwhile go out together (BatchCreateTransactions, not a call each)."""
     settings = services.settings(recording={"merge_window_seconds": 5.0})
     recorder = Recorder(settings, f"merge-{uuid.uuid4().hex[:6]}")
     await recorder.start()
@@ -413,8 +417,40 @@ async def test_short_requests_are_delivered_as_one_call_each(services: Services,
         await recorder.stop()
         recorder.close()
     after = await asyncio.to_thread(_handled, services, "transactions")
-    assert after["CreateTransaction"] - before["CreateTransaction"] == len(ids)
+    assert after["CreateTransaction"] - before["CreateTransaction"] == 0
     assert after["CompleteTransaction"] - before["CompleteTransaction"] == 0
+    assert after["BatchCompleteTransactions"] - before["BatchCompleteTransactions"] == 0
+    assert 1 <= after["BatchCreateTransactions"] - before["BatchCreateTransactions"] <= len(ids)
+
+
+async def test_many_requests_cost_a_few_batched_calls(services: Services, transactions: Any) -> None:
+    """40 requests recorded within a moment, then finished after their starts were delivered: a few
+    BatchCreateTransactions for the starts and a few BatchCompleteTransactions for the outcomes, not
+    one call per request."""
+    settings = services.settings(recording={"merge_window_seconds": 0.0, "batch_delay_seconds": 0.5})
+    recorder = Recorder(settings, f"many-{uuid.uuid4().hex[:6]}")
+    await recorder.start()
+    ids = [uuid.uuid4().hex for _ in range(40)]
+    before = await asyncio.to_thread(_handled, services, "transactions")
+    try:
+        for rid in ids:
+            recorder.transaction_started(rid, model="m", prompt=f"hello {rid}")
+        for rid in ids:
+            await _wait_for_status(transactions, rid, Status.STATUS_IN_PROGRESS, timeout=20)
+        for rid in ids:
+            recorder.transaction_finished(rid, status="succeeded", output=f"hi {rid}", completion_tokens=2)
+        for rid in ids:
+            await _wait_for_status(transactions, rid, Status.STATUS_SUCCEEDED, timeout=20)
+        records = [await transactions.GetTransaction(tx.GetTransactionRequest(name=f"transactions/{ids[0]}"))]
+    finally:
+        await recorder.stop()
+        recorder.close()
+    after = await asyncio.to_thread(_handled, services, "transactions")
+    calls = {name: after[name] - before[name] for name in after}
+    assert calls.get("CreateTransaction", 0) == calls.get("CompleteTransaction", 0) == 0
+    # One call of each, or a few on a machine slow enough to stretch the writes past the delay.
+    assert 1 <= calls["BatchCreateTransactions"] <= 5 and 1 <= calls["BatchCompleteTransactions"] <= 5
+    assert [(r.output, r.usage.completion_tokens) for r in records] == [(f"hi {ids[0]}", 2)]
 
 
 async def test_long_request_shows_in_progress_after_the_merge_window(

@@ -271,3 +271,76 @@ async def test_list_bad_input(transactions: Any) -> None:
     # A filter cannot reach SQL: a quote-laden value is just a value.
     odd = await transactions.ListTransactions(tx.ListTransactionsRequest(filter='model = "x\' OR 1=1 --"'))
     assert list(odd.transactions) == []
+
+
+async def test_batch_create_records_each_once_all_or_none(transactions: Any) -> None:
+    existing = await _create(transactions, prompt="first")
+    fresh = [_new(prompt=f"p{i}") for i in range(3)]
+    batch = tx.BatchCreateTransactionsRequest(
+        requests=[
+            tx.CreateTransactionRequest(transaction=t) for t in [*fresh, _new(request_id=existing.request_id)]
+        ]
+    )
+    reply = await transactions.BatchCreateTransactions(batch)
+    # In order; the record that existed comes back as stored (the first record wins).
+    assert [t.prompt for t in reply.transactions] == ["p0", "p1", "p2", "first"]
+    assert reply.transactions[3] == existing
+    again = await transactions.BatchCreateTransactions(batch)
+    assert list(again.transactions) == list(reply.transactions)
+    # One invalid record refuses the whole batch, naming it; nothing of it is written.
+    valid = _new(prompt="never")
+    bad = tx.BatchCreateTransactionsRequest(
+        requests=[
+            tx.CreateTransactionRequest(transaction=valid),
+            tx.CreateTransactionRequest(transaction=_new(request_id="not a valid id!")),
+        ]
+    )
+    await _fails(
+        transactions.BatchCreateTransactions(bad),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "requests[1].transaction.request_id",
+    )
+    await _fails(
+        transactions.GetTransaction(tx.GetTransactionRequest(name=f"transactions/{valid.request_id}")),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    await _fails(
+        transactions.BatchCreateTransactions(tx.BatchCreateTransactionsRequest()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "requests",
+    )
+
+
+async def test_batch_complete_first_completion_wins(transactions: Any) -> None:
+    a, b = await _create(transactions), await _create(transactions)
+    await transactions.CompleteTransaction(
+        tx.CompleteTransactionRequest(name=b.name, status=Status.STATUS_FAILED, error_code="INTERNAL")
+    )
+    reply = await transactions.BatchCompleteTransactions(
+        tx.BatchCompleteTransactionsRequest(
+            requests=[
+                tx.CompleteTransactionRequest(name=n, status=Status.STATUS_SUCCEEDED, output="ok")
+                for n in (a.name, b.name)
+            ]
+        )
+    )
+    assert [(t.status, t.output) for t in reply.transactions] == [
+        (Status.STATUS_SUCCEEDED, "ok"),
+        (Status.STATUS_FAILED, ""),
+    ]
+    # A bad completion refuses the batch, naming it; the others stay in progress.
+    c = await _create(transactions)
+    await _fails(
+        transactions.BatchCompleteTransactions(
+            tx.BatchCompleteTransactionsRequest(
+                requests=[
+                    tx.CompleteTransactionRequest(name=c.name, status=Status.STATUS_SUCCEEDED),
+                    tx.CompleteTransactionRequest(name=c.name, status=Status.STATUS_IN_PROGRESS),
+                ]
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "requests[1].status",
+    )
+    got = await transactions.GetTransaction(tx.GetTransactionRequest(name=c.name))
+    assert got.status == Status.STATUS_IN_PROGRESS
