@@ -15,6 +15,7 @@ import random
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +23,7 @@ from functools import partial
 import grpc
 import httpx
 import pytest
+from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from ferry.models.v1 import models_pb2, models_pb2_grpc
 from ferry.transactions.v1 import transactions_pb2, transactions_pb2_grpc
 
@@ -35,6 +37,8 @@ pytestmark = pytest.mark.stack
 
 READY_TIMEOUT_SECONDS = 180.0
 REPLICATED = ("models", "transactions")
+# Generation (unary: retried before the first byte under the request's id).
+GENERATING = "inference"
 # Load runs this long before the kill, and at most this long after it for the replica to come back.
 WARM_UP_SECONDS = 2.0
 RECOVERY_TIMEOUT_SECONDS = 60.0
@@ -56,13 +60,15 @@ def free_replica_step(service: ServiceSettings) -> int:
 def replicated() -> Iterator[RunningStack]:
     scratch, home = scratch_home("ferry-replicas-")
     settings = stack_settings(home, **bench_model_overrides())
-    for name in REPLICATED:
+    for name in (*REPLICATED, GENERATING):
         service: ServiceSettings = getattr(settings, name)
         service.replicas = 2
         service.replica_port_step = free_replica_step(service)
-    with running_stack(settings, READY_TIMEOUT_SECONDS) as running:
-        yield running
-    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        with running_stack(settings, READY_TIMEOUT_SECONDS) as running:
+            yield running
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # -- Envoy's view of the replicas (the admin port's /clusters) -------------------------------------------
@@ -249,3 +255,83 @@ def test_a_killed_replica_costs_clients_nothing_and_comes_back(replicated: Runni
     )
     assert load.calls > 0
     assert load.errors == [], f"{len(load.errors)} of {load.calls} reads failed: {load.errors[:5]}"
+
+
+def test_a_killed_inference_replica_costs_unary_generation_nothing(replicated: RunningStack) -> None:
+    """Unary generations (native gRPC with the body's request_id, OpenAI REST with x-request-id)
+    while one of two inference replicas is killed: Envoy retries a try that got no answer on the other
+    replica under the same id, so every client gets its answer and every id has one transaction."""
+    stack = replicated
+    supervisor = stack.supervisor()
+    second = replica_address(stack, GENERATING, 1)
+    model = stack.settings.triton.default_model
+    wait_for(partial(healthy, stack, GENERATING, second), 30, "inference replica 1 healthy")
+    retries_before = envoy_stat(stack, f"cluster.{GENERATING}.upstream_rq_retry")
+    native = inference_pb2_grpc.InferenceServiceStub(stack.channel())
+    ids: list[str] = []
+
+    def new_id() -> str:
+        request_id = uuid.uuid4().hex
+        ids.append(request_id)
+        return request_id
+
+    def grpc_generate() -> None:
+        reply = native.Generate(
+            inference_pb2.GenerateRequest(
+                model=f"models/{model}",
+                request_id=new_id(),
+                prompt=f"count {random.random()}",
+                sampling=inference_pb2.SamplingParams(max_tokens=8),
+            ),
+            timeout=60,
+        )
+        assert reply.text, reply
+
+    with stack.http() as rest:
+
+        def rest_completion() -> None:
+            response = rest.post(
+                "/v1/completions",
+                json={"model": model, "prompt": f"count {random.random()}", "max_tokens": 8},
+                headers={"x-request-id": new_id()},
+            )
+            assert response.status_code == 200, (response.status_code, response.text[:200])
+
+        load = Load()
+        load.run("grpc Generate", grpc_generate)
+        load.run("REST /v1/completions", rest_completion)
+        try:
+            wait_for(partial(serving, stack, GENERATING, second, 0), 30, "inference replica 1 serving")
+            killed_at = time.monotonic()
+            supervisor.signal(replica_name(GENERATING, 1), "KILL")
+            wait_for(partial(taken_out, stack, GENERATING, second), 10, "the killed replica out")
+            wait_for(partial(healthy, stack, GENERATING, second), RECOVERY_TIMEOUT_SECONDS, "replica back")
+            back = round(time.monotonic() - killed_at, 2)
+            served = successes(stack, GENERATING, second)
+            wait_for(partial(serving, stack, GENERATING, second, served), 30, "replica serving again")
+            serving_after = round(time.monotonic() - killed_at, 2)
+        finally:
+            load.finish()
+    print(
+        f"\ninference replica kill under generation load: {load.calls} generations, "
+        f"{len(load.errors)} errors; healthy again after {back} s, serving after {serving_after} s; "
+        f"Envoy retries {envoy_stat(stack, f'cluster.{GENERATING}.upstream_rq_retry') - retries_before}"
+    )
+    assert load.errors == [], f"{len(load.errors)} of {load.calls} generations failed: {load.errors[:5]}"
+
+    # Every answered id has its one record, and it is the answer's (a cut-off try does not win).
+    records = transactions_pb2_grpc.TransactionsServiceStub(stack.channel())
+
+    def recorded(request_id: str) -> bool:
+        try:
+            found = records.GetTransaction(
+                transactions_pb2.GetTransactionRequest(name=f"transactions/{request_id}"), timeout=10
+            )
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return bool(found.status == transactions_pb2.Transaction.Status.STATUS_SUCCEEDED)
+
+    for request_id in list(ids):
+        wait_for(partial(recorded, request_id), 60, f"transaction {request_id} succeeded")
