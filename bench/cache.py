@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (hits, then no-cache)")
     p.add_argument("--tokens", type=int, default=32, help="max_tokens of the request (its answer's length)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=platform.READY_TIMEOUT_S,
+        help="seconds the stack may take to start",
+    )
     return p.parse_args(argv)
 
 
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = [os.getloadavg()[0]]
     runs: dict[str, dict[str, list[float]]] = {path: {"hit": [], "no-cache": []} for path in PATHS}
     say("starting a stack on bench-stream")
+    platform.READY_TIMEOUT_S = args.ready_timeout
     with platform.running(model_path(settings).parent, **platform.bench_model_overrides()) as stack:
         key = platform.api_key(stack) or ""
         with (

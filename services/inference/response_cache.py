@@ -39,7 +39,6 @@ from typing import Any, Protocol
 
 import cachetools
 import grpc
-from redis import asyncio as redis_asyncio
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
@@ -166,6 +165,9 @@ class RedisStore:
         self.url = settings.redis_url
         self.ttl_ms = int(settings.ttl_seconds * 1000)
         self.timeout = settings.redis_timeout_seconds
+        # Imported only when a store is configured: it is most of this module's import time.
+        from redis import asyncio as redis_asyncio
+
         self.client = redis_asyncio.Redis.from_url(
             settings.redis_url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
         )
