@@ -115,13 +115,48 @@ class Models(models_pb2_grpc.ModelsServiceServicer):
         raise NotImplementedError("not in the fake")
 
 
-def serve(script: Script) -> tuple[grpc.Server, str]:
+def serve(script: Script, tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.Server, str]:
+    """Starts the fake on a free port; `tls`: (key PEM, certificate PEM) for a TLS listener on localhost."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(Inference(script), server)
     models_pb2_grpc.add_ModelsServiceServicer_to_server(Models(script), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if tls is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        return server, f"127.0.0.1:{port}"
+    port = server.add_secure_port("localhost:0", grpc.ssl_server_credentials([tls]))
     server.start()
-    return server, f"127.0.0.1:{port}"
+    return server, f"localhost:{port}"
+
+
+def self_signed() -> tuple[bytes, bytes]:
+    """A key and a self-signed certificate for `localhost` (PEM)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:

@@ -14,7 +14,7 @@ from ferry.models.v1 import models_pb2
 from ferry_client import errors
 
 from services.common.errors import Reason, invalid_argument, rate_limited, rpc_error
-from tests.client.fake import Script, serve, wait_for
+from tests.client.fake import Script, self_signed, serve, wait_for
 
 
 @pytest.fixture
@@ -173,3 +173,19 @@ async def test_async_client_retries_types_errors_cancels_and_paginates(fake: tup
             )
         ]
         assert names == [f"models/m{i}" for i in range(5)]
+
+
+def test_tls_with_the_servers_certificate_and_refused_without_it() -> None:
+    key, cert = self_signed()
+    script = Script()
+    server, target = serve(script, tls=(key, cert))
+    try:
+        with ferry_client.Client(target, root_certificates=cert) as client:
+            assert client.models.GetModel(models_pb2.GetModelRequest(name="models/m")).name == "models/m"
+        # The system's roots do not know this certificate: the channel never connects.
+        with ferry_client.Client(target, tls=True, timeout=3, retry=False) as client:
+            with pytest.raises((errors.Unavailable, errors.DeadlineExceeded)):
+                client.models.GetModel(models_pb2.GetModelRequest(name="models/m"))
+    finally:
+        server.stop(grace=None)
+    assert len(script.calls("GetModel")) == 1
