@@ -6,7 +6,7 @@ set -eu
 dir="$(cd "$(dirname "$0")" && pwd)/secrets"
 mkdir -p "$dir"
 chmod 0700 "$dir"
-for name in postgres_password service_token bootstrap_admin_key master_key nats_internal_password nats_client_password; do
+for name in postgres_password service_token bootstrap_admin_key master_key nats_internal_password nats_client_password triton_secret; do
     file="$dir/$name"
     if [ -s "$file" ]; then
         echo "kept    $file"

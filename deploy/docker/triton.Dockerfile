@@ -64,6 +64,10 @@ RUN if [ "${ENGINE}" != "cpu" ]; then \
         && grep -q 'key: "n_gpu_layers" value: { string_value: "-1" }' "${config}" || exit 1; \
       done; \
     fi
+# Appends Triton's restricted-protocol flags keyed by the access secret (a Compose/Kubernetes secret),
+# then runs NVIDIA's entrypoint; refuses to start a Triton without one.
+COPY --chmod=0755 deploy/docker/triton-entrypoint.sh /opt/ferry/triton-entrypoint.sh
+ENTRYPOINT ["/opt/ferry/triton-entrypoint.sh"]
 # 1000 is triton-server, the unprivileged user of NVIDIA's image (numeric for runAsNonRoot).
 USER 1000:1000
 EXPOSE 8000 8001 8002

@@ -127,6 +127,7 @@ def test_volumes_and_secrets(compose: dict[str, Any]) -> None:
         "master_key",
         "nats_internal_password",
         "nats_client_password",
+        "triton_secret",
     }
     for secret in compose["secrets"].values():
         # Made by deploy/compose/secrets.sh and kept out of git.
@@ -151,6 +152,10 @@ def test_volumes_and_secrets(compose: dict[str, Any]) -> None:
             # It speaks NATS as ferry's internal user.
             assert set(service["secrets"]) == {"postgres_password", "service_token", "nats_internal_password"}
             assert env["FERRY_NATS__INTERNAL_PASSWORD_FILE"] == "/run/secrets/nats_internal_password"
+        elif name in TRITON_CALLERS:
+            # It calls Triton, which answers only callers showing the access secret.
+            assert set(service["secrets"]) == {"postgres_password", "service_token", "triton_secret"}
+            assert env["FERRY_TRITON__ACCESS_SECRET_FILE"] == "/run/secrets/triton_secret"
         else:
             assert set(service["secrets"]) == {"postgres_password", "service_token"}
             assert "FERRY_BOOTSTRAP_ADMIN_KEY_FILE" not in env
@@ -171,6 +176,20 @@ def test_volumes_and_secrets(compose: dict[str, Any]) -> None:
     assert postgres["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
     ignored = (REPO_ROOT / "deploy/compose/secrets/.gitignore").read_text().split()
     assert "*" in ignored
+
+
+# The services that call Triton (and so need its access secret).
+TRITON_CALLERS = ("inference", "models", "grammars", "conversations")
+
+
+def test_triton_gets_its_access_secret(compose: dict[str, Any]) -> None:
+    for name in ("triton", "triton-gpu"):
+        triton = compose["services"][name]
+        assert triton["secrets"] == ["triton_secret"]
+        assert triton["environment"]["FERRY_TRITON__ACCESS_SECRET_FILE"] == "/run/secrets/triton_secret"
+    for name in SERVICES:
+        if name not in TRITON_CALLERS:
+            assert "triton_secret" not in compose["services"][name]["secrets"], name
 
 
 def test_secret_script_makes_readable_random_secrets(tmp_path: Path) -> None:
