@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -403,47 +402,6 @@ async def test_ext_authz_check(
     for metadata in ((), (("authorization", f"Bearer {ADMIN_KEY}"),)):
         err = await refusal(check.Check(check_request(GENERATE, key.secret), metadata=metadata))
         assert err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
-
-
-# -- ferry keys CLI -------------------------------------------------------------------------------
-
-
-def ferry_keys(gateway: Gateway, *args: str, api_key: str = ADMIN_KEY) -> subprocess.CompletedProcess[str]:
-    # The key travels in the environment, as documented: never on a command line.
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "keys", *args, "--target", gateway.address],
-        cwd=REPO_ROOT,
-        env={**os.environ, "FERRY_API_KEY": api_key},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-
-
-def test_cli_create_list_revoke(gateway: Gateway) -> None:
-    made = ferry_keys(
-        gateway, "create", "--name", "cli key", "--scope", "inference", "--ttl", "30d", "--rpm", "9", "--json"
-    )
-    assert made.returncode == 0, made.stderr
-    key = json.loads(made.stdout)
-    assert key["secret"].startswith("fry_")
-    assert key["limits"]["requests_per_minute"] == 9
-    assert "not shown again" in made.stderr
-
-    listed = ferry_keys(gateway, "list")
-    assert listed.returncode == 0, listed.stderr
-    assert key["name"] in listed.stdout and "cli key" in listed.stdout
-    assert key["secret"] not in listed.stdout
-
-    revoked = ferry_keys(gateway, "revoke", "cli key")  # by its display name
-    assert revoked.returncode == 0, revoked.stderr
-    assert "revoked" in revoked.stdout
-    assert key["name"] not in ferry_keys(gateway, "list").stdout
-    assert key["name"] in ferry_keys(gateway, "list", "--all").stdout
-
-    refused = ferry_keys(gateway, "list", api_key="fry_wrong")
-    assert refused.returncode == 1
-    assert "UNAUTHENTICATED" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_not_serving_without_database(tmp_path: Path) -> None:
