@@ -180,6 +180,9 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
                     )
             for observer in self.observers:
                 await observer.on_start(call, request)
+            # After authentication: an anonymous caller learns nothing about the method's messages.
+            if isinstance(request, UndecodableRequest):
+                raise rpc_error(Reason.INVALID_ARGUMENT, request.message)
             yield
             code = context.code()
             call.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
@@ -249,6 +252,32 @@ async def _abort(call: Call, context: grpc.aio.ServicerContext, err: RpcError) -
     await context.abort_with_status(status._replace(trailing_metadata=tuple(metadata)))  # type: ignore[attr-defined]
 
 
+class UndecodableRequest:
+    """A request payload that does not parse as the method's message. gRPC would answer UNKNOWN for
+    the deserializer's exception before any ferry code runs; as this placeholder it reaches
+    `observed`, which refuses it with INVALID_ARGUMENT once the caller is authenticated (audited and
+    counted like any refusal)."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.message = f"the request is not a valid serialized {type_name} message ({error})"
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    type_name = getattr(descriptor, "full_name", "request")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return UndecodableRequest(type_name, exc)
+
+    return parse
+
+
 # Handler field and factory by (request streaming, response streaming).
 _HANDLERS: dict[tuple[bool, bool], tuple[str, Callable[..., grpc.RpcMethodHandler]]] = {
     (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -276,4 +305,7 @@ def _wrap(
             yield item
 
     behavior = stream_response if handler.response_streaming else unary_response
-    return factory(behavior, handler.request_deserializer, handler.response_serializer)
+    deserializer = handler.request_deserializer
+    if not handler.request_streaming:
+        deserializer = _tolerant(deserializer)
+    return factory(behavior, deserializer, handler.response_serializer)
