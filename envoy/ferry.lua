@@ -27,7 +27,8 @@
 -- * Bodies already in OpenAI's shape (the key check's refusals, the 413) pass as they are.
 -- Only error answers (status >= 400) are read whole; a 200 stream passes untouched. A stream's
 -- error after it started is its last event, written by the service (openai_api/chunks.py).
--- ferry's own /api/v1/* keep google.rpc.Status JSON, and gRPC callers their rich status.
+-- ferry's own /api/v1/* keep google.rpc.Status JSON (the transcoder's and Envoy's plain-text answers
+-- there become one, with an ErrorInfo of the same code), and gRPC callers their rich status.
 local OPENAI_STREAMING = {
   ["/v1/chat/completions"] = "/v1/chat/completions:stream",
   ["/v1/completions"] = "/v1/completions:stream",
@@ -38,6 +39,9 @@ local OPENAI_ERROR_HEADER = "x-ferry-openai-error"
 -- Dynamic metadata (this filter's namespace) marking an OpenAI request for the response: "POST /v1/x".
 local METADATA_NAMESPACE = "envoy.filters.http.lua"
 local OPENAI_REQUEST = "openai_request"
+-- ... and one to ferry's own API (its errors are google.rpc.Status JSON): "POST /api/v1/x".
+local API_PREFIX = "/api/"
+local API_REQUEST = "api_request"
 -- The top-level fields of an OpenAI request body, for the service to log those its API does not
 -- define (the transcoder drops them silently): services/common/interceptor.py.
 local BODY_FIELDS_HEADER = "x-ferry-body-fields"
@@ -149,6 +153,8 @@ function envoy_on_request(handle)
   local bare, query = string.match(path, "^([^?]*)(.*)$")
   if string.sub(bare, 1, #OPENAI_PREFIX) == OPENAI_PREFIX then
     handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, OPENAI_REQUEST, method .. " " .. bare)
+  elseif string.sub(bare, 1, #API_PREFIX) == API_PREFIX then
+    handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, API_REQUEST, method .. " " .. bare)
   end
   if method ~= "POST" or string.sub(bare, 1, #OPENAI_PREFIX) ~= OPENAI_PREFIX then
     return
@@ -254,26 +260,22 @@ local function caller_field(path)
   return string.match(path, "^(.*)%[%d+%]%.key$") or string.match(path, "^(.*)%[%d+%]%.value$") or path
 end
 
--- OpenAI's error JSON for an answer the transcoder or Envoy made (plain text), or a google.rpc.Status
--- JSON without ferry's header. `request` is "METHOD /path".
-local function openai_body(status, text, request)
+-- The message, OpenAI type, param and code of an answer the transcoder or Envoy made (plain text), or
+-- of a google.rpc.Status JSON without ferry's header. `request` is "METHOD /path".
+local function edge_error(status, text, request)
   local first_line = string.match(text, "^[^\n]*")
   if string.sub(text, 1, 1) == "{" then
     local code = string.match(text, '"reason"%s*:%s*"([%w_]+)"')
     local number = tonumber(string.match(text, '^{%s*"code"%s*:%s*(%d+)'))
-    return openai_error_json(
-      error_message(text) or first_line,
+    return error_message(text) or first_line,
       openai_type(status),
       string.match(text, '"field"%s*:%s*"([^"\\]*)"'),
       code and string.lower(code) or GRPC_CODE_NAMES[number] or HTTP_CODE_NAMES[status] or "http_" .. status
-    )
   end
   if status == 400 then
     local unknown = string.match(first_line, '^Could not find field "([^"]*)" in the type')
     if unknown ~= nil then
-      return openai_error_json(
-        "unrecognized request argument supplied: " .. unknown, "invalid_request_error", unknown, "unknown_parameter"
-      )
+      return "unrecognized request argument supplied: " .. unknown, "invalid_request_error", unknown, "unknown_parameter"
     end
     -- "<field path>: <what>", the path empty for the body itself.
     local path, what = string.match(first_line, "^([%w_%.%[%]]*): (.+)$")
@@ -290,14 +292,12 @@ local function openai_body(status, text, request)
       else
         message = "invalid type for '" .. field .. "': " .. what
       end
-      return openai_error_json(message, "invalid_request_error", field, "invalid_type")
+      return message, "invalid_request_error", field, "invalid_type"
     end
-    return openai_error_json(
-      "could not parse the JSON body of the request: " .. first_line, "invalid_request_error", nil, "invalid_json"
-    )
+    return "could not parse the JSON body of the request: " .. first_line, "invalid_request_error", nil, "invalid_json"
   end
   if status == 404 and string.find(first_line, "^Could not resolve ") then
-    return openai_error_json("Invalid URL (" .. request .. ")", "invalid_request_error", nil, "unknown_url")
+    return "Invalid URL (" .. request .. ")", "invalid_request_error", nil, "unknown_url"
   end
   -- Envoy's own: "no healthy upstream", "upstream request timeout", or nothing (the key check failed).
   local code = HTTP_CODE_NAMES[status] or "http_" .. status
@@ -305,7 +305,31 @@ local function openai_body(status, text, request)
   if message == "" then
     message = "the edge answered " .. status .. " (" .. code .. ")"
   end
-  return openai_error_json(message, openai_type(status), nil, code)
+  return message, openai_type(status), nil, code
+end
+
+local function openai_body(status, text, request)
+  return openai_error_json(edge_error(status, text, request))
+end
+
+-- The gRPC code Envoy's transcoder maps to an HTTP status (the inverse of its mapping).
+local HTTP_GRPC_CODES = {
+  [400] = 3, [401] = 16, [403] = 7, [404] = 5, [409] = 10, [413] = 8, [429] = 8, [499] = 1,
+  [500] = 13, [501] = 12, [502] = 14, [503] = 14, [504] = 4,
+}
+
+-- ferry's own API (/api/*): the same answer as a google.rpc.Status JSON with one ErrorInfo (and a
+-- BadRequest naming the field when there is one), as the services' own errors are rendered.
+local function status_body(status, text, request)
+  local message, _, param, code = edge_error(status, text, request)
+  local details = '{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":' .. json_string(string.upper(code))
+    .. ',"domain":"ferry.dev"}'
+  if param ~= nil and param ~= "" then
+    details = details .. ',{"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":'
+      .. json_string(param) .. ',"description":' .. json_string(message) .. "}]}"
+  end
+  return '{"code":' .. (HTTP_GRPC_CODES[status] or 2) .. ',"message":' .. json_string(message)
+    .. ',"details":[' .. details .. "]}"
 end
 
 -- True for a body already in OpenAI's error shape (the key check's refusals, the 413).
@@ -356,7 +380,8 @@ function envoy_on_response(handle)
   end
   local metadata = handle:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE)
   local request = metadata and metadata[OPENAI_REQUEST]
-  if request == nil and status ~= 429 and status ~= 503 then
+  local api_request = metadata and metadata[API_REQUEST]
+  if request == nil and api_request == nil and status ~= 429 and status ~= 503 then
     return
   end
   -- Error bodies are small: read it whole (true: a buffer even when the answer has no body).
@@ -366,6 +391,15 @@ function envoy_on_response(handle)
   local delay = missing_retry_after(status, headers, text)
   if delay ~= nil then
     headers:add("retry-after", delay)
+  end
+  if request == nil and api_request ~= nil and string.find(text, "^%s*{") == nil then
+    -- The transcoder's and Envoy's own plain-text answers on ferry's API (a body that is not JSON,
+    -- an unknown path or verb, no healthy upstream): google.rpc.Status JSON like every other error.
+    local json = status_body(status, text, api_request)
+    body:setBytes(json)
+    headers:replace("content-type", "application/json")
+    headers:replace("content-length", tostring(#json))
+    return
   end
   if request == nil or (openai_error == nil and is_openai_error(text)) then
     return
