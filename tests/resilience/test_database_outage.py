@@ -259,6 +259,10 @@ def test_a_paused_database_refuses_no_known_key(outage_stack: RunningStack) -> N
     assert not missing, f"{len(missing)} answered requests have no transaction, e.g. {missing[:3]}"
     assert all(count == 1 for count in found.values())
     assert gateway_metric(stack, "ferry_gateway_key_store_degraded") == 0.0
+    log = (stack.settings.log_dir / "gateway.log").read_text()
+    entered, left = log.count("DEGRADED, serving keys"), log.count("key store reachable again")
+    print(f"gateway log: {entered} line(s) entering the degraded state, {left} leaving it")
+    assert entered >= 1 and left == entered
 
 
 def test_a_killed_database_is_restarted_and_records_flow(outage_stack: RunningStack) -> None:
@@ -300,6 +304,13 @@ def test_a_killed_database_is_restarted_and_records_flow(outage_stack: RunningSt
     )
     assert found == {during: 1, after: 1}, found
     assert flowing < RECOVERY_BOUND_SECONDS
+    # Every service that owns tables reconnected by itself: all SERVING again, so /readyz is 200.
+    while httpx.get(f"{stack.rest}/readyz", timeout=5).status_code != 200:
+        assert time.monotonic() - killed < RECOVERY_BOUND_SECONDS, "not every service recovered"
+        time.sleep(0.2)
+    print(
+        f"SIGKILL -> /readyz 200 again (every service's pool reconnected) {time.monotonic() - killed:.1f} s"
+    )
 
 
 def test_database_and_unix_sockets_are_owner_only(outage_stack: RunningStack) -> None:
