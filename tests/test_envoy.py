@@ -630,8 +630,10 @@ def test_unknown_query_parameters_paths_and_methods_are_openai_errors(edge: Edge
             "param": None,
             "code": "unknown_url",
         }
-    # ferry's own API keeps the transcoder's answer.
-    assert edge.get("/api/v1/nothing-here").headers["content-type"] == "text/plain"
+    # ferry's own API: the transcoder's answer as google.rpc.Status JSON (it was text/plain).
+    lost = edge.get("/api/v1/nothing-here")
+    assert lost.headers["content-type"] == "application/json"
+    assert (lost.json()["code"], lost.json()["details"][0]["reason"]) == (5, "UNKNOWN_URL")
 
 
 @pytest.mark.parametrize("prompt", list(SERVICE_ERRORS))
