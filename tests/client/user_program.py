@@ -63,9 +63,18 @@ def generation(ferry: ferry_client.Client) -> None:
         inference_pb2.GenerateRequest(model=f"models/{MODEL}", prompt="The sky is", sampling=short)
     )
     check(bool(reply.text) and bool(reply.request_id), "Generate answered text under a request id")
-    record = ferry.transactions.GetTransaction(
-        transactions_pb2.GetTransactionRequest(name=f"transactions/{reply.request_id}")
-    )
+
+    def record_of(request_id: str) -> transactions_pb2.Transaction | None:
+        try:
+            return ferry.transactions.GetTransaction(
+                transactions_pb2.GetTransactionRequest(name=f"transactions/{request_id}")
+            )
+        except errors.NotFound:  # records are delivered in the background
+            return None
+
+    eventually(lambda: record_of(reply.request_id) is not None, "the generation's record")
+    record = record_of(reply.request_id)
+    assert record is not None
     summary["generate"] = {"request_id": reply.request_id, "record": record.name}
 
     # A long stream, left after two pieces: ferry cancels the generation and frees the engine slot.
@@ -81,13 +90,8 @@ def generation(ferry: ferry_client.Client) -> None:
     eventually(lambda: in_flight() == 0, "the in-flight gauge back to 0 after the break")
 
     def cancelled() -> bool:
-        try:
-            got = ferry.transactions.GetTransaction(
-                transactions_pb2.GetTransactionRequest(name=f"transactions/{request_id}")
-            )
-        except errors.NotFound:
-            return False
-        return got.status == transactions_pb2.Transaction.Status.STATUS_CANCELLED
+        got = record_of(request_id)
+        return got is not None and got.status == transactions_pb2.Transaction.Status.STATUS_CANCELLED
 
     eventually(cancelled, "the stream's record says CANCELLED")
     summary["stream"] = {"pieces": pieces, "request_id": request_id, "in_flight_after": in_flight()}
