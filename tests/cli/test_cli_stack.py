@@ -237,7 +237,7 @@ def test_generate_streams_and_is_recorded(ferry: Ferry) -> None:
 def test_audit_list_and_verify(ferry: Ferry, stack: RunningStack) -> None:
     events = ferry.json("audit", "list", "--limit", "5")
     assert 0 < len(events) <= 5
-    assert events[0]["sequence"] > events[-1]["sequence"]  # newest first
+    assert int(events[0]["sequence"]) > int(events[-1]["sequence"])  # newest first
     oldest = ferry.json("audit", "list", "--limit", "2", "--oldest-first")
     assert [e["sequence"] for e in oldest] == ["1", "2"]  # int64 prints as a JSON string
     operational = ferry.json("audit", "list", "--limit", "3", "--filter", "kind = OPERATIONAL")

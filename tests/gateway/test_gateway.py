@@ -1,5 +1,5 @@
 """The gateway process end to end: keys in real PostgreSQL, Authorize decisions and rate limits,
-Envoy's ext_authz Check, and the `ferry keys` CLI."""
+and Envoy's ext_authz Check (the `ferry keys` command is tested in tests/cli)."""
 
 from __future__ import annotations
 
