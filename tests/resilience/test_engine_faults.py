@@ -224,9 +224,13 @@ def test_triton_killed_under_load(stack: RunningStack) -> None:
     assert loaded.json()["state"] == "STATE_READY"
     assert _generates(stack, SPARE)
 
-    async def load_and_kill() -> tuple[list[Any], float]:
-        async with stack.aio_channel() as channel:
+    async def load_and_kill() -> tuple[list[Any], httpx.Response, float]:
+        async with stack.aio_channel() as channel, stack.async_http(timeout=240) as rest:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            # A unary REST generation in flight too (it answers only at its end, or at its failure).
+            unary = asyncio.create_task(
+                rest.post("/v1/completions", json={"model": MODEL, "prompt": "go", "max_tokens": LONG})
+            )
             events = [asyncio.Event() for _ in range(STREAMS)]
             tasks = [
                 asyncio.create_task(_stream(stub, MODEL if i % 2 == 0 else SPARE, events[i]))
@@ -237,9 +241,15 @@ def test_triton_killed_under_load(stack: RunningStack) -> None:
             os.kill(pid, signal.SIGKILL)
             killed = time.monotonic()
             results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
-            return list(results), killed
+            return list(results), await asyncio.wait_for(unary, 60), killed
 
-    results, killed = asyncio.run(load_and_kill())
+    results, unary, killed = asyncio.run(load_and_kill())
+    # REST: 503 with Retry-After and OpenAI's error body.
+    assert unary.status_code == 503, unary.text
+    assert int(unary.headers["retry-after"]) >= 1
+    print(
+        f"\nREST in flight: {unary.status_code} Retry-After {unary.headers['retry-after']}: {unary.text[:160]}"
+    )
     ended = time.monotonic() - killed
     for err, pieces in results:
         assert err is not None, f"a stream finished although Triton was killed under it ({pieces} pieces)"
