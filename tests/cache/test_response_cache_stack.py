@@ -170,10 +170,10 @@ def test_the_transaction_record_marks_the_hit_and_keeps_its_usage(rest: httpx.Cl
     replies = [completion(rest, model, prompt, headers={"x-request-id": rid}) for rid in ids]
     assert [r.headers[CACHE_HEADER] for r in replies] == ["miss", "hit"]
     missed, hit = (transaction(rest, rid) for rid in ids)
-    assert not missed.get("cacheHit", False)
-    assert hit["cacheHit"] is True
+    assert missed["cache_hit"] is False
+    assert hit["cache_hit"] is True
     assert hit["output"] == missed["output"]
-    assert hit["usage"] == missed["usage"] and int(hit["usage"]["completionTokens"]) > 0
+    assert hit["usage"] == missed["usage"] and int(hit["usage"]["completion_tokens"]) > 0
 
 
 def test_a_hit_is_still_refused_without_the_scope_or_past_the_rate_limit(
