@@ -36,7 +36,7 @@ from tests.stack import RunningStack, running_stack, scratch_home, stack_setting
 pytestmark = pytest.mark.stack
 
 READY_TIMEOUT_SECONDS = 180.0
-REPLICATED = ("models", "transactions")
+REPLICATED = ("models", "transactions", "gateway")
 # Generation (unary: retried before the first byte under the request's id).
 GENERATING = "inference"
 # Load runs this long before the kill, and at most this long after it for the replica to come back.
