@@ -368,6 +368,8 @@ class Stack:
             preexec_fn=_die_with_parent,
             # supervisord holds the lock too, so it stays taken while any of the stack runs.
             pass_fds=(self._lock.fileno(),) if self._lock is not None else (),
+            # Its logs and run files owner-only (its programs get `umask=077` of their own).
+            umask=0o077,
         )
 
     def _stop_supervisord(self) -> None:

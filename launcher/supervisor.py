@@ -66,6 +66,9 @@ def _program_section(program: Program, settings: Settings) -> str:
         # program stops its children itself; SIGKILL after stopwaitsecs always does.
         f"stopasgroup={str(program.stop_as_group).lower()}",
         "killasgroup=true",
+        # Owner-only by default, whatever ferry's processes create (spools, unix sockets, files in
+        # the home). Per program: supervisord's own `umask` applies only when it daemonizes.
+        "umask=077",
         "redirect_stderr=true",
         f"stdout_logfile={settings.log_dir / f'{program.name}.log'}",
         "stdout_logfile_maxbytes=20MB",
@@ -109,9 +112,6 @@ def render_supervisor_config(settings: Settings, programs: Sequence[Program]) ->
                 f"directory={settings.home}",
                 # Several stacks may run on one machine (tests); this names the one in the logs.
                 f"identifier=ferry:{settings.home}",
-                # Owner-only by default for everything ferry's processes create (logs, spools, unix
-                # sockets, Triton's shared-memory regions, which the backend makes 0644 otherwise).
-                "umask=077",
             ]
         ),
         "\n".join(["[unix_http_server]", f"file={sock}", "chmod=0700"]),

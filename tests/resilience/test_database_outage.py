@@ -315,9 +315,10 @@ def test_a_killed_database_is_restarted_and_records_flow(outage_stack: RunningSt
 
 def test_database_and_unix_sockets_are_owner_only(outage_stack: RunningStack) -> None:
     """Nothing local but ferry's own user reaches the embedded PostgreSQL (its data and its socket:
-    trust authentication admits whoever can connect), supervisord's control socket or Envoy's admin
-    socket. (Triton's python-backend shared-memory regions are not checked: the backend sets them 0644
-    itself, whatever the umask.)"""
+    trust authentication admits whoever can connect), supervisord's control socket, Envoy's admin
+    socket, the spools (prompts and outputs on their way to PostgreSQL) or the logs. (Triton's
+    python-backend shared-memory regions are not checked: the backend makes them 0644 itself,
+    whatever the umask.)"""
     stack = outage_stack
     settings = stack.settings
     pgdata = settings.home / "pgdata"
@@ -326,7 +327,10 @@ def test_database_and_unix_sockets_are_owner_only(outage_stack: RunningStack) ->
         socket_dir(pgdata) / ".s.PGSQL.5432",
         socket_path(settings),
         *settings.run_dir.glob("*.sock"),
+        *(p for p in settings.spool_dir.rglob("*") if p.is_file()),
+        # (supervisord.out is the test harness's own copy of supervisord's output.)
+        *(p for p in settings.log_dir.rglob("*") if p.is_file() and p.name != "supervisord.out"),
     ]
     open_to_others = {str(p): oct(p.stat().st_mode & 0o777) for p in paths if p.stat().st_mode & 0o077}
     assert not open_to_others, open_to_others
-    assert len(paths) >= 4, paths  # the data dir, PostgreSQL's, supervisord's and Envoy's sockets
+    assert len(paths) >= 6, paths  # the data dir, PostgreSQL's, supervisord's and Envoy's sockets, ...
