@@ -152,6 +152,8 @@ def test_internal_methods_come_from_the_access_option() -> None:
         "ferry.audit.v1.AuditService/AppendEvents",
         "ferry.transactions.v1.TransactionsService/CreateTransaction",
         "ferry.transactions.v1.TransactionsService/CompleteTransaction",
+        "ferry.transactions.v1.TransactionsService/BatchCreateTransactions",
+        "ferry.transactions.v1.TransactionsService/BatchCompleteTransactions",
         # The jobs service reads a key's webhook signing secret to sign the key's job events.
         "ferry.keys.v1.KeysService/GetWebhookSecret",
     }
@@ -776,6 +778,8 @@ def test_native_grpc_passes_through_the_same_listener(edge: Edge) -> None:
         "/ferry.audit.v1.AuditService/AppendEvents",
         "/ferry.transactions.v1.TransactionsService/CreateTransaction",
         "/ferry.transactions.v1.TransactionsService/CompleteTransaction",
+        "/ferry.transactions.v1.TransactionsService/BatchCreateTransactions",
+        "/ferry.transactions.v1.TransactionsService/BatchCompleteTransactions",
         "/ferry.auth.v1.AuthService/Authorize",
         "/ferry.auth.v1.AuthService/RecordUsage",
     ],

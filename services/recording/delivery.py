@@ -255,7 +255,8 @@ class Delivery:
             requests=[transactions_pb2.CreateTransactionRequest(transaction=t) for t in records]
         )
         try:
-            with delivery_span("transactions", [row.context for row in rows], len(rows)):
+            single = rows[0].request_id if len(rows) == 1 else ""
+            with delivery_span("transactions", [row.context for row in rows], len(rows), single):
                 reply = await self.transactions.BatchCreateTransactions(
                     request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata()
                 )
@@ -284,7 +285,8 @@ class Delivery:
             ]
         )
         try:
-            with delivery_span("transactions", [row.context for row in rows], len(rows)):
+            single = rows[0].request_id if len(rows) == 1 else ""
+            with delivery_span("transactions", [row.context for row in rows], len(rows), single):
                 await self.transactions.BatchCompleteTransactions(
                     request, timeout=CALL_TIMEOUT_SECONDS, metadata=self._metadata()
                 )

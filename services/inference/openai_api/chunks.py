@@ -1,5 +1,6 @@
 """OpenAI's streaming shape, shared by chat completions and completions: an opening chunk once the
-first piece is there, one chunk per piece, a final chunk with the finish reason, a usage chunk when
+first piece is there, one chunk per piece (several engine pieces as one when the stream's reader fell
+behind: services.inference.coalesce), a final chunk with the finish reason, a usage chunk when
 asked (`stream_options.include_usage`), and after a start, an error as a last chunk.
 
 The opening waits for the first piece so that errors before it (prompt too long, overload) still get a
