@@ -1,0 +1,44 @@
+"""What the hostile-input suite found, pinned as plain examples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.hostile.checks import is_status_json
+from tests.stack import RunningStack
+
+
+def _status(reply: Any) -> dict[str, Any]:
+    assert reply.headers["content-type"].startswith("application/json"), reply.text
+    body = reply.json()
+    assert is_status_json(body), body
+    return dict(body)
+
+
+def test_api_edge_errors_are_status_json(stack: RunningStack) -> None:
+    """The transcoder's plain-text 400/404 on /api/v1/* (a body that is not JSON, a wrong type, an
+    unknown field or path or verb) were text/plain; they are google.rpc.Status JSON with an ErrorInfo,
+    as every other error of ferry's API."""
+    with stack.http() as http:
+        truncated = http.post(
+            "/api/v1/grammars", content=b'{"syntax": "SYN', headers={"content-type": "application/json"}
+        )
+        assert truncated.status_code == 400
+        body = _status(truncated)
+        assert body["code"] == 3
+        assert body["details"][0]["reason"] == "INVALID_JSON"
+        wrong_type = http.post("/api/v1/jobs", json={"request": []})
+        assert wrong_type.status_code == 400
+        assert _status(wrong_type)["details"][0]["reason"] == "INVALID_TYPE"
+        unknown = http.post("/api/v1/keys", params={"page_size": "1"}, json={"display_name": "x"})
+        assert unknown.status_code == 400
+        violations = _status(unknown)["details"][1]["fieldViolations"]
+        assert violations[0]["field"] == "page_size"
+        for verb, path in [
+            ("POST", "/api/v1/nope"),
+            ("PUT", "/api/v1/audit/events"),
+            ("GET", "/api/v1/nope/x"),
+        ]:
+            reply = http.request(verb, path)
+            assert reply.status_code == 404, (verb, path)
+            assert _status(reply)["details"][0]["reason"] == "UNKNOWN_URL"
