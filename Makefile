@@ -8,7 +8,6 @@ FERRY_HOME ?= $(CURDIR)/.ferry
 export FERRY_HOME
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 INSTALLED := $(VENV)/.installed
-FERRY_CLI := $(VENV)/bin/ferry
 # The generated `ferry` package lives in ferry-client's source folder (one copy, on the path through
 # ferry-client's editable install; a built ferry-client wheel generates its own).
 GEN := clients/python/src
@@ -18,12 +17,13 @@ PROTOS := $(shell find protos -name '*.proto')
 
 .PHONY: install proto setup run test test-unit lint bench soak clean
 
-install: $(INSTALLED) $(FERRY_CLI)
+install: $(INSTALLED)
 
 # uv resolves the pinned set in seconds (pip's resolver backtracks for minutes on it). Then ferry and
 # ferry-client install as editable projects (no dependencies of their own beyond the pins): ferry puts
 # the repository root on the path (pyproject.toml's dev-mode-dirs) and its console scripts in .venv/bin;
-# ferry-client puts clients/python/src on it, where `make proto` writes the generated `ferry` package.
+# ferry-client puts clients/python/src on it, where `make proto` writes the generated `ferry` package,
+# and its console script `ferry` (ferry_client.cli: `ferry keys`, `ferry chat`, ...) in .venv/bin.
 $(INSTALLED): pyproject.toml clients/python/pyproject.toml clients/python/hatch_build.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv==0.13.9
@@ -37,12 +37,6 @@ $(INSTALLED): pyproject.toml clients/python/pyproject.toml clients/python/hatch_
 	# Debian's chromium for the browser tests (Playwright drives it; no browser download).
 	deploy/install-chromium.sh
 	touch $@
-
-# `ferry keys ...` (gateway/cli.py) until ferry-client's `ferry` command (clients/python, console
-# script ferry_client.cli:main) covers it: this script replaces the console script of that name.
-$(FERRY_CLI): $(INSTALLED)
-	printf '#!/bin/sh\nexec "$$(dirname "$$0")/python" -m gateway.cli "$$@"\n' > $@
-	chmod 0755 $@
 
 proto: $(PROTO_STAMP)
 
@@ -68,7 +62,7 @@ $(PROTO_STAMP): $(INSTALLED) $(PROTOS)
 setup: proto
 	$(PY) -m launcher.setup
 
-run: setup $(FERRY_CLI)
+run: setup
 	exec $(PY) -m launcher
 
 test: setup

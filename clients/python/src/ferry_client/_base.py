@@ -131,12 +131,15 @@ class CallPlan:
 def _with_request_id(
     request: Any, field: str | None, metadata: list[tuple[str, str | bytes]]
 ) -> tuple[str, Any]:
-    """The call's request id: the request's own, the caller's `x-request-id`, or a new one."""
+    """The call's request id: the request's own, else the caller's `x-request-id` (left for the server
+    to read, as it would without the client), else a new one written into the request's field."""
     header = next((v for k, v in metadata if k.lower() == REQUEST_ID_HEADER), None)
     current = getattr(request, field, "") if field else ""
     if current:
         return str(current), request
-    request_id = (header.decode() if isinstance(header, bytes) else header) or new_request_id()
+    if header:
+        return (header.decode() if isinstance(header, bytes) else header), request
+    request_id = new_request_id()
     if field is None or not hasattr(request, "CopyFrom"):
         return request_id, request
     copy = type(request)()

@@ -105,6 +105,12 @@ class Stream(Generic[T]):
     def details(self) -> str | None:
         return self._call.details()  # type: ignore[no-any-return]
 
+    def __getattr__(self, name: str) -> Any:
+        # The rest of the underlying call's surface (grpc.Future's result(), exception(), ...).
+        if name == "_call":
+            raise AttributeError(name)
+        return getattr(self._call, name)
+
 
 def stream(call: Iterator[T]) -> Stream[T]:
     """The typed `Stream` of a server-streaming call, for `with` blocks:
