@@ -16,7 +16,6 @@ import pexpect
 import pytest
 from ferry.models.v1 import models_pb2, models_pb2_grpc
 
-from launcher.ports import free_ports
 from tests.stack import RunningStack
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,33 +79,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("ferry: "), result.stderr
     return line
-
-
-# -- command line and connection ---------------------------------------------------------------------
-
-
-def test_usage_errors_exit_2(ferry: Ferry) -> None:
-    assert ferry().returncode == USAGE  # no command
-    assert ferry("models", "frobnicate").returncode == USAGE
-    bad_scope = ferry("keys", "create", "--name", "x", "--scope", "everything")
-    assert bad_scope.returncode == USAGE and "everything" in bad_scope.stderr
-    bad_ttl = ferry("keys", "create", "--name", "x", "--scope", "read", "--ttl", "soon")
-    assert bad_ttl.returncode == USAGE and "30d" in bad_ttl.stderr
-    assert ferry("audit", "list", "--limit", "0").returncode == USAGE
-    empty = ferry("generate", "-", "--model", CHAT_MODEL, stdin="  \n")
-    assert empty.returncode == USAGE and "empty" in one_error_line(empty)
-    helped = ferry("--help")
-    assert helped.returncode == OK and "exit codes" in helped.stdout
-
-
-def test_unreachable_target_exits_3(ferry: Ferry) -> None:
-    (nowhere,) = free_ports(1)
-    target = f"127.0.0.1:{nowhere}"
-    for args in (("models", "list"), ("keys", "list"), ("status",)):
-        result = ferry(*args, target=target)
-        assert result.returncode == UNAVAILABLE, (args, result.stderr)
-        line = one_error_line(result)
-        assert "UNAVAILABLE" in line and target in line
 
 
 # -- status and models -------------------------------------------------------------------------------
