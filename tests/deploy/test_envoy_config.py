@@ -355,3 +355,14 @@ def test_container_clusters_resolve_every_replica_by_name(tmp_path: Path) -> Non
         assert any(
             s["metadata"]["name"] == name and s["spec"].get("clusterIP") == "None" for s in services
         ), name
+
+
+def test_the_key_check_asks_another_gateway_replica_when_one_fails(tmp_path: Path) -> None:
+    config = load_yaml(render(tmp_path / "home"))
+    edge = next(lis for lis in config["static_resources"]["listeners"] if lis["name"] == "edge")
+    filters = edge["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    (authz,) = [f for f in filters if f["name"] == "envoy.filters.http.ext_authz"]
+    policy = authz["typed_config"]["grpc_service"]["retry_policy"]
+    assert "connect-failure" in policy["retry_on"] and "unavailable" in policy["retry_on"]
+    assert policy["num_retries"] == 2
+    assert policy["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
