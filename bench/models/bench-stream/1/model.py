@@ -3,16 +3,23 @@
 No engine and no sleeping: what a caller measures through it is the serving path alone (Triton's
 Python backend, then Envoy and the Inference service when called through ferry). Each request runs
 on its own thread so concurrent requests overlap, as they do with the real model.
+
+The config parameter `token_delay_seconds` (default 0, as here) paces the pieces instead: the
+resilience tests (tests/resilience/models) use this file with 50 ms, so generations are still
+streaming when a test kills Triton under them.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+from backends.llamacpp.watchdog import start_watchdog
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 TOKEN = " tok"
@@ -35,7 +42,7 @@ def _first(request: Any, name: str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _stream(request: Any) -> None:
+def _stream(request: Any, delay: float) -> None:
     sender = request.get_response_sender()
     prompt = _first(request, "text_input")
     raw = _first(request, "sampling_parameters")
@@ -58,10 +65,18 @@ def _stream(request: Any) -> None:
         sender.send(response, flags=FINAL if last else 0)
         if last:
             return
+        if delay:
+            time.sleep(delay)
 
 
 class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        parameters = json.loads(args["model_config"]).get("parameters", {})
+        self.delay = float(parameters.get("token_delay_seconds", {}).get("string_value") or 0)
+        # No orphan stub when tritonserver dies (backends/llamacpp/watchdog.py).
+        start_watchdog()
+
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
-            threading.Thread(target=_stream, args=(request,), daemon=True).start()
+            threading.Thread(target=_stream, args=(request, self.delay), daemon=True).start()
         return None

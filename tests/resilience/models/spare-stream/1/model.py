@@ -1,1 +1,1 @@
-../../slow-stream/1/model.py
+../../../../../bench/models/bench-stream/1/model.py
