@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -30,6 +32,7 @@ import httpx
 from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 
 from bench import platform, report
+from bench.profile import PY_SPY, cpu_seconds, top
 from launcher.setup import ensure_backend, ensure_model, model_path
 from services.common.config import REPO_ROOT, get_settings
 
@@ -37,6 +40,7 @@ MODEL = "bench-stream"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 PATHS = ("rest", "rest-stream", "grpc", "grpc-stream")
 TARGET_P50_MS = 5.0
+PROCESSES = ("envoy", "gateway", "inference", "transactions", "audit", "postgres")
 
 # One timed request: returns the x-ferry-cache value its answer carried.
 Call = Callable[[dict[str, str]], str]
@@ -52,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (hits, then no-cache)")
     p.add_argument("--tokens", type=int, default=32, help="max_tokens of the request (its answer's length)")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--profile", type=int, default=0, help="then this many REST hits under py-spy (inference)")
     p.add_argument(
         "--ready-timeout",
         type=float,
@@ -140,6 +145,16 @@ def markdown(results: dict[str, Any]) -> str:
             f"{miss['p50_ms']:.2f} / {miss['p90_ms']:.2f} / {miss['p99_ms']:.2f} | "
             f"{'yes' if hit['p50_ms'] < TARGET_P50_MS else '**no**'} |"
         )
+    lines += [
+        "",
+        "CPU ms per hit by process (user + system, this client excluded):",
+        "",
+        "| path | " + " | ".join(PROCESSES) + " |",
+        "|---|" + "---|" * len(PROCESSES),
+    ]
+    for path in PATHS:
+        used = results["cpu_ms_per_hit"].get(path, {})
+        lines.append(f"| {path} | " + " | ".join(f"{used.get(p, 0.0):.2f}" for p in PROCESSES) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     say(ensure_model(settings))
     say(ensure_backend())
     loads = [os.getloadavg()[0]]
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, list[float]]] = {path: {"hit": [], "no-cache": []} for path in PATHS}
+    # CPU milliseconds per hit by process (less disturbed by a loaded machine than latency).
+    cpu: dict[str, dict[str, float]] = {}
     say("starting a stack on bench-stream")
     platform.READY_TIMEOUT_S = args.ready_timeout
     with platform.running(model_path(settings).parent, **platform.bench_model_overrides()) as stack:
@@ -160,18 +178,41 @@ def main(argv: list[str] | None = None) -> int:
             ) as rest,
             grpc.insecure_channel(stack.endpoints.grpc) as channel,
         ):
-            for name, call in calls(
-                rest, inference_pb2_grpc.InferenceServiceStub(channel), key, args.tokens
-            ).items():
+            calls_made = calls(rest, inference_pb2_grpc.InferenceServiceStub(channel), key, args.tokens)
+            for name, call in calls_made.items():
                 assert call({}) in ("miss", "hit"), "the first request is not cacheable"
                 timed(call, {}, 10, "hit")  # warm-up
+                used: dict[str, float] = {}
                 for rnd in range(args.rounds):
+                    before = cpu_seconds(stack)
                     runs[name]["hit"] += timed(call, {}, args.requests, "hit")
+                    after = cpu_seconds(stack)
+                    for process, seconds in after.items():
+                        used[process] = used.get(process, 0.0) + seconds - before.get(process, 0.0)
                     runs[name]["no-cache"] += timed(
                         call, {"cache-control": "no-cache"}, args.requests, "bypass"
                     )
                     loads.append(os.getloadavg()[0])
                     say(f"{name} round {rnd + 1}: hit p50 {summary(runs[name]['hit'])['p50_ms']:.2f} ms")
+                hits = len(runs[name]["hit"])
+                cpu[name] = {
+                    process: round(1000 * seconds / hits, 3)
+                    for process, seconds in used.items()
+                    if seconds > 0
+                }
+            if args.profile:
+                folded = args.results_dir / "cache-profile.folded"
+                spy = subprocess.Popen(
+                    [str(PY_SPY), "record", "--pid", str(stack.supervisor().pid("inference")), "--rate", "500",
+                     "--format", "raw", "--output", str(folded), "--nonblocking"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+                time.sleep(1)
+                timed(calls_made["rest"], {}, args.profile, "hit")
+                spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+                spy.wait(60)
+                if folded.exists():
+                    print(top(folded, 40))
     commit = report.commit()
     results = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
@@ -181,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "requests": args.requests,
         "rounds": args.rounds,
         "tokens": args.tokens,
+        "cpu_ms_per_hit": cpu,
         "paths": {
             path: {kind: summary(values) for kind, values in kinds.items()} for path, kinds in runs.items()
         },
