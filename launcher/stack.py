@@ -85,7 +85,8 @@ class Endpoints:
                 out.append(f"  {replica_name(name, index):<23} {address}  (replica, behind Envoy)")
         out += [
             f"Envoy admin               {self.envoy_admin}",
-            f"Triton gRPC / HTTP        {self.triton_grpc} / {self.triton_http}",
+            f"Triton gRPC / HTTP        {self.triton_grpc} / {self.triton_http}"
+            " (ferry's processes only: all but health needs triton.access_secret)",
             f"Triton metrics            {self.triton_metrics}",
             f"NATS (jobs queue)         {self.nats}",
         ]
