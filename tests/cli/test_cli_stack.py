@@ -372,7 +372,36 @@ def test_chat_ctrl_c_stops_the_answer_not_the_chat(ferry: Ferry) -> None:
         child.close(force=True)
     assert child.exitstatus == OK, child.before
 
-    # The stream was cancelled, not left running: ferry recorded the generation as cancelled.
+    # `ferry generate` too: Ctrl-C cancels the stream and exits 130.
+    generate = pexpect.spawn(
+        sys.executable,
+        [
+            "-m",
+            "ferry_client.cli",
+            "generate",
+            "Once upon a time",
+            "--model",
+            RAMBLING_MODEL,
+            "--max-tokens",
+            "1500",
+            "--target",
+            ferry.stack.grpc_target,
+        ],
+        cwd=str(REPO_ROOT),
+        env=cli_env(ferry.home, ferry.stack.admin_key),
+        encoding="utf-8",
+        timeout=TIMEOUT,
+    )
+    try:
+        generate.expect(r"\w")
+        generate.sendintr()
+        generate.expect("ferry: interrupted")
+        generate.expect(pexpect.EOF)
+    finally:
+        generate.close(force=True)
+    assert generate.exitstatus == 130, generate.before
+
+    # The streams were cancelled, not left running: ferry recorded the generations as cancelled.
     deadline = time.monotonic() + 60
     while cancelled_count(ferry, RAMBLING_MODEL) <= before:
         assert time.monotonic() < deadline, "no cancelled transaction after Ctrl-C"
