@@ -84,7 +84,8 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 # -- status and models -------------------------------------------------------------------------------
 
 
-def test_status_serving(ferry: Ferry) -> None:
+def test_status_serving(ferry: Ferry, stack: RunningStack) -> None:
+    stack.wait_ready(120)  # whatever earlier tests of the session restarted is back
     table = ferry("status")
     assert table.returncode == OK, table.stdout + table.stderr
     for name in ("inference", "models", "transactions", "audit", "gateway", CHAT_MODEL):
