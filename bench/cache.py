@@ -227,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
             path: {kind: summary(values) for kind, values in kinds.items()} for path, kinds in runs.items()
         },
     }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
     stem = args.results_dir / f"cache-{results['date']}-{commit['sha']}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)
