@@ -10,12 +10,13 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ferry_client
 import grpc
 import httpx
 import psutil
@@ -110,73 +111,18 @@ def bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 
 
-class _Bearer(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
-    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
-):
-    """Adds `authorization: Bearer <key>` to every call of a channel (unless the call sends its own)."""
-
-    def __init__(self, key: str) -> None:
-        self.header = ("authorization", f"Bearer {key}")
-
-    def _with_key(self, details: Any) -> Any:
-        metadata = list(details.metadata or ())
-        if not any(name == "authorization" for name, _ in metadata):
-            metadata.append(self.header)
-        return details._replace(metadata=metadata)
-
-    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return continuation(self._with_key(details), request)
-
-    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
-        return continuation(self._with_key(details), request)
-
-    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-        return continuation(self._with_key(details), requests)
-
-    def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
-        return continuation(self._with_key(details), requests)
-
-
-def _aio_with_key(details: Any, header: tuple[str, str]) -> Any:
-    metadata = list(details.metadata or ())
-    if not any(name == "authorization" for name, _ in metadata):
-        metadata.append(header)
-    return details._replace(metadata=grpc.aio.Metadata(*metadata))
-
-
-# grpc.aio files an interceptor under the first kind it is an instance of: one class per kind.
-class _AioUnaryBearer(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, key: str) -> None:
-        self.header = ("authorization", f"Bearer {key}")
-
-    async def intercept_unary_unary(
-        self, continuation: Callable[..., Any], details: Any, request: Any
-    ) -> Any:
-        return await continuation(_aio_with_key(details, self.header), request)
-
-
-class _AioStreamBearer(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, key: str) -> None:
-        self.header = ("authorization", f"Bearer {key}")
-
-    async def intercept_unary_stream(
-        self, continuation: Callable[..., Any], details: Any, request: Any
-    ) -> Any:
-        return await continuation(_aio_with_key(details, self.header), request)
-
-
 def keyed_aio_channel(target: str, key: str) -> grpc.aio.Channel:
-    """A grpc.aio channel whose unary-request calls (every ferry RPC) carry `key`; use it as an
-    async context manager."""
-    return grpc.aio.insecure_channel(target, interceptors=[_AioUnaryBearer(key), _AioStreamBearer(key)])
+    """A grpc.aio channel (ferry-client's AsyncClient's) whose calls carry `key` and raise
+    ferry_client.errors.FerryError (a grpc.RpcError); no retries and no default deadline: the tests
+    look at each answer. Use it as an async context manager."""
+    return ferry_client.AsyncClient(target, api_key=key, retry=False, timeout=None).channel
 
 
 def keyed_channel(target: str, key: str) -> grpc.Channel:
-    """An insecure channel whose calls carry `key` (close it when done)."""
-    return grpc.intercept_channel(grpc.insecure_channel(target), _Bearer(key))
+    """An insecure channel (ferry-client's Client's) whose calls carry `key` and raise
+    ferry_client.errors.FerryError (a grpc.RpcError); no retries and no default deadline: the tests
+    look at each answer. Close it when done."""
+    return ferry_client.Client(target, api_key=key, retry=False, timeout=None).channel
 
 
 def wait_serving(address: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:
