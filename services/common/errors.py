@@ -37,7 +37,7 @@ _Code = grpc.StatusCode
 OPENAI_ERROR_METADATA = "x-ferry-openai-error"
 # gRPC sends an error's message and details as trailers (headers through Envoy, which resets a stream
 # whose headers pass ~60 KiB): a message, field or metadata value that quotes the caller's input (a
-# 100 KB role) is cut to this many characters.
+# 100 KB role) is cut to this many bytes of UTF-8.
 TEXT_LIMIT = 2000
 
 
@@ -464,7 +464,12 @@ def openai_error_json(err: RpcError) -> str:
 
 
 def _cut(text: str) -> str:
-    return text if len(text) <= TEXT_LIMIT else text[: TEXT_LIMIT - 3] + "..."
+    """At most TEXT_LIMIT bytes of UTF-8: a character takes up to 4, and the trailers carry a text
+    several times, percent- or \\u-escaped (2000 emoji in a model name reset the stream at Envoy)."""
+    encoded = text.encode("utf-8", "surrogatepass")
+    if len(encoded) <= TEXT_LIMIT:
+        return text
+    return encoded[: TEXT_LIMIT - 3].decode("utf-8", "ignore") + "..."
 
 
 def rpc_error(
