@@ -27,9 +27,10 @@ MAX_PROMPT_TOKENS = 128
 class Hostile:
     """The fuzzing keys, subjects, and what the tests noted for the end-of-test checks."""
 
-    stack: RunningStack
-    keys: dict[str, str]  # "none" -> "", "inference" (inference+read), "admin" (every scope), "bogus"
-    subjects: Subjects
+    stack: RunningStack = field(repr=False)
+    # "none" -> "", "inference" (inference+read), "admin" (every scope), "bogus"; not in failure reports
+    keys: dict[str, str] = field(repr=False)
+    subjects: Subjects = field(repr=False)
     accepted: list[tuple[str, str]] = field(default_factory=list)  # (request id, what)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (request id, what): audited
     examples: int = 0

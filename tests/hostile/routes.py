@@ -60,7 +60,7 @@ class Route:
 
         def one(match: re.Match[str]) -> str:
             pattern = match.group(2) or "*"
-            piece = quote(next(values, ""), safe="")
+            piece = quote(next(values, "").encode("utf-8", "surrogatepass"), safe="")
             return pattern.replace("*", piece, 1)
 
         return _VARIABLE.sub(one, self.template)

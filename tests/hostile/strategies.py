@@ -88,8 +88,11 @@ def json_objects(max_leaves: int = 12) -> st.SearchStrategy[dict[str, Any]]:
 
 
 def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every position inside a JSON value, the root included."""
+    """Every position inside a JSON value down to 32 levels, the root included (a deep-nesting
+    mutation may already have made 1000)."""
     out = [prefix]
+    if len(prefix) >= 32:
+        return out
     if isinstance(value, dict):
         for key, child in value.items():
             out += _paths(child, (*prefix, key))
