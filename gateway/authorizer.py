@@ -10,9 +10,9 @@ kept for `auth.stale_if_error_seconds`, and used only when the key store fails o
 within `auth.key_store_timeout_seconds`. Meanwhile the gateway is *degraded*
 (`ferry_gateway_key_store_degraded` 1, one log line on entering and one on leaving): known keys keep
 working (rate limits keep counting: they live outside the database), unknown keys are refused with
-AUTH_UNAVAILABLE (503 + retry hint). One lookup per key runs at a time, in the background, so a
-stalled database (a network partition) delays no request beyond the store timeout, and the first
-lookup that succeeds ends the degraded state.
+AUTH_UNAVAILABLE (503 + retry hint), both at once, without waiting for the store. One lookup per key
+runs at a time, in the background, so a stalled database (a network partition) delays a request by the
+store timeout only on entering the degraded state, and the first lookup that succeeds ends it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from cachetools import TTLCache
 from ferry.auth.v1 import auth_pb2
@@ -51,6 +51,9 @@ CACHE_ENTRIES = 100_000
 # Background key lookups at once: beyond it (a flood of distinct keys while the store hangs), a key
 # without a stale record is refused at once instead of queueing another lookup.
 MAX_LOOKUPS_IN_FLIGHT = 256
+# How long a check of a key without a stale record waits for the store (not degraded): just under
+# Envoy's 1 s ext_authz timeout, so a new key on a slow database is still found in time.
+UNKNOWN_KEY_WAIT_SECONDS = 0.8
 
 KEY_STORE_DEGRADED = Gauge(
     "ferry_gateway_key_store_degraded",
@@ -90,6 +93,7 @@ class LocalAuthorizer:
         self._generation = 0
         self.degraded = False
         self._degraded_since = 0.0
+        self._signal: asyncio.Future[None] | None = None
         KEY_STORE_DEGRADED.set(0)
 
     def attach(self, store: KeyStore) -> None:
@@ -134,10 +138,23 @@ class LocalAuthorizer:
             task = asyncio.create_task(self._fetch(kind, value), name=f"key-lookup-{kind}")
             self._lookups[(kind, value)] = task
             task.add_done_callback(lambda done: self._lookup_done(kind, value, done))
-        if self.degraded and stale is not None:
-            # Known to be down: no waiting; the lookup started above tells when it is back.
+            # Slow is down, even when every caller waiting on it has gone (Envoy gave up on them).
+            asyncio.get_running_loop().call_later(self.auth.key_store_timeout_seconds, self._note_slow, task)
+        if self.degraded:
+            # Known to be down: no waiting (a slow key check would hold every request, and Envoy
+            # counts it against the gateway); the lookup started above tells when it is back.
             return self._without_store(stale, "")
-        done, _ = await asyncio.wait({task}, timeout=self.auth.key_store_timeout_seconds)
+        # A key with a stale record waits the store timeout; an unknown one as long as Envoy allows:
+        # a new key on a slow (not failing) database is still found.
+        wait = self.auth.key_store_timeout_seconds if stale is not None else UNKNOWN_KEY_WAIT_SECONDS
+        # Ended early when another lookup finds the store down meanwhile.
+        waiters: set[asyncio.Future[Any]] = {task, self._degraded_signal()}
+        await asyncio.wait(
+            waiters,
+            timeout=max(wait, self.auth.key_store_timeout_seconds),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        done = task.done()
         if done and not task.cancelled() and task.exception() is None:
             return task.result()
         if done and not task.cancelled():
@@ -149,6 +166,16 @@ class LocalAuthorizer:
             cause = f"no answer within {self.auth.key_store_timeout_seconds:g} s"
         self.set_degraded(True, cause)
         return self._without_store(stale, cause)
+
+    def _degraded_signal(self) -> asyncio.Future[None]:
+        """Resolved when the degraded state begins (waiting checks then answer at once)."""
+        if self._signal is None:
+            self._signal = asyncio.get_running_loop().create_future()
+        return self._signal
+
+    def _note_slow(self, task: asyncio.Task[KeyRecord | None]) -> None:
+        if not task.done():
+            self.set_degraded(True, f"no answer within {self.auth.key_store_timeout_seconds:g} s")
 
     def _lookup_done(self, kind: LookupKind, value: str, task: asyncio.Task[KeyRecord | None]) -> None:
         self._lookups.pop((kind, value), None)
@@ -193,6 +220,8 @@ class LocalAuthorizer:
         KEY_STORE_DEGRADED.set(1 if degraded else 0)
         if degraded:
             self._degraded_since = time.monotonic()
+            if self._signal is not None and not self._signal.done():
+                self._signal.set_result(None)
             log.warning(
                 "key store unavailable (%s): DEGRADED, serving keys seen in the last %g s from memory, "
                 "refusing unknown keys with 503",
@@ -200,6 +229,7 @@ class LocalAuthorizer:
                 self.auth.stale_if_error_seconds,
             )
         else:
+            self._signal = None
             log.warning(
                 "key store reachable again after %.1f s degraded: keys are checked in the database",
                 time.monotonic() - self._degraded_since,

@@ -463,9 +463,9 @@ class AuthSettings(BaseModel):
     # keys are refused with 503 meanwhile. It is also the bound on how late a revocation made through
     # another gateway replica (or in the database) takes effect when it falls in an outage. 0: off.
     stale_if_error_seconds: float = Field(default=300.0, ge=0)
-    # How long a key check waits for the key store before it counts as an outage (below Envoy's 1 s
-    # ext_authz timeout, so the stale answer still arrives in time).
-    key_store_timeout_seconds: float = Field(default=0.5, gt=0)
+    # How long a key lookup may take before it counts as an outage (a check of a key with a stale
+    # record waits that long, then is answered from it; well below Envoy's 1 s ext_authz timeout).
+    key_store_timeout_seconds: float = Field(default=0.25, gt=0)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
 
     @model_validator(mode="before")

@@ -51,7 +51,7 @@ THINK_SECONDS = 0.05
 
 
 @pytest.fixture(scope="module")
-def outage_stack() -> Iterator[RunningStack]:
+def outage_stack(request: pytest.FixtureRequest) -> Iterator[RunningStack]:
     scratch, home = scratch_home("ferry-dboutage-")
     settings = stack_settings(home)
     # Merged into the free ports stack_settings chose (a plain override would replace them).
@@ -59,7 +59,10 @@ def outage_stack() -> Iterator[RunningStack]:
     assert settings.database_url is None, "these tests need the embedded PostgreSQL"
     with running_stack(settings, READY_TIMEOUT_SECONDS) as running:
         yield running
-    shutil.rmtree(scratch, ignore_errors=True)
+    if request.session.testsfailed:
+        print(f"\nstack logs kept in {settings.log_dir}")
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 # -- load --------------------------------------------------------------------------------------------
@@ -224,6 +227,25 @@ def test_a_paused_database_refuses_no_known_key(outage_stack: RunningStack) -> N
         known_grpc.close()
         unknown_grpc.close()
 
+    # What the edge and the gateway saw (printed for the record; the assertions follow).
+    gateway_lines = httpx.get(stack.metrics_urls["gateway"], timeout=5).text.splitlines()
+    print(
+        "gateway Check outcomes:",
+        [line for line in gateway_lines if "Authorization" in line and "_handled" in line],
+    )
+    envoy_stats = httpx.get(f"{stack.envoy_admin}/stats", timeout=5).text.splitlines()
+    print(
+        "envoy:",
+        [
+            line
+            for line in envoy_stats
+            if (
+                line.startswith("cluster.gateway.")
+                and ("ejections_enforced_total" in line or "retry" in line)
+            )
+            or "ext_authz" in line
+        ],
+    )
     known_answers = [a for name, answers in load.answers.items() if name.startswith("known") for a in answers]
     refused = [a for a in known_answers if not a.ok]
     during = [a for a in known_answers if a.started >= paused and a.ended <= resumed]

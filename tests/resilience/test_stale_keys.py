@@ -172,3 +172,22 @@ async def test_stale_if_error_off() -> None:
     await asyncio.sleep(0.1)
     store.mode = "fail"
     assert (await refused(local, known)).code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_stalled_lookup_marks_the_outage_even_when_its_callers_gave_up() -> None:
+    """Envoy may give up on a key check before the store timeout (its own timeout, a retry): the
+    lookup still marks the store down when it is late, so the next checks answer at once."""
+    local, store = authorizer()
+    known = new_key_secret()
+    store.add(known)
+    await check(local, known)
+    await asyncio.sleep(0.1)
+    store.mode = "hang"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(check(local, known), 0.05)
+    await asyncio.sleep(0.25)
+    assert local.degraded
+    started = time.monotonic()
+    await check(local, known)
+    assert time.monotonic() - started < 0.1
+    store.release.set()
