@@ -183,7 +183,7 @@ async def _stream(stub: inference_pb2_grpc.InferenceServiceStub, model: str, sta
             pieces += 1
             if pieces == 1:
                 started.set()
-    except grpc.aio.AioRpcError as err:
+    except grpc.RpcError as err:  # ferry-client's FerryError (a grpc.RpcError) on stack.aio_channel()
         return err, pieces
     return None, pieces
 
