@@ -1,35 +1,47 @@
-"""The `ferry` command against the real stack, as a person or a script runs it: a subprocess through
-Envoy's listener, its output (tables and --json) and its exit codes (docs/cli.md)."""
+"""The `ferry` command against the real stack, as a person or a script runs it: through Envoy's
+listener, its output (tables and --json) and its exit codes (docs/cli.md).
+
+Most commands run in-process through `ferry_client.cli.main(argv)` (what the `ferry` console script
+calls) with their own stdout, stderr, stdin and environment: a fresh interpreter per command costs
+1-2 s on a loaded machine. Real processes where only they show the behaviour: the console script
+itself, `ferry chat` on a pseudo-terminal and Ctrl-C of `chat` and `generate`."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pexpect
 import pytest
 from ferry.models.v1 import models_pb2, models_pb2_grpc
+from ferry_client.cli import main
 
 from tests.stack import RunningStack
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+FERRY_SCRIPT = Path(sys.executable).parent / "ferry"  # the console script pyproject.toml installs
 CHAT_MODEL = "smollm2-135m-instruct"
 # The base model drifts and seldom stops by itself: a long answer to interrupt.
 RAMBLING_MODEL = "gemma-3-270m"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 TIMEOUT = 120
+FERRY_VARIABLES = ("FERRY_API_KEY", "FERRY_TARGET", "FERRY_MODEL", "FERRY_HOME")
 
 OK, ERROR, USAGE, UNAVAILABLE, DENIED, UNHEALTHY = 0, 1, 2, 3, 4, 5
 
 
 def cli_env(home: Path, key: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("FERRY_API_KEY", "FERRY_TARGET", "FERRY_MODEL")}
+    env = {k: v for k, v in os.environ.items() if k not in FERRY_VARIABLES}
     # An empty home: no <home>/admin.key to fall back on unless a test writes one.
     env["FERRY_HOME"] = str(home)
     env["COLUMNS"] = "200"  # tables as wide as they like (no folding in assertions)
@@ -38,8 +50,36 @@ def cli_env(home: Path, key: str | None) -> dict[str, str]:
     return env
 
 
+@dataclass
+class Result:
+    """What a run of `ferry` left: its exit code and what it wrote."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def ferry_environment(home: Path, key: str | None) -> Iterator[None]:
+    """The process environment a `ferry` run sees, for one in-process run; the test's own after it."""
+    saved = {name: os.environ.get(name) for name in FERRY_VARIABLES}
+    for name in FERRY_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ["FERRY_HOME"] = str(home)
+    if key is not None:
+        os.environ["FERRY_API_KEY"] = key
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class Ferry:
-    """Runs `python -m ferry_client.cli` (what the `ferry` console script runs) against the stack."""
+    """Runs `ferry` in-process: `main(argv)` with its own stdout, stderr, stdin and environment."""
 
     def __init__(self, stack: RunningStack, home: Path) -> None:
         self.stack = stack
@@ -47,17 +87,22 @@ class Ferry:
 
     def __call__(
         self, *args: str, key: str | None = "admin", target: str | None = None, stdin: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
+    ) -> Result:
         secret = self.stack.admin_key if key == "admin" else key
-        result = subprocess.run(
-            [sys.executable, "-m", "ferry_client.cli", *args, "--target", target or self.stack.grpc_target],
-            cwd=REPO_ROOT,
-            env=cli_env(self.home, secret),
-            input=stdin if stdin is not None else "",
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
+        out, err = io.StringIO(), io.StringIO()
+        with (
+            ferry_environment(self.home, secret),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            real_stdin, sys.stdin = sys.stdin, io.StringIO(stdin if stdin is not None else "")
+            try:
+                code = main([*args, "--target", target or self.stack.grpc_target])
+            except SystemExit as exit:  # argparse's own exits
+                code = int(exit.code or 0)
+            finally:
+                sys.stdin = real_stdin
+        result = Result(code, out.getvalue(), err.getvalue())
         # Whatever went wrong is one line of ferry's, never a traceback.
         assert "Traceback" not in result.stderr, result.stderr
         return result
@@ -73,12 +118,33 @@ def ferry(stack: RunningStack, tmp_path_factory: pytest.TempPathFactory) -> Ferr
     return Ferry(stack, tmp_path_factory.mktemp("ferry-cli-home"))
 
 
-def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+def one_error_line(result: Result) -> str:
     """The failure, as ferry words it: its last stderr line (progress lines may come before)."""
     assert result.stderr.strip(), "no error line"
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("ferry: "), result.stderr
     return line
+
+
+# -- the console script itself, in its own process -------------------------------------------------
+
+
+def test_the_console_script_runs(ferry: Ferry) -> None:
+    assert FERRY_SCRIPT.exists(), f"no {FERRY_SCRIPT}: `make setup` installs the ferry command"
+    helped = subprocess.run(
+        [str(FERRY_SCRIPT), "--help"], capture_output=True, text=True, timeout=TIMEOUT, cwd=REPO_ROOT
+    )
+    assert helped.returncode == OK and "exit codes" in helped.stdout, helped.stderr
+    listed = subprocess.run(
+        [str(FERRY_SCRIPT), "models", "list", "--json", "--target", ferry.stack.grpc_target],
+        env=cli_env(ferry.home, ferry.stack.admin_key),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=REPO_ROOT,
+    )
+    assert listed.returncode == OK, listed.stderr
+    assert CHAT_MODEL in {m["model_id"] for m in json.loads(listed.stdout)}
 
 
 # -- status and models -------------------------------------------------------------------------------
@@ -161,18 +227,20 @@ def test_unload_and_load_show_progress_and_status_notices(ferry: Ferry, stack: R
 def test_generate_streams_and_is_recorded(ferry: Ferry) -> None:
     request_id = f"cli-{uuid.uuid4().hex}"
     streamed = ferry(
-        "generate", "The capital of France is", "--model", CHAT_MODEL, "--max-tokens", "8", "--seed", "1",
+        "generate", "The capital of France is", "--model", CHAT_MODEL, "--max-tokens", "2", "--seed", "1",
         "--request-id", request_id,
     )  # fmt: skip
     assert streamed.returncode == OK, streamed.stderr
     assert streamed.stdout.strip()
 
-    piped = ferry("generate", "--model", CHAT_MODEL, "--max-tokens", "4", "--chat", stdin="Say hi.")
+    piped = ferry("generate", "--model", CHAT_MODEL, "--max-tokens", "2", "--chat", stdin="Say hi.")
     assert piped.returncode == OK and piped.stdout.strip(), piped.stderr
 
-    whole = ferry.json("generate", "One, two, three,", "--model", CHAT_MODEL, "--max-tokens", "4")
+    # Without --model: the instruction-tuned chat model, not the first ready one (the base Gemma).
+    whole = ferry.json("generate", "One, two, three,", "--max-tokens", "2")
+    assert whole["model"] == f"models/{CHAT_MODEL}"
     assert whole["text"] and whole["finish_reason"] in ("FINISH_REASON_LENGTH", "FINISH_REASON_STOP")
-    assert 0 < whole["usage"]["completion_tokens"] <= 4
+    assert 0 < whole["usage"]["completion_tokens"] <= 2
 
     invalid = ferry("generate", "x", "--model", CHAT_MODEL, "--temperature", "-3")
     assert invalid.returncode == ERROR
@@ -307,8 +375,8 @@ def test_keys_key_sources_and_refusals(ferry: Ferry, stack: RunningStack, tmp_pa
 
 def spawn_chat(ferry: Ferry, *options: str) -> pexpect.spawn:
     return pexpect.spawn(
-        sys.executable,
-        ["-m", "ferry_client.cli", "chat", "--target", ferry.stack.grpc_target, *options],
+        str(FERRY_SCRIPT),
+        ["chat", "--target", ferry.stack.grpc_target, *options],
         cwd=str(REPO_ROOT),
         env=cli_env(ferry.home, ferry.stack.admin_key),
         encoding="utf-8",
@@ -318,7 +386,8 @@ def spawn_chat(ferry: Ferry, *options: str) -> pexpect.spawn:
 
 
 def test_chat_streams_switches_models_and_ctrl_d_leaves(ferry: Ferry) -> None:
-    child = spawn_chat(ferry, "--model", CHAT_MODEL, "--max-tokens", "12", "--seed", "7")
+    # Without --model: the instruction-tuned chat model (docs/cli.md).
+    child = spawn_chat(ferry, "--max-tokens", "4", "--seed", "7")
     try:
         child.expect(f"ferry chat with {CHAT_MODEL}")
         child.expect("you> ")
@@ -375,10 +444,8 @@ def test_chat_ctrl_c_stops_the_answer_not_the_chat(ferry: Ferry) -> None:
 
     # `ferry generate` too: Ctrl-C cancels the stream and exits 130.
     generate = pexpect.spawn(
-        sys.executable,
+        str(FERRY_SCRIPT),
         [
-            "-m",
-            "ferry_client.cli",
             "generate",
             "Once upon a time",
             "--model",

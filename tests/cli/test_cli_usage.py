@@ -74,3 +74,43 @@ def test_unreachable_target_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
         assert out == ""  # not half a table, not half a document
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("ferry: UNAVAILABLE") and target in lines[0]
+
+
+def test_without_model_the_instruction_tuned_chat_model_answers() -> None:
+    from ferry.models.v1 import models_pb2
+    from ferry_client.cli.base import CliError
+    from ferry_client.cli.generation import pick_model
+
+    ready, loading = models_pb2.Model.STATE_READY, models_pb2.Model.STATE_LOADING
+
+    def model(
+        model_id: str, *capabilities: str, template: str = "", state: models_pb2.Model.State.ValueType = ready
+    ) -> models_pb2.Model:
+        return models_pb2.Model(
+            name=f"models/{model_id}",
+            model_id=model_id,
+            state=state,
+            capabilities=capabilities,
+            chat_template=template,
+        )
+
+    shipped = [  # as ListModels lists them: alphabetically
+        model("all-minilm-l6-v2", "embedding"),
+        model("gemma-3-270m", "completion", "chat", template="{{ m }}"),
+        model("smollm2-135m-instruct", "completion", "chat", template="{{ m }}"),
+    ]
+    assert pick_model(shipped, "chat") == "smollm2-135m-instruct"
+    assert pick_model(shipped, "completion") == "smollm2-135m-instruct"
+    # A chat template counts before the name; the listing's order decides between equals.
+    assert pick_model([model("a-instruct", "chat"), model("b", "chat", template="t")], "chat") == "b"
+    assert (
+        pick_model([model("x-it", "chat", template="t"), model("y-chat", "chat", template="t")], "chat")
+        == "x-it"
+    )
+    # Only ready models that serve the capability; the first ready one when none looks tuned.
+    assert (
+        pick_model([model("z-instruct", "chat", template="t", state=loading), *shipped[:2]], "chat")
+        == "gemma-3-270m"
+    )
+    with pytest.raises(CliError, match="no ready model serves chat"):
+        pick_model([shipped[0]], "chat")

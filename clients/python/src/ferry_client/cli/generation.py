@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -43,7 +44,9 @@ CHAT_HELP = (
 
 
 def add_sampling_options(command: argparse.ArgumentParser, max_tokens: int) -> None:
-    command.add_argument("--model", "-m", help="model id (default: $FERRY_MODEL, else the first ready one)")
+    command.add_argument(
+        "--model", "-m", help="model id (default: $FERRY_MODEL, else a ready instruction-tuned chat model)"
+    )
     command.add_argument(
         "--max-tokens",
         type=int,
@@ -86,14 +89,36 @@ def sampling(args: argparse.Namespace) -> inference_pb2.SamplingParams:
     return params
 
 
+# Model ids that say they were tuned to follow instructions (SmolLM2-Instruct, Gemma's `-it`, `-chat`).
+INSTRUCTION_TUNED = re.compile(r"(?:^|[-_.])(?:instruct|it|chat)(?:$|[-_.])", re.IGNORECASE)
+
+
 def default_model(client: Client, capability: str) -> str:
-    """$FERRY_MODEL, else the first ready model that serves `capability`."""
+    """$FERRY_MODEL, else the server's best chat choice among the ready models (see `pick_model`)."""
     if os.environ.get("FERRY_MODEL"):
         return os.environ["FERRY_MODEL"]
-    for model in list_models(client):
-        if model.state == models_pb2.Model.STATE_READY and capability in model.capabilities:
-            return model.model_id or model.name.removeprefix("models/")
-    raise CliError(f"no ready model serves {capability}: pick one with --model (see `ferry models list`)")
+    return pick_model(list_models(client), capability)
+
+
+def pick_model(models: Iterable[models_pb2.Model], capability: str) -> str:
+    """The ready model that serves `capability` and is the best one to talk to: one with a chat
+    template first, an instruction-tuned one (by its id) before a base model, then the listing's
+    order. The models API declares no default model, so this is the client's choice (docs/cli.md)."""
+    ready = [
+        (index, model)
+        for index, model in enumerate(models)
+        if model.state == models_pb2.Model.STATE_READY and capability in model.capabilities
+    ]
+    if not ready:
+        raise CliError(f"no ready model serves {capability}: pick one with --model (see `ferry models list`)")
+
+    def rank(entry: tuple[int, models_pb2.Model]) -> tuple[bool, bool, int]:
+        index, model = entry
+        model_id = model.model_id or model.name.removeprefix("models/")
+        return (not model.chat_template, not INSTRUCTION_TUNED.search(model_id), index)
+
+    best = min(ready, key=rank)[1]
+    return best.model_id or best.name.removeprefix("models/")
 
 
 def close(stream: Any) -> None:
