@@ -55,7 +55,13 @@ def stack_settings(home: Path, **overrides: Any) -> Settings:
     values["nats"] = {"url": "", "port": next(ports), "monitor_port": next(ports)}
     values["jobs"] |= {"worker_metrics_port": next(ports)}
     values["conversations"] |= {"web_port": next(ports)}
-    values.update(overrides)
+    # A section given as a dict is merged into the one above (the free ports stay), e.g. the trivial
+    # model's `bench_model_overrides()`; anything else replaces it.
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = values[key] | value
+        else:
+            values[key] = value
     return Settings(**values)
 
 

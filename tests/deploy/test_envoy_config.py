@@ -124,11 +124,11 @@ def test_the_image_config_holds_a_placeholder_where_the_token_goes(tmp_path: Pat
 
 
 def test_the_image_renders_without_ferrys_generated_stubs(tmp_path: Path) -> None:
-    """The Envoy image's config stage has the descriptor set but not build/gen (launcher/envoy.py
-    reads the access option from the descriptor set itself)."""
+    """The Envoy image's config stage has the descriptor set but not the generated `ferry` stubs
+    (launcher/envoy.py reads the access option from the descriptor set itself)."""
     script = (
         "import runpy, sys\n"
-        "sys.path = [p for p in sys.path if not p.rstrip('/').endswith('build/gen')]\n"
+        "sys.path = [p for p in sys.path if not p.rstrip('/').endswith('clients/python/src')]\n"
         f"sys.argv = ['render_envoy.py', {str(tmp_path / 'home')!r}]\n"
         "runpy.run_path('deploy/docker/render_envoy.py', run_name='__main__')\n"
         "assert 'ferry' not in sys.modules, 'generated stubs were imported'\n"

@@ -114,8 +114,11 @@ def ferry_metrics_named(text: str) -> set[str]:
 
 
 def exported_metric_names() -> set[str]:
-    # The services export through prometheus_client, the llamacpp backend through Triton's metrics port.
-    code = " ".join(p.read_text() for d in ("services", "backends") for p in (REPO_ROOT / d).rglob("*.py"))
+    # The services and the gateway export through prometheus_client, the llamacpp backend through
+    # Triton's metrics port.
+    code = " ".join(
+        p.read_text() for d in ("services", "gateway", "backends") for p in (REPO_ROOT / d).rglob("*.py")
+    )
     # Triton's MetricFamily takes a counter's full name (`..._total`); prometheus_client adds it.
     return {re.sub(r"_total$", "", n) for n in re.findall(r'"(ferry_[a-z0-9_]+)"', code)}
 
@@ -127,7 +130,7 @@ def test_every_ferry_metric_named_is_exported_by_the_code() -> None:
     exported = exported_metric_names()
     assert {"ferry_grpc_server_handled", "ferry_inference_time_to_first_token_seconds"} <= named
     assert named - exported == set(), (
-        "named by alerts or dashboard, exported by no code in services/ or backends/"
+        "named by alerts or dashboard, exported by no code in services/, gateway/ or backends/"
     )
 
 
