@@ -15,7 +15,7 @@ PROTO_STAMP := build/.proto-stamp
 DESCRIPTOR := build/ferry.pb
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: install proto setup run test test-unit lint bench soak clean
+.PHONY: install proto setup run test test-unit lint bench soak fuzz clean
 
 install: $(INSTALLED)
 
@@ -81,9 +81,16 @@ lint: proto
 bench: setup
 	$(PY) -m bench
 	$(PY) -m bench.embeddings
+	$(PY) -P -m bench.cache
+	$(PY) -P -m bench.prefix
 
 soak: setup
 	$(PY) -m bench.soak
+
+# The hostile-input suite with many more examples than `make test` runs (FUZZ_EXAMPLES per route and method).
+FUZZ_EXAMPLES ?= 200
+fuzz: setup
+	FERRY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/hostile -p no:cacheprovider
 
 clean:
 	rm -rf build $(VENV)
