@@ -16,7 +16,6 @@ from ferry.openai.v1 import openai_pb2
 from google.protobuf import json_format
 
 from services.common.config import InferenceSettings
-from services.common.triton_client import ModelInfo
 from services.inference.coalesce import coalesced, merge
 from services.inference.domain import Piece, TokenLogprob, TopLogprob
 from services.inference.native.servicer import InferenceServicer
@@ -24,21 +23,10 @@ from services.inference.openai_api import sse
 from services.inference.openai_api.servicer import OpenAIServicer
 from services.inference.pipeline import Pipeline
 from services.inference.templates import ChatTemplates
+from tests.inference.test_stream_errors import Catalog, Context
 
-MODEL = ModelInfo("m", "python", 4096, 4096, "ferry", "{{ messages[0].content }}", 2)
 TEXTS = ["Hel", "lo", ', "wor', 'ld"\n', "é✓", " \\end\u0001"]
 WAIT = 10.0
-
-
-class Catalog:
-    def is_known(self, name: str) -> bool:
-        return name == MODEL.name
-
-    async def resolve(self, name: str) -> ModelInfo:
-        return MODEL
-
-    async def is_ready(self, name: str) -> bool:
-        return True
 
 
 def logprob(i: int) -> tuple[TokenLogprob, ...]:
@@ -70,14 +58,6 @@ class PacedEngine:
                 await self.go_on.wait()
             await asyncio.sleep(0)
         self.finished.set()
-
-
-class Context:
-    def time_remaining(self) -> float | None:
-        return None
-
-    def invocation_metadata(self) -> tuple[()]:
-        return ()
 
 
 def servicers(engine: PacedEngine) -> tuple[OpenAIServicer, InferenceServicer]:
