@@ -28,6 +28,9 @@ $(INSTALLED): pyproject.toml clients/python/pyproject.toml clients/python/hatch_
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv==0.13.9
 	$(UV) pip install -q --python $(PY) -r pyproject.toml --extra dev
+	# xds-protos ships an old copy of opentelemetry/proto (no InstrumentationScope: the OTLP exporter
+	# fails to import) and uv unpacks wheels in parallel, so either copy could win: opentelemetry-proto's goes last.
+	$(UV) pip install -q --python $(PY) -r pyproject.toml --extra dev --reinstall-package opentelemetry-proto
 	$(UV) pip install -q --python $(PY) --no-deps --reinstall-package ferry --reinstall-package ferry-client \
 	  -e . -e ./clients/python
 	# The path file of earlier checkouts (repository root and build/gen): the editable installs replace it.

@@ -82,3 +82,11 @@ async def test_the_callers_trace_is_continued(channel: grpc.aio.Channel) -> None
 async def test_a_malformed_traceparent_starts_a_new_trace(channel: grpc.aio.Channel) -> None:
     reply = await channel.unary_unary("/test.Trace/Unary")(b"", metadata=(("traceparent", "garbage"),))
     assert _parse(reply)[0] != CALLER_TRACE
+
+
+def test_the_otlp_exporter_imports() -> None:
+    # xds-protos (the gateway's ext_authz types) carries an older opentelemetry/proto; the install step
+    # makes opentelemetry-proto's own copy win, without which no stack with an OTLP exporter starts.
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    assert OTLPSpanExporter is not None
