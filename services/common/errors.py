@@ -36,9 +36,11 @@ _Code = grpc.StatusCode
 # response header; ferry.lua makes it the REST body and removes the header.
 OPENAI_ERROR_METADATA = "x-ferry-openai-error"
 # gRPC sends an error's message and details as trailers (headers through Envoy, which resets a stream
-# whose headers pass ~60 KiB): a message, field or metadata value that quotes the caller's input (a
-# 100 KB role) is cut to this many bytes of UTF-8.
-TEXT_LIMIT = 2000
+# whose headers pass ~60 KiB; gRPC clients refuse received metadata past 8 KiB at random, and always
+# past 16 KiB): a message, field or metadata value that quotes the caller's input (a 100 KB role) is
+# cut to this many bytes of UTF-8, so that an error's trailers stay under 8 KiB even when every text
+# is cut and escaped (tests/hostile/test_error_size.py).
+TEXT_LIMIT = 512
 
 
 class Reason(StrEnum):
