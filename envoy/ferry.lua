@@ -260,10 +260,28 @@ local function caller_field(path)
   return string.match(path, "^(.*)%[%d+%]%.key$") or string.match(path, "^(.*)%[%d+%]%.value$") or path
 end
 
+-- At most TEXT_LIMIT bytes of `text`, cut at a UTF-8 character boundary: the transcoder quotes the
+-- offending value whole (a 1 MB string made a 2 MB error body); errors.TEXT_LIMIT is the same bound.
+local TEXT_LIMIT = 512
+local function cut_text(text)
+  if #text <= TEXT_LIMIT then
+    return text
+  end
+  local cut = TEXT_LIMIT - 3
+  while cut > 0 do
+    local byte = string.byte(text, cut + 1)
+    if byte < 0x80 or byte >= 0xC0 then -- the next byte starts a character
+      break
+    end
+    cut = cut - 1
+  end
+  return string.sub(text, 1, cut) .. "..."
+end
+
 -- The message, OpenAI type, param and code of an answer the transcoder or Envoy made (plain text), or
 -- of a google.rpc.Status JSON without ferry's header. `request` is "METHOD /path".
 local function edge_error(status, text, request)
-  local first_line = string.match(text, "^[^\n]*")
+  local first_line = cut_text(string.match(text, "^[^\n]*"))
   if string.sub(text, 1, 1) == "{" then
     local code = string.match(text, '"reason"%s*:%s*"([%w_]+)"')
     local number = tonumber(string.match(text, '^{%s*"code"%s*:%s*(%d+)'))
