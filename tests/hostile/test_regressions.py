@@ -42,3 +42,18 @@ def test_api_edge_errors_are_status_json(stack: RunningStack) -> None:
             reply = http.request(verb, path)
             assert reply.status_code == 404, (verb, path)
             assert _status(reply)["details"][0]["reason"] == "UNKNOWN_URL"
+
+
+def test_edge_errors_do_not_echo_huge_values(stack: RunningStack) -> None:
+    """The transcoder quotes the offending value whole: a 1 MB string where an object belongs made a
+    2 MB error body (message and field violation); ferry.lua cuts the text to 512 bytes."""
+    with stack.http() as http:
+        for huge in ("a" * 1_000_000, "🦜" * 250_000):
+            reply = http.patch("/api/v1/grammars/hostile", json=huge)
+            assert reply.status_code == 400
+            assert len(reply.content) < 4096
+            assert _status(reply)["details"][0]["reason"] == "INVALID_TYPE"
+            openai = http.post("/v1/completions", json={"model": "m", "prompt": {"a": huge}})
+            assert openai.status_code == 400
+            assert len(openai.content) < 4096
+            assert len(openai.json()["error"]["message"]) < 1024
