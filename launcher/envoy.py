@@ -61,6 +61,11 @@ MAX_SOCKET_PATH_BYTES = 107
 # retries once response headers went downstream); unavailable: gRPC UNAVAILABLE (a draining replica, a
 # dependency outage), which another replica may not have.
 RETRY_ON = "connect-failure,refused-stream,reset,unavailable"
+# Generation is not retried on reset: the replica that went away may have started the request and
+# recorded it, and its restart then marks that record INCOMPLETE while the retry's answer is still
+# running under the same id (the transactions store keeps the first completion). Such a request ends
+# with an error the client may retry itself; one that never reached a replica is retried here.
+GENERATION_RETRY_ON = "connect-failure,refused-stream,unavailable"
 # Reads (a google.api.http `get`: every Get*/List*, REST GET alike) are retried twice, generation once.
 READ_RETRIES = 2
 GENERATION_RETRIES = 1
@@ -233,6 +238,7 @@ class Retry:
     """The routes' retry policies and the clusters' retry budget (constants above)."""
 
     retry_on: str = RETRY_ON
+    generation_retry_on: str = GENERATION_RETRY_ON
     read_retries: int = READ_RETRIES
     generation_retries: int = GENERATION_RETRIES
     backoff_base: str = RETRY_BACKOFF_BASE
