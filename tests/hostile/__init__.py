@@ -3,5 +3,5 @@ JSON to every REST route and generated field values and raw bytes to every gRPC 
 without valid keys, against the session stack.
 
 `make test` runs a bounded, derandomized set (profile `hostile-ci`); a larger random run:
-`FERRY_FUZZ_EXAMPLES=200 .venv/bin/python -m pytest tests/hostile` (N examples per route and method).
+`make fuzz FUZZ_EXAMPLES=200` (N random examples per route and method).
 """
