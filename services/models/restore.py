@@ -5,16 +5,20 @@ container) loads only what its command line names (`--load-model`, i.e. `triton.
 models service knows more: which models were READY when it first saw Triton, and every LoadModel and
 UnloadModel it has served since. When Triton answers again after not answering, it loads the models
 that are missing and unloads the ones Triton's command line brought back although a caller had
-unloaded them, so the model set is what it was before the crash.
+unloaded them through this process, so the model set is what it was before the crash.
 
 Every load and unload that happens is audited: callers' LoadModel/UnloadModel as RPC events with
 their principal (the AuditObserver), and what happens without a caller -- Triton's own start-up loads
 and this restore -- as operational `model.load` / `model.unload` events by the `system` principal,
 with `trigger` saying why (`triton_start`, `triton_restart`).
 
-The set lives in this process's memory: a models service that restarts while Triton runs takes the
-READY models it then sees. With several models-service replicas, each restores what it has seen;
-replicas that disagree (a model unloaded through another replica) are a known limit (docs/runbook.md).
+Both sets live in this process's memory: a models service that restarts while Triton runs takes the
+READY models it then sees. With several models-service replicas (each restores after the same Triton
+restart), each restores what it served: it loads what it knows was loaded and unloads only the models
+whose UnloadModel it served itself -- never "whatever it does not know", which would unload a model
+another replica loaded. What stays a limit: a model that was READY when this replica first saw
+Triton, or that it loaded, and was then unloaded through another replica comes back
+(docs/runbook.md, `FerryTritonRestarting`; docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -54,17 +58,24 @@ class LoadedModels:
     def __init__(self, client: triton_aio.InferenceServerClient, recorder: Recorder | None) -> None:
         self.client = client
         self.recorder = recorder
-        # None until Triton was first seen: then the models READY at that moment.
+        # None until Triton was first seen: then the models READY at that moment, plus those whose
+        # LoadModel this process served, less those whose UnloadModel it served.
         self.wanted: set[str] | None = None
+        # The models a caller unloaded through this process (and did not load again through it since):
+        # the only ones a restore unloads. A model this process does not know of was loaded through
+        # another replica (or by hand) and is left alone.
+        self.unloaded_here: set[str] = set()
         self._down_since: float | None = None
 
     def loaded(self, model_id: str) -> None:
-        """A LoadModel succeeded."""
+        """A LoadModel succeeded (served by this process)."""
+        self.unloaded_here.discard(model_id)
         if self.wanted is not None:
             self.wanted.add(model_id)
 
     def unloaded(self, model_id: str) -> None:
-        """An UnloadModel succeeded."""
+        """An UnloadModel succeeded (served by this process)."""
+        self.unloaded_here.add(model_id)
         if self.wanted is not None:
             self.wanted.discard(model_id)
 
@@ -94,13 +105,19 @@ class LoadedModels:
         self._operational(
             "triton.restart",
             "",
-            attributes={"down_seconds": f"{down_seconds:.1f}", "wanted": ",".join(sorted(self.wanted))},
+            attributes={
+                "down_seconds": f"{down_seconds:.1f}",
+                "wanted": ",".join(sorted(self.wanted)),
+                "unloaded": ",".join(sorted(self.unloaded_here)),
+            },
         )
         # What Triton's command line loaded and is wanted: loaded by the restart, not by us.
         self._audit_start_loads(sorted(ready & self.wanted), "triton_restart")
         for model in sorted(self.wanted - ready):
             await self._restore("load", model)
-        for model in sorted(ready - self.wanted):
+        # Only what a caller unloaded through this process: a READY model this process does not know
+        # was loaded through another replica, which restores it itself.
+        for model in sorted((ready & self.unloaded_here) - self.wanted):
             await self._restore("unload", model)
 
     async def _restore(self, action: str, model: str) -> None:
