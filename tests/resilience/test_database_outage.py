@@ -1,5 +1,6 @@
-"""PostgreSQL faults under steady generation load, through Envoy (REST and native gRPC), on a stack of
-this module's own (the trivial `bench-stream` model, so Triton costs nothing).
+"""PostgreSQL faults under steady generation load, through Envoy (REST and native gRPC), on the
+package's shared stack (tests/resilience/conftest.py; the trivial `bench-stream` model, so Triton
+costs nothing; two replicas of the gateway, inference and transactions services).
 
 What a user would notice:
 - PostgreSQL paused for 15 s (SIGSTOP to the postmaster and every child: to its clients it looks like
@@ -13,13 +14,10 @@ What a user would notice:
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import grpc
 import httpx
@@ -29,91 +27,30 @@ import pytest
 from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from google.rpc import error_details_pb2
 
-from bench.platform import bench_model_overrides
 from launcher.postgres import socket_dir
 from launcher.supervisor import socket_path
 from services.common.errors import error_details
 from services.common.tokens import new_key_secret
-from tests.stack import RunningStack, keyed_channel, running_stack, scratch_home, stack_settings
+from tests.resilience.support import FAST_MODEL, Load, Outcome, wait_for
+from tests.stack import RunningStack, keyed_channel
 
 pytestmark = pytest.mark.stack
 
-READY_TIMEOUT_SECONDS = 180.0
-MODEL = "bench-stream"
+MODEL = FAST_MODEL
 PAUSE_SECONDS = 15.0
-WARM_UP_SECONDS = 3.0
-AFTER_SECONDS = 2.0
 # Generous: records and restarts on a loaded 2-core machine.
+WARM_UP_TIMEOUT_SECONDS = 60.0
 DRAIN_TIMEOUT_SECONDS = 90.0
 RECOVERY_BOUND_SECONDS = 60.0
 # Each load thread pauses this long between requests: steady, light load.
 THINK_SECONDS = 0.05
 
 
-@pytest.fixture(scope="module")
-def outage_stack(request: pytest.FixtureRequest) -> Iterator[RunningStack]:
-    scratch, home = scratch_home("ferry-dboutage-")
-    settings = stack_settings(home)
-    # Merged into the free ports stack_settings chose (a plain override would replace them).
-    settings.triton = settings.triton.model_copy(update=bench_model_overrides()["triton"])
-    assert settings.database_url is None, "these tests need the embedded PostgreSQL"
-    with running_stack(settings, READY_TIMEOUT_SECONDS) as running:
-        yield running
-    if request.session.testsfailed:
-        print(f"\nstack logs kept in {settings.log_dir}")
-    else:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 # -- load --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Answer:
-    started: float
-    ended: float
-    ok: bool
-    status: str  # "200", "503", "OK", "UNAVAILABLE", ...
-    retry_hint: bool
-    request_id: str
-
-
-@dataclass
-class Load:
-    """Threads generating through Envoy until stopped; every answer is kept."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    answers: dict[str, list[Answer]] = field(default_factory=dict)
-    threads: list[threading.Thread] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def run(self, name: str, call: Callable[[str], tuple[bool, str, bool]]) -> None:
-        def loop() -> None:
-            while not self.stop.is_set():
-                request_id = str(uuid.uuid4())
-                started = time.monotonic()
-                try:
-                    ok, status, hint = call(request_id)
-                except Exception as exc:  # a transport failure is an answer too: a failed one
-                    ok, status, hint = False, type(exc).__name__, False
-                with self.lock:
-                    self.answers.setdefault(name, []).append(
-                        Answer(started, time.monotonic(), ok, status, hint, request_id)
-                    )
-                self.stop.wait(THINK_SECONDS)
-
-        thread = threading.Thread(target=loop, name=name, daemon=True)
-        thread.start()
-        self.threads.append(thread)
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(60)
-
-
-def rest_generate(client: httpx.Client) -> Callable[[str], tuple[bool, str, bool]]:
-    def call(request_id: str) -> tuple[bool, str, bool]:
+def rest_generate(client: httpx.Client) -> Callable[[str], Outcome]:
+    def call(request_id: str) -> Outcome:
         reply = client.post(
             f"/api/v1/models/{MODEL}:generate",
             json={"request_id": request_id, "prompt": "one two three", "sampling": {"max_tokens": 4}},
@@ -123,10 +60,10 @@ def rest_generate(client: httpx.Client) -> Callable[[str], tuple[bool, str, bool
     return call
 
 
-def grpc_generate(channel: grpc.Channel) -> Callable[[str], tuple[bool, str, bool]]:
+def grpc_generate(channel: grpc.Channel) -> Callable[[str], Outcome]:
     stub = inference_pb2_grpc.InferenceServiceStub(channel)
 
-    def call(request_id: str) -> tuple[bool, str, bool]:
+    def call(request_id: str) -> Outcome:
         request = inference_pb2.GenerateRequest(
             model=MODEL,
             request_id=request_id,
@@ -190,11 +127,13 @@ def gateway_metric(stack: RunningStack, name: str) -> float:
 # -- the tests ---------------------------------------------------------------------------------------
 
 
-def test_a_paused_database_refuses_no_known_key(outage_stack: RunningStack) -> None:
-    stack = outage_stack
+def test_a_paused_database_refuses_no_known_key(stack: RunningStack) -> None:
     known = stack.create_key(["inference"])
     unknown = new_key_secret()
-    load = Load()
+    # The gateway's log of this test only (the stack is shared).
+    gateway_log = stack.settings.log_dir / "gateway.log"
+    log_start = gateway_log.stat().st_size
+    load = Load(think_seconds=THINK_SECONDS)
     known_rest, unknown_rest = stack.http(known, timeout=30), stack.http(unknown, timeout=30)
     known_grpc, unknown_grpc = (
         keyed_channel(stack.grpc_target, known),
@@ -206,7 +145,10 @@ def test_a_paused_database_refuses_no_known_key(outage_stack: RunningStack) -> N
             load.run(f"known-grpc-{i}", grpc_generate(known_grpc))
         load.run("unknown-rest", rest_generate(unknown_rest))
         load.run("unknown-grpc", grpc_generate(unknown_grpc))
-        time.sleep(WARM_UP_SECONDS)
+        # Warm: every known-key thread answered a few times (both gateway replicas saw the key), the
+        # unknown key was tried.
+        wait_for(load.each_answered(5, "known"), WARM_UP_TIMEOUT_SECONDS, "the known key answered")
+        wait_for(load.each_tried(2, "unknown"), WARM_UP_TIMEOUT_SECONDS, "the unknown key tried")
         processes = postgres_processes(stack)
         for proc in processes:
             proc.send_signal(signal.SIGSTOP)
@@ -219,7 +161,10 @@ def test_a_paused_database_refuses_no_known_key(outage_stack: RunningStack) -> N
             for proc in processes:
                 proc.send_signal(signal.SIGCONT)
         resumed = time.monotonic()
-        time.sleep(AFTER_SECONDS)
+        # Every known-key thread answered again after the pause.
+        wait_for(
+            load.each_answered(2, "known", since=resumed), DRAIN_TIMEOUT_SECONDS, "answers after the pause"
+        )
     finally:
         load.finish()
         known_rest.close()
@@ -246,7 +191,7 @@ def test_a_paused_database_refuses_no_known_key(outage_stack: RunningStack) -> N
             or "ext_authz" in line
         ],
     )
-    known_answers = [a for name, answers in load.answers.items() if name.startswith("known") for a in answers]
+    known_answers = load.of("known")
     refused = [a for a in known_answers if not a.ok]
     during = [a for a in known_answers if a.started >= paused and a.ended <= resumed]
     print(
@@ -258,9 +203,7 @@ def test_a_paused_database_refuses_no_known_key(outage_stack: RunningStack) -> N
     assert degraded == 1.0, "the gateway did not report the degraded key store"
     assert health == 200
 
-    unknown_answers = [
-        a for name, answers in load.answers.items() if name.startswith("unknown") for a in answers
-    ]
+    unknown_answers = load.of("unknown")
     in_pause = [a for a in unknown_answers if a.started >= paused + 0.5 and a.ended <= resumed]
     statuses = sorted({a.status for a in in_pause})
     unavailable = [a for a in in_pause if a.status in ("503", "UNAVAILABLE")]
@@ -281,14 +224,15 @@ def test_a_paused_database_refuses_no_known_key(outage_stack: RunningStack) -> N
     assert not missing, f"{len(missing)} answered requests have no transaction, e.g. {missing[:3]}"
     assert all(count == 1 for count in found.values())
     assert gateway_metric(stack, "ferry_gateway_key_store_degraded") == 0.0
-    log = (stack.settings.log_dir / "gateway.log").read_text()
+    with gateway_log.open("rb") as file:
+        file.seek(log_start)
+        log = file.read().decode(errors="replace")
     entered, left = log.count("DEGRADED, serving keys"), log.count("key store reachable again")
     print(f"gateway log: {entered} line(s) entering the degraded state, {left} leaving it")
     assert entered >= 1 and left == entered
 
 
-def test_a_killed_database_is_restarted_and_records_flow(outage_stack: RunningStack) -> None:
-    stack = outage_stack
+def test_a_killed_database_is_restarted_and_records_flow(stack: RunningStack) -> None:
     known = stack.create_key(["inference"])
     generate = rest_generate(stack.http(known, timeout=30))
     assert generate(str(uuid.uuid4()))[0]  # seen by the gateway before the crash
@@ -335,13 +279,12 @@ def test_a_killed_database_is_restarted_and_records_flow(outage_stack: RunningSt
     )
 
 
-def test_database_and_unix_sockets_are_owner_only(outage_stack: RunningStack) -> None:
+def test_database_and_unix_sockets_are_owner_only(stack: RunningStack) -> None:
     """Nothing local but ferry's own user reaches the embedded PostgreSQL (its data and its socket:
     trust authentication admits whoever can connect), supervisord's control socket, Envoy's admin
     socket, the spools (prompts and outputs on their way to PostgreSQL) or the logs. (Triton's
     python-backend shared-memory regions are not checked: the backend makes them 0644 itself,
     whatever the umask.)"""
-    stack = outage_stack
     settings = stack.settings
     pgdata = settings.home / "pgdata"
     paths = [

@@ -1,5 +1,6 @@
-"""Triton as a user would find it on a stack of this module's own (test models under
-tests/resilience/models, one " tok" every 50 ms, so generations are still streaming when Triton dies):
+"""Triton as a user would find it on the package's shared stack (tests/resilience/conftest.py; test
+models under tests/resilience/models, one " tok" every 50 ms, so generations are still streaming when
+Triton dies; two replicas of the inference and models services):
 
 - Nobody gets around the edge: Triton's gRPC and HTTP endpoints refuse inference, the repository
   index, load and unload to a caller without the per-start access secret, and grant them with it
@@ -15,11 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -33,39 +32,17 @@ from tritonclient.utils import serialize_byte_tensor
 
 from services.common.errors import error_details
 from services.common.triton_client import access_headers, http_access_headers
-from tests.stack import RunningStack, running_stack, scratch_home, stack_settings
+from tests.resilience.support import SLOW_MODEL, wait_for
+from tests.stack import RunningStack
 
 pytestmark = pytest.mark.stack
 
-MODELS = Path(__file__).parent / "models"
-MODEL = "slow-stream"  # loaded at start (triton.load_models)
+MODEL = SLOW_MODEL  # loaded at start (triton.load_models)
 SPARE = "spare-stream"  # loaded later, through LoadModel
-READY_TIMEOUT_SECONDS = 180.0
 # Generous bounds for a loaded 2-core machine; the measured figure is printed.
 RECOVERY_BOUND_SECONDS = 90.0
 STREAMS = 4
 LONG = 2000  # tokens at 50 ms each: far longer than the test
-
-
-@pytest.fixture(scope="module")
-def stack() -> Iterator[RunningStack]:
-    scratch, home = scratch_home("ferry-resilience-")
-    settings = stack_settings(home)
-    settings.triton.repository = MODELS
-    settings.triton.default_model = MODEL
-    settings.triton.load_models = [MODEL]
-    with running_stack(settings, READY_TIMEOUT_SECONDS) as running:
-        yield running
-    shutil.rmtree(scratch, ignore_errors=True)
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str, every: float = 0.1) -> float:
-    """Polls `check` until true; returns the seconds it took."""
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout, f"not within {timeout} s: {what}"
-        time.sleep(every)
-    return time.monotonic() - started
 
 
 # -- Triton directly ------------------------------------------------------------------------------

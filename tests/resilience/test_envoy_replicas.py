@@ -5,19 +5,15 @@ What a user would notice: no read fails while a replica dies (Envoy retries it o
 the health checks and outlier detection take the dead one out of rotation), and the replica that
 supervisord restarts is back in rotation and serving once it answers its health check again.
 
-A stack of its own (the trivial `bench-stream` model), with `models.replicas` and
-`transactions.replicas` at 2, the setting `make run` offers for this.
+The package's shared stack (tests/resilience/conftest.py: the trivial `bench-stream` model, two
+replicas of models, transactions, gateway and inference, the setting `make run` offers for this).
 """
 
 from __future__ import annotations
 
 import random
-import shutil
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from functools import partial
 
 import grpc
@@ -27,81 +23,26 @@ from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from ferry.models.v1 import models_pb2, models_pb2_grpc
 from ferry.transactions.v1 import transactions_pb2, transactions_pb2_grpc
 
-from bench.platform import bench_model_overrides
-from launcher.ports import is_free
 from launcher.stack import replica_name
-from services.common.config import ServiceSettings
-from tests.stack import RunningStack, running_stack, scratch_home, stack_settings
+from tests.resilience.support import (
+    Load,
+    clusters,
+    envoy_stat,
+    healthy,
+    replica_address,
+    wait_for,
+)
+from tests.stack import RunningStack
 
 pytestmark = pytest.mark.stack
 
-READY_TIMEOUT_SECONDS = 180.0
 REPLICATED = ("models", "transactions", "gateway")
 # Generation (unary: retried before the first byte under the request's id).
 GENERATING = "inference"
-# Load runs this long before the kill, and at most this long after it for the replica to come back.
-WARM_UP_SECONDS = 2.0
+# At most this long after the kill for the replica to come back.
 RECOVERY_TIMEOUT_SECONDS = 60.0
 # Each load thread pauses this long between calls: steady, light load (2 shared cores).
 PAUSE_SECONDS = 0.02
-
-
-def free_replica_step(service: ServiceSettings) -> int:
-    """A replica_port_step under which replica 1's ports are free (the test's ports are random)."""
-    for _ in range(200):
-        step = random.randrange(1, 2000)
-        ports = [service.port + step, service.metrics_port + step]
-        if all(20000 <= p < 32000 and is_free(service.host, p) for p in ports):
-            return step
-    raise RuntimeError("no free ports for a second replica")
-
-
-@pytest.fixture(scope="module")
-def replicated() -> Iterator[RunningStack]:
-    scratch, home = scratch_home("ferry-replicas-")
-    settings = stack_settings(home, **bench_model_overrides())
-    for name in (*REPLICATED, GENERATING):
-        service: ServiceSettings = getattr(settings, name)
-        service.replicas = 2
-        service.replica_port_step = free_replica_step(service)
-    try:
-        with running_stack(settings, READY_TIMEOUT_SECONDS) as running:
-            yield running
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-# -- Envoy's view of the replicas (the admin port's /clusters) -------------------------------------------
-
-
-def clusters(stack: RunningStack) -> dict[tuple[str, str], dict[str, str]]:
-    """{(cluster, host:port): {stat: value}} from /clusters."""
-    out: dict[tuple[str, str], dict[str, str]] = {}
-    text = httpx.get(f"{stack.envoy_admin}/clusters", timeout=5).text
-    for line in text.splitlines():
-        parts = line.split("::")
-        if len(parts) == 4:
-            out.setdefault((parts[0], parts[1]), {})[parts[2]] = parts[3]
-    return out
-
-
-def replica_address(stack: RunningStack, name: str, index: int) -> str:
-    service: ServiceSettings = getattr(stack.settings, name)
-    return f"{service.host}:{service.replica_ports()[index][0]}"
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Seconds until `condition()` held (polled every 0.1 s); fails the test after `timeout`."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.1)
-    return time.monotonic() - start
-
-
-def healthy(stack: RunningStack, cluster: str, address: str) -> bool:
-    return clusters(stack).get((cluster, address), {}).get("health_flags") == "healthy"
 
 
 def taken_out(stack: RunningStack, cluster: str, address: str) -> bool:
@@ -117,48 +58,7 @@ def serving(stack: RunningStack, cluster: str, address: str, before: int) -> boo
     return successes(stack, cluster, address) > before
 
 
-def envoy_stat(stack: RunningStack, name: str) -> int:
-    text = httpx.get(f"{stack.envoy_admin}/stats", params={"filter": f"^{name}$"}, timeout=5).text
-    for line in text.splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    return 0
-
-
 # -- steady read load --------------------------------------------------------------------------------
-
-
-@dataclass
-class Load:
-    """Threads calling reads through Envoy until stopped; every failure is kept."""
-
-    calls: int = 0
-    errors: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def run(self, name: str, call: Callable[[], None]) -> None:
-        def loop() -> None:
-            while not self.stop.is_set():
-                try:
-                    call()
-                except (grpc.RpcError, httpx.HTTPError, AssertionError) as error:
-                    with self.lock:
-                        self.errors.append(f"{time.monotonic():.2f} {name}: {error!r}"[:300])
-                with self.lock:
-                    self.calls += 1
-                time.sleep(PAUSE_SECONDS)
-
-        thread = threading.Thread(target=loop, name=name, daemon=True)
-        thread.start()
-        self.threads.append(thread)
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(30)
 
 
 def start_load(stack: RunningStack, rest: httpx.Client) -> Load:
@@ -167,24 +67,24 @@ def start_load(stack: RunningStack, rest: httpx.Client) -> Load:
     transactions = transactions_pb2_grpc.TransactionsServiceStub(channel)
     model = stack.settings.triton.default_model
 
-    def grpc_list_models() -> None:
+    def grpc_list_models(_: str) -> None:
         reply = models.ListModels(models_pb2.ListModelsRequest(), timeout=30)
         assert any(m.name == f"models/{model}" for m in reply.models), reply
 
-    def grpc_get_model() -> None:
+    def grpc_get_model(_: str) -> None:
         models.GetModel(models_pb2.GetModelRequest(name=f"models/{model}"), timeout=30)
 
-    def grpc_list_transactions() -> None:
+    def grpc_list_transactions(_: str) -> None:
         transactions.ListTransactions(transactions_pb2.ListTransactionsRequest(page_size=1), timeout=30)
 
-    def rest_get(path: str) -> Callable[[], None]:
-        def call() -> None:
+    def rest_get(path: str) -> Callable[[str], None]:
+        def call(_: str) -> None:
             response = rest.get(path)
             assert response.status_code == 200, (response.status_code, response.text[:200])
 
         return call
 
-    load = Load()
+    load = Load(think_seconds=PAUSE_SECONDS)
     load.run("grpc ListModels", grpc_list_models)
     load.run("grpc GetModel", grpc_get_model)
     load.run("grpc ListTransactions", grpc_list_transactions)
@@ -193,8 +93,7 @@ def start_load(stack: RunningStack, rest: httpx.Client) -> Load:
     return load
 
 
-def test_a_killed_replica_costs_clients_nothing_and_comes_back(replicated: RunningStack) -> None:
-    stack = replicated
+def test_a_killed_replica_costs_clients_nothing_and_comes_back(stack: RunningStack) -> None:
     supervisor = stack.supervisor()
     second = {name: replica_address(stack, name, 1) for name in REPLICATED}
     # Both replicas of each service are in rotation before anything happens.
@@ -205,12 +104,17 @@ def test_a_killed_replica_costs_clients_nothing_and_comes_back(replicated: Runni
     )
     retries_before = {n: envoy_stat(stack, f"cluster.{n}.upstream_rq_retry") for n in REPLICATED}
 
+    # (The stack is shared: replica 1 serving this test's load is counted from here.)
+    served_before = {n: successes(stack, n, second[n]) for n in REPLICATED}
     with stack.http() as rest:
         load = start_load(stack, rest)
         try:
-            time.sleep(WARM_UP_SECONDS)
             for name in REPLICATED:
-                wait_for(partial(serving, stack, name, second[name], 0), 30, f"{name}'s replica 1 serving")
+                wait_for(
+                    partial(serving, stack, name, second[name], served_before[name]),
+                    30,
+                    f"{name}'s replica 1 serving",
+                )
             old_pids = {n: supervisor.pid(replica_name(n, 1)) for n in REPLICATED}
             killed_at = time.monotonic()
             for name in REPLICATED:
@@ -237,8 +141,8 @@ def test_a_killed_replica_costs_clients_nothing_and_comes_back(replicated: Runni
                     f"{name}'s restarted replica serving again",
                 )
                 serving_at[name] = round(time.monotonic() - killed_at, 2)
-            # A little more load on the recovered pair.
-            time.sleep(1.0)
+            # A little more load on the recovered pair: a few more answers on every thread.
+            wait_for(load.each_answered(5, since=time.monotonic()), 30, "load after the recovery")
         finally:
             load.finish()
 
@@ -248,38 +152,33 @@ def test_a_killed_replica_costs_clients_nothing_and_comes_back(replicated: Runni
     ejections = {
         n: envoy_stat(stack, f"cluster.{n}.outlier_detection.ejections_enforced_total") for n in REPLICATED
     }
+    errors = load.failures()
     print(
-        f"\nreplica kill under load: {load.calls} reads, {len(load.errors)} errors; "
+        f"\nreplica kill under load: {load.calls} reads, {len(errors)} errors; "
         f"taken out after {out_at} s; healthy again after {back_at} s; serving again after "
         f"{serving_at} s (from the kill); Envoy retries {retries}; outlier ejections {ejections}"
     )
     assert load.calls > 0
-    assert load.errors == [], f"{len(load.errors)} of {load.calls} reads failed: {load.errors[:5]}"
+    assert errors == [], f"{len(errors)} of {load.calls} reads failed: {errors[:5]}"
 
 
-def test_a_killed_inference_replica_costs_unary_generation_nothing(replicated: RunningStack) -> None:
+def test_a_killed_inference_replica_costs_unary_generation_nothing(stack: RunningStack) -> None:
     """Unary generations (native gRPC with the body's request_id, OpenAI REST with x-request-id)
     while one of two inference replicas is killed: Envoy retries a try that got no answer on the other
     replica under the same id, so every client gets its answer and every id has one transaction."""
-    stack = replicated
     supervisor = stack.supervisor()
     second = replica_address(stack, GENERATING, 1)
     model = stack.settings.triton.default_model
     wait_for(partial(healthy, stack, GENERATING, second), 30, "inference replica 1 healthy")
     retries_before = envoy_stat(stack, f"cluster.{GENERATING}.upstream_rq_retry")
+    served_before = successes(stack, GENERATING, second)
     native = inference_pb2_grpc.InferenceServiceStub(stack.channel())
-    ids: list[str] = []
 
-    def new_id() -> str:
-        request_id = uuid.uuid4().hex
-        ids.append(request_id)
-        return request_id
-
-    def grpc_generate() -> None:
+    def grpc_generate(request_id: str) -> None:
         reply = native.Generate(
             inference_pb2.GenerateRequest(
                 model=f"models/{model}",
-                request_id=new_id(),
+                request_id=request_id,
                 prompt=f"count {random.random()}",
                 sampling=inference_pb2.SamplingParams(max_tokens=8),
             ),
@@ -289,19 +188,21 @@ def test_a_killed_inference_replica_costs_unary_generation_nothing(replicated: R
 
     with stack.http() as rest:
 
-        def rest_completion() -> None:
+        def rest_completion(request_id: str) -> None:
             response = rest.post(
                 "/v1/completions",
                 json={"model": model, "prompt": f"count {random.random()}", "max_tokens": 8},
-                headers={"x-request-id": new_id()},
+                headers={"x-request-id": request_id},
             )
             assert response.status_code == 200, (response.status_code, response.text[:200])
 
-        load = Load()
+        load = Load(think_seconds=PAUSE_SECONDS)
         load.run("grpc Generate", grpc_generate)
         load.run("REST /v1/completions", rest_completion)
         try:
-            wait_for(partial(serving, stack, GENERATING, second, 0), 30, "inference replica 1 serving")
+            wait_for(
+                partial(serving, stack, GENERATING, second, served_before), 30, "inference replica 1 serving"
+            )
             killed_at = time.monotonic()
             supervisor.signal(replica_name(GENERATING, 1), "KILL")
             wait_for(partial(taken_out, stack, GENERATING, second), 10, "the killed replica out")
@@ -312,12 +213,13 @@ def test_a_killed_inference_replica_costs_unary_generation_nothing(replicated: R
             serving_after = round(time.monotonic() - killed_at, 2)
         finally:
             load.finish()
+    errors = load.failures()
     print(
         f"\ninference replica kill under generation load: {load.calls} generations, "
-        f"{len(load.errors)} errors; healthy again after {back} s, serving after {serving_after} s; "
+        f"{len(errors)} errors; healthy again after {back} s, serving after {serving_after} s; "
         f"Envoy retries {envoy_stat(stack, f'cluster.{GENERATING}.upstream_rq_retry') - retries_before}"
     )
-    assert load.errors == [], f"{len(load.errors)} of {load.calls} generations failed: {load.errors[:5]}"
+    assert errors == [], f"{len(errors)} of {load.calls} generations failed: {errors[:5]}"
 
     # Every answered id has its one record, and it is the answer's (a cut-off try does not win).
     records = transactions_pb2_grpc.TransactionsServiceStub(stack.channel())
@@ -333,5 +235,5 @@ def test_a_killed_inference_replica_costs_unary_generation_nothing(replicated: R
             raise
         return bool(found.status == transactions_pb2.Transaction.Status.STATUS_SUCCEEDED)
 
-    for request_id in list(ids):
+    for request_id in [a.request_id for a in load.of()]:
         wait_for(partial(recorded, request_id), 60, f"transaction {request_id} succeeded")
