@@ -212,6 +212,9 @@ class ResponseCacheSettings(BaseModel):
     redis_timeout_seconds: float = Field(default=0.25, gt=0)
     # Answers larger than this (bytes) are not kept.
     max_entry_bytes: int = Field(default=1024 * 1024, ge=1)
+    # Who a kept answer may be replayed to: "key", the API key (principal) that asked it (a hit never
+    # tells one tenant what another asked); "everyone", any caller with access to the model.
+    sharing: Literal["key", "everyone"] = "key"
 
 
 class InferenceSettings(ServiceSettings):

@@ -44,6 +44,7 @@ from tritonclient.utils import InferenceServerException
 
 from backends.llamacpp.config import ModelParameters
 from backends.llamacpp.gguf import gguf_path
+from services.common.auth import principal_var
 from services.common.config import ResponseCacheSettings
 from services.common.interceptor import current_call
 from services.common.triton_client import ModelInfo, Provider
@@ -58,7 +59,7 @@ CACHE_CONTROL_HEADER = "cache-control"
 HIT, MISS, BYPASS = "hit", "miss", "bypass"
 NO_CACHE, NO_STORE = "no-cache", "no-store"
 # The key's schema: bump when what a key covers or an entry holds changes.
-KEY_VERSION = 1
+KEY_VERSION = 2
 REDIS_PREFIX = f"ferry:response-cache:v{KEY_VERSION}:"
 # llama.cpp's "random seed" values: a request with one of them is not deterministic.
 RANDOM_SEEDS = frozenset({-1, 0xFFFFFFFF})
@@ -290,8 +291,12 @@ def deterministic(exchange: Exchange) -> bool:
     return sampling.seed is not None and sampling.seed not in RANDOM_SEEDS
 
 
-def request_key(exchange: Exchange, model: ModelInfo, fingerprint: str) -> str:
+def request_key(exchange: Exchange, model: ModelInfo, fingerprint: str, sharing: str = "key") -> str:
+    """What the engine receives, and who may be answered: with `sharing` "key", only the key (principal)
+    whose request was kept; with "everyone", any caller (a hit then tells one caller that another sent
+    the same prompt)."""
     request = exchange.request
+    principal = principal_var.get()
     tools = None
     if request.tool_use is not None:
         use = request.tool_use
@@ -306,8 +311,11 @@ def request_key(exchange: Exchange, model: ModelInfo, fingerprint: str) -> str:
         "model": model.name,
         "version": fingerprint,
         "prompt": exchange.prompt,
-        "sampling": request.sampling.model_dump(mode="json"),
+        # Only the fields the caller set, as the engine gets them (SamplingParameters.to_json): an
+        # explicit `"stop": []` overrides the model's default stop sequences, an unset one does not.
+        "sampling": json.loads(request.sampling.to_json()),
         "tools": tools,
+        "principal": (principal.name if principal is not None else "") if sharing == "key" else "",
     }
     encoded = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
     return hashlib.sha256(encoded.encode()).hexdigest()
@@ -338,7 +346,7 @@ class ResponseCache:
         fingerprint = await self.versions.fingerprint(model)
         if fingerprint is None:
             return None
-        lookup = Lookup(request_key(exchange, model, fingerprint))
+        lookup = Lookup(request_key(exchange, model, fingerprint, self.settings.sharing))
         policy = request_policy(exchange)
         label = exchange.model_label
         if policy:

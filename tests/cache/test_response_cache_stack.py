@@ -202,8 +202,11 @@ def test_a_hit_is_still_refused_without_the_scope_or_past_the_rate_limit(
         )
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
-    one_a_minute = stack.create_key(["inference"], display_name="cache-rpm", requests_per_minute=1)
-    with stack.http(one_a_minute) as http:
+    # Answers are kept per key (inference.response_cache.sharing): this key's own first request is a
+    # miss, its second a hit, and its third, which would be a hit too, is past its limit.
+    two_a_minute = stack.create_key(["inference"], display_name="cache-rpm", requests_per_minute=2)
+    with stack.http(two_a_minute) as http:
+        assert http.post("/v1/completions", json=body).headers[CACHE_HEADER] == "miss"
         served = http.post("/v1/completions", json=body)
         assert served.status_code == 200 and served.headers[CACHE_HEADER] == "hit"
         limited = http.post("/v1/completions", json=body)
@@ -215,11 +218,13 @@ def test_a_hit_is_counted_as_usage_and_in_metrics(
     stack: RunningStack, rest: httpx.Client, model: str
 ) -> None:
     prompt = fresh_prompt("gardens")
-    completion(rest, model, prompt, max_tokens=4, ignore_eos=True)
-    # 3 tokens a minute: the hit's 4 tokens (the kept answer's count) spend them.
-    key = stack.create_key(["inference"], display_name="cache-tpm", tokens_per_minute=3)
+    # 6 tokens a minute: the fresh answer's 4 leave room for one more request, and the hit's 4 (the
+    # kept answer's count) spend the rest; were hits free, every later request would be served.
+    key = stack.create_key(["inference"], display_name="cache-tpm", tokens_per_minute=6)
     body = {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
     with stack.http(key) as http:
+        fresh = http.post("/v1/completions", json=body)
+        assert fresh.status_code == 200 and fresh.headers[CACHE_HEADER] == "miss"
         hit = http.post("/v1/completions", json=body)
         assert hit.status_code == 200 and hit.headers[CACHE_HEADER] == "hit"
         deadline = time.monotonic() + 10

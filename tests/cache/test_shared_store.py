@@ -146,3 +146,25 @@ def test_the_local_lru_keeps_its_entry_and_byte_bounds() -> None:
     assert store._cache.currsize <= 100
     store.put("too-big", answer, 101)
     assert store.get("too-big") is None
+
+
+def test_the_key_is_what_the_engine_receives_and_whose_request_it_was() -> None:
+    from ferry.auth.v1 import auth_pb2
+
+    from services.common.auth import principal_var
+    from services.inference.response_cache import request_key
+
+    def key(made: Exchange, principal: str, sharing: str = "key") -> str:
+        token = principal_var.set(auth_pb2.Principal(name=principal))
+        try:
+            return request_key(made, MODEL, "version-1", sharing)
+        finally:
+            principal_var.reset(token)
+
+    # An explicit `"stop": []` overrides the model's default stop sequences in the engine; unset does not.
+    assert key(exchange("p"), "keys/a") != key(exchange("p", stop=[]), "keys/a")
+    assert key(exchange("p"), "keys/a") == key(exchange("p"), "keys/a")
+    # One key's answer is not replayed to another (a hit would tell it what the other asked)...
+    assert key(exchange("p"), "keys/a") != key(exchange("p"), "keys/b")
+    # ... unless the operator shares answers with everyone.
+    assert key(exchange("p"), "keys/a", "everyone") == key(exchange("p"), "keys/b", "everyone")
