@@ -13,6 +13,10 @@ postmaster's children are waited for (PostgreSQL refuses to start while they sti
 memory; a stale postmaster.pid it removes itself); the first start runs initdb. The server listens on
 a unix socket only, owner-only (`unix_socket_permissions=0700`): trust authentication over it admits
 only its owner (and root).
+
+The server gets none of ferry's settings and secrets: supervisord's environment carries every FERRY_*
+variable (service token, passwords) and DATABASE_URL, and any SQL superuser can read the postmaster's
+environment; `launcher.environment.foreign_environment` leaves them out of initdb's and the server's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
+from launcher.environment import foreign_environment
 from launcher.programs import Program
 from services.common.config import REPO_ROOT, Settings
 
@@ -180,7 +185,7 @@ def _wait_for_orphans(pgdata: Path) -> None:
         proc.kill()
 
 
-def _initdb(pgdata: Path) -> None:
+def _initdb(pgdata: Path, env: dict[str, str]) -> None:
     if (pgdata / "PG_VERSION").exists():
         return
     log.info("initialising the embedded PostgreSQL in %s", pgdata)
@@ -197,6 +202,7 @@ def _initdb(pgdata: Path) -> None:
         ],
         check=True,
         stdout=subprocess.DEVNULL,
+        env=env,
     )
 
 
@@ -211,10 +217,13 @@ def run(pgdata: Path, sockets: Path) -> None:
         sockets.chmod(0o700)
     _stop_leftover(pgdata)
     _wait_for_orphans(pgdata)
-    _initdb(pgdata)
+    # What the server needs (PATH, HOME and USER as _become set them, LANG/LC_*, TZ) and none of
+    # ferry's settings and secrets.
+    env = foreign_environment(os.environ)
+    _initdb(pgdata, env)
     pgdata.chmod(0o700)
     postgres = str(_bin("postgres"))
-    os.execv(
+    os.execve(
         postgres,
         [
             postgres,
@@ -229,6 +238,7 @@ def run(pgdata: Path, sockets: Path) -> None:
             "-c",
             "unix_socket_permissions=0700",
         ],
+        env,
     )
 
 

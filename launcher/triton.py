@@ -8,6 +8,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from launcher.environment import foreign_argv
 from launcher.programs import Program
 from services.common.config import REPO_ROOT, Settings
 from services.common.triton_client import ACCESS_HEADER
@@ -146,10 +147,17 @@ def triton_tracing_flags(settings: Settings) -> list[str]:
     ]
 
 
+# The only FERRY_* variable Triton's backends read (backends/llamacpp/config.py, backends/onnx): the
+# home where model files are. The rest of ferry's environment (the service token, NATS and database
+# passwords, this Triton's own access secret, which it takes from its command line) stays out of Triton
+# and its Python backend stubs, as deploy/docker/triton-entrypoint.sh does in containers.
+TRITON_KEEPS = ("FERRY_HOME",)
+
+
 def triton_program(settings: Settings) -> Program:
     return Program(
         name="triton",
-        argv=triton_argv(settings),
+        argv=foreign_argv(triton_argv(settings), keep=TRITON_KEEPS),
         env=triton_env(settings),
         cwd=REPO_ROOT,
         priority=100,
