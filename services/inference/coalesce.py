@@ -46,6 +46,7 @@ async def coalesced(pieces: AsyncGenerator[Piece, None]) -> AsyncGenerator[Piece
     buffer: list[Piece] = []
     failure: BaseException | None = None
     done = False
+    stopping = False  # set when this generator cancels the reader itself
     waiting: asyncio.Future[None] | None = None
 
     def wake() -> None:
@@ -59,8 +60,12 @@ async def coalesced(pieces: AsyncGenerator[Piece, None]) -> AsyncGenerator[Piece
                 async for piece in pieces:
                     buffer.append(piece)
                     wake()
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as err:
+            if stopping:
+                raise
+            # The engine's own cancellation (not ours): the reader learns it as an error, never as a
+            # normal end of the stream.
+            failure = err
         except BaseException as err:
             failure = err
         finally:
@@ -86,6 +91,7 @@ async def coalesced(pieces: AsyncGenerator[Piece, None]) -> AsyncGenerator[Piece
             raise failure
     finally:
         if not reader.done():
+            stopping = True
             reader.cancel()
         try:
             await reader

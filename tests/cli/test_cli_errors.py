@@ -79,3 +79,13 @@ def test_one_line_with_reason_fields_and_retry_delay() -> None:
         field_violations=[("sampling.top_k", "must be >= 0")],
     )
     assert str(describe_error(said, "t:1")) == "INVALID_ARGUMENT: sampling.top_k: must be >= 0"
+
+
+def test_did_not_answer_is_said_only_when_ferry_did_not() -> None:
+    silent = describe_error(FerryError(grpc.StatusCode.UNAVAILABLE, "connection refused"), "t:1")
+    assert "did not answer at t:1" in str(silent)
+    loading = FerryError(
+        grpc.StatusCode.UNAVAILABLE, "the model is loading", reason="MODEL_NOT_READY", domain="ferry.dev"
+    )
+    said = str(describe_error(loading, "t:1"))
+    assert "did not answer" not in said and "MODEL_NOT_READY" in said

@@ -244,3 +244,15 @@ def test_merge_keeps_everything_in_order() -> None:
     merged = merge(pieces)
     assert merged == Piece("ab", 3, 5, "length", logprob(0) + logprob(1))
     assert merge(pieces[:1]) is pieces[0]
+
+
+async def test_the_engines_own_cancellation_is_an_error_not_a_normal_end() -> None:
+    async def engine() -> AsyncGenerator[Piece, None]:
+        yield Piece(text="a", tokens=1, prompt_tokens=1)
+        raise asyncio.CancelledError
+
+    seen: list[str] = []
+    with pytest.raises(asyncio.CancelledError):
+        async for piece in coalesced(engine()):
+            seen.append(piece.text)
+    assert seen == ["a"]

@@ -32,6 +32,12 @@ def _copy(request: Req) -> Req:
     return copy
 
 
+def _check_progress(sent: str, returned: str) -> None:
+    # A server answering the token it was sent would loop the iteration forever.
+    if sent and returned == sent:
+        raise RuntimeError(f"the server returned the page token it was sent ({sent!r}): pagination stopped")
+
+
 @overload
 def paginate(
     method: Callable[[Req], Resp], request: Req, field: Callable[[Resp], Iterable[T]]
@@ -50,6 +56,7 @@ def paginate(
         yield from _items(response, field)
         if not response.next_page_token:
             return
+        _check_progress(current.page_token, response.next_page_token)
         current.page_token = response.next_page_token
 
 
@@ -70,4 +77,5 @@ async def apaginate(
             yield item
         if not response.next_page_token:
             return
+        _check_progress(current.page_token, response.next_page_token)
         current.page_token = response.next_page_token

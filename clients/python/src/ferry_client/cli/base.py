@@ -140,6 +140,10 @@ def describe_error(err: grpc.RpcError, target: str) -> CliError:
         if err.retry_delay is not None:
             parts.append(f"retry in {err.retry_delay:g} s")
     hint = HINTS.get(code)
+    # "did not answer" only when ferry did not: an answer with ferry's reason (a model loading, the key
+    # store down) says what happened itself.
+    if code == grpc.StatusCode.UNAVAILABLE and isinstance(err, FerryError) and err.domain:
+        hint = None
     if hint:
         parts.append(f"-- {hint.format(target=target)}")
     return CliError(" ".join(parts), EXIT_BY_CODE.get(code, Exit.ERROR))
