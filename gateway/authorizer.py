@@ -6,13 +6,20 @@ kept for `auth.cache_seconds` (misses too, so a flood of wrong keys does not rea
 revocation made through this gateway drops its entry at once.
 
 Serving through a database outage (stale-if-error): the last good record of every key found is also
-kept for `auth.stale_if_error_seconds`, and used only when the key store fails or does not answer
-within `auth.key_store_timeout_seconds`. Meanwhile the gateway is *degraded*
-(`ferry_gateway_key_store_degraded` 1, one log line on entering and one on leaving): known keys keep
-working (rate limits keep counting: they live outside the database), unknown keys are refused with
-AUTH_UNAVAILABLE (503 + retry hint), both at once, without waiting for the store. One lookup per key
-runs at a time, in the background, so a stalled database (a network partition) delays a request by the
-store timeout only on entering the degraded state, and the first lookup that succeeds ends it.
+kept for `auth.stale_if_error_seconds`. A check of a key with such a record waits for the store
+`auth.key_store_timeout_seconds`, then is answered from it; a check of a key without one waits up to
+UNKNOWN_KEY_WAIT_SECONDS (just under Envoy's ext_authz timeout), so a new key on a slow but answering
+database is still found. The gateway is *degraded* (`ferry_gateway_key_store_degraded` 1, one log line
+on entering and one on leaving) when a lookup fails (the store raised UNAVAILABLE) or gives no answer
+within UNKNOWN_KEY_WAIT_SECONDS, not merely because one was slower than the store timeout; it leaves
+that state on the first lookup that answers within UNKNOWN_KEY_WAIT_SECONDS (a lookup that answers
+later still refreshes the caches and starts one probe lookup, so a store that stays slower than that
+stays degraded instead of flapping, and one that recovered is seen at once). While degraded, known
+keys keep working (rate limits keep counting: they live outside the database) and unknown keys are
+refused with AUTH_UNAVAILABLE (503 + retry hint), both at once, without waiting for the store. One
+lookup per key runs at a time, in the background, so a stalled database (a network partition) delays
+a request only until the degraded state begins. News older than the last good answer (a lookup that
+began before it and fails or hangs afterwards) changes nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +59,9 @@ CACHE_ENTRIES = 100_000
 # without a stale record is refused at once instead of queueing another lookup.
 MAX_LOOKUPS_IN_FLIGHT = 256
 # How long a check of a key without a stale record waits for the store (not degraded): just under
-# Envoy's 1 s ext_authz timeout, so a new key on a slow database is still found in time.
+# Envoy's 1 s ext_authz timeout, so a new key on a slow database is still found in time. A lookup
+# without an answer after this long (or auth.key_store_timeout_seconds when longer) means the store
+# is down: the gateway is degraded from then on.
 UNKNOWN_KEY_WAIT_SECONDS = 0.8
 
 KEY_STORE_DEGRADED = Gauge(
@@ -91,9 +100,15 @@ class LocalAuthorizer:
         self._lookups: dict[tuple[LookupKind, str], asyncio.Task[KeyRecord | None]] = {}
         # Bumped by forget(): a lookup that started before a change here must not cache what it read.
         self._generation = 0
+        # How long a lookup may go unanswered before the store counts as down (see the module doc).
+        self.unknown_key_wait = max(UNKNOWN_KEY_WAIT_SECONDS, self.auth.key_store_timeout_seconds)
         self.degraded = False
         self._degraded_since = 0.0
         self._signal: asyncio.Future[None] | None = None
+        # Loop time at which the latest lookup that answered in time began: older failures are old news.
+        self._good_since = float("-inf")
+        # The one probe lookup run after a late answer while degraded (is the store back to normal?).
+        self._probe: asyncio.Task[KeyRecord | None] | None = None
         KEY_STORE_DEGRADED.set(0)
 
     def attach(self, store: KeyStore) -> None:
@@ -125,9 +140,10 @@ class LocalAuthorizer:
             cache.pop(record.id, None)
 
     async def _lookup(self, kind: LookupKind, value: str) -> KeyRecord | None:
-        """The store's answer within `key_store_timeout_seconds`; else, or when it fails, the key's
-        stale record; else AUTH_UNAVAILABLE. The lookup itself goes on in the background (one per key)
-        and refreshes the caches when it ends."""
+        """The store's answer, waited for `key_store_timeout_seconds` when the key has a stale record
+        (then answered from it) and `unknown_key_wait` when it has none (then AUTH_UNAVAILABLE); at
+        once from the stale record, or refused, while degraded. The lookup itself goes on in the
+        background (one per key) and refreshes the caches when it ends."""
         stale = (self.stale_by_hash if kind == "hash" else self.stale_by_id).get(value)
         if self.auth.stale_if_error_seconds <= 0:
             stale = None
@@ -135,25 +151,24 @@ class LocalAuthorizer:
         if task is None:
             if len(self._lookups) >= MAX_LOOKUPS_IN_FLIGHT:
                 return self._without_store(stale, "too many key lookups are waiting for the key store")
-            task = asyncio.create_task(self._fetch(kind, value), name=f"key-lookup-{kind}")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            task = asyncio.create_task(self._fetch(kind, value, started), name=f"key-lookup-{kind}")
             self._lookups[(kind, value)] = task
             task.add_done_callback(lambda done: self._lookup_done(kind, value, done))
-            # Slow is down, even when every caller waiting on it has gone (Envoy gave up on them).
-            asyncio.get_running_loop().call_later(self.auth.key_store_timeout_seconds, self._note_slow, task)
+            # No answer within the unknown-key wait is down, even when every caller waiting on it
+            # has gone (Envoy gave up on them); merely slower than the store timeout is not.
+            loop.call_later(self.unknown_key_wait, self._note_unanswered, task, started)
         if self.degraded:
             # Known to be down: no waiting (a slow key check would hold every request, and Envoy
             # counts it against the gateway); the lookup started above tells when it is back.
             return self._without_store(stale, "")
         # A key with a stale record waits the store timeout; an unknown one as long as Envoy allows:
         # a new key on a slow (not failing) database is still found.
-        wait = self.auth.key_store_timeout_seconds if stale is not None else UNKNOWN_KEY_WAIT_SECONDS
+        wait = self.auth.key_store_timeout_seconds if stale is not None else self.unknown_key_wait
         # Ended early when another lookup finds the store down meanwhile.
         waiters: set[asyncio.Future[Any]] = {task, self._degraded_signal()}
-        await asyncio.wait(
-            waiters,
-            timeout=max(wait, self.auth.key_store_timeout_seconds),
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         done = task.done()
         if done and not task.cancelled() and task.exception() is None:
             return task.result()
@@ -161,10 +176,16 @@ class LocalAuthorizer:
             error = task.exception()
             if not (isinstance(error, RpcError) and error.code.name == "UNAVAILABLE"):
                 raise error  # type: ignore[misc]  # a bug, not an outage: as before
-            cause = error.message
+            cause = error.message  # _fetch has entered the degraded state (unless old news)
+        elif self.degraded:
+            cause = f"no answer within {self.unknown_key_wait:g} s"
+        elif stale is not None:
+            # Slower than the store timeout: answered from memory, but not (yet) an outage.
+            return self._without_store(stale, "")
         else:
-            cause = f"no answer within {self.auth.key_store_timeout_seconds:g} s"
-        self.set_degraded(True, cause)
+            # Waited the whole unknown-key wait; the lookup's own timer marks the store down (unless
+            # a later lookup answered in time meanwhile: then only this one is stuck).
+            cause = f"no answer within {self.unknown_key_wait:g} s"
         return self._without_store(stale, cause)
 
     def _degraded_signal(self) -> asyncio.Future[None]:
@@ -173,25 +194,31 @@ class LocalAuthorizer:
             self._signal = asyncio.get_running_loop().create_future()
         return self._signal
 
-    def _note_slow(self, task: asyncio.Task[KeyRecord | None]) -> None:
-        if not task.done():
-            self.set_degraded(True, f"no answer within {self.auth.key_store_timeout_seconds:g} s")
+    def _note_unanswered(self, task: asyncio.Task[KeyRecord | None], started: float) -> None:
+        if not task.done() and started >= self._good_since:
+            self.set_degraded(True, f"no answer within {self.unknown_key_wait:g} s")
 
     def _lookup_done(self, kind: LookupKind, value: str, task: asyncio.Task[KeyRecord | None]) -> None:
         self._lookups.pop((kind, value), None)
         if not task.cancelled():
             task.exception()  # retrieved: a failed background lookup is reported by set_degraded
 
-    async def _fetch(self, kind: LookupKind, value: str) -> KeyRecord | None:
+    async def _fetch(self, kind: LookupKind, value: str, started: float) -> KeyRecord | None:
         store = self._store()
         generation = self._generation
         try:
             record = await (store.by_hash(value) if kind == "hash" else store.by_id(value))
         except RpcError as err:
-            if err.code.name == "UNAVAILABLE":
+            if err.code.name == "UNAVAILABLE" and started >= self._good_since:
                 self.set_degraded(True, err.message)
             raise
-        self.set_degraded(False)
+        if asyncio.get_running_loop().time() - started <= self.unknown_key_wait:
+            self._good_since = max(self._good_since, started)
+            self.set_degraded(False)
+        elif self.degraded and self._probe is None:
+            # Answered, but later than a new key can wait: one more lookup tells whether the store
+            # is back to normal (after a pause, the lookups it held answer late, then all is well).
+            self._probe = asyncio.create_task(self._run_probe(kind, value), name="key-store-probe")
         if generation == self._generation:
             (self.by_hash if kind == "hash" else self.by_id)[value] = record
             if record is not None:
@@ -200,6 +227,17 @@ class LocalAuthorizer:
                 self.stale_by_hash[record.key_hash] = record
                 self.stale_by_id[record.id] = record
         return record
+
+    async def _run_probe(self, kind: LookupKind, value: str) -> KeyRecord | None:
+        try:
+            return await self._fetch(kind, value, asyncio.get_running_loop().time())
+        except RpcError:
+            return None  # reported by set_degraded; the next check's lookup tries again
+        except Exception:
+            log.exception("key store probe failed")
+            return None
+        finally:
+            self._probe = None
 
     def _without_store(self, stale: KeyRecord | None, cause: str) -> KeyRecord:
         if stale is not None:

@@ -46,8 +46,9 @@ class ServiceSettings(BaseModel):
     # `make run` only: processes of this service behind Envoy, which balances over them, retries reads
     # on another one and ejects a failing one (docs/deploy.md, "Resilience"). Replica i (from 0)
     # listens on port + i * replica_port_step and metrics_port + i * replica_port_step; replica 0 is
-    # the address the other processes call directly. Compose (`--scale`) and Kubernetes (`replicas`)
-    # run more containers instead and leave this at 1.
+    # the address the other processes call directly. Kubernetes runs more pods instead (`replicas`)
+    # and leaves this at 1. Not Compose's `--scale`: a ferry service's replicas would share one spool
+    # folder and the second would refuse to start (docs/deploy.md, "Replicas").
     replicas: int = Field(default=1, ge=1)
     replica_port_step: int = Field(default=100, ge=1)
 
@@ -466,8 +467,9 @@ class AuthSettings(BaseModel):
     # keys are refused with 503 meanwhile. It is also the bound on how late a revocation made through
     # another gateway replica (or in the database) takes effect when it falls in an outage. 0: off.
     stale_if_error_seconds: float = Field(default=300.0, ge=0)
-    # How long a key lookup may take before it counts as an outage (a check of a key with a stale
-    # record waits that long, then is answered from it; well below Envoy's 1 s ext_authz timeout).
+    # How long a check of a key with a stale record waits for the store before it is answered from
+    # that record (well below Envoy's 1 s ext_authz timeout). Not the outage threshold: the gateway
+    # counts the store as down when a lookup fails or goes unanswered for 0.8 s (or this, if longer).
     key_store_timeout_seconds: float = Field(default=0.25, gt=0)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
 

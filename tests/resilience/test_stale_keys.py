@@ -5,6 +5,7 @@ load behind Envoy) is tests/resilience/test_database_outage.py."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import timedelta
 from typing import Any
@@ -13,7 +14,7 @@ import grpc
 import pytest
 from ferry.auth.v1 import auth_pb2
 
-from gateway.authorizer import KEY_STORE_DEGRADED, LocalAuthorizer
+from gateway.authorizer import KEY_STORE_DEGRADED, UNKNOWN_KEY_WAIT_SECONDS, LocalAuthorizer
 from gateway.store import KeyRecord
 from services.common.config import AuthSettings, Settings
 from services.common.errors import Reason, RpcError, rpc_error
@@ -25,12 +26,13 @@ GENERATE = "/ferry.inference.v1.InferenceService/Generate"
 
 class FlakyStore:
     """Answers from a dict; `mode` "fail" raises what Database.connection raises when PostgreSQL is
-    down, "hang" never answers (a paused or partitioned database)."""
+    down, "hang" never answers (a paused or partitioned database), "slow" answers after `delay`."""
 
     def __init__(self) -> None:
         self.records: dict[str, KeyRecord] = {}
         self.mode = "ok"
         self.calls = 0
+        self.delay = 0.0
         self.release = asyncio.Event()
 
     def add(self, secret: str, *, revoked: bool = False, rpm: int = 0) -> KeyRecord:
@@ -54,6 +56,8 @@ class FlakyStore:
             raise rpc_error(Reason.DATABASE_UNAVAILABLE, "database unavailable: OperationalError")
         if self.mode == "hang":
             await self.release.wait()
+        if self.mode == "slow":
+            await asyncio.sleep(self.delay)
         return found
 
     async def by_hash(self, key_hash: str) -> KeyRecord | None:
@@ -87,6 +91,22 @@ def degraded_gauge() -> float:
     return float(KEY_STORE_DEGRADED._value.get())
 
 
+async def eventually(condition: Any, what: str, timeout: float = 10.0) -> None:
+    """Waits (generously: a loaded CI box) for a condition the code reaches by itself."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+def degraded_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "gateway.authorizer" and r.levelno >= logging.WARNING
+    ]
+
+
 async def test_known_key_keeps_working_and_unknown_is_503_while_the_store_fails() -> None:
     local, store = authorizer()
     known, unknown = new_key_secret(), new_key_secret()
@@ -108,7 +128,10 @@ async def test_known_key_keeps_working_and_unknown_is_503_while_the_store_fails(
     assert not local.degraded and degraded_gauge() == 0
 
 
-async def test_a_hanging_store_costs_at_most_the_store_timeout_then_nothing() -> None:
+async def test_a_hanging_store_costs_a_known_key_the_store_timeout_until_it_counts_as_down() -> None:
+    """Each check of a known key waits at most the store timeout (then its stale record answers);
+    once a lookup has gone the unknown-key wait without an answer the store is down, and checks
+    answer at once."""
     local, store = authorizer()
     known = new_key_secret()
     store.add(known)
@@ -128,8 +151,9 @@ async def test_a_hanging_store_costs_at_most_the_store_timeout_then_nothing() ->
     print(f"first check during the stall {first * 1000:.0f} ms, next 20 {rest * 1000:.0f} ms")
     assert first >= 0.2  # it did wait for the store
     store.release.set()
-    await asyncio.sleep(0.05)  # the pending lookup ends: back to normal
-    assert not local.degraded
+    # The pending lookup answers (late: it starts one probe lookup, which answers at once): back to normal.
+    await eventually(lambda: not local.degraded, "still degraded after the store answered again")
+    assert degraded_gauge() == 0
 
 
 async def test_revoked_and_rate_limited_keys_stay_refused_during_an_outage() -> None:
@@ -185,9 +209,89 @@ async def test_a_stalled_lookup_marks_the_outage_even_when_its_callers_gave_up()
     store.mode = "hang"
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(check(local, known), 0.05)
-    await asyncio.sleep(0.25)
-    assert local.degraded
-    started = time.monotonic()
-    await check(local, known)
-    assert time.monotonic() - started < 0.1
+    await eventually(lambda: local.degraded, "a lookup without an answer did not mark the store down")
+    calls = store.calls
+    # Degraded: answered from the stale record without waiting on the store (no new store call, and
+    # done within a few turns of the event loop, with no timer to wait for).
+    answer = asyncio.create_task(check(local, known))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert answer.done() and answer.result().name
+    assert store.calls == calls
     store.release.set()
+    # (The tests share one event loop: end with the lookups done, not logging into the next test.)
+    await eventually(lambda: not local.degraded, "still degraded after the store answered again")
+
+
+async def test_a_slow_but_answering_store_finds_new_keys_and_is_not_degraded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store that answers in 0.5 s (past auth.key_store_timeout_seconds, within the unknown-key
+    wait): a key never seen is found, not refused; a known key is answered from its stale record
+    after the store timeout; nothing is marked degraded, nothing logged."""
+    caplog.set_level(logging.INFO, logger="gateway.authorizer")
+    local, store = authorizer(key_store_timeout_seconds=0.25)
+    known = new_key_secret()
+    record = store.add(known)
+    await check(local, known)
+    await asyncio.sleep(0.1)  # past auth.cache_seconds
+    store.mode, store.delay = "slow", 0.5
+    assert store.delay < UNKNOWN_KEY_WAIT_SECONDS
+    for _ in range(3):
+        new = new_key_secret()
+        found = store.add(new)
+        assert (await check(local, new)).name == found.name  # no refusal
+        assert (await check(local, known)).name == record.name
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(UNKNOWN_KEY_WAIT_SECONDS)  # every lookup has ended; no late verdict either
+    assert not local.degraded and degraded_gauge() == 0
+    assert degraded_lines(caplog) == []
+
+
+async def test_a_hanging_store_serves_the_stale_key_and_refuses_an_unknown_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.authorizer")
+    local, store = authorizer(key_store_timeout_seconds=0.25)
+    known, unknown = new_key_secret(), new_key_secret()
+    record = store.add(known)
+    await check(local, known)
+    await asyncio.sleep(0.1)
+    store.mode = "hang"
+    assert (await check(local, known)).name == record.name  # from its stale record
+    err = await refused(local, unknown)  # waits until the store counts as down, then 503
+    assert err.code == grpc.StatusCode.UNAVAILABLE and err.reason == Reason.AUTH_UNAVAILABLE
+    assert err.retry_after_seconds is not None and err.http_status == 503
+    assert local.degraded and degraded_gauge() == 1
+    assert (await check(local, known)).name == record.name
+    lines = degraded_lines(caplog)
+    assert len(lines) == 1 and "DEGRADED" in lines[0], lines
+    store.release.set()
+    await eventually(lambda: not local.degraded, "still degraded after the store answered again")
+    assert degraded_gauge() == 0
+    assert len(degraded_lines(caplog)) == 2
+
+
+async def test_a_store_slower_than_the_unknown_key_wait_stays_degraded_without_flapping(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Answering, but later than a new key can wait (Envoy would give up): degraded once, not once
+    per lookup; the late answers still refresh the records; back to normal when it is fast again."""
+    caplog.set_level(logging.INFO, logger="gateway.authorizer")
+    local, store = authorizer(key_store_timeout_seconds=0.25)
+    known = new_key_secret()
+    record = store.add(known)
+    await check(local, known)
+    await asyncio.sleep(0.1)
+    store.mode, store.delay = "slow", UNKNOWN_KEY_WAIT_SECONDS + 0.3
+    for _ in range(3):
+        assert (await check(local, known)).name == record.name
+        await asyncio.sleep(UNKNOWN_KEY_WAIT_SECONDS)
+    await eventually(lambda: not local._lookups and local._probe is None, "lookups still running")
+    assert local.degraded and degraded_gauge() == 1
+    assert len(degraded_lines(caplog)) == 1, degraded_lines(caplog)
+    store.mode = "ok"
+    await asyncio.sleep(0.1)
+    assert (await check(local, known)).name == record.name
+    await eventually(lambda: not local.degraded, "still degraded with a fast store")
+    assert len(degraded_lines(caplog)) == 2
