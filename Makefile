@@ -93,7 +93,7 @@ soak: setup
 # The hostile-input suite with many more examples than `make test` runs (FUZZ_EXAMPLES per route and method).
 FUZZ_EXAMPLES ?= 200
 fuzz: setup
-	FERRY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/hostile -p no:cacheprovider
+	FERRY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/hostile -p no:cacheprovider -o timeout=1800
 
 clean:
 	rm -rf build $(VENV)

@@ -11,6 +11,7 @@ Authentication is on, as users run ferry: the stack starts with a fresh bootstra
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ import pytest
 from tests.stack import RunningStack, running_stack, scratch_home, stack_settings
 
 # Cold start on a quiet machine is ~10-20 s; generous for a loaded CI box (make run's limit is 60 s).
-READY_TIMEOUT_SECONDS = 240.0
+READY_TIMEOUT_SECONDS = float(os.environ.get("FERRY_TEST_READY_TIMEOUT", "240"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
