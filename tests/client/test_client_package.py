@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.client.lossy_proxy import LossyProxy
 from tests.stack import RunningStack
 
 REPO = Path(__file__).resolve().parents[2]
 UV = Path(sys.executable).parent / "uv"
 PROGRAM = Path(__file__).with_name("user_program.py")
+RETRY_PROGRAM = Path(__file__).with_name("retry_program.py")
 
 
 def run(argv: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 600) -> str:
@@ -114,3 +116,32 @@ def test_a_users_program_uses_every_service(client_venv: Path, stack: RunningSta
     assert summary["openai"]["choices"] == 1 and summary["health"] == "SERVING"
     assert summary["rate_limited"]["reason"] == "RATE_LIMITED" and summary["rate_limited"]["retry_delay"] > 0
     assert summary["async"]["pieces"] == 2
+
+
+def test_a_call_whose_answer_is_lost_is_retried_and_done_once(client_venv: Path, stack: RunningStack) -> None:
+    """UNAVAILABLE from a dropped connection, against the real stack: ferry served the first try, the
+    answer never arrived, the client's retry answers, and the generation has one record."""
+    upstream = ("127.0.0.1", stack.settings.envoy.port)
+    read, generate = LossyProxy(upstream), LossyProxy(upstream)
+    shutil.copy(RETRY_PROGRAM, client_venv / "retry_program.py")
+    env = clean_env(
+        FERRY_TARGET=stack.grpc_target,
+        FERRY_API_KEY=stack.admin_key,
+        FERRY_MODEL=stack.settings.triton.default_model,
+        FERRY_LOSSY_READ=read.target,
+        FERRY_LOSSY_GENERATE=generate.target,
+    )
+    try:
+        out = run(
+            [str(client_venv / "venv/bin/python"), "retry_program.py"], cwd=client_venv, env=env, timeout=300
+        )
+    finally:
+        read.close()
+        generate.close()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert str(summary["client"]).startswith(str(client_venv / "venv"))
+    # Each forwarder lost one answer ferry had finished, and carried the retry on a new connection.
+    for proxy in (read, generate):
+        assert (proxy.lost_answers, proxy.connections, proxy.calls) == (1, 2, 2), vars(proxy)
+    assert f"models/{stack.settings.triton.default_model}" in summary["read"]["models"]
+    assert summary["generate"]["records"] == 1 and summary["generate"]["status"] == "STATUS_SUCCEEDED"
