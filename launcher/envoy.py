@@ -30,6 +30,14 @@ HEALTH_INTERVAL = "1s"
 BUFFER_LIMIT_BYTES = 16 * 1024 * 1024
 # How long Envoy waits for the gateway's ext_authz answer before refusing the request (503).
 AUTHZ_TIMEOUT = "1s"
+# The key check's retry back-off ceiling. Envoy makes a gRPC service's (core) retry policy a route
+# retry policy whose per-try timeout IS the back-off's max_interval (Http::Utility::
+# convertCoreToRouteRetryPolicy), so the routes' 0.25 s cut every key check at 0.25 s: a check that
+# waited for a paused key store (0.25 s for a key seen before, up to 0.8 s for a new one) was reset
+# and retried until the retries ran out, and the request got Envoy's own 503 without a retry hint.
+# As long as the whole check: one try may use all of it (a retry still follows a check that failed
+# at once: a gateway replica that died).
+AUTHZ_RETRY_BACKOFF_MAX = AUTHZ_TIMEOUT
 # Gateway: key management (transcoded under /api/v1/keys) and the internal AuthService (refused at
 # the edge by its `internal` scope). Envoy's ext_authz calls it directly, not through a route.
 GATEWAY_SERVICES = ("ferry.keys.v1.KeysService", "ferry.auth.v1.AuthService")
@@ -308,6 +316,8 @@ class EdgeAuth:
     # (x-ferry-edge, which makes them trust x-ferry-client-address).
     bearer: str
     timeout: str = AUTHZ_TIMEOUT
+    # Also the per-try timeout of the check (see AUTHZ_RETRY_BACKOFF_MAX).
+    retry_backoff_max: str = AUTHZ_RETRY_BACKOFF_MAX
 
 
 def edge_auth(settings: Settings) -> EdgeAuth | None:

@@ -8,18 +8,22 @@ import asyncio
 import logging
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 from ferry.auth.v1 import auth_pb2
 
 from gateway.authorizer import KEY_STORE_DEGRADED, UNKNOWN_KEY_WAIT_SECONDS, LocalAuthorizer
 from gateway.store import KeyRecord
+from launcher.envoy import render_envoy_config
 from services.common.config import AuthSettings, Settings
 from services.common.errors import Reason, RpcError, rpc_error
 from services.common.timestamps import now
 from services.common.tokens import hash_key, new_key_secret
+from tests.stack import stack_settings
 
 GENERATE = "/ferry.inference.v1.InferenceService/Generate"
 
@@ -295,3 +299,31 @@ async def test_a_store_slower_than_the_unknown_key_wait_stays_degraded_without_f
     assert (await check(local, known)).name == record.name
     await eventually(lambda: not local.degraded, "still degraded with a fast store")
     assert len(degraded_lines(caplog)) == 2
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration[:-1])
+
+
+def test_envoy_gives_a_key_check_the_whole_wait_of_the_gateway(tmp_path: Path) -> None:
+    """Envoy's ext_authz retry policy makes its back-off max_interval the per-try timeout: it must
+    cover the longest the gateway waits for the store (a key seen before: the store timeout; a new
+    one: the unknown-key wait), else a check of a known key waiting on a paused database is cut and
+    the request gets Envoy's own 503 (the PostgreSQL-pause test's refusals at 0.25 s)."""
+    settings = stack_settings(tmp_path, auth={"service_token": "unused"})
+    config = yaml.safe_load(render_envoy_config(settings).read_text())
+    (authz,) = [
+        f["typed_config"]
+        for listener in config["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for net in chain["filters"]
+        for f in net.get("typed_config", {}).get("http_filters", [])
+        if f["name"] == "envoy.filters.http.ext_authz"
+    ]
+    service = authz["grpc_service"]
+    timeout = _seconds(service["timeout"])
+    per_try = _seconds(service["retry_policy"]["retry_back_off"]["max_interval"])
+    assert per_try >= timeout
+    gateway = LocalAuthorizer(settings)
+    assert gateway.unknown_key_wait < timeout and settings.auth.key_store_timeout_seconds < timeout
