@@ -124,6 +124,21 @@ def gateway_metric(stack: RunningStack, name: str) -> float:
     raise AssertionError(f"{name} not exported by the gateway")
 
 
+def gateway_metrics_urls(stack: RunningStack) -> list[str]:
+    """Every gateway replica's metrics page."""
+    gateway = stack.settings.gateway
+    return [f"http://{gateway.host}:{metrics}/metrics" for _, metrics in gateway.replica_ports()]
+
+
+def gateway_checks(url: str) -> float:
+    """The key checks (Envoy's ext_authz) one gateway replica allowed."""
+    for line in httpx.get(url, timeout=5).text.splitlines():
+        if line.startswith("ferry_grpc_server_handled_total{") and 'grpc_method="Check"' in line:
+            if 'grpc_code="OK"' in line:
+                return float(line.split()[-1])
+    return 0.0
+
+
 # -- the tests ---------------------------------------------------------------------------------------
 
 
@@ -235,7 +250,17 @@ def test_a_paused_database_refuses_no_known_key(stack: RunningStack) -> None:
 def test_a_killed_database_is_restarted_and_records_flow(stack: RunningStack) -> None:
     known = stack.create_key(["inference"])
     generate = rest_generate(stack.http(known, timeout=30))
-    assert generate(str(uuid.uuid4()))[0]  # seen by the gateway before the crash
+    # Seen by the gateway before the crash: by both replicas (each keeps its own records).
+    checked_before = [gateway_checks(url) for url in gateway_metrics_urls(stack)]
+
+    def seen_by_every_replica() -> bool:
+        assert generate(str(uuid.uuid4()))[0]
+        return all(
+            gateway_checks(url) > n
+            for url, n in zip(gateway_metrics_urls(stack), checked_before, strict=True)
+        )
+
+    wait_for(seen_by_every_replica, WARM_UP_TIMEOUT_SECONDS, "the key checked by both gateway replicas")
     old = stack.supervisor().pid("postgres")
     os.kill(old, signal.SIGKILL)
     killed = time.monotonic()
