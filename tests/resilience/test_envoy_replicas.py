@@ -180,8 +180,9 @@ def test_a_killed_inference_replica_fails_only_the_generations_in_flight_on_it(s
     """Unary generations (native gRPC with the body's request_id, OpenAI REST with x-request-id)
     while one of two inference replicas is SIGKILLed. Envoy does not retry a generation after a reset
     (the dead replica may have recorded its start: docs/deploy.md, "Resilience"), so a generation in
-    flight on it at the kill may end with UNAVAILABLE / 503, which the client may retry itself. What a
-    user can count on: only those fail (at most one per load thread: each has one call in flight);
+    flight on it at the kill (or sent to it in the moment before Envoy saw its connection close) may
+    end with UNAVAILABLE / 503, which the client may retry itself. What a user can count on: only
+    those fail (at most one per load thread: each has one call in flight);
     every generation answered has exactly one SUCCEEDED record holding the output the client got; a
     failed one's id has no SUCCEEDED record claiming an answer the client never got; and every
     generation sent once the dead replica is out of rotation is answered."""
@@ -258,7 +259,10 @@ def test_a_killed_inference_replica_fails_only_the_generations_in_flight_on_it(s
     assert len(failed) <= threads, f"more failures than calls in flight: {load.failures()}"
     for a in failed:
         assert a.status in ("UNAVAILABLE", "503"), a
-        assert a.started <= signalled_at and a.ended >= killed_at, f"not in flight at the kill: {a}"
+        # Sent to the replica before Envoy saw it die: before the kill, or in the moment until Envoy
+        # saw its connection close (a stream sent on it then is reset, not refused: not retried).
+        assert a.started <= out_at and a.ended >= killed_at, f"not in flight at the kill: {a}"
+        print(f"  {a.name} failed {a.started - signalled_at:+.3f} s from the kill signal, {a.status}")
     # Once the dead replica is out of rotation, every generation is answered (until it is back, and after).
     late = [a for a in answers if a.started >= out_at and not a.ok]
     assert not late, f"generations sent after the replica was taken out failed: {late[:5]}"
