@@ -42,13 +42,14 @@ class EngineCheck:
                 raise
             raise rpc_error(
                 Reason.TRITON_UNAVAILABLE,
-                f"the engine cannot check the grammar now ({err.message}); nothing was stored, retry shortly",
+                # What the caller must know first: error texts are cut at 512 bytes, engine details are long.
+                f"the engine cannot check the grammar now; nothing was stored, retry shortly ({err.message})",
             ) from err
         except Exception as exc:
             log.warning("grammar check on %s failed: %s", model, exc)
             raise rpc_error(
                 Reason.TRITON_UNAVAILABLE,
-                f"the engine cannot check the grammar now ({type(exc).__name__}); nothing was stored",
+                f"the engine cannot check the grammar now; nothing was stored ({type(exc).__name__})",
             ) from exc
         finally:
             CHECK_LATENCY.labels(fields.syntax.value, outcome).observe(time.monotonic() - started)

@@ -121,7 +121,7 @@ async def sdk_stream(sdk: openai.AsyncOpenAI, model: str, started: asyncio.Event
 
 async def native_stream(
     native: inference_pb2_grpc.InferenceServiceStub, model: str, started: asyncio.Event
-) -> grpc.aio.AioRpcError:
+) -> grpc.RpcError:
     call = native.GenerateStream(
         pb.GenerateRequest(
             model=f"models/{model}",
@@ -132,7 +132,7 @@ async def native_stream(
     try:
         async for _piece in call:
             started.set()
-    except grpc.aio.AioRpcError as err:
+    except grpc.RpcError as err:  # ferry_client's typed error (tests/stack.py channels)
         return err
     raise AssertionError("the native stream ended without an error")
 

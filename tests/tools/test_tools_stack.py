@@ -136,7 +136,9 @@ def test_streamed_call_deltas_reassemble(client: openai.OpenAI, model: str) -> N
     assert all(d.index == 0 and d.id is None and d.function and d.function.name is None for d in rest)
     arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
     assert validate_instance(arguments, WEATHER_PARAMETERS) is None
-    assert len(rest) > 1  # streamed as generated, not in one piece at the end
+    # How many argument deltas arrive depends on the reader's pace: pieces that pile up while it is
+    # behind are sent as one (services/inference/coalesce.py); tests/inference/test_coalesce.py shows
+    # the first piece is never held back.
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
         "tool_calls"
     ]
