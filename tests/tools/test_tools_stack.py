@@ -33,6 +33,9 @@ GEMMA = "gemma-3-270m"
 SMOLLM2 = "smollm2-135m-instruct"
 MODELS = (GEMMA, SMOLLM2)
 MAX_TOKENS = 96
+# A parallel answer is a list of up to 8 calls (the schema's bound); a tiny model at temperature 0 may
+# write all 8, which 96 tokens cannot hold (seen: finish "length" once in CI): room for the whole list.
+PARALLEL_MAX_TOKENS = 384
 
 WEATHER_PARAMETERS: dict[str, Any] = {
     "type": "object",
@@ -100,7 +103,7 @@ def test_required_and_named_calls_validate(
         messages=ASK,
         tools=[WEATHER, TIME],
         tool_choice=tool_choice,
-        max_tokens=MAX_TOKENS,
+        max_tokens=PARALLEL_MAX_TOKENS if parallel else MAX_TOKENS,
         temperature=0,
         parallel_tool_calls=openai.omit if parallel is None else parallel,
     )
