@@ -92,6 +92,9 @@ class LocalAuthorizer:
         self.limiter = Limiter(self.limits)
         self.by_hash: TTLCache[str, KeyRecord | None] = TTLCache(CACHE_ENTRIES, self.auth.cache_seconds)
         self.by_id: TTLCache[str, KeyRecord | None] = TTLCache(CACHE_ENTRIES, self.auth.cache_seconds)
+        # When each cached record was read from the store (time.monotonic()): an edge lease lasts only
+        # what is left of its record's cache_seconds (gateway/edge_lease.py).
+        self.read_at: TTLCache[str, float] = TTLCache(CACHE_ENTRIES, self.auth.cache_seconds)
         # The last good record of each key, used only while the store fails (never misses: an unknown
         # key is refused with 503 during an outage, not with 401).
         stale_seconds = max(self.auth.stale_if_error_seconds, 1e-9)
@@ -134,7 +137,7 @@ class LocalAuthorizer:
     def forget(self, record: KeyRecord) -> None:
         """Drops what the cache knows of a key that changed here (revoked, created), stale copies too."""
         self._generation += 1
-        for cache in (self.by_hash, self.stale_by_hash):
+        for cache in (self.by_hash, self.stale_by_hash, self.read_at):
             cache.pop(record.key_hash, None)
         for cache in (self.by_id, self.stale_by_id):
             cache.pop(record.id, None)
@@ -223,6 +226,7 @@ class LocalAuthorizer:
             (self.by_hash if kind == "hash" else self.by_id)[value] = record
             if record is not None:
                 self.by_hash[record.key_hash] = record
+                self.read_at[record.key_hash] = time.monotonic()
                 self.by_id[record.id] = record
                 self.stale_by_hash[record.key_hash] = record
                 self.stale_by_id[record.id] = record
@@ -318,7 +322,7 @@ class LocalAuthorizer:
         record = await self.key_by_id(key_id)
         if record is None:
             return
-        for window in self._token_windows(self.principal(record), request.client_address):
+        for window in self.token_windows(self.principal(record), request.client_address):
             # A window takes what still fits; the next inference call is refused until it frees.
             cost = min(tokens, await self.limiter.remaining(window))
             if cost > 0:
@@ -344,7 +348,7 @@ class LocalAuthorizer:
             report_usage=tokens_per_minute > 0 or self.limits.per_address_tokens_per_minute > 0,
         )
 
-    def _request_windows(self, principal: auth_pb2.Principal) -> list[Window]:
+    def request_windows(self, principal: auth_pb2.Principal) -> list[Window]:
         windows = []
         if principal.limits.requests_per_minute > 0:
             windows.append(
@@ -357,22 +361,28 @@ class LocalAuthorizer:
             )
         return windows
 
-    async def _count_address(self, address: str) -> None:
-        """Counts every attempt from a client address, before its key is looked up: a flood of wrong
-        keys is limited like any other traffic and costs no database query once refused."""
+    def address_window(self, address: str) -> Window | None:
+        """The per-address request window, when per-address limits are on."""
         if self.limits.per_address_requests_per_minute <= 0 or not address:
-            return
-        window = Window(
+            return None
+        return Window(
             "requests per minute from this address",
             "requests-address",
             address,
             self.limits.per_address_requests_per_minute,
         )
+
+    async def _count_address(self, address: str) -> None:
+        """Counts every attempt from a client address, before its key is looked up: a flood of wrong
+        keys is limited like any other traffic and costs no database query once refused."""
+        window = self.address_window(address)
+        if window is None:
+            return
         wait = await self.limiter.seconds_until_free(window)
         if wait > 0 or not await self.limiter.hit(window):
             raise rate_limited(window.what, wait or await self.limiter.seconds_until_free(window))
 
-    def _token_windows(self, principal: auth_pb2.Principal, address: str) -> list[Window]:
+    def token_windows(self, principal: auth_pb2.Principal, address: str) -> list[Window]:
         windows = []
         if principal.limits.tokens_per_minute > 0:
             windows.append(
@@ -396,8 +406,8 @@ class LocalAuthorizer:
 
     async def _count(self, principal: auth_pb2.Principal, address: str, *, generates: bool) -> None:
         """Refuses when a window is spent; otherwise counts the call in every request window."""
-        requests = self._request_windows(principal)
-        checked = requests + (self._token_windows(principal, address) if generates else [])
+        requests = self.request_windows(principal)
+        checked = requests + (self.token_windows(principal, address) if generates else [])
         for window in checked:
             wait = await self.limiter.seconds_until_free(window)
             if wait > 0:

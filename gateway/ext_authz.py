@@ -1,7 +1,8 @@
 """Envoy's edge check (`envoy.service.auth.v3.Authorization/Check`, the ext_authz filter).
 
 Envoy asks after its transcoder, so the request path is the gRPC method for REST and gRPC alike. This
-is the request's one decision: authenticate, check the scope, count it against the rate limits. An
+is the request's one decision: authenticate, check the scope, count it against the rate limits; it
+may also lease Envoy the same decision for more requests of the key (gateway/edge_lease.py). An
 allowed request goes on with the caller's Principal (`x-ferry-principal`), which the service trusts
 because Envoy also sends it the service token, so it does not ask the gateway again.
 A refusal carries an HTTP status and OpenAI's error JSON as its body (errors.openai_error); for gRPC
@@ -26,7 +27,9 @@ from ferry.auth.v1 import auth_pb2
 from google.rpc import code_pb2, status_pb2
 from opentelemetry import trace
 
+from gateway import edge_lease
 from gateway.authorizer import PUBLIC_PRINCIPAL, REFUSED_KEY, LocalAuthorizer
+from gateway.edge_lease import EdgeLease
 from services.common.context import (
     AUTHORIZATION_HEADER,
     CLIENT_ADDRESS_HEADER,
@@ -59,14 +62,13 @@ class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         # checked and the decision; never the key itself (the principal is the key's name, keys/{id}).
         span = trace.get_current_span()
         span.set_attribute("ferry.auth.checked_method", method)
+        check = auth_pb2.AuthorizeRequest(
+            api_key=bearer_token(http.headers.get(AUTHORIZATION_HEADER)),
+            method=method,
+            client_address=client_address(request),
+        )
         try:
-            principal = await self.authorizer.authorize(
-                auth_pb2.AuthorizeRequest(
-                    api_key=bearer_token(http.headers.get(AUTHORIZATION_HEADER)),
-                    method=method,
-                    client_address=client_address(request),
-                )
-            )
+            principal = await self.authorizer.authorize(check)
         except RpcError as err:
             # Checks are internal calls, not audited one by one (the service behind audits each call
             # it gets); a refusal at the edge never reaches a service, so it is audited here.
@@ -82,7 +84,12 @@ class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             span.set_attributes({"ferry.auth.decision": "deny", "ferry.auth.reason": err.reason})
             return denied(err)
         span.set_attributes({"ferry.auth.decision": "allow", "enduser.id": principal.name})
-        return allowed(principal)
+        lease = None
+        if http.headers.get(edge_lease.LEASE_HEADER) != edge_lease.NO_LEASE:
+            lease = await edge_lease.grant(self.authorizer, check, principal)
+        if lease is not None:
+            span.set_attribute("ferry.auth.lease_requests", lease.requests)
+        return allowed(principal, lease)
 
 
 def client_address(request: external_auth_pb2.CheckRequest) -> str:
@@ -93,7 +100,7 @@ def client_address(request: external_auth_pb2.CheckRequest) -> str:
     return forwarded or request.attributes.source.address.socket_address.address
 
 
-def allowed(principal: auth_pb2.Principal) -> external_auth_pb2.CheckResponse:
+def allowed(principal: auth_pb2.Principal, lease: EdgeLease | None = None) -> external_auth_pb2.CheckResponse:
     headers = []
     if principal.scopes:  # public methods (health) have no caller to forward
         headers.append(
@@ -105,6 +112,8 @@ def allowed(principal: auth_pb2.Principal) -> external_auth_pb2.CheckResponse:
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=external_auth_pb2.OkHttpResponse(headers=headers),
+        # The lease, if any, for envoy/edge_lease.lua (gateway/edge_lease.py).
+        dynamic_metadata=lease.metadata() if lease is not None else None,
     )
 
 

@@ -30,10 +30,11 @@ COPY launcher/ launcher/
 COPY envoy/ envoy/
 RUN PYTHONPATH=/ferry python deploy/docker/render_envoy.py /ferry/home
 
-# --- runtime: the official image and five files --------------------------------------------------------
+# --- runtime: the official image and six files ---------------------------------------------------------
 FROM ${ENVOY_IMAGE} AS runtime
 COPY --from=config /ferry/build/ferry.pb /ferry/build/ferry.pb
 COPY --from=config /ferry/envoy/ferry.lua /ferry/envoy/ferry.lua
+COPY --from=config /ferry/envoy/edge_lease.lua /ferry/envoy/edge_lease.lua
 # With a placeholder where the service token goes: the token is the deployment's secret.
 COPY --from=config /ferry/home/run/envoy.yaml /ferry/home/run/envoy.yaml
 COPY --chmod=0755 deploy/docker/envoy-entrypoint.sh /ferry/envoy-entrypoint.sh

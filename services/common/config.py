@@ -159,6 +159,11 @@ class EnvoySettings(BaseModel):
     # Proxies in front of Envoy whose X-Forwarded-For entries are trusted: the client address is the
     # entry that many hops from the right (0: the TCP peer, whatever the client sends).
     xff_num_trusted_hops: int = Field(default=0, ge=0)
+    # Generations (every inference replica together) beyond which Envoy itself refuses at once with
+    # the service's 429 / RESOURCE_EXHAUSTED OVERLOADED (docs/deploy.md, "Resilience"). 0: derived,
+    # replicas x the sum over the repository's generation models of max_in_flight + max_queued; set it
+    # where that is not known here (Kubernetes pods, a remote Triton) or never above what is served.
+    generation_max_requests: int = Field(default=0, ge=0)
 
 
 class TelemetrySettings(BaseModel):
@@ -471,6 +476,12 @@ class AuthSettings(BaseModel):
     # that record (well below Envoy's 1 s ext_authz timeout). Not the outage threshold: the gateway
     # counts the store as down when a lookup fails or goes unanswered for 0.8 s (or this, if longer).
     key_store_timeout_seconds: float = Field(default=0.25, gt=0)
+    # Edge leases (docs/deploy.md, "Edge leases"): after a key check allows a request, Envoy may admit
+    # up to this many more requests of the same key, method and client address without asking the
+    # gateway, for as long as the gateway would keep trusting its cached copy of the key (what is left
+    # of cache_seconds), so the revocation bound stays cache_seconds. Each lease is counted against the
+    # key's request limits when it is granted. 0: every request is checked by the gateway.
+    edge_lease_requests: int = Field(default=256, ge=0)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
 
     @model_validator(mode="before")

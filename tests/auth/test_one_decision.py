@@ -38,7 +38,8 @@ def test_through_envoy_the_gateway_is_asked_once(stack: RunningStack) -> None:
         for _ in range(3):
             assert http.get("/v1/models").status_code == 200
     after = gateway_calls(stack, "Check"), gateway_calls(stack, "Authorize")
-    assert after[0] - before[0] == 3  # the edge check, once per request
+    # The edge check, at most once per request (its lease admits what follows: test_edge_lease.py).
+    assert 1 <= after[0] - before[0] <= 3
     assert after[1] == before[1]  # the service did not ask again
 
 
