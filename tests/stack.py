@@ -10,7 +10,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,9 @@ from services.common.triton_client import with_access
 
 # Every process with a port of its own: the launcher's services plus the gateway (keys, ext_authz).
 PROCESSES = tuple(dict.fromkeys((*SERVICES, "gateway")))
+
+# Polling and a loaded machine, on top of the documented revocation bound (auth.cache_seconds).
+REVOCATION_SLACK_SECONDS = 1.0
 
 
 def stack_settings(home: Path, **overrides: Any) -> Settings:
@@ -275,6 +278,18 @@ class RunningStack:
     def revoke_key(self, name: str) -> keys_pb2.Key:
         revoked: keys_pb2.Key = self.keys().RevokeKey(keys_pb2.RevokeKeyRequest(name=name), timeout=10)
         return revoked
+
+    def within_revocation_bound(self, refused: Callable[[], bool]) -> float:
+        """Seconds until `refused()` holds after a revocation; fails past the documented bound,
+        `auth.cache_seconds` (Envoy's edge leases and the gateways' key caches), plus polling slack."""
+        started = time.monotonic()
+        while not refused():
+            waited = time.monotonic() - started
+            assert waited < self.settings.auth.cache_seconds + REVOCATION_SLACK_SECONDS, (
+                f"still accepted {waited:.1f} s after the revocation"
+            )
+            time.sleep(0.05)
+        return time.monotonic() - started
 
     # -- processes -------------------------------------------------------------------------------
 

@@ -333,7 +333,8 @@ def test_keys_create_list_get_revoke(ferry: Ferry, stack: RunningStack) -> None:
     assert key["name"] not in ferry("keys", "list").stdout
     assert key["name"] in ferry("keys", "list", "--all").stdout
 
-    # The revoked key itself is refused from now on: exit 4, one line.
+    # The revoked key itself is refused within the revocation bound: exit 4, one line.
+    stack.within_revocation_bound(lambda: ferry("models", "list", key=key["secret"]).returncode == DENIED)
     refused = ferry("models", "list", key=key["secret"])
     assert refused.returncode == DENIED and "UNAUTHENTICATED" in one_error_line(refused)
 
