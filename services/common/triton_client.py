@@ -12,7 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
-from tritonclient.grpc import InferenceServerClientPlugin, InferInput
+from tritonclient.grpc import InferenceServerClientPlugin, InferInput, service_pb2
 from tritonclient.grpc import aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
@@ -103,6 +103,31 @@ def string_input(name: str, value: str) -> InferInput:
     tensor = InferInput(name, [1], "BYTES")
     tensor.set_data_from_numpy(np.array([value.encode("utf-8")], dtype=np.object_))
     return tensor
+
+
+def string_tensor(name: str, value: str) -> tuple[service_pb2.ModelInferRequest.InferInputTensor, bytes]:
+    """`string_input` as the request carries it: the tensor's description and its raw contents (a
+    4-byte little-endian length, then the UTF-8 bytes), built without numpy."""
+    data = value.encode("utf-8")
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(name=name, datatype="BYTES", shape=[1])
+    return tensor, len(data).to_bytes(4, "little") + data
+
+
+def infer_request(model: str, request_id: str, strings: dict[str, str]) -> service_pb2.ModelInferRequest:
+    """A ModelInferRequest of one-element BYTES inputs, as tritonclient builds it from `string_input`s
+    (for callers that use the gRPC stub directly)."""
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    for name, value in strings.items():
+        tensor, raw = string_tensor(name, value)
+        request.inputs.append(tensor)
+        request.raw_input_contents.append(raw)
+    return request
+
+
+def call_metadata(client: triton_aio.InferenceServerClient, headers: dict[str, str]) -> Any:
+    """The metadata tritonclient would send with `headers` on `client` (its plugins applied: the
+    access secret), for a call made on its stub directly."""
+    return client._get_metadata(headers)
 
 
 def engine_unavailable(model: str, doing: str, why: str) -> RpcError:

@@ -10,17 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 import grpc
-from tritonclient.grpc import InferResult
+from tritonclient.grpc import InferResult, service_pb2
 from tritonclient.grpc import aio as triton_aio
-from tritonclient.utils import InferenceServerException
 
 from backends.llamacpp.contract import EngineFault, SamplingParameters
 from services.common.telemetry import capture_content, trace_headers
-from services.common.triton_client import ModelInfo, string_input
+from services.common.triton_client import ModelInfo, call_metadata, infer_request
 from services.inference.domain import Message, Piece, TokenLogprob
 from services.inference.engine_interface import (
     EngineBroken,
@@ -73,38 +72,38 @@ _INTEGERS = {
 }
 
 
-def _first_values(result: InferResult) -> dict[str, str | int]:
+def _first_values(response: service_pb2.ModelInferResponse) -> dict[str, str | int]:
     """The first element of every output, read straight from the response's raw contents.
 
-    One pass over the outputs: `InferResult.as_numpy` scans them and builds a numpy array on every
-    call, which on the token path (five outputs per streamed piece) was ~10 % of the service's CPU.
+    One pass over the outputs of the response message itself: tritonclient's `InferResult` (and its
+    `as_numpy`, which builds a numpy array on every call) cost ~10 % of the service's CPU on the token
+    path (five outputs per streamed piece).
     """
-    response = result.get_response()
     raw = response.raw_output_contents
     values: dict[str, str | int] = {}
     for index, output in enumerate(response.outputs):
+        datatype = output.datatype
         if index >= len(raw):
-            values[output.name] = _first_from_numpy(result, output.name, output.datatype)
+            values[output.name] = _first_from_numpy(response, output.name, datatype)
             continue
         data = raw[index]
-        if output.datatype == "BYTES":
+        if datatype == "BYTES":
             # Each element: a 4-byte little-endian length, then that many bytes.
             if len(data) < 4:
                 values[output.name] = ""
                 continue
             size = int.from_bytes(data[:4], "little")
             values[output.name] = data[4 : 4 + size].decode("utf-8", errors="replace")
-        elif output.datatype in _INTEGERS:
-            integer = _INTEGERS[output.datatype]
+        elif (integer := _INTEGERS.get(datatype)) is not None:
             values[output.name] = integer.unpack_from(data)[0] if len(data) >= integer.size else 0
         else:
-            values[output.name] = _first_from_numpy(result, output.name, output.datatype)
+            values[output.name] = _first_from_numpy(response, output.name, datatype)
     return values
 
 
-def _first_from_numpy(result: InferResult, name: str, datatype: str) -> str | int:
+def _first_from_numpy(response: service_pb2.ModelInferResponse, name: str, datatype: str) -> str | int:
     """The general (slow) path, for outputs not sent as raw contents or of unexpected types."""
-    array = result.as_numpy(name)
+    array = InferResult(response).as_numpy(name)
     if array is None or array.size == 0:
         return "" if datatype == "BYTES" else 0
     value = array.reshape(-1)[0]
@@ -113,14 +112,16 @@ def _first_from_numpy(result: InferResult, name: str, datatype: str) -> str | in
     return str(value) if datatype == "BYTES" else int(value)
 
 
-def decode(result: InferResult) -> Piece:
-    values = _first_values(result)
+def decode(response: service_pb2.ModelInferResponse) -> Piece:
+    """One streamed response of the model as a piece."""
+    values = _first_values(response)
+    logprobs = values.get("logprobs", "")
     return Piece(
         text=str(values.get("text_output", "")),
         tokens=int(values.get("num_output_tokens", 0)),
         prompt_tokens=int(values.get("num_input_tokens", 0)),
         finish_reason=str(values.get("finish_reason", "")),
-        logprobs=TokenLogprob.list_from_json(str(values.get("logprobs", ""))),
+        logprobs=TokenLogprob.list_from_json(str(logprobs)) if logprobs else (),
     )
 
 
@@ -159,23 +160,16 @@ class TritonEngine:
             prompt=prompt,
         )
         carrier: dict[str, str] = {**(headers or {}), **trace_headers(span)}
-        finished = asyncio.Event()
-        request = {
-            "model_name": model.name,
-            "inputs": [
-                string_input("text_input", prompt),
-                string_input("sampling_parameters", sampling.to_json()),
-            ],
-            "request_id": request_id,
-        }
-
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield request
-            # Keep our side of the stream open until the last response: a half-closed stream is
-            # not something every Triton version keeps serving decoupled responses on.
-            await finished.wait()
-
-        responses = self.client.stream_infer(requests(), stream_timeout=timeout, headers=carrier)
+        request = infer_request(
+            model.name, request_id, {"text_input": prompt, "sampling_parameters": sampling.to_json()}
+        )
+        # The stub itself, not tritonclient's `stream_infer`: that wraps every response in an
+        # `InferResult` and writes the request from a task of its own (an async generator kept open
+        # until the end); here the request is written once and the stream half-closed after the final
+        # response, with the same messages on the wire.
+        call = self.client._client_stub.ModelStreamInfer(
+            metadata=call_metadata(self.client, carrier), timeout=timeout
+        )
         completed = False
         usage = [0, 0]  # prompt, completion tokens (for the span)
         finish_reason = ""
@@ -183,12 +177,14 @@ class TritonEngine:
         pieces_seen = 0
         failure: BaseException | None = None
         try:
-            async for result, error in responses:
-                if error is not None:
-                    raise engine_error_from_stream(
-                        error.message() if isinstance(error, InferenceServerException) else str(error)
-                    )
-                piece = decode(result)
+            await call.write(request)
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise EngineBroken("Triton ended the stream without a final response")
+                if response.error_message:
+                    raise engine_error_from_stream(response.error_message)
+                piece = decode(response.infer_response)
                 if span is not None:
                     if not pieces_seen:
                         first_token(span)
@@ -202,7 +198,6 @@ class TritonEngine:
                 yield piece
                 if completed:
                     return
-            raise EngineBroken("Triton ended the stream without a final response")
         except grpc.aio.AioRpcError as err:
             failure = engine_error_from_rpc(err)
             raise failure from err
@@ -210,11 +205,10 @@ class TritonEngine:
             failure = err
             raise
         finally:
-            finished.set()
             if completed:
-                await _end_normally(responses)
+                await _end_normally(call)
             else:
-                responses.cancel()
+                call.cancel()
             end_engine_span(
                 span,
                 prompt_tokens=usage[0],
@@ -226,19 +220,21 @@ class TritonEngine:
             )
 
 
-async def _end_normally(responses: Any) -> None:
-    """After the final piece: our request iterator has ended (the stream is half-closed) and Triton
-    closes the stream with OK; reading that end finishes the call without cancelling it.
+async def _end_normally(call: Any) -> None:
+    """After the final piece: we half-close our side and Triton closes the stream with OK; reading
+    that end finishes the call without cancelling it (a half-closed stream is not something every
+    Triton version keeps serving decoupled responses on, so our side stays open until then).
 
-    A cancelled call costs more than it looks: grpc.aio cancels its request-iterator task and formats
-    a traceback for it (~5 % of the service's CPU when every request ended that way).
+    A cancelled call costs more than it looks: grpc.aio formats a traceback for it (~5 % of the
+    service's CPU when every request ended that way).
     """
     try:
         async with asyncio.timeout(END_OF_STREAM_SECONDS):
-            async for _result, error in responses:
-                if error is not None:
-                    log.debug("Triton reported an error after the final response: %s", error)
+            await call.done_writing()
+            while (response := await call.read()) is not grpc.aio.EOF:
+                if response.error_message:
+                    log.debug("Triton reported an error after the final response: %s", response.error_message)
     except (TimeoutError, grpc.aio.AioRpcError) as err:
         # Nothing the caller needs: the generation is complete. Make sure the stream is gone.
         log.debug("Triton's stream did not end cleanly after the final response: %r", err)
-        responses.cancel()
+        call.cancel()

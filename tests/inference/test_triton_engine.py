@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 import pytest
-from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 from tritonclient.grpc import aio as triton_aio
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import serialize_byte_tensor
 
 from backends.llamacpp.contract import EngineErrorCode, EngineFault, SamplingParameters
-from services.common.triton_client import ModelInfo
+from services.common.triton_client import ModelInfo, infer_request, string_input
 from services.inference.domain import Piece, TokenLogprob, TopLogprob
 from services.inference.engine_interface import EngineFaulted
 from services.inference.triton_engine import TritonEngine, decode
@@ -101,15 +102,35 @@ async def triton() -> AsyncIterator[tuple[DecoupledModel, TritonEngine]]:
 
 
 def test_decode_reads_every_output_of_a_piece() -> None:
-    assert decode(InferResult(_response(3, last=True))) == _piece(3, last=True)
-    assert decode(InferResult(_response(0, last=False))) == _piece(0, last=False)
+    assert decode(_response(3, last=True)) == _piece(3, last=True)
+    assert decode(_response(0, last=False)) == _piece(0, last=False)
 
 
 def test_decode_of_text_sent_as_typed_contents() -> None:
     response = service_pb2.ModelInferResponse(model_name="m")
     text = response.outputs.add(name="text_output", datatype="BYTES", shape=[1])
     text.contents.bytes_contents.append(b" hi")
-    assert decode(InferResult(response)) == Piece(" hi", 0, 0, "", ())
+    assert decode(response) == Piece(" hi", 0, 0, "", ())
+
+
+def test_the_request_is_the_one_tritonclient_builds() -> None:
+    """The engine writes its request on the stub itself: the same message tritonclient would send."""
+    sampling = SamplingParameters(temperature=0.5, stop=("\n",)).to_json()
+    ours = infer_request("m", "r-1", {"text_input": "é prompt", "sampling_parameters": sampling})
+    theirs = _get_inference_request(
+        model_name="m",
+        inputs=[string_input("text_input", "é prompt"), string_input("sampling_parameters", sampling)],
+        model_version="",
+        request_id="r-1",
+        outputs=None,
+        sequence_id=0,
+        sequence_start=False,
+        sequence_end=False,
+        priority=0,
+        timeout=None,
+        parameters=None,
+    )
+    assert ours == theirs
 
 
 async def test_finished_generation_ends_the_stream_without_cancelling_it(
