@@ -177,6 +177,8 @@ class Admissions:
             metrics.QUEUED.labels(model.name).set_function(lambda: gate.queued)
         elif (gate.max_in_flight, gate.max_queued) != (in_flight, queued):
             gate.resize(in_flight, queued)
+        else:
+            return gate  # limits unchanged: the gauges already say them
         metrics.ADMISSION_LIMIT.labels(model.name, "in_flight").set(gate.max_in_flight)
         metrics.ADMISSION_LIMIT.labels(model.name, "queued").set(gate.max_queued)
         return gate

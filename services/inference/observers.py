@@ -12,6 +12,7 @@ from opentelemetry import trace
 from services.common.auth import principal_var
 from services.common.errors import RpcError
 from services.common.interceptor import current_call
+from services.common.metrics import child
 from services.common.telemetry import tracing_enabled
 from services.inference import metrics
 from services.inference.domain import UNKNOWN_MODEL, Api, Exchange, Piece
@@ -52,10 +53,10 @@ class MetricsObserver(GenerationObserver):
     def refused(self, api: Api, model: str, err: RpcError) -> None:
         # A label only for a model known to exist: caller-chosen names would create unbounded series.
         label = model if self.models.is_known(model) else UNKNOWN_MODEL
-        metrics.REQUESTS.labels(label, api.value, err.code.name.lower()).inc()
+        child(metrics.REQUESTS, label, api.value, err.code.name.lower()).inc()
 
     def admitted(self, exchange: Exchange, waited: float) -> None:
-        metrics.QUEUE_DURATION.labels(exchange.model_label).observe(waited)
+        child(metrics.QUEUE_DURATION, exchange.model_label).observe(waited)
 
     def piece(self, exchange: Exchange, piece: Piece, gap: float | None) -> None:
         if exchange.cache == "hit":
@@ -64,26 +65,26 @@ class MetricsObserver(GenerationObserver):
         if gap is None:
             ttft = exchange.outcome.time_to_first_token
             if ttft is not None:
-                metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(ttft)
+                child(metrics.TIME_TO_FIRST_TOKEN, model).observe(ttft)
         elif piece.tokens:
             # A piece of k tokens after a gap g (coalesced: services.inference.coalesce) counts as k
             # gaps of g / k.
-            histogram, share = metrics.INTER_TOKEN_LATENCY.labels(model), gap / piece.tokens
+            histogram, share = child(metrics.INTER_TOKEN_LATENCY, model), gap / piece.tokens
             for _ in range(piece.tokens):
                 histogram.observe(share)
 
     def ended(self, exchange: Exchange) -> None:
         model, outcome = exchange.model_label, exchange.outcome
         label = outcome_label(exchange)
-        metrics.REQUESTS.labels(model, exchange.request.api.value, label).inc()
+        child(metrics.REQUESTS, model, exchange.request.api.value, label).inc()
         if label == "ok":
             if outcome.latency is not None:
-                metrics.E2E_LATENCY.labels(model).observe(outcome.latency)
-            metrics.FINISHED.labels(model, outcome.finish_reason or "unknown").inc()
+                child(metrics.E2E_LATENCY, model).observe(outcome.latency)
+            child(metrics.FINISHED, model, outcome.finish_reason or "unknown").inc()
         if outcome.prompt_tokens:
-            metrics.PROMPT_TOKENS.labels(model).inc(outcome.prompt_tokens)
+            child(metrics.PROMPT_TOKENS, model).inc(outcome.prompt_tokens)
         if outcome.completion_tokens:
-            metrics.COMPLETION_TOKENS.labels(model).inc(outcome.completion_tokens)
+            child(metrics.COMPLETION_TOKENS, model).inc(outcome.completion_tokens)
 
 
 class TracingObserver(GenerationObserver):
