@@ -1,9 +1,11 @@
 """Where a ferry process (the Inference service by default) spends its time under load: py-spy.
 
-`python -m bench.profile [--model bench-stream|gemma-3-270m] [--path grpc|rest] [-c N] [--seconds S]`
-starts a stack (the trivial model by default, so only the serving path shows), keeps `c` requests in
-flight through Envoy while py-spy samples the Inference service, and prints the functions with the
-most samples (inclusive and own time). The folded stacks are kept for a flame graph.
+`python -m bench.profile [--model bench-stream|gemma-3-270m] [--path grpc,rest] [-c 1,16] [--seconds S]`
+starts a stack (the trivial model by default, so only the serving path shows), and for each path and
+concurrency keeps `c` requests in flight through Envoy while py-spy samples the Inference service, and
+prints the functions with the most samples (inclusive and own time). The folded stacks are kept for a
+flame graph. `--native` shows what grpc's Cython and C core do inside `Handle._run`; `--gil` keeps only
+samples holding the GIL (what competes for the one core the event loop has).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import random
 import subprocess
 import sys
@@ -106,8 +109,8 @@ def top(folded: Path, limit: int = 25) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     p.add_argument("--model", default="bench-stream", choices=("bench-stream", MODEL_NAME))
-    p.add_argument("--path", default="grpc", choices=("grpc", "rest", "triton"))
-    p.add_argument("-c", "--concurrency", type=int, default=1)
+    p.add_argument("--path", default="grpc", help="grpc, rest or triton; several comma-separated")
+    p.add_argument("-c", "--concurrency", default="1", help="requests in flight; several comma-separated")
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
@@ -115,39 +118,54 @@ def main() -> None:
         "--stop", default="", help="programs to stop first, e.g. transactions,audit (what they cost)"
     )
     p.add_argument("--process", default="inference", help="the program py-spy samples (e.g. gateway)")
+    p.add_argument("--native", action="store_true", help="also sample native frames (Cython, C)")
+    p.add_argument("--gil", action="store_true", help="only samples holding the GIL")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench" / "profile")
     args = p.parse_args()
+    paths = [path for path in args.path.split(",") if path]
+    if unknown := set(paths) - {"grpc", "rest", "triton"}:
+        p.error(f"unknown path(s): {', '.join(sorted(unknown))}")
+    levels = [int(c) for c in args.concurrency.split(",") if c]
     settings = get_settings()
     ensure_model(settings)
     ensure_backend()
     overrides = platform.bench_model_overrides() if args.model == "bench-stream" else {}
     args.out.mkdir(parents=True, exist_ok=True)
-    folded = args.out / f"{args.process}-{args.model}-{args.path}-c{args.concurrency}.folded"
     with platform.running(model_path(settings).parent, **overrides) as stack:
-        e = stack.endpoints
-        key = platform.api_key(stack)
-        make: Callable[[], Client] = (
-            (lambda: GrpcClient(e.grpc, args.model, key)) if args.path == "grpc"
-            else (lambda: SseClient(e.rest, args.model, api_key=key)) if args.path == "rest"
-            else (lambda: TritonClient(e.triton_grpc, args.model, stack.settings.triton))
-        )  # fmt: skip
         for name in filter(None, args.stop.split(",")):
             stack.supervisor().stop(name)
-        asyncio.run(_load(make, args.concurrency, 2, args.tokens))  # warm-up
-        pid = stack.supervisor().pid(args.process)
-        spy = subprocess.Popen(
-            [str(PY_SPY), "record", "--pid", str(pid), "--rate", str(args.rate), "--duration",
-             str(int(args.seconds)), "--format", "raw", "--output", str(folded), "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        cpu_before = cpu_seconds(stack)
-        records = asyncio.run(_load(make, args.concurrency, args.seconds, args.tokens))
-        cpu_after = cpu_seconds(stack)
-        spy.wait(60)
+        for path in paths:
+            for concurrency in levels:
+                _profile(stack, args, path, concurrency)
+
+
+def _profile(stack: Stack, args: argparse.Namespace, path: str, concurrency: int) -> None:
+    e = stack.endpoints
+    key = platform.api_key(stack)
+    folded = args.out / f"{args.process}-{args.model}-{path}-c{concurrency}.folded"
+    folded.unlink(missing_ok=True)
+    make: Callable[[], Client] = (
+        (lambda: GrpcClient(e.grpc, args.model, key)) if path == "grpc"
+        else (lambda: SseClient(e.rest, args.model, api_key=key)) if path == "rest"
+        else (lambda: TritonClient(e.triton_grpc, args.model, stack.settings.triton))
+    )  # fmt: skip
+    asyncio.run(_load(make, concurrency, 2, args.tokens))  # warm-up
+    pid = stack.supervisor().pid(args.process)
+    command = [str(PY_SPY), "record", "--pid", str(pid), "--rate", str(args.rate), "--duration",
+               str(int(args.seconds)), "--format", "raw", "--output", str(folded)]  # fmt: skip
+    # py-spy reads native stacks only from a stopped process (each sample pauses it: slower then).
+    command += ["--native"] if args.native else ["--nonblocking"]
+    command += ["--gil"] if args.gil else []
+    spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    cpu_before = cpu_seconds(stack)
+    records = asyncio.run(_load(make, concurrency, args.seconds, args.tokens))
+    cpu_after = cpu_seconds(stack)
+    spy.wait(60)
     s = summarize(records)
     print(
-        f"{args.path} c={args.concurrency}: {s['requests']} requests, TTFT p50 {s['ttft_ms']['p50']:.2f} ms, "
-        f"ITL p50 {s['itl_ms']['p50']:.3f} ms, e2e p50 {s['e2e_ms']['p50']:.2f} ms, {s['req_s']:.1f} req/s"
+        f"{path} c={concurrency}: {s['requests']} requests, TTFT p50 {s['ttft_ms']['p50']:.2f} ms, "
+        f"ITL p50 {s['itl_ms']['p50']:.3f} ms, e2e p50 {s['e2e_ms']['p50']:.2f} ms, {s['req_s']:.1f} req/s, "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
     ok = max(int(s["requests"]), 1)
     print("CPU per request (ms) by process; py-spy's own sampling is charged to nobody here:")
@@ -157,6 +175,7 @@ def main() -> None:
     if folded.exists():
         print(top(folded))
         print(f"folded stacks: {folded}")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
