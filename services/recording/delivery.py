@@ -267,16 +267,23 @@ class Delivery:
             # the batch call: each record on its own finds the invalid one.
             await self._deliver_each(rows)
             return
+        # Marked in the spool a batch at a time (one commit each), before any record goes on its own.
+        started: list[int] = []
+        delivered: list[int] = []
+        alone: list[TxnRow] = []
         for row, record in zip(rows, reply.transactions, strict=True):
             if row.finished is None:
-                self.spool.start_delivered(row.seq)
+                started.append(row.seq)
+            elif record.status == Transaction.Status.STATUS_IN_PROGRESS:
+                # A start sent earlier got in first (its reply was lost): the outcome goes alone.
+                alone.append(dataclasses.replace(row, start_sent=True))
             else:
-                if record.status == Transaction.Status.STATUS_IN_PROGRESS:
-                    # A start sent earlier got in first (its reply was lost): the outcome goes alone.
-                    await self._deliver_each([dataclasses.replace(row, start_sent=True)])
-                    continue
-                self.spool.txn_delivered(row.seq)
-            DELIVERED.labels("transaction").inc()
+                delivered.append(row.seq)
+        self.spool.starts_delivered(started)
+        self.spool.txns_delivered(delivered)
+        DELIVERED.labels("transaction").inc(len(started) + len(delivered))
+        if alone:
+            await self._deliver_each(alone)
 
     async def _complete_batch(self, rows: list[TxnRow]) -> None:
         request = transactions_pb2.BatchCompleteTransactionsRequest(
@@ -296,9 +303,8 @@ class Delivery:
                 raise
             await self._deliver_each(rows)
             return
-        for row in rows:
-            self.spool.txn_delivered(row.seq)
-            DELIVERED.labels("transaction").inc()
+        self.spool.txns_delivered([row.seq for row in rows])
+        DELIVERED.labels("transaction").inc(len(rows))
 
     async def _deliver_each(self, rows: list[TxnRow]) -> None:
         """One call per record (CreateTransaction / CompleteTransaction), setting invalid ones aside."""

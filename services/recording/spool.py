@@ -170,15 +170,34 @@ class Spool:
         return row[0] if row else None
 
     def start_delivered(self, seq: int) -> None:
-        with self._mutex:
-            # A finish written meanwhile keeps the row pending.
-            self._db.execute(
-                "UPDATE txn SET start_sent = 1, pending = (finished IS NOT NULL) WHERE seq = ?", (seq,)
-            )
+        # A finish written meanwhile keeps the row pending.
+        self.starts_delivered([seq])
 
     def txn_delivered(self, seq: int) -> None:
+        self.txns_delivered([seq])
+
+    def starts_delivered(self, seqs: list[int]) -> None:
+        """`start_delivered` for a batch, in one transaction (one WAL commit, not one per row)."""
+        self._each("UPDATE txn SET start_sent = 1, pending = (finished IS NOT NULL) WHERE seq = ?", seqs)
+
+    def txns_delivered(self, seqs: list[int]) -> None:
+        """Forgets delivered rows, in one transaction (one WAL commit, not one per row)."""
+        self._each("DELETE FROM txn WHERE seq = ?", seqs)
+
+    def _each(self, statement: str, seqs: list[int]) -> None:
+        if not seqs:
+            return
         with self._mutex:
-            self._db.execute("DELETE FROM txn WHERE seq = ?", (seq,))
+            if len(seqs) == 1:
+                self._db.execute(statement, (seqs[0],))
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(statement, [(seq,) for seq in seqs])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def pending_audit(self, limit: int) -> list[tuple[int, bytes]]:
         with self._mutex:
