@@ -112,7 +112,7 @@ def main() -> None:
     p.add_argument("--path", default="grpc", help="grpc, rest or triton; several comma-separated")
     p.add_argument("-c", "--concurrency", default="1", help="requests in flight; several comma-separated")
     p.add_argument("--seconds", type=float, default=20)
-    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--tokens", default="32", help="tokens per request; several comma-separated")
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument(
         "--stop", default="", help="programs to stop first, e.g. transactions,audit (what they cost)"
@@ -136,20 +136,21 @@ def main() -> None:
             stack.supervisor().stop(name)
         for path in paths:
             for concurrency in levels:
-                _profile(stack, args, path, concurrency)
+                for tokens in [int(t) for t in args.tokens.split(",") if t]:
+                    _profile(stack, args, path, concurrency, tokens)
 
 
-def _profile(stack: Stack, args: argparse.Namespace, path: str, concurrency: int) -> None:
+def _profile(stack: Stack, args: argparse.Namespace, path: str, concurrency: int, tokens: int) -> None:
     e = stack.endpoints
     key = platform.api_key(stack)
-    folded = args.out / f"{args.process}-{args.model}-{path}-c{concurrency}.folded"
+    folded = args.out / f"{args.process}-{args.model}-{path}-c{concurrency}-t{tokens}.folded"
     folded.unlink(missing_ok=True)
     make: Callable[[], Client] = (
         (lambda: GrpcClient(e.grpc, args.model, key)) if path == "grpc"
         else (lambda: SseClient(e.rest, args.model, api_key=key)) if path == "rest"
         else (lambda: TritonClient(e.triton_grpc, args.model, stack.settings.triton))
     )  # fmt: skip
-    asyncio.run(_load(make, concurrency, 2, args.tokens))  # warm-up
+    asyncio.run(_load(make, concurrency, 2, tokens))  # warm-up
     pid = stack.supervisor().pid(args.process)
     command = [str(PY_SPY), "record", "--pid", str(pid), "--rate", str(args.rate), "--duration",
                str(int(args.seconds)), "--format", "raw", "--output", str(folded)]  # fmt: skip
@@ -158,12 +159,12 @@ def _profile(stack: Stack, args: argparse.Namespace, path: str, concurrency: int
     command += ["--gil"] if args.gil else []
     spy = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     cpu_before = cpu_seconds(stack)
-    records = asyncio.run(_load(make, concurrency, args.seconds, args.tokens))
+    records = asyncio.run(_load(make, concurrency, args.seconds, tokens))
     cpu_after = cpu_seconds(stack)
     spy.wait(60)
     s = summarize(records)
     print(
-        f"{path} c={concurrency}: {s['requests']} requests, TTFT p50 {s['ttft_ms']['p50']:.2f} ms, "
+        f"{path} c={concurrency} tokens={tokens}: {s['requests']} requests, TTFT p50 {s['ttft_ms']['p50']:.2f} ms, "
         f"ITL p50 {s['itl_ms']['p50']:.3f} ms, e2e p50 {s['e2e_ms']['p50']:.2f} ms, {s['req_s']:.1f} req/s, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
