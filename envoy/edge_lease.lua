@@ -32,6 +32,11 @@ local pending, pending_count, next_ticket = {}, 0, 0
 local asking = {}
 local ASKING_MS = 1000
 
+local function asking_now(key, now)
+  local under_way = asking[key]
+  return under_way ~= nil and now - under_way.since < ASKING_MS
+end
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   headers:remove(LEASE_HEADER) -- only this filter says it
@@ -45,25 +50,30 @@ function envoy_on_request(handle)
   local lease = leases[key]
   if lease ~= nil then
     if lease.left > 0 and now < lease.expires then
-      lease.left = lease.left - 1
-      headers:replace(PRINCIPAL_HEADER, lease.principal)
-      handle:streamInfo():dynamicMetadata():set(NAMESPACE, "leased", true)
-      return
+      -- A lease that cost nothing (a key without request limits) is renewed halfway through its
+      -- life: one request asks for the next while the others go on, so steady traffic never finds
+      -- it expired (and a burst after it meets a live one).
+      local renewing = lease.renew ~= nil and now >= lease.renew and not asking_now(key, now)
+      if not renewing then
+        lease.left = lease.left - 1
+        headers:replace(PRINCIPAL_HEADER, lease.principal)
+        handle:streamInfo():dynamicMetadata():set(NAMESPACE, "leased", true)
+        return
+      end
+    else
+      leases[key] = nil
+      lease_count = lease_count - 1
     end
-    leases[key] = nil
-    lease_count = lease_count - 1
   end
-  local under_way = asking[key]
-  if under_way ~= nil and now - under_way.since < ASKING_MS then
+  local under_way = asking_now(key, now)
+  if under_way then
     headers:replace(LEASE_HEADER, "no")
-  else
-    under_way = nil
   end
   if pending_count >= MAX_PENDING then
     pending, pending_count, asking = {}, 0, {}
   end
   next_ticket = next_ticket + 1
-  if under_way == nil then
+  if not under_way then
     asking[key] = { ticket = next_ticket, since = now }
   end
   pending[next_ticket] = key
@@ -96,11 +106,15 @@ function envoy_on_response(handle)
   if type(requests) ~= "number" or type(expires) ~= "number" or type(principal) ~= "string" then
     return
   end
+  local renew = granted["lease_renew_ms"]
+  if type(renew) ~= "number" then
+    renew = nil
+  end
   if leases[key] == nil then
     if lease_count >= MAX_LEASES then
       leases, lease_count = {}, 0
     end
     lease_count = lease_count + 1
   end
-  leases[key] = { left = requests, expires = expires, principal = principal }
+  leases[key] = { left = requests, expires = expires, renew = renew, principal = principal }
 end

@@ -134,6 +134,11 @@ class LocalAuthorizer:
             return self.by_id[key_id]
         return await self._lookup("id", key_id)
 
+    async def reread(self, key_hash: str) -> KeyRecord | None:
+        """The key read from the store again, cache or not (refresh-ahead for an edge lease), with the
+        outage rules of any lookup: answered from a stale record when the store fails or is slow."""
+        return await self._lookup("hash", key_hash)
+
     def forget(self, record: KeyRecord) -> None:
         """Drops what the cache knows of a key that changed here (revoked, created), stale copies too."""
         self._generation += 1

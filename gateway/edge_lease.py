@@ -7,8 +7,9 @@ expires, skipping the check. It is the same decision the gateway would make agai
 granted only where that holds for its whole life:
 
 - **Revocation and expiry**: a lease lasts at most what is left of the gateway's trust in its cached
-  copy of the key (`auth.cache_seconds` after the key was read from the store) and never past the key's
-  expiry, so a revoked key stops working at the edge within `auth.cache_seconds`, as before.
+  copy of the key (`auth.cache_seconds` after the key was read from the store; a copy past half of
+  that is read again first) and never past the key's expiry, so a revoked key stops working at the
+  edge within `auth.cache_seconds`, as before.
 - **Rate limits**: the lease's requests are counted in the key's (and the address's) request windows
   when it is granted, so a key never gets more than its limit; a lease takes at most an eighth of what
   is left in each window, so a key near its limit is checked request by request (and is refused at
@@ -17,7 +18,9 @@ granted only where that holds for its whole life:
 - **Outages**: no lease while the key store is degraded or the key was answered from a stale record:
   those requests go on being checked one by one.
 
-Envoy holds leases per worker thread; each worker asks for its own.
+Envoy holds leases per worker thread; each worker asks for its own. A lease that counted nothing (a
+key without request limits) is renewed halfway through its life, so steady traffic never meets an
+expired one.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ NO_LEASE = "no"
 LEASE_REQUESTS = "lease_requests"
 LEASE_EXPIRE_MS = "lease_expire_ms"
 LEASE_PRINCIPAL = "lease_principal"
+LEASE_RENEW_MS = "lease_renew_ms"
 
 LEASES_GRANTED = Counter(
     "ferry_gateway_edge_leases_total",
@@ -68,6 +72,9 @@ class EdgeLease:
     # Wall-clock expiry in milliseconds since the epoch (Envoy compares it with its own clock).
     expire_ms: int
     principal: auth_pb2.Principal
+    # When Envoy should ask for the next lease while this one still serves (halfway through its life);
+    # only for a lease that counted nothing against a limit, so replacing it early loses nothing.
+    renew_ms: int | None = None
 
     def metadata(self) -> struct_pb2.Struct:
         """The check answer's dynamic metadata (namespace envoy.filters.http.ext_authz)."""
@@ -79,6 +86,8 @@ class EdgeLease:
                 LEASE_PRINCIPAL: encode_principal(self.principal),
             }
         )
+        if self.renew_ms is not None:
+            struct[LEASE_RENEW_MS] = self.renew_ms
         return struct
 
 
@@ -93,6 +102,11 @@ async def grant(
     if is_service_token(authorizer.auth, request.api_key):
         return None
     key_hash = hash_key(request.api_key)
+    read_at = authorizer.read_at.get(key_hash)
+    if read_at is not None and time.monotonic() - read_at > authorizer.auth.cache_seconds / 2:
+        # Refresh-ahead: past half its trust, the key is read again so the lease gets a whole
+        # cache_seconds (a renewal every half lease, not a lease that halves each time).
+        await authorizer.reread(key_hash)
     record, read_at = authorizer.by_hash.get(key_hash), authorizer.read_at.get(key_hash)
     if record is None or read_at is None or record.name != principal.name:
         return None  # answered from a stale record (an outage) or just forgotten (revoked here)
@@ -120,4 +134,5 @@ async def grant(
             return None
     LEASES_GRANTED.inc()
     LEASED_REQUESTS.inc(most)
-    return EdgeLease(most, int((wall + seconds) * 1000), principal)
+    renew = None if windows else int((wall + seconds / 2) * 1000)
+    return EdgeLease(most, int((wall + seconds) * 1000), principal, renew)

@@ -6,6 +6,7 @@ test_revocation.py, which probes through the same connection, so through a lease
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 import pytest
@@ -84,3 +85,20 @@ def test_leased_requests_are_counted_against_the_rate_limit(stack: RunningStack)
     assert ok >= limit - limit // 4, statuses
     assert set(statuses) == {200, 429}
     assert statuses.index(429) == ok  # refused only once the limit was spent
+
+
+def test_steady_traffic_renews_its_lease_before_it_ends(stack: RunningStack) -> None:
+    key = stack.create_key(["inference"])  # no request limit: its leases cost nothing, so renew early
+    seconds = stack.settings.auth.cache_seconds * 2
+    before_checks, before_leased = checks(stack), leased(stack)
+    sent, expired = 0, 0
+    with stack.http(key) as http:
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            assert http.get("/v1/models").status_code == 200
+            sent += 1
+    asked = checks(stack) - before_checks
+    # About one check per half cache_seconds (each renewal), not one per request.
+    assert asked <= seconds / (stack.settings.auth.cache_seconds / 2) + 2, f"{asked} checks, {sent} requests"
+    assert leased(stack) - before_leased == sent - asked
+    assert sent - asked > 10 * asked or sent < 40, (sent, asked, expired)

@@ -50,6 +50,9 @@ async def test_an_unlimited_key_gets_a_whole_lease_within_the_cache_time() -> No
     assert lease.principal.name == record.name and list(lease.principal.scopes) == ["inference"]
     assert before * 1000 < lease.expire_ms <= (time.time() + 2.0) * 1000
     assert lease.metadata()["lease_requests"] == 100
+    # It counted nothing: Envoy renews it halfway through its life.
+    assert lease.renew_ms is not None and before * 1000 < lease.renew_ms < lease.expire_ms
+    assert lease.metadata()["lease_renew_ms"] == lease.renew_ms
 
 
 async def test_a_lease_takes_an_eighth_of_the_rate_limit_left_and_counts_it() -> None:
@@ -58,6 +61,7 @@ async def test_a_lease_takes_an_eighth_of_the_rate_limit_left_and_counts_it() ->
     store.add(secret, rpm=100)
     lease = await allow_and_lease(local, secret)
     assert lease is not None and lease.requests == 99 // 8
+    assert lease.renew_ms is None  # renewing early would waste what it counted
     window = local.request_windows(lease.principal)[0]
     assert await local.limiter.remaining(window) == 100 - 1 - lease.requests
     # Near the limit, every request is checked.
@@ -113,3 +117,15 @@ async def test_no_lease_when_off_or_for_public_methods() -> None:
     local, store = authorizer()
     store.add(secret)
     assert await allow_and_lease(local, secret, HEALTH) is None
+
+
+async def test_a_key_past_half_its_cache_time_is_read_again_for_a_whole_lease() -> None:
+    local, store = authorizer(cache_seconds=0.4)
+    secret = new_key_secret()
+    store.add(secret)
+    assert await allow_and_lease(local, secret) is not None
+    assert store.calls == 1
+    await asyncio.sleep(0.25)  # past half of cache_seconds: the lease would last only 0.15 s
+    lease = await allow_and_lease(local, secret)
+    assert store.calls == 2
+    assert lease is not None and lease.expire_ms >= (time.time() + 0.3) * 1000
