@@ -17,8 +17,9 @@
 local NAMESPACE = "ferry.edge_lease"
 local AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 local PRINCIPAL_HEADER = "x-ferry-principal"
--- Sent to the key check when a check of the same key, method and address is already under way in
--- this worker: a second lease would replace the first, and what was counted for it would be lost.
+-- Sent to the key check (`want`) when this worker will keep the lease it grants: not while a check of
+-- the same key, method and address is already under way here (a second lease would replace the first,
+-- and what was counted for it would be lost). A client's own copy is removed.
 local LEASE_HEADER = "x-ferry-lease"
 local MAX_LEASES = 10000
 -- Requests sent to the key check, by ticket, until their answer says whether a lease came with it
@@ -44,8 +45,9 @@ function envoy_on_request(handle)
   if authorization == nil or authorization == "" then
     return
   end
-  local key = (headers:get(":path") or "") .. "\n" .. (headers:get("x-ferry-client-address") or "")
-    .. "\n" .. authorization
+  -- The method (the transcoded gRPC path; a query string is no part of it), address and key.
+  local method = string.match(headers:get(":path") or "", "^[^?]*")
+  local key = method .. "\n" .. (headers:get("x-ferry-client-address") or "") .. "\n" .. authorization
   local now = handle:timestamp()
   local lease = leases[key]
   if lease ~= nil then
@@ -66,8 +68,8 @@ function envoy_on_request(handle)
     end
   end
   local under_way = asking_now(key, now)
-  if under_way then
-    headers:replace(LEASE_HEADER, "no")
+  if not under_way then
+    headers:replace(LEASE_HEADER, "want")
   end
   if pending_count >= MAX_PENDING then
     pending, pending_count, asking = {}, 0, {}
@@ -76,7 +78,7 @@ function envoy_on_request(handle)
   if not under_way then
     asking[key] = { ticket = next_ticket, since = now }
   end
-  pending[next_ticket] = key
+  pending[next_ticket] = { key = key, since = now }
   pending_count = pending_count + 1
   handle:streamInfo():dynamicMetadata():set(NAMESPACE, "ticket", next_ticket)
 end
@@ -88,26 +90,41 @@ function envoy_on_response(handle)
   if ticket == nil then
     return
   end
-  local key = pending[ticket]
-  if key == nil then
+  local sent = pending[ticket]
+  if sent == nil then
     return
   end
+  local key = sent.key
   pending[ticket] = nil
   pending_count = pending_count - 1
   local under_way = asking[key]
   if under_way ~= nil and under_way.ticket == ticket then
     asking[key] = nil
   end
+  local headers = handle:headers()
+  local status, grpc_status = headers:get(":status"), headers:get("grpc-status")
+  if status == "401" or status == "403" or grpc_status == "16" or grpc_status == "7" then
+    -- A renewal the key check refused (revoked, scopes changed): the old lease ends now.
+    if leases[key] ~= nil then
+      leases[key] = nil
+      lease_count = lease_count - 1
+    end
+    return
+  end
   local granted = metadata:get(AUTHZ_NAMESPACE)
   if granted == nil then
     return
   end
-  local requests, expires, principal = granted["lease_requests"], granted["lease_expire_ms"], granted["lease_principal"]
-  if type(requests) ~= "number" or type(expires) ~= "number" or type(principal) ~= "string" then
+  local requests, ttl, principal = granted["lease_requests"], granted["lease_ttl_ms"], granted["lease_principal"]
+  if type(requests) ~= "number" or type(ttl) ~= "number" or type(principal) ~= "string" then
     return
   end
+  -- Counted from when this worker sent the check (never later than the gateway's own start).
+  local expires = sent.since + ttl
   local renew = granted["lease_renew_ms"]
-  if type(renew) ~= "number" then
+  if type(renew) == "number" then
+    renew = sent.since + renew
+  else
     renew = nil
   end
   if leases[key] == nil then

@@ -52,6 +52,7 @@ class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     def __init__(self, authorizer: LocalAuthorizer, recorder: Recorder) -> None:
         self.authorizer = authorizer
         self.recorder = recorder
+        self.leases = edge_lease.LeaseGrantor(authorizer)
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
@@ -85,8 +86,8 @@ class EnvoyAuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             return denied(err)
         span.set_attributes({"ferry.auth.decision": "allow", "enduser.id": principal.name})
         lease = None
-        if http.headers.get(edge_lease.LEASE_HEADER) != edge_lease.NO_LEASE:
-            lease = await edge_lease.grant(self.authorizer, check, principal)
+        if http.headers.get(edge_lease.LEASE_HEADER) == edge_lease.WANT_LEASE:
+            lease = await self.leases.grant(check, principal)
         if lease is not None:
             span.set_attribute("ferry.auth.lease_requests", lease.requests)
         return allowed(principal, lease)

@@ -91,14 +91,15 @@ def test_steady_traffic_renews_its_lease_before_it_ends(stack: RunningStack) -> 
     key = stack.create_key(["inference"])  # no request limit: its leases cost nothing, so renew early
     seconds = stack.settings.auth.cache_seconds * 2
     before_checks, before_leased = checks(stack), leased(stack)
-    sent, expired = 0, 0
+    sent = 0
     with stack.http(key) as http:
         started = time.monotonic()
         while time.monotonic() - started < seconds:
             assert http.get("/v1/models").status_code == 200
             sent += 1
     asked = checks(stack) - before_checks
-    # About one check per half cache_seconds (each renewal), not one per request.
-    assert asked <= seconds / (stack.settings.auth.cache_seconds / 2) + 2, f"{asked} checks, {sent} requests"
+    # A renewal every half lease (a lease lasts what is left of the gateway's cache time, which is
+    # read again past half of it): a few checks a second, not one per request.
+    assert asked <= seconds / (stack.settings.auth.cache_seconds / 4) + 2, f"{asked} checks, {sent} requests"
     assert leased(stack) - before_leased == sent - asked
-    assert sent - asked > 10 * asked or sent < 40, (sent, asked, expired)
+    assert sent - asked > 10 * asked or sent < 40, (sent, asked)

@@ -398,6 +398,20 @@ async def test_ext_authz_check(
     public = await check.Check(check_request("/grpc.health.v1.Health/Check"), metadata=SERVICE)
     assert public.status.code == code_pb2.OK
 
+    # An edge lease only when Envoy asks for one (envoy/edge_lease.lua sends x-ferry-lease: want).
+    free = await create(keys, "leased", "inference")
+    plain = await check.Check(check_request(LIST_MODELS, free.secret), metadata=SERVICE)
+    assert plain.status.code == code_pb2.OK and "lease_requests" not in plain.dynamic_metadata
+    wanted = check_request(LIST_MODELS, free.secret)
+    wanted.attributes.request.http.headers["x-ferry-lease"] = "want"
+    leased = await check.Check(wanted, metadata=SERVICE)
+    assert leased.dynamic_metadata["lease_requests"] >= 2
+    assert 0 < leased.dynamic_metadata["lease_ttl_ms"] <= 2000
+    principal = auth_pb2.Principal.FromString(
+        base64.urlsafe_b64decode(leased.dynamic_metadata["lease_principal"])
+    )
+    assert principal.name == free.name
+
     # Only Envoy (holding the service token) may ask.
     for metadata in ((), (("authorization", f"Bearer {ADMIN_KEY}"),)):
         err = await refusal(check.Check(check_request(GENERATE, key.secret), metadata=metadata))
