@@ -6,6 +6,11 @@ concurrency keeps `c` requests in flight through Envoy while py-spy samples the 
 prints the functions with the most samples (inclusive and own time). The folded stacks are kept for a
 flame graph. `--native` shows what grpc's Cython and C core do inside `Handle._run`; `--gil` keeps only
 samples holding the GIL (what competes for the one core the event loop has).
+
+`python -m bench.profile --floor` starts no stack: it measures what a bare grpc.aio relay costs on this
+machine (a server stream fed by a bidirectional stream, as the Inference service is fed by Triton,
+with nothing of ferry's in between): CPU per request at 2 and 32 messages, hence per message. The
+difference to the service's own figures is what ferry's code adds.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import multiprocessing
 import os
 import random
 import subprocess
@@ -20,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -106,6 +113,110 @@ def top(folded: Path, limit: int = 25) -> str:
     return "\n".join(lines)
 
 
+FLOOR_TOKENS = (2, 32)
+
+
+def _floor_upstream(port: int, ready: multiprocessing.Queue[int]) -> None:
+    """Triton's part: a bidirectional stream answering each request with `id` messages of one token."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    class Model(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+        async def ModelStreamInfer(self, requests: Any, context: Any) -> Any:
+            async for request in requests:
+                for _ in range(int(request.id)):
+                    response = service_pb2.ModelInferResponse(model_name="m")
+                    response.outputs.add(name="text_output", datatype="BYTES", shape=[1])
+                    response.raw_output_contents.append(b"\x03\x00\x00\x00 hi")
+                    yield service_pb2.ModelStreamInferResponse(infer_response=response)
+
+    async def serve() -> None:
+        server = grpc.aio.server()
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Model(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def _floor_relay(port: int, upstream: int, ready: multiprocessing.Queue[int]) -> None:
+    """The Inference service's part, bare: GenerateStream relaying the upstream stream's messages."""
+    import grpc
+    from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    async def serve() -> None:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.aio.insecure_channel(f"127.0.0.1:{upstream}"))
+
+        class Relay(inference_pb2_grpc.InferenceServiceServicer):
+            async def GenerateStream(self, request: Any, context: Any) -> Any:
+                call = stub.ModelStreamInfer()
+                await call.write(service_pb2.ModelInferRequest(id=str(request.sampling.max_tokens)))
+                for _ in range(request.sampling.max_tokens):
+                    response = await call.read()
+                    text = response.infer_response.raw_output_contents[0][4:].decode()
+                    yield inference_pb2.GenerateStreamResponse(text=text, token_count=1)
+                await call.done_writing()
+                await call.read()
+
+        server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(Relay(), server)  # type: ignore[abstract]
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+async def _floor_requests(port: int, requests: int, tokens: int) -> None:
+    import grpc
+    from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        request = inference_pb2.GenerateRequest(sampling=inference_pb2.SamplingParams(max_tokens=tokens))
+        for _ in range(requests):
+            async for _message in stub.GenerateStream(request):
+                pass
+
+
+def floor(requests: int = 600, rounds: int = 2) -> None:
+    """Prints the bare relay's CPU per request (best of `rounds`) at each of FLOOR_TOKENS, and per message."""
+    from launcher.ports import free_ports
+
+    ready: multiprocessing.Queue[int] = multiprocessing.Queue()
+    upstream_port, relay_port = free_ports(2)
+    upstream = multiprocessing.Process(target=_floor_upstream, args=(upstream_port, ready), daemon=True)
+    upstream.start()
+    ready.get(timeout=30)
+    relay = multiprocessing.Process(target=_floor_relay, args=(relay_port, upstream_port, ready), daemon=True)
+    relay.start()
+    ready.get(timeout=30)
+    measured = psutil.Process(relay.pid)
+    best: dict[int, float] = {}
+    try:
+        for _ in range(rounds):
+            for tokens in FLOOR_TOKENS:
+                asyncio.run(_floor_requests(relay_port, 50, tokens))  # warm-up
+                before = sum(measured.cpu_times()[:2])
+                asyncio.run(_floor_requests(relay_port, requests, tokens))
+                used = 1000 * (sum(measured.cpu_times()[:2]) - before) / requests
+                best[tokens] = min(best.get(tokens, used), used)
+    finally:
+        relay.kill()
+        upstream.kill()
+    low, high = FLOOR_TOKENS
+    per_message = 1000 * (best[high] - best[low]) / (high - low)
+    print(
+        f"bare grpc.aio relay (load average {os.getloadavg()[0]:.2f}): "
+        + ", ".join(f"{best[t]:.3f} ms CPU per request at {t} messages" for t in FLOOR_TOKENS)
+        + f"; {per_message:.0f} µs per message"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     p.add_argument("--model", default="bench-stream", choices=("bench-stream", MODEL_NAME))
@@ -120,8 +231,12 @@ def main() -> None:
     p.add_argument("--process", default="inference", help="the program py-spy samples (e.g. gateway)")
     p.add_argument("--native", action="store_true", help="also sample native frames (Cython, C)")
     p.add_argument("--gil", action="store_true", help="only samples holding the GIL")
+    p.add_argument("--floor", action="store_true", help="measure a bare grpc.aio relay instead (no stack)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "bench" / "profile")
     args = p.parse_args()
+    if args.floor:
+        floor()
+        return
     paths = [path for path in args.path.split(",") if path]
     if unknown := set(paths) - {"grpc", "rest", "triton"}:
         p.error(f"unknown path(s): {', '.join(sorted(unknown))}")
