@@ -1,6 +1,6 @@
 """Overload refused at the edge: generations beyond the fleet's admission capacity are refused by Envoy
 itself (the generation cluster's circuit breaker, response flag UO) with the service's own OVERLOADED
-answer, before the key check's answer reaches a Python service; reads and embeddings never count.
+answer, without the inference service seeing them; reads and embeddings never count.
 
 The configuration tests render Envoy's file; the stack test runs a stack of its own (one trivial
 streaming model of 2 slots and 2 queue places: the fleet admits 4) and sends a burst beside 4 held
