@@ -86,6 +86,7 @@ bench: setup
 	$(PY) -m bench.embeddings
 	$(PY) -P -m bench.cache
 	$(PY) -P -m bench.prefix
+	$(PY) -P -m bench.overload
 
 soak: setup
 	$(PY) -m bench.soak

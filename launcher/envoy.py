@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import importlib
 import ipaddress
 import json
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import jinja2
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from launcher.files import write_private
 from launcher.programs import Program
@@ -19,6 +22,8 @@ from services.common.config import REPO_ROOT, ServiceSettings, Settings
 
 TEMPLATE = REPO_ROOT / "envoy" / "envoy.yaml.j2"
 LUA_SCRIPT = REPO_ROOT / "envoy" / "ferry.lua"
+# Edge leases (gateway/edge_lease.py): the key check's decision reused by Envoy without a round trip.
+EDGE_LEASE_SCRIPT = REPO_ROOT / "envoy" / "edge_lease.lua"
 DESCRIPTOR = REPO_ROOT / "build" / "ferry.pb"
 CONFIG_NAME = "envoy.yaml"
 
@@ -117,9 +122,9 @@ class Limits:
 # answering, and shedding at the edge beats queueing behind it until the 120 s deadline.
 UNARY_LIMITS = Limits(64, 64, 256, "unary calls of milliseconds: 256 in flight means it stopped answering")
 LIMITS = {
-    # Generations last seconds to minutes and streams stay open; each replica bounds itself
-    # (inference.max_in_flight + max_queued, answering RESOURCE_EXHAUSTED with Retry-After), and this
-    # sits above what a fleet of replicas queues, so clients see the service's 429, not Envoy's 503.
+    # Embeddings and model listings (generations have their own cluster, GENERATION_CLUSTER, limited to
+    # the fleet's admission capacity); also the generation cluster's ceiling where that capacity is not
+    # known here: above what a fleet of replicas queues, so clients see the service's 429.
     "inference": Limits(
         128, 512, 1024, "long streams; above every replica's own admission queue (429 with Retry-After)"
     ),
@@ -129,6 +134,190 @@ LIMITS = {
     "jobs": Limits(64, 128, 512, "WaitJob long-polls: more in flight than unary services"),
     "conversations": Limits(64, 128, 512, "StreamMessage streams a generation"),
 }
+
+
+# -- overload refused at the edge (docs/deploy.md, "Resilience") -----------------------------------------
+# The generating RPCs go to a cluster of their own (the inference replicas again) whose max_requests is
+# what the fleet admits: replicas x the sum over generation models of (max_in_flight + max_queued), as
+# services/inference/admission.py sizes each model's gate. Beyond it Envoy refuses at once (response
+# flag UO), before any Python process sees the request; refusals of one full model while the fleet
+# has room stay the service's own. Reads, embeddings and model listings stay on `inference`.
+GENERATION_CLUSTER = "inference_generation"
+GENERATION_METHODS: dict[str, tuple[str, ...]] = {
+    "ferry.inference.v1.InferenceService": ("Generate", "GenerateStream"),
+    "ferry.openai.v1.OpenAIService": (
+        "CreateChatCompletion",
+        "CreateChatCompletionStream",
+        "CreateCompletion",
+        "CreateCompletionStream",
+    ),
+}
+# services.common.errors' DOMAIN, Reason.OVERLOADED and its OpenAI type, spelt out (this module renders
+# without ferry's service code in the Envoy image); tests/inference/test_edge_overload.py ties them.
+ERROR_DOMAIN = "ferry.dev"
+OVERLOADED = "OVERLOADED"
+OVERLOADED_OPENAI_TYPE = "rate_limit_error"
+# The retry hint of the edge's refusal (errors.DEFAULT_RETRY_AFTER_SECONDS): a slot frees within seconds.
+OVERLOAD_RETRY_AFTER_SECONDS = 1
+# A model's config.pbtxt parameters the inference service sizes its gate from (triton_client.model_info).
+_PARAMETER = re.compile(r'key\s*:\s*"([^"]*)"\s*,?\s*value\s*:\s*\{\s*string_value\s*:\s*"((?:[^"\\]|\\.)*)"')
+GENERATION_CAPABILITIES = frozenset({"completion", "chat"})
+
+
+def _without_comments(text: str) -> str:
+    """A protobuf text file without its `#` comments (a `#` inside a quoted string is kept)."""
+    out: list[str] = []
+    quote = ""
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            out.append(c)
+            if c == "\\" and i + 1 < len(text):
+                out.append(text[i + 1])
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "\"'":
+            quote = c
+            out.append(c)
+        elif c == "#":
+            while i < len(text) and text[i] != "\n":
+                i += 1
+            continue
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def repository_generation_slots(repository: Path) -> dict[str, int] | None:
+    """Engine slots of every generation model in a Triton model repository (a folder per model with a
+    config.pbtxt), read as the inference service reads them from Triton: `n_parallel`, else
+    `concurrent_requests`, else 1; a model whose `capabilities` name neither completion nor chat (an
+    embedding model) is left out. None when the repository is not a folder here (a remote Triton)."""
+    if not repository.is_dir():
+        return None
+    slots: dict[str, int] = {}
+    for config in sorted(repository.glob("*/config.pbtxt")):
+        params = dict(_PARAMETER.findall(_without_comments(config.read_text(encoding="utf-8"))))
+        capabilities = params.get("capabilities")
+        if (
+            capabilities is not None
+            and not {c.strip().lower() for c in capabilities.split(",")} & GENERATION_CAPABILITIES
+        ):
+            continue
+        value = params.get("n_parallel") or params.get("concurrent_requests")
+        try:
+            slots[config.parent.name] = int(value) if value else 1
+        except ValueError:
+            slots[config.parent.name] = 1
+    return slots
+
+
+def admission_capacity(settings: Settings, slots: int) -> int:
+    """max_in_flight + max_queued of one model's gate (services/inference/admission.py Admissions.limits)."""
+    in_flight = settings.inference.max_in_flight or slots or 1
+    queued = settings.inference.max_queued if settings.inference.max_queued >= 0 else 8 * in_flight
+    return max(1, in_flight) + max(0, queued)
+
+
+def generation_limits(settings: Settings) -> Limits:
+    """The generation cluster's limits: envoy.generation_max_requests when set, else what the fleet
+    admits, counting every generation model of the repository (LoadModel may load any of them later)
+    and every upstream model. Where that cannot be known here (replicas behind a DNS name, whose number
+    is the orchestrator's; a repository not on this machine) it stays at the inference cluster's
+    limit, above any queue, and only the services refuse."""
+    fallback = LIMITS["inference"]
+    configured = settings.envoy.generation_max_requests
+    if configured:
+        return Limits(fallback.max_connections, configured, configured, "envoy.generation_max_requests")
+    inference = settings.inference
+    try:
+        ipaddress.ip_address(inference.host)
+    except ValueError:
+        return replace(fallback, why="replicas behind a DNS name: set envoy.generation_max_requests")
+    slots = repository_generation_slots(settings.triton.repository)
+    if slots is None:
+        return replace(fallback, why="model repository not here: set envoy.generation_max_requests")
+    slots |= {name: model.max_in_flight for name, model in settings.upstream_models.items()}
+    per_replica = sum(admission_capacity(settings, n) for n in slots.values())
+    if per_replica == 0:
+        return replace(fallback, why="no generation model in the repository")
+    total = inference.replicas * per_replica
+    models = ", ".join(f"{name} {admission_capacity(settings, n)}" for name, n in sorted(slots.items()))
+    why = f"admission capacity: {inference.replicas} replica(s) x ({models})"
+    return Limits(fallback.max_connections, total, total, why)
+
+
+@dataclass(frozen=True)
+class Overload:
+    """The edge's refusal beyond the generation cluster's max_requests, shaped like the service's
+    OVERLOADED: RESOURCE_EXHAUSTED with ErrorInfo and RetryInfo (grpc-status-details-bin, which the
+    transcoder renders as google.rpc.Status JSON for REST and ferry.lua as OpenAI's error for /v1/*)."""
+
+    max_requests: int
+    retry_after: int = OVERLOAD_RETRY_AFTER_SECONDS
+
+    reason: str = OVERLOADED
+    domain: str = ERROR_DOMAIN
+
+    @property
+    def message(self) -> str:
+        return (
+            "ferry is overloaded: every slot and wait place of every model on every replica is taken "
+            f"({self.max_requests} generations); retry later"
+        )
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The ErrorInfo's metadata: who refused, and at what bound."""
+        return {"decided_by": "edge", "max_requests": str(self.max_requests)}
+
+    @property
+    def details_bin(self) -> str:
+        """google.rpc.Status, base64 without padding (as gRPC sends binary metadata)."""
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=self.domain, metadata=self.metadata)
+        retry = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=self.retry_after))
+        status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=self.message)
+        status.details.add().Pack(info)
+        status.details.add().Pack(retry)
+        return base64.b64encode(status.SerializeToString()).decode("ascii").rstrip("=")
+
+    @property
+    def openai_code(self) -> str:
+        return OVERLOADED.lower()
+
+    @property
+    def openai_type(self) -> str:
+        return OVERLOADED_OPENAI_TYPE
+
+
+@dataclass(frozen=True)
+class GenerationCluster:
+    """The generating methods' own cluster: the same replicas, health checks and outlier detection as
+    the inference cluster, with max_requests at the fleet's admission capacity."""
+
+    name: str
+    methods: dict[str, list[str]]
+    limits: Limits
+
+    @property
+    def overload(self) -> Overload:
+        return Overload(self.limits.max_requests)
+
+    @property
+    def paths(self) -> list[str]:
+        """The gRPC path of every method it serves (a REST request's too, once transcoded)."""
+        return [f"/{service}/{method}" for service, methods in self.methods.items() for method in methods]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A cluster rendered for an upstream: its name and limits (an upstream may have two)."""
+
+    name: str
+    limits: Limits
 
 
 @dataclass(frozen=True)
@@ -146,6 +335,19 @@ class Upstream:
     read_methods: dict[str, list[str]] = field(default_factory=dict)
     # Its other methods are generations, retried once before the first byte (the inference cluster).
     generation: bool = False
+    # The generating methods' own cluster (the inference upstream): refusals beyond capacity at the edge.
+    generation_cluster: GenerationCluster | None = None
+
+    def generation_methods(self, service: str) -> list[str]:
+        return self.generation_cluster.methods.get(service, []) if self.generation_cluster else []
+
+    @property
+    def clusters(self) -> list[Cluster]:
+        """Its cluster, and the generation cluster on the same replicas where it has one."""
+        own = [Cluster(self.cluster, self.limits)]
+        if self.generation_cluster is None:
+            return own
+        return [*own, Cluster(self.generation_cluster.name, self.generation_cluster.limits)]
 
     @property
     def host(self) -> str:
@@ -318,6 +520,8 @@ class EdgeAuth:
     timeout: str = AUTHZ_TIMEOUT
     # Also the per-try timeout of the check (see AUTHZ_RETRY_BACKOFF_MAX).
     retry_backoff_max: str = AUTHZ_RETRY_BACKOFF_MAX
+    # envoy/edge_lease.lua, when the gateway grants leases (auth.edge_lease_requests > 0).
+    lease_script: Path | None = None
 
 
 def edge_auth(settings: Settings) -> EdgeAuth | None:
@@ -325,7 +529,8 @@ def edge_auth(settings: Settings) -> EdgeAuth | None:
         return None
     if settings.auth.service_token is None:
         raise ValueError("auth is on but auth.service_token is unset (the launcher makes one per start)")
-    return EdgeAuth(f"Bearer {settings.auth.service_token.get_secret_value()}")
+    lease_script = EDGE_LEASE_SCRIPT if settings.auth.edge_lease_requests > 0 else None
+    return EdgeAuth(f"Bearer {settings.auth.service_token.get_secret_value()}", lease_script=lease_script)
 
 
 @dataclass(frozen=True)
@@ -396,6 +601,11 @@ def admin_socket(settings: Settings) -> Path:
     return path
 
 
+def generation_cluster(settings: Settings, upstream: Upstream) -> GenerationCluster:
+    methods = {s: list(GENERATION_METHODS[s]) for s in upstream.services if s in GENERATION_METHODS}
+    return GenerationCluster(GENERATION_CLUSTER, methods, generation_limits(settings))
+
+
 def render_envoy_config(
     settings: Settings, descriptor: Path = DESCRIPTOR, admin_host: str = ADMIN_HOST
 ) -> Path:
@@ -418,6 +628,7 @@ def render_envoy_config(
             {s: internal[s] for s in u.services if internal.get(s)},
             {s: reads[s] for s in u.services if reads.get(s)},
             u.generation,
+            generation_cluster(settings, u) if u.generation else None,
         )
         for u in upstreams(settings)
     ]

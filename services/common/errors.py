@@ -271,7 +271,11 @@ _ENTRIES: Mapping[Reason, Entry] = {
         _Code.RESOURCE_EXHAUSTED, "a key's or an address's request or token window is full", retryable=True
     ),
     Reason.OVERLOADED: _entry(
-        _Code.RESOURCE_EXHAUSTED, "the model's slots and its wait queue are all taken", retryable=True
+        _Code.RESOURCE_EXHAUSTED,
+        "the model's slots and its wait queue are all taken; or, at the edge, those of every model on "
+        "every replica (Envoy's generation limit, envoy.generation_max_requests; ErrorInfo metadata "
+        "decided_by: edge)",
+        retryable=True,
     ),
     Reason.UPSTREAM_RATE_LIMITED: _entry(
         _Code.RESOURCE_EXHAUSTED,

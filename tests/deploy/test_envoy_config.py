@@ -302,7 +302,7 @@ def test_generation_is_retried_once_before_the_first_byte_under_the_requests_id(
         "/ferry.openai.v1.OpenAIService/CreateCompletion",
     ):
         route = _route_for(routes, path)["route"]
-        assert route["cluster"] == "inference", path
+        assert route["cluster"] == "inference_generation", path  # launcher/envoy.py GENERATION_CLUSTER
         assert route["retry_policy"]["num_retries"] == 1, path
         assert "unavailable" in route["retry_policy"]["retry_on"], path
         # A replica that went away mid-request may have recorded it: no retry after a reset.
