@@ -218,20 +218,6 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
         async with self.observed(call, request, context):
             return await body()
 
-    async def relay(
-        self, call: Call, request: Any, context: grpc.aio.ServicerContext, items: AsyncIterator[Any]
-    ) -> AsyncIterator[Any]:
-        """Relays a streaming-response RPC body with the same bookkeeping.
-
-        An async generator (not a coroutine using context.write) because other interceptors, such as
-        OpenTelemetry's, iterate streaming handlers with `async for`; errors raised mid-stream still
-        pass through `observed` and end the stream with their rich status.
-        """
-        async with self.observed(call, request, context):
-            async for item in items:
-                call.responded = True
-                yield item
-
 
 def undefined_fields(request: Message, sent: list[str]) -> list[str]:
     """The fields in `sent` that the request message does not have, by proto or JSON name."""
@@ -300,7 +286,11 @@ def _wrap(
         return await interceptor.run(call, observed(request), context, lambda: inner(request, context))
 
     async def stream_response(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        # `relay`'s body inlined: one async generator less for every message of every stream.
+        # A streaming-response RPC body with the same bookkeeping, relayed right here (one async
+        # generator per message, not two). An async generator, not a coroutine using context.write,
+        # because other interceptors (OpenTelemetry's) iterate streaming handlers with `async for`;
+        # errors raised mid-stream still pass through `observed` and end the stream with their rich
+        # status.
         call = interceptor._start(service, method, context)
         async with interceptor.observed(call, observed(request), context):
             async for item in inner(request, context):
