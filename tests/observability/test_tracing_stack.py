@@ -60,7 +60,9 @@ def assert_request_trace(
     collector.wait_until(lambda: exported(collector, trace_id), EXPORT_WAIT_SECONDS)
     spans = collector.in_trace(trace_id)
 
-    # Envoy continues the client's trace (its traceparent), checks the key, routes to Inference.
+    # Envoy continues the client's trace (its traceparent), checks the key, routes to Inference. (The
+    # first call of a method with a key is checked; the next ones ride its edge lease, without these
+    # two spans: gateway/edge_lease.py. Each test here calls its method once.)
     ingress = one(spans, "Envoy's server span", service="ferry-envoy", name="ingress")
     assert ingress.parent_id == client_span and ingress.kind == SERVER
     authz = one(
@@ -75,7 +77,10 @@ def assert_request_trace(
     assert check.name == "/envoy.service.auth.v3.Authorization/Check" and check.kind == SERVER
     assert check.attributes["ferry.auth.decision"] == "allow"
     assert check.attributes["ferry.auth.checked_method"] == method
-    upstream = one(spans, "Envoy's call to Inference", service="ferry-envoy", name="router inference egress")
+    # Generations go to the generation cluster (launcher/envoy.py GENERATION_CLUSTER).
+    upstream = one(
+        spans, "Envoy's call to Inference", service="ferry-envoy", name="router inference_generation egress"
+    )
     assert upstream.parent_id == ingress.span_id
 
     # The Inference service's server span, and its CLIENT span for the call to Triton.
