@@ -237,7 +237,12 @@ def generation_limits(settings: Settings) -> Limits:
         ipaddress.ip_address(inference.host)
     except ValueError:
         return replace(fallback, why="replicas behind a DNS name: set envoy.generation_max_requests")
-    slots = repository_generation_slots(settings.triton.repository)
+    try:
+        local_triton = ipaddress.ip_address(settings.triton.host).is_loopback
+    except ValueError:
+        local_triton = False
+    # A Triton elsewhere serves its own repository, whatever this machine's folder holds.
+    slots = repository_generation_slots(settings.triton.repository) if local_triton else None
     if slots is None:
         return replace(fallback, why="model repository not here: set envoy.generation_max_requests")
     slots |= {name: model.max_in_flight for name, model in settings.upstream_models.items()}

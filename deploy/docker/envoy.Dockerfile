@@ -28,6 +28,11 @@ COPY services/__init__.py services/
 COPY services/common/ services/common/
 COPY launcher/ launcher/
 COPY envoy/ envoy/
+# Generations beyond this many in flight are refused by Envoy itself (the fleet's admission capacity:
+# inference pods x per-pod capacity; docs/deploy.md). The configuration is rendered here, at build
+# time, so it is a build argument: `--build-arg FERRY_ENVOY__GENERATION_MAX_REQUESTS=N`. 0 keeps the
+# 1024 ceiling (the pod count is not known at build time).
+ARG FERRY_ENVOY__GENERATION_MAX_REQUESTS=0
 RUN PYTHONPATH=/ferry python deploy/docker/render_envoy.py /ferry/home
 
 # --- runtime: the official image and six files ---------------------------------------------------------

@@ -102,4 +102,5 @@ def test_steady_traffic_renews_its_lease_before_it_ends(stack: RunningStack) -> 
     # read again past half of it): a few checks a second, not one per request.
     assert asked <= seconds / (stack.settings.auth.cache_seconds / 4) + 2, f"{asked} checks, {sent} requests"
     assert leased(stack) - before_leased == sent - asked
-    assert sent - asked > 10 * asked or sent < 40, (sent, asked)
+    assert sent >= 40, f"only {sent} requests in {seconds} s: too slow to show a renewal"
+    assert sent - asked > 10 * asked, (sent, asked)
