@@ -27,6 +27,7 @@ from ferry.inference.v1 import inference_pb2, inference_pb2_grpc
 from ferry.models.v1 import models_pb2, models_pb2_grpc
 from ferry.transactions.v1 import transactions_pb2, transactions_pb2_grpc
 
+from launcher import envoy
 from launcher.stack import replica_name
 from tests.resilience.support import (
     Load,
@@ -42,8 +43,10 @@ from tests.stack import RunningStack
 pytestmark = pytest.mark.stack
 
 REPLICATED = ("models", "transactions", "gateway")
-# Generation (unary: retried under the request's id only when no replica got it, never after a reset).
+# Generation (unary: retried under the request's id only when no replica got it, never after a reset):
+# the inference processes, which Envoy reaches for generations through its generation cluster.
 GENERATING = "inference"
+GENERATION_CLUSTER = envoy.GENERATION_CLUSTER
 # At most this long after the kill for the replica to come back.
 RECOVERY_TIMEOUT_SECONDS = 60.0
 # Each load thread pauses this long between calls: steady, light load (2 shared cores).
@@ -189,9 +192,9 @@ def test_a_killed_inference_replica_fails_only_the_generations_in_flight_on_it(s
     supervisor = stack.supervisor()
     second = replica_address(stack, GENERATING, 1)
     model = stack.settings.triton.default_model
-    wait_for(partial(healthy, stack, GENERATING, second), 30, "inference replica 1 healthy")
-    retries_before = envoy_stat(stack, f"cluster.{GENERATING}.upstream_rq_retry")
-    served_before = successes(stack, GENERATING, second)
+    wait_for(partial(healthy, stack, GENERATION_CLUSTER, second), 30, "inference replica 1 healthy")
+    retries_before = envoy_stat(stack, f"cluster.{GENERATION_CLUSTER}.upstream_rq_retry")
+    served_before = successes(stack, GENERATION_CLUSTER, second)
     native = inference_pb2_grpc.InferenceServiceStub(stack.channel())
     # What each client got: {request id: output}.
     outputs: dict[str, str] = {}
@@ -231,17 +234,21 @@ def test_a_killed_inference_replica_fails_only_the_generations_in_flight_on_it(s
         threads = len(load.threads)
         try:
             wait_for(
-                partial(serving, stack, GENERATING, second, served_before), 30, "inference replica 1 serving"
+                partial(serving, stack, GENERATION_CLUSTER, second, served_before),
+                30,
+                "inference replica 1 serving",
             )
             killed_at = time.monotonic()
             supervisor.signal(replica_name(GENERATING, 1), "KILL")
             signalled_at = time.monotonic()
-            wait_for(partial(taken_out, stack, GENERATING, second), 10, "the killed replica out")
+            wait_for(partial(taken_out, stack, GENERATION_CLUSTER, second), 10, "the killed replica out")
             out_at = time.monotonic()
-            wait_for(partial(healthy, stack, GENERATING, second), RECOVERY_TIMEOUT_SECONDS, "replica back")
+            wait_for(
+                partial(healthy, stack, GENERATION_CLUSTER, second), RECOVERY_TIMEOUT_SECONDS, "replica back"
+            )
             back = round(time.monotonic() - killed_at, 2)
-            served = successes(stack, GENERATING, second)
-            wait_for(partial(serving, stack, GENERATING, second, served), 30, "replica serving again")
+            served = successes(stack, GENERATION_CLUSTER, second)
+            wait_for(partial(serving, stack, GENERATION_CLUSTER, second, served), 30, "replica serving again")
             serving_after = round(time.monotonic() - killed_at, 2)
         finally:
             load.finish()
@@ -253,7 +260,7 @@ def test_a_killed_inference_replica_fails_only_the_generations_in_flight_on_it(s
         f"{len(failed)} failed (in flight on the killed replica: {[a.status for a in failed]}); "
         f"out of rotation after {out_at - killed_at:.2f} s, healthy again after {back} s, serving after "
         f"{serving_after} s; Envoy retries "
-        f"{envoy_stat(stack, f'cluster.{GENERATING}.upstream_rq_retry') - retries_before}"
+        f"{envoy_stat(stack, f'cluster.{GENERATION_CLUSTER}.upstream_rq_retry') - retries_before}"
     )
     # Only what was in flight at the kill fails, and as a retryable UNAVAILABLE / 503.
     assert len(failed) <= threads, f"more failures than calls in flight: {load.failures()}"
