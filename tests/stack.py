@@ -202,6 +202,16 @@ class RunningStack:
     def envoy_admin(self) -> str:
         return self.stack.endpoints.envoy_admin
 
+    def envoy_stat(self, name: str) -> int:
+        """An Envoy counter by its full name; one Envoy does not have fails the test (a check of a
+        misspelt or renamed stat could not fail otherwise)."""
+        text = httpx.get(f"{self.envoy_admin}/stats", params={"filter": f"^{name}$"}, timeout=5).text
+        for line in text.splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        raise AssertionError(f"Envoy has no stat {name}")
+
     @property
     def database_url(self) -> str:
         assert self.stack.database_url is not None

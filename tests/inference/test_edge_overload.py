@@ -197,16 +197,6 @@ def edge_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStac
     shutil.rmtree(scratch, ignore_errors=True)
 
 
-def envoy_stat(stack: RunningStack, name: str) -> int:
-    """An Envoy counter; a name Envoy does not have fails (a check of it could not fail otherwise)."""
-    text = httpx.get(f"{stack.envoy_admin}/stats", params={"filter": f"^{name}$"}, timeout=5).text
-    for line in text.splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    raise AssertionError(f"Envoy has no stat {name}")
-
-
 def test_the_edge_limit_is_the_capacity_the_service_reports(edge_stack: RunningStack) -> None:
     metrics = Metrics(edge_stack.metrics_urls["inference"])
     in_flight = metrics.value("ferry_inference_admission_limit", model=MODEL, kind="in_flight")
@@ -256,7 +246,7 @@ async def test_a_burst_beyond_capacity_is_refused_by_envoy_as_the_service_would(
         held = [asyncio.create_task(hold()) for _ in range(CAPACITY)]
         try:
             await until(admitted(metrics), 60.0, f"{SLOTS} running and {QUEUED} queued")
-            overflow_before = sum(envoy_stat(stack, name) for name in overflows)
+            overflow_before = sum(stack.envoy_stat(name) for name in overflows)
             refused_before = metrics.value("ferry_inference_requests_total", outcome="resource_exhausted")
 
             one = {"model": MODEL, "prompt": "x", "max_tokens": 1}
@@ -323,7 +313,7 @@ async def test_a_burst_beyond_capacity_is_refused_by_envoy_as_the_service_would(
             # Refused by Envoy: its overflow counted each one, the service refused none of them.
             # Every kind of caller met the edge's refusal (the held generations fill the capacity).
             assert all(refused_by_kind.values()), refused_by_kind
-            assert sum(envoy_stat(stack, name) for name in overflows) - overflow_before == refusals
+            assert sum(stack.envoy_stat(name) for name in overflows) - overflow_before == refusals
             assert (
                 metrics.value("ferry_inference_requests_total", outcome="resource_exhausted")
                 == refused_before
@@ -337,8 +327,8 @@ async def test_a_burst_beyond_capacity_is_refused_by_envoy_as_the_service_would(
                 task.cancel()
             await asyncio.gather(*held, return_exceptions=True)
     # Not retried, and no replica ejected for it.
-    assert envoy_stat(stack, f"cluster.{envoy.GENERATION_CLUSTER}.upstream_rq_retry") == 0
+    assert stack.envoy_stat(f"cluster.{envoy.GENERATION_CLUSTER}.upstream_rq_retry") == 0
     assert (
-        envoy_stat(stack, f"cluster.{envoy.GENERATION_CLUSTER}.outlier_detection.ejections_enforced_total")
+        stack.envoy_stat(f"cluster.{envoy.GENERATION_CLUSTER}.outlier_detection.ejections_enforced_total")
         == 0
     )

@@ -144,15 +144,6 @@ def healthy(stack: RunningStack, cluster: str, address: str) -> bool:
     return clusters(stack).get((cluster, address), {}).get("health_flags") == "healthy"
 
 
-def envoy_stat(stack: RunningStack, name: str) -> int:
-    text = httpx.get(f"{stack.envoy_admin}/stats", params={"filter": f"^{name}$"}, timeout=5).text
-    for line in text.splitlines():
-        key, _, value = line.partition(": ")
-        if key == name:
-            return int(value)
-    return 0
-
-
 # -- the shared stack whole again ---------------------------------------------------------------------
 
 
