@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -430,7 +431,12 @@ def test_chat_ctrl_c_stops_the_answer_not_the_chat(ferry: Ferry) -> None:
     # The base model rambles and seldom stops by itself: Ctrl-C arrives while the answer streams. When
     # it did stop first (a short answer, delivered in one piece to a slow reader), the next turn tries
     # again: what is checked is what Ctrl-C does to an answer still streaming.
-    child = spawn_chat(ferry, "--model", RAMBLING_MODEL, "--max-tokens", "1500")
+    # A fresh seed: without one the engine's sampler continues from whatever earlier tests drew on the
+    # same slot, and one such sequence (the whole suite's) kept giving short answers.
+    seed = str(random.randrange(1, 2**31))
+    child = spawn_chat(
+        ferry, "--model", RAMBLING_MODEL, "--max-tokens", "1500", "--temperature", "1.0", "--seed", seed
+    )
     try:
         child.expect("you> ")
         stopped = False
