@@ -8,6 +8,7 @@ from gateway import ext_authz
 from gateway.auth_service import AuthServicer
 from gateway.authorizer import LocalAuthorizer
 from gateway.bootstrap import ensure_bootstrap_key
+from gateway.key_memory import KeyMemory
 from gateway.keys import KeysServicer
 from gateway.schema import MIGRATIONS
 from gateway.store import KeyStore
@@ -40,6 +41,10 @@ async def _setup(runtime: Runtime, recorder: Recorder) -> None:
     )
     store = KeyStore(db)
     authorizer.attach(store)
+    # Every working key in this replica's outage memory, whichever replica checked it.
+    memory = KeyMemory(authorizer, store)
+    memory.start()
+    runtime.on_stop.append(memory.stop)
     keys_pb2_grpc.add_KeysServiceServicer_to_server(
         KeysServicer(store, authorizer, recorder, secret_box(runtime.settings)), runtime.server
     )

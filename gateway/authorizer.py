@@ -6,7 +6,8 @@ kept for `auth.cache_seconds` (misses too, so a flood of wrong keys does not rea
 revocation made through this gateway drops its entry at once.
 
 Serving through a database outage (stale-if-error): the last good record of every key found is also
-kept for `auth.stale_if_error_seconds`. A check of a key with such a record waits for the store
+kept for `auth.stale_if_error_seconds`, and so is every working key of the store, read in the background
+(gateway/key_memory.py: a replica knows the keys the others checked, which Envoy's leases make common). A check of a key with such a record waits for the store
 `auth.key_store_timeout_seconds`, then is answered from it; a check of a key without one waits up to
 UNKNOWN_KEY_WAIT_SECONDS (just under Envoy's ext_authz timeout), so a new key on a slow but answering
 database is still found. The gateway is *degraded* (`ferry_gateway_key_store_degraded` 1, one log line
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from cachetools import TTLCache
@@ -146,6 +148,28 @@ class LocalAuthorizer:
             cache.pop(record.key_hash, None)
         for cache in (self.by_id, self.stale_by_id):
             cache.pop(record.id, None)
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever forget() does: a read of the store begun before then may be out of date."""
+        return self._generation
+
+    def remember(self, records: Iterable[KeyRecord], *, read_at_generation: int, complete: bool) -> None:
+        """This replica's outage memory brought up to a read of the key store (gateway/key_memory.py), not
+        only the keys it looked up itself: each record read is kept as the key's stale record (a revoked
+        one stays refused); `complete` (the read holds every working key) drops the records of keys it
+        lacks. Skipped when a key changed here after the read began (it may predate a revocation)."""
+        if self.auth.stale_if_error_seconds <= 0 or read_at_generation != self._generation:
+            return
+        read: set[str] = set()
+        for record in records:
+            self.stale_by_hash[record.key_hash] = record
+            self.stale_by_id[record.id] = record
+            read.add(record.id)
+        if complete:
+            for gone in [r for r in self.stale_by_id.values() if r.id not in read]:
+                self.stale_by_hash.pop(gone.key_hash, None)
+                self.stale_by_id.pop(gone.id, None)
 
     async def _lookup(self, kind: LookupKind, value: str) -> KeyRecord | None:
         """The store's answer, waited for `key_store_timeout_seconds` when the key has a stale record

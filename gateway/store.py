@@ -141,6 +141,22 @@ class KeyStore:
     async def by_id(self, key_id: str) -> KeyRecord | None:
         return await self._one("SELECT * FROM api_keys WHERE id = %s", key_id)
 
+    async def active(self, limit: int) -> list[KeyRecord]:
+        """Up to `limit` keys that work now, newest first."""
+        return await self._many(
+            f"SELECT * FROM api_keys WHERE {ACTIVE} ORDER BY create_time DESC, id DESC LIMIT %s", limit
+        )
+
+    async def changed_since(self, since: datetime, limit: int) -> list[KeyRecord]:
+        """Up to `limit` keys created or revoked at `since` or later, newest first."""
+        return await self._many(
+            "SELECT * FROM api_keys WHERE create_time >= %s OR revoke_time >= %s "
+            "ORDER BY create_time DESC, id DESC LIMIT %s",
+            since,
+            since,
+            limit,
+        )
+
     async def revoke(self, key_id: str) -> tuple[KeyRecord, bool] | None:
         """Sets revoke_time once (a second revocation keeps the first time): the key, and whether this
         call revoked it; None if unknown."""
@@ -161,16 +177,18 @@ class KeyStore:
         if after is not None:
             where += " AND (create_time, id) < (%s, %s)"
             params += list(after)
-        async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(
-                f"SELECT * FROM api_keys WHERE {where} ORDER BY create_time DESC, id DESC LIMIT %s",
-                [*params, size],
-            )
-            rows = await cur.fetchall()
-        return [KeyRecord.from_row(row) for row in rows]
+        return await self._many(
+            f"SELECT * FROM api_keys WHERE {where} ORDER BY create_time DESC, id DESC LIMIT %s", *params, size
+        )
 
     async def _one(self, sql: str, *params: Any) -> KeyRecord | None:
         async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(sql, params)
             row = await cur.fetchone()
         return KeyRecord.from_row(row) if row else None
+
+    async def _many(self, sql: str, *params: Any) -> list[KeyRecord]:
+        async with self.db.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(sql, params)
+            rows = await cur.fetchall()
+        return [KeyRecord.from_row(row) for row in rows]

@@ -467,8 +467,9 @@ class AuthSettings(BaseModel):
     # How long the gateway trusts a key it looked up: the bound on how late a revocation made
     # through another gateway replica (or straight in the database) takes effect.
     cache_seconds: float = 2.0
-    # Serving through a database outage (stale-if-error): a key the gateway looked up successfully
-    # keeps working this long after that lookup, but only while the key store cannot answer; unknown
+    # Serving through a database outage (stale-if-error): a key the gateway read (looked up, or in its
+    # background read of every working key: gateway/key_memory.py) keeps working this long after that
+    # read, but only while the key store cannot answer; unknown
     # keys are refused with 503 meanwhile. It is also the bound on how late a revocation made through
     # another gateway replica (or in the database) takes effect when it falls in an outage. 0: off.
     stale_if_error_seconds: float = Field(default=300.0, ge=0)

@@ -387,14 +387,12 @@ def spawn_chat(ferry: Ferry, *options: str) -> pexpect.spawn:
     )
 
 
-QUARANTINED = pytest.mark.skip(
-    reason="quarantined: passes alone and with tests/auth, tests/cache or tests/cli, but failed in every "
-    "full clean-clone run of session 6 (the chat's answer ends at once, or the ferry process dies with "
-    "grpc's 'epoll_wait error: Bad file descriptor'); cause not found yet: see issue 15's session-6 note"
-)
+def assert_answered(shown: str) -> None:
+    """A turn's output is an answer, not an error (the chat prints `ferry: ...` and goes on)."""
+    assert shown.strip(), "an empty answer"
+    assert not shown.lstrip().startswith("ferry:"), f"the turn failed: {shown!r}"
 
 
-@QUARANTINED
 def test_chat_streams_switches_models_and_ctrl_d_leaves(ferry: Ferry) -> None:
     # Without --model: the instruction-tuned chat model (docs/cli.md).
     child = spawn_chat(ferry, "--max-tokens", "4", "--seed", "7")
@@ -404,7 +402,7 @@ def test_chat_streams_switches_models_and_ctrl_d_leaves(ferry: Ferry) -> None:
         child.sendline("Name a colour.")
         child.expect(r"Name a colour\.\r\n")
         child.expect(r"(.+?)\r\nyou> ")  # the answer, streamed, then the prompt again
-        assert child.match.group(1).strip()
+        assert_answered(child.match.group(1))
 
         child.sendline("/model no-such-model")
         child.expect("no model 'no-such-model'")
@@ -418,7 +416,7 @@ def test_chat_streams_switches_models_and_ctrl_d_leaves(ferry: Ferry) -> None:
         child.sendline("Go on.")  # the conversation so far, answered by the other model
         child.expect(r"Go on\.\r\n")
         child.expect(r"(.+?)\r\nyou> ")
-        assert child.match.group(1).strip()
+        assert_answered(child.match.group(1))
 
         child.sendeof()  # Ctrl-D leaves
         child.expect(pexpect.EOF)
@@ -434,7 +432,6 @@ def cancelled_count(ferry: Ferry, model: str) -> int:
     return len(found)
 
 
-@QUARANTINED
 def test_chat_ctrl_c_stops_the_answer_not_the_chat(ferry: Ferry) -> None:
     before = cancelled_count(ferry, RAMBLING_MODEL)
     # The base model rambles and seldom stops by itself: Ctrl-C arrives while the answer streams. When
@@ -449,15 +446,19 @@ def test_chat_ctrl_c_stops_the_answer_not_the_chat(ferry: Ferry) -> None:
     try:
         child.expect("you> ")
         stopped = False
+        turns: list[str] = []  # what each turn showed, for the failure message
         for _ in range(3):
             child.sendline("Write a very long story about the sea.")
             child.expect(r"about the sea\.\r\n")
             child.expect(r"\w")  # the first piece of the answer is on the screen
+            first = child.after
             child.sendintr()  # Ctrl-C
             stopped = child.expect([r"\[stopped\]", "you> "]) == 0
+            turns.append(first + child.before)
             if stopped:
                 break
-        assert stopped, "every answer ended by itself before Ctrl-C"
+            assert_answered(first + child.before)
+        assert stopped, f"every answer ended by itself before Ctrl-C: {turns}"
         child.expect("you> ")  # still in the chat
         child.sendline("/exit")
         child.expect(pexpect.EOF)

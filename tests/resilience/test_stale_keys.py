@@ -5,9 +5,10 @@ load behind Envoy) is tests/resilience/test_database_outage.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import yaml
 from ferry.auth.v1 import auth_pb2
 
 from gateway.authorizer import KEY_STORE_DEGRADED, UNKNOWN_KEY_WAIT_SECONDS, LocalAuthorizer
+from gateway.key_memory import KeyMemory
 from gateway.store import KeyRecord
 from launcher.envoy import render_envoy_config
 from services.common.config import AuthSettings, Settings
@@ -69,6 +71,24 @@ class FlakyStore:
 
     async def by_id(self, key_id: str) -> KeyRecord | None:
         return await self._answer(next((r for r in self.records.values() if r.id == key_id), None))
+
+    # What gateway/key_memory.py reads (the SQL is gateway/store.py's; this is its meaning).
+    async def active(self, limit: int) -> list[KeyRecord]:
+        await self._answer(None)
+        return [r for r in self.records.values() if r.revoke_time is None][:limit]
+
+    async def changed_since(self, since: datetime, limit: int) -> list[KeyRecord]:
+        await self._answer(None)
+        changed = [
+            r for r in self.records.values() if max(r.create_time, r.revoke_time or r.create_time) >= since
+        ]
+        return changed[:limit]
+
+    def revoke(self, record: KeyRecord) -> KeyRecord:
+        """Revoked elsewhere (another gateway replica, or in the database)."""
+        revoked = dataclasses.replace(record, revoke_time=now())
+        self.records[record.key_hash] = revoked
+        return revoked
 
 
 def authorizer(**auth: Any) -> tuple[LocalAuthorizer, FlakyStore]:
@@ -190,6 +210,63 @@ async def test_the_stale_record_is_bounded_and_forgotten_on_a_local_change() -> 
     assert (await refused(local, changed)).code == grpc.StatusCode.UNAVAILABLE
     await asyncio.sleep(0.3)  # past auth.stale_if_error_seconds since the last good lookup
     assert (await refused(local, bounded)).code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_key_only_another_replica_checked_works_through_an_outage() -> None:
+    # Envoy may send a key's checks (few, with edge leases) all to one replica; the one asked once the
+    # database stops answering knows the key from its background read of the store.
+    local, store = authorizer()
+    memory = KeyMemory(local, store)  # type: ignore[arg-type]
+    await memory.read_once()  # the full read: every working key
+    old_key, new_key = new_key_secret(), new_key_secret()
+    old = store.add(old_key)  # created after the full read: the next read takes what changed since
+    await memory.read_once()
+    new = store.add(new_key)
+    await memory.read_once()
+    assert store.calls == 3  # reads only, no lookup of either key by this replica
+    store.mode = "fail"
+    assert (await check(local, old_key)).name == old.name
+    assert (await check(local, new_key)).name == new.name
+    assert (await refused(local, new_key_secret())).reason == Reason.AUTH_UNAVAILABLE
+
+
+async def test_a_key_revoked_through_another_replica_stays_refused_in_an_outage() -> None:
+    local, store = authorizer()
+    memory = KeyMemory(local, store)  # type: ignore[arg-type]
+    secret = new_key_secret()
+    record = store.add(secret)
+    assert (await check(local, secret)).name == record.name  # looked up here: a stale record
+    store.revoke(record)
+    await memory.read_once()
+    await memory.read_once()  # what changed since the full read: the revocation
+    await asyncio.sleep(0.1)  # past auth.cache_seconds
+    store.mode = "fail"
+    err = await refused(local, secret)
+    assert err.code == grpc.StatusCode.UNAUTHENTICATED, err  # revoked, not merely unknown (503)
+
+
+async def test_a_read_that_began_before_a_local_change_is_not_kept() -> None:
+    local, store = authorizer()
+    secret = new_key_secret()
+    record = store.add(secret)
+    generation = local.generation
+    local.forget(record)  # revoked through this replica while the read was under way
+    local.remember([record], read_at_generation=generation, complete=True)
+    store.mode = "fail"
+    assert (await refused(local, secret)).reason == Reason.AUTH_UNAVAILABLE
+
+
+async def test_a_full_read_drops_keys_the_store_no_longer_has() -> None:
+    local, store = authorizer()
+    memory = KeyMemory(local, store)  # type: ignore[arg-type]
+    secret = new_key_secret()
+    record = store.add(secret)
+    await check(local, secret)
+    del store.records[record.key_hash]  # deleted in the database
+    await memory.read_once()
+    await asyncio.sleep(0.1)
+    store.mode = "fail"
+    assert (await refused(local, secret)).reason == Reason.AUTH_UNAVAILABLE
 
 
 async def test_stale_if_error_off() -> None:

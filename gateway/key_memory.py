@@ -1,0 +1,78 @@
+"""Every gateway replica's outage memory holds every working key, not only those it looked up itself.
+
+Envoy asks any replica to check a key, and with edge leases a key's checks are few: the replica that
+gets the first check after PostgreSQL stops answering has often never seen the key, and would refuse
+it with 503 (AUTH_UNAVAILABLE) while another replica would allow it. So each replica reads the key
+store in the background: every working key now and then (a full read, every half
+`auth.stale_if_error_seconds`, so a record never ages out of the memory while its key works), and the
+keys created or revoked since its last read every `auth.cache_seconds` (a new key is known fleet-wide
+within that; a revocation made anywhere drops the key from every replica's memory within that, so an
+outage no longer revives it). Nothing is read while the store is down; the checks' own lookups tell
+when it is back. The memory is used only in an outage: checks still look keys up as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import datetime, timedelta
+
+from gateway.authorizer import CACHE_ENTRIES, LocalAuthorizer
+from gateway.store import KeyStore
+from services.common.timestamps import now
+
+log = logging.getLogger(__name__)
+
+# Reads reach back this much before the last one began: create and revoke times are written by the
+# clock of whichever replica (or database) made the change, which may run behind this one's.
+CLOCK_SLACK = timedelta(seconds=30)
+# A read that takes longer is abandoned (a stalled database answers nothing and raises nothing).
+READ_TIMEOUT_SECONDS = 5.0
+
+
+class KeyMemory:
+    def __init__(self, authorizer: LocalAuthorizer, store: KeyStore) -> None:
+        self.authorizer = authorizer
+        self.store = store
+        auth = authorizer.auth
+        self.interval = max(auth.cache_seconds, 0.1)
+        self.full_interval = max(auth.stale_if_error_seconds / 2, self.interval)
+        self._since: datetime | None = None  # when the last read that succeeded began (wall clock)
+        self._next_full = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.authorizer.auth.stale_if_error_seconds > 0:
+            self._task = asyncio.create_task(self._run(), name="key-memory")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def read_once(self) -> None:
+        """One read of the store into the memory: everything when due, else what changed."""
+        started, generation = now(), self.authorizer.generation
+        full = self._since is None or time.monotonic() >= self._next_full
+        if full or self._since is None:
+            records = await self.store.active(CACHE_ENTRIES)
+        else:
+            records = await self.store.changed_since(self._since - CLOCK_SLACK, CACHE_ENTRIES)
+        self.authorizer.remember(
+            records, read_at_generation=generation, complete=full and len(records) < CACHE_ENTRIES
+        )
+        if full:
+            self._next_full = time.monotonic() + self.full_interval
+        self._since = started
+
+    async def _run(self) -> None:
+        while True:
+            if not self.authorizer.degraded:
+                try:
+                    await asyncio.wait_for(self.read_once(), READ_TIMEOUT_SECONDS)
+                except Exception as err:  # an outage or a stall: the memory stays as it was
+                    log.debug("key memory not refreshed: %r", err)
+            await asyncio.sleep(self.interval)
