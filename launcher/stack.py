@@ -49,6 +49,14 @@ MODULES = {name: f"services.{name}" for name in SERVICES} | {"gateway": "gateway
 # Only the gateway needs the bootstrap admin key; the other children do not get it.
 ADMIN_KEY_ENV = "FERRY_BOOTSTRAP_ADMIN_KEY"
 SERVICES_PRIORITY = 500
+# The services that keep records start before and stop after those that send them records, audit
+# last (the transactions service audits too): a stopping service's last records (its service.stop
+# event among them) are delivered at once instead of waiting out the recorder's stop flush (2 s) for
+# a receiver already gone and staying in its spool until its next start.
+RECORD_KEEPERS = {
+    "transactions": ("records", SERVICES_PRIORITY - 100),
+    "audit": ("audit", SERVICES_PRIORITY - 200),
+}
 READY_POLL_SECONDS = 0.25
 # supervisord stops programs one after another; beyond their summed waits something is stuck.
 STOP_MARGIN_SECONDS = 10.0
@@ -139,6 +147,7 @@ def service_program(name: str, settings: Settings, replica: int = 0) -> Program:
         env[f"{prefix}PORT"] = str(port)
         env[f"{prefix}METRICS_PORT"] = str(metrics_port)
         env["FERRY_RECORDING__SPOOL_DIR"] = str(settings.spool_dir / "replicas" / replica_name(name, replica))
+    group, priority = RECORD_KEEPERS.get(name, ("services", SERVICES_PRIORITY))
     return Program(
         name=replica_name(name, replica),
         argv=[sys.executable, "-m", MODULES[name]],
@@ -146,8 +155,8 @@ def service_program(name: str, settings: Settings, replica: int = 0) -> Program:
         cwd=REPO_ROOT,
         # After Triton, before Envoy. They find each other through retries and health, so they start
         # and drain together (one supervisord group), which keeps `make run` and Ctrl-C quick.
-        priority=SERVICES_PRIORITY,
-        group="services",
+        priority=priority,
+        group=group,
         # The drain lets in-flight RPCs finish first; a little more for the stop hooks.
         stop_wait_seconds=int(settings.drain_grace_seconds) + 5,
     )

@@ -109,11 +109,8 @@ class Bridge:
     async def stop(self) -> None:
         if self._main is not None:
             self._main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._main
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
+            await asyncio.wait({self._main}, timeout=queue.STOP_SECONDS)
+        await queue.disconnect(self.nc)
         for channel in (self._jobs, self._inference):
             if channel is not None:
                 await channel.close()

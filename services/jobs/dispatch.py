@@ -46,11 +46,8 @@ class Dispatch:
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await self.nc.drain()
+            await asyncio.wait({self._sweeper}, timeout=queue.STOP_SECONDS)
+        await queue.disconnect(self.nc)
 
     async def publish(self, job_id: str) -> bool:
         """Puts the job on the queue and marks it published; False when NATS did not take it (the

@@ -10,6 +10,7 @@ second publish of the same job within its duplicate window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import nats
@@ -36,6 +37,8 @@ ENDED_PREFIX = "ferry.jobs.ended"
 # JetStream drops a message whose Nats-Msg-Id it saw within this window.
 DUPLICATE_WINDOW_SECONDS = 600.0
 CONNECT_RETRY_SECONDS = 0.5
+# How long a stopping process waits for its NATS connection to drain, and for a loop to end.
+STOP_SECONDS = 3.0
 
 
 async def connect(settings: Settings, name: str) -> Client:
@@ -62,6 +65,22 @@ async def connect(settings: Settings, name: str) -> Client:
             # Only the servers' hosts: a URL's user:password stays out of the log.
             log.warning("NATS %s not reachable (%s); retrying", nats_settings.shown_servers, exc)
             await asyncio.sleep(CONNECT_RETRY_SECONDS)
+
+
+async def disconnect(nc: Client | None) -> None:
+    """Flushes what was published to the server (within STOP_SECONDS), then closes the connection.
+
+    Not nats-py's drain(): with a JetStream pull subscription it stalls until its own 30 s timeout,
+    longer than a supervisor waits for a stopping process (it was killed, and every stack's shutdown
+    took 15 s longer). Nothing needs it: messages fetched and not acknowledged are redelivered."""
+    if nc is None or nc.is_closed:
+        return
+    try:
+        await asyncio.wait_for(nc.flush(), STOP_SECONDS)
+    except Exception as exc:  # NATS already gone: nothing more can reach it
+        log.debug("NATS flush before closing failed: %r", exc)
+    with contextlib.suppress(Exception):
+        await nc.close()
 
 
 async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:

@@ -46,8 +46,6 @@ from services.jobs.webhooks import JobWebhooks
 log = logging.getLogger(__name__)
 
 FETCH_WAIT_SECONDS = 5.0
-# What a stopping worker allows its interrupted jobs and its NATS connection to wind down.
-STOP_SECONDS = 3.0
 MAX_BUSY_BACKOFF_SECONDS = 5.0
 # A failed attempt waits base * 2^(attempt-1) (with jitter) before the next.
 RETRY_BACKOFF_SECONDS = 1.0
@@ -156,10 +154,8 @@ class Worker:
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=STOP_SECONDS)
-        if self.nc is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.drain(), STOP_SECONDS)
+            await asyncio.wait(list(self.tasks), timeout=queue.STOP_SECONDS)
+        await queue.disconnect(self.nc)
         await self.generation.close()
 
     async def _on_cancel(self, msg: Msg) -> None:

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from launcher.ports import needed_ports
-from launcher.stack import default_programs, endpoints, replica_name, service_program
+from launcher.stack import MODULES, default_programs, endpoints, replica_name, service_program
 from services.common.config import Settings
 
 
@@ -60,3 +60,16 @@ def test_the_gateway_replicas_keep_the_bootstrap_key(tmp_path: Path) -> None:
 def test_a_replica_count_below_one_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValidationError):
         settings(tmp_path, models={"replicas": 0})
+
+
+def test_the_record_keepers_stop_after_the_services_that_send_them_records(tmp_path: Path) -> None:
+    # supervisord stops programs in reverse priority order, one priority after another: a stopping
+    # service delivers its last records (its service.stop event) while transactions and audit still
+    # answer, and the transactions service its audit events while audit does.
+    s = settings(tmp_path, auth={"service_token": "token"}, nats={"url": "nats://127.0.0.1:4222"})
+    programs = {p.name: p for p in default_programs(s)}
+    audit, transactions = programs["audit"].priority, programs["transactions"].priority
+    senders = [p for name, p in programs.items() if name in MODULES and name not in ("audit", "transactions")]
+    assert senders and audit < transactions < min(p.priority for p in senders)
+    # Each in a group of its own: supervisord stops a group's programs together.
+    assert len({programs["audit"].group, programs["transactions"].group, senders[0].group}) == 3
