@@ -19,11 +19,23 @@ import logging
 import time
 from datetime import datetime, timedelta
 
+from prometheus_client import Gauge
+
 from gateway.authorizer import CACHE_ENTRIES, LocalAuthorizer
 from gateway.store import KeyStore
 from services.common.timestamps import now
 
 log = logging.getLogger(__name__)
+
+MEMORY_KEYS = Gauge(
+    "ferry_gateway_key_memory_keys",
+    "Keys this gateway can answer from memory while PostgreSQL is down (auth.stale_if_error_seconds).",
+)
+MEMORY_READ = Gauge(
+    "ferry_gateway_key_memory_read_timestamp_seconds",
+    "When this gateway last read the key store into its outage memory (Unix time): every "
+    "auth.cache_seconds while PostgreSQL answers.",
+)
 
 # Reads reach back this much before the last one began: create and revoke times are written by the
 # clock of whichever replica (or database) made the change, which may run behind this one's.
@@ -67,12 +79,21 @@ class KeyMemory:
         if full:
             self._next_full = time.monotonic() + self.full_interval
         self._since = started
+        MEMORY_KEYS.set(len(self.authorizer.stale_by_id))
+        MEMORY_READ.set(started.timestamp())
 
     async def _run(self) -> None:
+        failing = False
         while True:
             if not self.authorizer.degraded:
                 try:
                     await asyncio.wait_for(self.read_once(), READ_TIMEOUT_SECONDS)
                 except Exception as err:  # an outage or a stall: the memory stays as it was
-                    log.debug("key memory not refreshed: %r", err)
+                    if not failing:  # once per spell, not every auth.cache_seconds
+                        log.warning("key memory not refreshed (%r); keeping what it holds", err)
+                    failing = True
+                else:
+                    if failing:
+                        log.warning("key memory refreshed again")
+                    failing = False
             await asyncio.sleep(self.interval)

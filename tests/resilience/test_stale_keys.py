@@ -18,7 +18,7 @@ import yaml
 from ferry.auth.v1 import auth_pb2
 
 from gateway.authorizer import KEY_STORE_DEGRADED, UNKNOWN_KEY_WAIT_SECONDS, LocalAuthorizer
-from gateway.key_memory import KeyMemory
+from gateway.key_memory import MEMORY_KEYS, KeyMemory
 from gateway.store import KeyRecord
 from launcher.envoy import render_envoy_config
 from services.common.config import AuthSettings, Settings
@@ -224,6 +224,7 @@ async def test_a_key_only_another_replica_checked_works_through_an_outage() -> N
     new = store.add(new_key)
     await memory.read_once()
     assert store.calls == 3  # reads only, no lookup of either key by this replica
+    assert MEMORY_KEYS._value.get() == 2
     store.mode = "fail"
     assert (await check(local, old_key)).name == old.name
     assert (await check(local, new_key)).name == new.name
