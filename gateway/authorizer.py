@@ -65,6 +65,9 @@ MAX_LOOKUPS_IN_FLIGHT = 256
 # without an answer after this long (or auth.key_store_timeout_seconds when longer) means the store
 # is down: the gateway is degraded from then on.
 UNKNOWN_KEY_WAIT_SECONDS = 0.8
+# How long a key changed through this gateway is remembered as changed: longer than any read of the
+# store takes (gateway/key_memory.py abandons a page after 5 s).
+CHANGES_KEPT_SECONDS = 120.0
 
 KEY_STORE_DEGRADED = Gauge(
     "ferry_gateway_key_store_degraded",
@@ -103,8 +106,10 @@ class LocalAuthorizer:
         self.stale_by_hash: TTLCache[str, KeyRecord] = TTLCache(CACHE_ENTRIES, stale_seconds)
         self.stale_by_id: TTLCache[str, KeyRecord] = TTLCache(CACHE_ENTRIES, stale_seconds)
         self._lookups: dict[tuple[LookupKind, str], asyncio.Task[KeyRecord | None]] = {}
-        # Bumped by forget(): a lookup that started before a change here must not cache what it read.
+        # Bumped by forget(): a lookup that started before a change here must not cache what it read,
+        # nor a background read of the store (gateway/key_memory.py) keep what it read of that key.
         self._generation = 0
+        self._changed_at: TTLCache[str, int] = TTLCache(CACHE_ENTRIES, CHANGES_KEPT_SECONDS)
         # How long a lookup may go unanswered before the store counts as down (see the module doc).
         self.unknown_key_wait = max(UNKNOWN_KEY_WAIT_SECONDS, self.auth.key_store_timeout_seconds)
         self.degraded = False
@@ -144,6 +149,7 @@ class LocalAuthorizer:
     def forget(self, record: KeyRecord) -> None:
         """Drops what the cache knows of a key that changed here (revoked, created), stale copies too."""
         self._generation += 1
+        self._changed_at[record.id] = self._generation
         for cache in (self.by_hash, self.stale_by_hash, self.read_at):
             cache.pop(record.key_hash, None)
         for cache in (self.by_id, self.stale_by_id):
@@ -154,22 +160,32 @@ class LocalAuthorizer:
         """Changes whenever forget() does: a read of the store begun before then may be out of date."""
         return self._generation
 
-    def remember(self, records: Iterable[KeyRecord], *, read_at_generation: int, complete: bool) -> None:
+    def remember(self, records: Iterable[KeyRecord], *, read_at_generation: int) -> set[str]:
         """This replica's outage memory brought up to a read of the key store (gateway/key_memory.py), not
-        only the keys it looked up itself: each record read is kept as the key's stale record (a revoked
-        one stays refused); `complete` (the read holds every working key) drops the records of keys it
-        lacks. Skipped when a key changed here after the read began (it may predate a revocation)."""
-        if self.auth.stale_if_error_seconds <= 0 or read_at_generation != self._generation:
-            return
+        only the keys it looked up itself: each record read becomes the key's stale record (a revoked one
+        stays refused), except for a key changed here after the read began (the read may predate the
+        change) and an active copy of a key already known revoked (revocation is one-way: that read is
+        older). The ids read, for `keep_only`."""
         read: set[str] = set()
+        if self.auth.stale_if_error_seconds <= 0:
+            return read
         for record in records:
+            read.add(record.id)
+            if self._changed_at.get(record.id, 0) > read_at_generation:
+                continue
+            held = self.stale_by_id.get(record.id)
+            if held is not None and held.revoke_time is not None and record.revoke_time is None:
+                continue
             self.stale_by_hash[record.key_hash] = record
             self.stale_by_id[record.id] = record
-            read.add(record.id)
-        if complete:
-            for gone in [r for r in self.stale_by_id.values() if r.id not in read]:
-                self.stale_by_hash.pop(gone.key_hash, None)
-                self.stale_by_id.pop(gone.id, None)
+        return read
+
+    def keep_only(self, ids: set[str]) -> None:
+        """After a read of every working key: the records of keys it did not find (deleted, expired,
+        revoked in a way no later read shows) leave the outage memory."""
+        for gone in [r for r in self.stale_by_id.values() if r.id not in ids]:
+            self.stale_by_hash.pop(gone.key_hash, None)
+            self.stale_by_id.pop(gone.id, None)
 
     async def _lookup(self, kind: LookupKind, value: str) -> KeyRecord | None:
         """The store's answer, waited for `key_store_timeout_seconds` when the key has a stale record

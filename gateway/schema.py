@@ -26,6 +26,9 @@ MIGRATIONS = Migrations(
         """,
         # Signing needs the secret itself (HMAC), so it is encrypted, not hashed; NULL: none issued.
         "ALTER TABLE api_keys ADD COLUMN webhook_secret_sealed text",
+        # The gateways' background read of what changed (gateway/key_memory.py): keys created or revoked
+        # since a time, every auth.cache_seconds, without a scan of the table.
+        "CREATE INDEX api_keys_by_revoke_time ON api_keys (revoke_time) WHERE revoke_time IS NOT NULL",
     ],
     drop="DROP TABLE IF EXISTS api_keys",
 )

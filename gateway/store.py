@@ -141,12 +141,6 @@ class KeyStore:
     async def by_id(self, key_id: str) -> KeyRecord | None:
         return await self._one("SELECT * FROM api_keys WHERE id = %s", key_id)
 
-    async def active(self, limit: int) -> list[KeyRecord]:
-        """Up to `limit` keys that work now, newest first."""
-        return await self._many(
-            f"SELECT * FROM api_keys WHERE {ACTIVE} ORDER BY create_time DESC, id DESC LIMIT %s", limit
-        )
-
     async def changed_since(self, since: datetime, limit: int) -> list[KeyRecord]:
         """Up to `limit` keys created or revoked at `since` or later, newest first."""
         return await self._many(

@@ -154,7 +154,8 @@ def service_program(name: str, settings: Settings, replica: int = 0) -> Program:
         env=env,
         cwd=REPO_ROOT,
         # After Triton, before Envoy. They find each other through retries and health, so they start
-        # and drain together (one supervisord group), which keeps `make run` and Ctrl-C quick.
+        # and drain together (one supervisord group, but the record keepers: RECORD_KEEPERS), which
+        # keeps `make run` and Ctrl-C quick.
         priority=priority,
         group=group,
         # The drain lets in-flight RPCs finish first; a little more for the stop hooks.

@@ -390,7 +390,8 @@ def spawn_chat(ferry: Ferry, *options: str) -> pexpect.spawn:
 def assert_answered(shown: str) -> None:
     """A turn's output is an answer, not an error (the chat prints `ferry: ...` and goes on)."""
     assert shown.strip(), "an empty answer"
-    assert not shown.lstrip().startswith("ferry:"), f"the turn failed: {shown!r}"
+    lines = shown.replace("\r", "").splitlines()
+    assert not any(line.startswith("ferry:") for line in lines), f"the turn failed: {shown!r}"
 
 
 def test_chat_streams_switches_models_and_ctrl_d_leaves(ferry: Ferry) -> None:

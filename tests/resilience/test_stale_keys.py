@@ -17,6 +17,7 @@ import pytest
 import yaml
 from ferry.auth.v1 import auth_pb2
 
+from gateway import key_memory
 from gateway.authorizer import KEY_STORE_DEGRADED, UNKNOWN_KEY_WAIT_SECONDS, LocalAuthorizer
 from gateway.key_memory import MEMORY_KEYS, KeyMemory
 from gateway.store import KeyRecord
@@ -73,9 +74,14 @@ class FlakyStore:
         return await self._answer(next((r for r in self.records.values() if r.id == key_id), None))
 
     # What gateway/key_memory.py reads (the SQL is gateway/store.py's; this is its meaning).
-    async def active(self, limit: int) -> list[KeyRecord]:
+    async def page(self, *, show_inactive: bool, after: tuple[Any, ...] | None, size: int) -> list[KeyRecord]:
         await self._answer(None)
-        return [r for r in self.records.values() if r.revoke_time is None][:limit]
+        found = sorted(
+            (r for r in self.records.values() if show_inactive or r.revoke_time is None),
+            key=lambda r: (r.create_time, r.id),
+            reverse=True,
+        )
+        return [r for r in found if after is None or (r.create_time, r.id) < after][:size]
 
     async def changed_since(self, since: datetime, limit: int) -> list[KeyRecord]:
         await self._answer(None)
@@ -252,9 +258,36 @@ async def test_a_read_that_began_before_a_local_change_is_not_kept() -> None:
     record = store.add(secret)
     generation = local.generation
     local.forget(record)  # revoked through this replica while the read was under way
-    local.remember([record], read_at_generation=generation, complete=True)
+    local.remember([record], read_at_generation=generation)
     store.mode = "fail"
     assert (await refused(local, secret)).reason == Reason.AUTH_UNAVAILABLE
+
+
+async def test_an_older_read_does_not_undo_a_revocation() -> None:
+    # A full read that began before another replica revoked the key ends after this replica learnt of
+    # the revocation (a lookup, or the read of what changed): the read's active copy is older.
+    local, store = authorizer()
+    secret = new_key_secret()
+    active = store.add(secret)
+    revoked = store.revoke(active)
+    local.remember([revoked], read_at_generation=local.generation)
+    local.remember([active], read_at_generation=local.generation)
+    store.mode = "fail"
+    assert (await refused(local, secret)).code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_full_read_goes_a_page_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(key_memory, "PAGE_SIZE", 3)
+    local, store = authorizer()
+    secrets = [new_key_secret() for _ in range(7)]
+    for secret in secrets:
+        store.add(secret)
+        await asyncio.sleep(0.001)  # distinct create times
+    await KeyMemory(local, store).read_once()  # type: ignore[arg-type]
+    assert store.calls == 3  # pages of 3, 3 and 1
+    store.mode = "fail"
+    for secret in secrets:
+        await check(local, secret)
 
 
 async def test_a_full_read_drops_keys_the_store_no_longer_has() -> None:
