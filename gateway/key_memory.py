@@ -104,17 +104,19 @@ class KeyMemory:
             await asyncio.sleep(0)
 
     async def _run(self) -> None:
-        failing = False
+        warned = False
         while True:
             if not self.authorizer.degraded:
                 try:
                     await self.read_once()
                 except Exception as err:  # an outage or a stall: the memory stays as it was
-                    if not failing:  # once per spell, not every auth.cache_seconds
+                    if self._since is None:  # the database is not ready yet: a start-up, not news
+                        log.debug("key memory not read yet: %r", err)
+                    elif not warned:  # once per spell, not every auth.cache_seconds
                         log.warning("key memory not refreshed (%r); keeping what it holds", err)
-                    failing = True
+                        warned = True
                 else:
-                    if failing:
+                    if warned:
                         log.warning("key memory refreshed again")
-                    failing = False
+                    warned = False
             await asyncio.sleep(self.interval)
