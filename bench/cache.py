@@ -16,7 +16,6 @@ results: bench/results/cache-<date>-<commit>.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -227,12 +226,9 @@ def main(argv: list[str] | None = None) -> int:
             path: {kind: summary(values) for kind, values in kinds.items()} for path, kinds in runs.items()
         },
     }
-    stem = args.results_dir / f"cache-{results['date']}-{commit['sha']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)
-    stem.with_suffix(".md").write_text(text)
     print(text)
-    say(f"results in {stem}.md")
+    say(f"results in {report.write_side_results('cache', results, results, text, args.results_dir)}")
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import statistics
@@ -285,12 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {f"{level}/{system}": cells for (level, system), cells in runs.items()},
         "triton_batching": f"{executions} executions for {inferences} inferences",
     }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.results_dir / f"embeddings-{results['meta']['date']}-{results['meta']['commit']['sha']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
-    say(f"wrote {stem}.json and .md")
-    print(markdown(results))
+    text = markdown(results)
+    written = report.write_side_results("embeddings", results["meta"], results, text, args.results_dir)
+    say(f"wrote {written} and its .json")
+    print(text)
     return 0
 
 

@@ -436,14 +436,11 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": time.monotonic() - started,
         "variants": variants,
     }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
     # A set limit is a run of its own beside the derived one.
     limit = f"-limit{args.edge_limit}" if args.edge_limit else ""
-    stem = args.results_dir / f"overload-{results['date']}-{results['commit']['sha']}{limit}"
-    stem.with_suffix(".json").write_text(json.dumps(report.finite(results), indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
-    say(f"results: {stem}.md")
-    print(markdown(results))
+    text = markdown(results)
+    say(f"results: {report.write_side_results('overload', results, results, text, args.results_dir, limit)}")
+    print(text)
 
 
 if __name__ == "__main__":

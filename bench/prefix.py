@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import time
@@ -218,12 +217,9 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s": time.monotonic() - started,
         **measured,
     }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.results_dir / f"prefix-{results['date']}-{results['commit']['sha']}"
-    stem.with_suffix(".json").write_text(json.dumps(report.finite(results), indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
-    say(f"results: {stem}.md")
-    print(markdown(results))
+    text = markdown(results)
+    say(f"results: {report.write_side_results('prefix', results, results, text, args.results_dir)}")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -256,6 +256,19 @@ def write(results: dict[str, Any], results_dir: Path = RESULTS_DIR) -> dict[str,
     return paths
 
 
+def write_side_results(
+    kind: str, meta: dict[str, Any], results: dict[str, Any], text: str, results_dir: Path, suffix: str = ""
+) -> Path:
+    """A side measurement's files (cache, prefix, overload, embeddings) beside the engine runs:
+    `<kind>-<date>-<sha><suffix>.json` (NaN as null) and `.md`; the Markdown file's path.
+    `meta` holds the run's `date` and `commit` (report.commit())."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / f"{kind}-{meta['date']}-{meta['commit']['sha']}{suffix}"
+    stem.with_suffix(".json").write_text(json.dumps(finite(results), indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    return stem.with_suffix(".md")
+
+
 def finite(value: Any) -> Any:
     """NaN (a metric with no data) becomes null: the JSON file stays valid JSON."""
     if isinstance(value, float) and math.isnan(value):
