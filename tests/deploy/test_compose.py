@@ -111,10 +111,24 @@ def test_startup_waits_on_health(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert services["postgres"]["healthcheck"]["test"][1] == "pg_isready"
     for name in DATABASE_OWNERS:
-        assert services[name]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+        assert services[name]["depends_on"]["postgres"] == {"condition": "service_healthy"}
     # The web chat process (services/conversations/web.py) answers HTTP health, not gRPC.
     edge = [*SERVICES, "conversations-web"]
     assert services["envoy"]["depends_on"] == {name: {"condition": "service_healthy"} for name in edge}
+
+
+def test_record_keepers_stop_after_the_services_that_send_them_records(compose: dict[str, Any]) -> None:
+    # Compose stops a service's dependents first: every service that records (transactions, audit
+    # events) depends on transactions and audit, and transactions on audit, as `make run` orders them
+    # (launcher/stack.py, RECORD_KEEPERS), so a stopping service's last records are delivered.
+    services = compose["services"]
+    started = {"condition": "service_started"}
+    senders = [name for name in SERVICES if name not in ("transactions", "audit")]
+    for name in senders:
+        depends = services[name]["depends_on"]
+        assert depends["transactions"] == started and depends["audit"] == started, name
+    assert services["transactions"]["depends_on"]["audit"] == started
+    assert "transactions" not in services["audit"]["depends_on"]
 
 
 def test_volumes_and_secrets(compose: dict[str, Any]) -> None:
