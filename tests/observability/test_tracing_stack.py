@@ -113,11 +113,18 @@ def assert_request_trace(
     assert transaction[0].attributes["ferry.request_id"] == request_id
     audit = [s for s in linked if s.name == "deliver audit" and s.service == "ferry-inference"]
     assert audit and (trace_id, server.span_id) in audit[0].links
-    # The Transactions service's span of the write is a child of the delivery.
-    writes = collector.in_trace(transaction[0].trace_id)
-    assert any(s.service == "ferry-transactions" and s.parent_id == transaction[0].span_id for s in writes), (
-        writes
-    )
+
+    # The Transactions service's span of the write is a child of a delivery (its exporter may send it
+    # after the Inference service sent the delivery's: waited for, as the others above).
+    def written() -> bool:
+        return any(
+            s.service == "ferry-transactions" and s.parent_id == delivery.span_id
+            for delivery in transaction
+            for s in collector.in_trace(delivery.trace_id)
+        )
+
+    collector.wait_until(written, EXPORT_WAIT_SECONDS)
+    assert written(), [collector.in_trace(delivery.trace_id) for delivery in transaction]
 
     # Content capture is off: no prompt, no generated text and no key in any attribute.
     everything = " ".join(str(v) for s in [*spans, *linked] for v in s.attributes.values())
