@@ -145,7 +145,9 @@ def test_native_grpc_hits_and_cache_policy_opts_out(stack: RunningStack, model: 
 
     for policy in (inference_pb2.CACHE_POLICY_NO_CACHE, inference_pb2.CACHE_POLICY_NO_STORE):
         state, fresh = generate(request(prompt, cache_policy=policy))
-        assert state == "bypass" and fresh.text == first.text
+        # Generated again (not compared with the first text: at temperature 0 llama.cpp is not
+        # bit-exact across slots and batches, and a clean-clone run got another answer).
+        assert state == "bypass" and fresh.text and fresh.usage.completion_tokens > 0
     # The gRPC spelling of the REST header works too.
     _reply, call = stub.Generate.with_call(
         request(prompt), metadata=[("cache-control", "no-cache")], timeout=120
