@@ -6,8 +6,9 @@ kept for `auth.cache_seconds` (misses too, so a flood of wrong keys does not rea
 revocation made through this gateway drops its entry at once.
 
 Serving through a database outage (stale-if-error): the last good record of every key found is also
-kept for `auth.stale_if_error_seconds`, and so is every working key of the store, read in the background
-(gateway/key_memory.py: a replica knows the keys the others checked, which Envoy's leases make common). A check of a key with such a record waits for the store
+kept for `auth.stale_if_error_seconds`, and so is every working key of the store, read in the
+background (gateway/key_memory.py: a replica knows the keys the others checked, which Envoy's leases
+make common). A check of a key with such a record waits for the store
 `auth.key_store_timeout_seconds`, then is answered from it; a check of a key without one waits up to
 UNKNOWN_KEY_WAIT_SECONDS (just under Envoy's ext_authz timeout), so a new key on a slow but answering
 database is still found. The gateway is *degraded* (`ferry_gateway_key_store_degraded` 1, one log line
